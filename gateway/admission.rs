@@ -1,0 +1,261 @@
+//! The admission and settlement decisions: every bucket of the key's and the agent's policy,
+//! the concurrency slots and the account balance, judged and taken all together or not at
+//! all. Pure functions of `(state, policy, now, cost)`; a store supplies the state and makes
+//! the call atomic (a mutex in memory, one Lua script in Redis).
+
+use crate::billing::{AccountState, Pricing};
+use crate::limits::{BucketKind, BucketSpec, BucketState, Mode, Policy, Quota, Verdict};
+use crate::metering::Usage;
+
+/// Rate-limit state of one key or one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimiterState {
+    pub requests: Option<BucketState>,
+    pub tokens: Option<BucketState>,
+    pub inflight: u32,
+}
+
+/// Whose limit refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Key,
+    Agent,
+}
+
+/// What one call asks for. Plain data, so the Redis store can ship it to its script.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission<'a> {
+    /// Unique per call, made by the gateway (a client may reuse its X-Request-Id).
+    pub call_id: &'a str,
+    pub key_id: &'a str,
+    pub account: &'a str,
+    pub agent: &'a str,
+    pub key_policy: Option<&'a Policy>,
+    pub agent_policy: Option<&'a Policy>,
+    pub pricing: Option<&'a Pricing>,
+    pub now_ms: u64,
+}
+
+/// What an admitted call holds until it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reservation {
+    pub reserve: i64,
+    pub key_slot: bool,
+    pub agent_slot: bool,
+}
+
+/// A would-be refusal by a policy in shadow mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowHit {
+    pub scope: Scope,
+    pub bucket: BucketKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub reservation: Reservation,
+    /// The tightest enforced request bucket, after this call took its token.
+    pub quota: Option<Quota>,
+    pub shadow_hits: Vec<ShadowHit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    RateLimited {
+        scope: Scope,
+        bucket: BucketKind,
+        retry_after_ms: u64,
+        /// The refusing rule, for the error message ("10 requests per 1s").
+        rule: String,
+        quota: Option<Quota>,
+        shadow_hits: Vec<ShadowHit>,
+    },
+    InsufficientBalance {
+        shadow_hits: Vec<ShadowHit>,
+    },
+}
+
+/// Milliseconds a concurrency refusal asks the client to wait.
+const CONCURRENCY_RETRY_MS: u64 = 1000;
+
+/// Judges and, when admitted, takes: one request token from each request bucket, a
+/// concurrency slot where a policy limits it, and the reservation from the account.
+/// Buckets are refilled to `now_ms` either way, which changes no decision.
+pub fn admit(
+    key: &mut LimiterState,
+    agent: &mut LimiterState,
+    account: Option<&mut AccountState>,
+    call: &Admission,
+) -> Result<Admitted, Refusal> {
+    let now = call.now_ms;
+    let mut shadow_hits = Vec::new();
+    let mut refusal: Option<(Scope, BucketKind, u64, String)> = None;
+    let limited = [
+        (Scope::Key, call.key_policy, &mut *key),
+        (Scope::Agent, call.agent_policy, &mut *agent),
+    ];
+    for (scope, policy, state) in limited {
+        let Some(policy) = policy else { continue };
+        for (bucket, spec, verdict) in verdicts(policy, state, now) {
+            let Verdict::Deny { retry_after_ms } = verdict else {
+                continue;
+            };
+            if policy.mode == Mode::Shadow {
+                shadow_hits.push(ShadowHit { scope, bucket });
+            } else if refusal.as_ref().is_none_or(|r| retry_after_ms > r.2) {
+                let rule = describe(bucket, spec, policy);
+                refusal = Some((scope, bucket, retry_after_ms, rule));
+            }
+        }
+    }
+    if let Some((scope, bucket, retry_after_ms, rule)) = refusal {
+        return Err(Refusal::RateLimited {
+            scope,
+            bucket,
+            retry_after_ms,
+            rule,
+            quota: tightest_quota(call, key, agent),
+            shadow_hits,
+        });
+    }
+    let reserve = call.pricing.map_or(0, |p| p.reserve);
+    if let (Some(account), Some(_)) = (account.as_deref(), call.pricing) {
+        if !account.can_reserve(reserve) {
+            return Err(Refusal::InsufficientBalance { shadow_hits });
+        }
+    }
+    let reservation = Reservation {
+        reserve,
+        key_slot: take(key, call.key_policy),
+        agent_slot: take(agent, call.agent_policy),
+    };
+    if let (Some(account), Some(_)) = (account, call.pricing) {
+        account.reserve(reserve);
+    }
+    Ok(Admitted {
+        reservation,
+        quota: tightest_quota(call, key, agent),
+        shadow_hits,
+    })
+}
+
+/// What a finished call gives back: its reservation, and the usage and cost if it was metered.
+#[derive(Debug, Clone, Copy)]
+pub struct Settlement<'a> {
+    /// Unique per call, made by the gateway (a client may reuse its X-Request-Id).
+    pub call_id: &'a str,
+    pub key_id: &'a str,
+    pub account: &'a str,
+    pub agent: &'a str,
+    pub key_policy: Option<&'a Policy>,
+    pub agent_policy: Option<&'a Policy>,
+    pub reservation: Reservation,
+    /// `None`: the call was not metered; only the reservation is released.
+    pub usage: Option<Usage>,
+    pub cost: i64,
+    pub now_ms: u64,
+}
+
+/// Releases the reservation and slots, debits the cost and the token buckets.
+pub fn settle(
+    key: &mut LimiterState,
+    agent: &mut LimiterState,
+    account: Option<&mut AccountState>,
+    call: &Settlement,
+) {
+    let tokens = call.usage.map_or(0, |u| u.total_tokens);
+    for (policy, state, slot) in [
+        (call.key_policy, &mut *key, call.reservation.key_slot),
+        (call.agent_policy, &mut *agent, call.reservation.agent_slot),
+    ] {
+        if slot {
+            state.inflight = state.inflight.saturating_sub(1);
+        }
+        if let (Some(spec), true) = (policy.and_then(|p| p.tokens), tokens > 0) {
+            let mut bucket = current(state.tokens, &spec, call.now_ms);
+            bucket.take(&spec, tokens);
+            state.tokens = Some(bucket);
+        }
+    }
+    if let Some(account) = account {
+        account.settle(call.reservation.reserve, call.cost);
+    }
+}
+
+/// Each bucket of `policy` with its verdict, refilling the stored state as it goes.
+fn verdicts(
+    policy: &Policy,
+    state: &mut LimiterState,
+    now: u64,
+) -> impl Iterator<Item = (BucketKind, Option<BucketSpec>, Verdict)> {
+    let mut out: [Option<(BucketKind, Option<BucketSpec>, Verdict)>; 3] = [None; 3];
+    if let Some(spec) = policy.requests {
+        let bucket = current(state.requests, &spec, now);
+        state.requests = Some(bucket);
+        out[0] = Some((BucketKind::Requests, Some(spec), bucket.verdict(&spec)));
+    }
+    if let Some(spec) = policy.tokens {
+        let bucket = current(state.tokens, &spec, now);
+        state.tokens = Some(bucket);
+        out[1] = Some((BucketKind::Tokens, Some(spec), bucket.verdict(&spec)));
+    }
+    if let Some(limit) = policy.concurrency {
+        let verdict = if state.inflight < limit {
+            Verdict::Allow
+        } else {
+            Verdict::Deny {
+                retry_after_ms: CONCURRENCY_RETRY_MS,
+            }
+        };
+        out[2] = Some((BucketKind::Concurrency, None, verdict));
+    }
+    out.into_iter().flatten()
+}
+
+/// Takes a request token and a slot; returns whether a slot was taken. A shadow policy takes
+/// only what is there, so trying a limit never pushes a bucket into debt.
+fn take(state: &mut LimiterState, policy: Option<&Policy>) -> bool {
+    let Some(policy) = policy else { return false };
+    if let (Some(spec), Some(bucket)) = (policy.requests, state.requests.as_mut()) {
+        if policy.mode == Mode::Enforce || bucket.verdict(&spec) == Verdict::Allow {
+            bucket.take(&spec, 1);
+        }
+    }
+    if policy.concurrency.is_some() {
+        state.inflight += 1;
+        return true;
+    }
+    false
+}
+
+fn current(state: Option<BucketState>, spec: &BucketSpec, now: u64) -> BucketState {
+    state.map_or_else(|| BucketState::full(spec, now), |s| s.refilled(spec, now))
+}
+
+/// The enforced request bucket with the fewest tokens left, for the `RateLimit-*` headers.
+fn tightest_quota(call: &Admission, key: &LimiterState, agent: &LimiterState) -> Option<Quota> {
+    [(call.key_policy, key), (call.agent_policy, agent)]
+        .into_iter()
+        .filter_map(|(policy, state)| {
+            let policy = policy.filter(|p| p.mode == Mode::Enforce)?;
+            Some(state.requests?.quota(&policy.requests?))
+        })
+        .min_by_key(|q| q.remaining)
+}
+
+fn describe(bucket: BucketKind, spec: Option<BucketSpec>, policy: &Policy) -> String {
+    match (bucket, spec) {
+        (BucketKind::Concurrency, _) | (_, None) => {
+            format!("{} calls in flight", policy.concurrency.unwrap_or_default())
+        }
+        (bucket, Some(spec)) => format!(
+            "{} {} per {}",
+            spec.rate,
+            bucket.label(),
+            crate::config::format_duration_ms(spec.period_ms)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,245 @@
+//! The file formats, exactly as operators write them. Nothing here is validated beyond
+//! its shape: [`super::compile`] turns these into the types the gateway runs on.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    pub threads: Option<usize>,
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    pub tls: Option<TlsSpec>,
+    #[serde(default)]
+    pub admin: AdminSpec,
+    #[serde(default)]
+    pub store: StoreSpec,
+    #[serde(default = "default_policies_dir")]
+    pub policies_dir: String,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamSpec>,
+    #[serde(default)]
+    pub agents: Vec<AgentSpec>,
+    #[serde(default)]
+    pub accounts: Vec<AccountSpec>,
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body_bytes(),
+            max_header_bytes: default_max_header_bytes(),
+            max_response_bytes: default_max_response_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // parsed so the format is complete; `compile` refuses it until TLS lands
+pub struct TlsSpec {
+    pub listen: String,
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSpec {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    pub token_sha256: Option<String>,
+}
+
+impl Default for AdminSpec {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token_sha256: None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSpec {
+    #[serde(default)]
+    pub kind: StoreKind,
+    pub url: Option<OneOrMany>,
+    #[serde(default)]
+    pub on_unavailable: FailMode,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    #[default]
+    FailClosed,
+    FailOpen,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub balance: BalanceSpec,
+    #[serde(default = "default_upstream_path")]
+    pub path: String,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: String,
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub ca: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceSpec {
+    #[default]
+    RoundRobin,
+    Session,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    pub id: String,
+    pub upstream: String,
+    pub policy: Option<String>,
+    pub pricing: Option<PricingSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingSpec {
+    pub input_per_mtok: u64,
+    pub output_per_mtok: u64,
+    #[serde(default = "default_reserve")]
+    pub reserve: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSpec {
+    pub id: String,
+    #[serde(default)]
+    pub balance: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    pub id: String,
+    pub sha256: String,
+    pub account: String,
+    pub agents: AgentsSpec,
+    pub policy: Option<String>,
+    pub expires_at: Option<String>,
+}
+
+/// `"*"` or a list of agent ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum AgentsSpec {
+    Wildcard(String),
+    List(Vec<String>),
+}
+
+/// One policy file: `policies: {name: {...}}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub policies: BTreeMap<String, PolicySpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    pub requests: Option<BucketFileSpec>,
+    pub tokens: Option<BucketFileSpec>,
+    pub concurrency: Option<u32>,
+    #[serde(default)]
+    pub mode: ModeSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketFileSpec {
+    pub rate: u64,
+    pub per: String,
+    pub burst: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeSpec {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_policies_dir() -> String {
+    "policies".into()
+}
+fn default_max_body_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_response_bytes() -> usize {
+    8 * 1024 * 1024
+}
+fn default_upstream_path() -> String {
+    "/chat".into()
+}
+fn default_connect_timeout() -> String {
+    "1s".into()
+}
+fn default_timeout() -> String {
+    "120s".into()
+}
+fn default_reserve() -> i64 {
+    1
+}

@@ -1,0 +1,84 @@
+//! The per-call context: each field is filled by the phase that owns it.
+
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::admission::Reservation;
+use crate::auth::KeyRecord;
+use crate::config::Agent;
+use crate::error::GatewayError;
+use crate::limits::{Policy, Quota};
+use crate::metering::Usage;
+use crate::state::Snapshot;
+
+pub struct RequestCtx {
+    pub started: Instant,
+    /// The config this call runs on, from start to end.
+    pub snapshot: Arc<Snapshot>,
+    /// Echoed to the client and sent to the worker.
+    pub request_id: String,
+    pub call: Option<Call>,
+    /// The error this gateway answered with, if it answered one.
+    pub refusal: Option<GatewayError>,
+    pub counted_inflight: bool,
+    pub upstream: UpstreamProgress,
+    pub answer: Answer,
+}
+
+/// An authenticated call to a known agent, with everything admission decided.
+pub struct Call {
+    pub key: Arc<KeyRecord>,
+    pub agent: Arc<Agent>,
+    pub key_policy: Option<Arc<Policy>>,
+    pub session_id: String,
+    /// The body the worker receives.
+    pub forward_body: Bytes,
+    /// Unique per call; set once the store admitted it, and then it must be settled.
+    pub call_id: Option<String>,
+    pub reservation: Reservation,
+    /// For the `RateLimit-*` headers.
+    pub quota: Option<Quota>,
+}
+
+/// Which workers were tried, and when the first was chosen.
+#[derive(Default)]
+pub struct UpstreamProgress {
+    pub tried: Vec<SocketAddr>,
+    pub started: Option<Instant>,
+    /// Whether the forwarded body was already handed to the current attempt.
+    pub body_sent: bool,
+}
+
+/// The worker's answer as it streams through.
+#[derive(Default)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// Set once a complete 2xx answer with valid usage has been read.
+    pub usage: Option<Usage>,
+    pub finished: bool,
+}
+
+impl RequestCtx {
+    pub fn new(snapshot: Arc<Snapshot>) -> Self {
+        Self {
+            started: Instant::now(),
+            snapshot,
+            request_id: String::new(),
+            call: None,
+            refusal: None,
+            counted_inflight: false,
+            upstream: UpstreamProgress::default(),
+            answer: Answer::default(),
+        }
+    }
+
+    /// The agent label for metrics: a configured agent id, or a placeholder.
+    pub fn agent_label(&self) -> &str {
+        self.call
+            .as_ref()
+            .map_or(crate::metrics::NO_AGENT, |c| c.agent.id.as_str())
+    }
+}

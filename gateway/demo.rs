@@ -1,0 +1,147 @@
+//! `turnpike demo`: the gateway on the embedded store in front of a built-in agent worker,
+//! with a fresh key, so a newcomer can make a real call with nothing else installed.
+
+use async_trait::async_trait;
+use http::Response;
+use parking_lot::Mutex;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use pingora::services::listening::Service;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::auth::KeyHash;
+use crate::request::random_id;
+
+const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
+const DEMO_POLICIES: [(&str, &str); 2] = [
+    ("tiers.yaml", include_str!("../policies/tiers.yaml")),
+    ("agents.yaml", include_str!("../policies/agents.yaml")),
+];
+const WORKER_ADDR: &str = "127.0.0.1:8701";
+/// Conversations the demo worker remembers before it starts forgetting.
+const MAX_SESSIONS: usize = 10_000;
+
+/// What the demo needs to start: a config on disk and the secrets to print.
+pub struct DemoSetup {
+    pub config_path: PathBuf,
+    pub key: String,
+    pub admin_token: String,
+}
+
+/// Writes the demo config, with a fresh key and admin token, into a temporary directory.
+pub fn prepare() -> std::io::Result<DemoSetup> {
+    let key = random_id("ak_", 40);
+    let admin_token = random_id("adm_", 32);
+    let dir = std::env::temp_dir().join(format!("turnpike-demo-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("policies"))?;
+    let config = DEMO_CONFIG
+        .replace("{{KEY_SHA256}}", &KeyHash::of(&key).to_hex())
+        .replace(
+            "{{ADMIN_TOKEN_SHA256}}",
+            &KeyHash::of(&admin_token).to_hex(),
+        );
+    let config_path = dir.join("turnpike.yaml");
+    std::fs::write(&config_path, config)?;
+    for (name, text) in DEMO_POLICIES {
+        std::fs::write(dir.join("policies").join(name), text)?;
+    }
+    Ok(DemoSetup {
+        config_path,
+        key,
+        admin_token,
+    })
+}
+
+/// The welcome text with a `curl` line that works against the running demo.
+pub fn instructions(setup: &DemoSetup, listen: &str, admin: &str) -> String {
+    format!(
+        "Turnpike demo is running: gateway on http://{listen}, admin on http://{admin}, demo worker on {WORKER_ADDR}.\n\
+         \n\
+         API key (shown once):  {key}\n\
+         Admin token:           {admin_token}\n\
+         \n\
+         Try it:\n\
+         \n  curl -s http://{listen}/v1/agents/ag_demo_support/chat \\\n    \
+         -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    \
+         -d '{{\"message\": \"What are your business hours?\"}}'\n\
+         \n  curl -s http://{admin}/admin/accounts/acct_demo/balance -H 'Authorization: Bearer {admin_token}'\n\
+         \n  curl -s http://{admin}/metrics | grep turnpike_\n\
+         \nPress Ctrl-C to stop.\n",
+        key = setup.key,
+        admin_token = setup.admin_token,
+    )
+}
+
+/// The built-in worker service.
+pub fn worker_service() -> Service<DemoWorker> {
+    let mut service = Service::new("turnpike demo worker".to_owned(), DemoWorker::default());
+    service.add_tcp(WORKER_ADDR);
+    service
+}
+
+/// A toy agent: answers every message plausibly, remembers each conversation by
+/// `session_id`, and reports token usage the way real workers do.
+#[derive(Default)]
+pub struct DemoWorker {
+    conversations: Mutex<HashMap<String, Vec<String>>>,
+}
+
+#[async_trait]
+impl ServeHttp for DemoWorker {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            body.extend_from_slice(&chunk);
+        }
+        let request: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let message = request["message"].as_str().unwrap_or_default().to_owned();
+        let session_id = request["session_id"]
+            .as_str()
+            .unwrap_or("sess_demo")
+            .to_owned();
+        let (reply, context_words) = self.reply(&session_id, &message);
+        let answer = json!({
+            "response": reply,
+            "session_id": session_id,
+            "usage": usage(context_words, &reply),
+        });
+        let bytes = serde_json::to_vec(&answer).unwrap_or_default();
+        Response::builder()
+            .status(200)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_LENGTH, bytes.len())
+            .body(bytes)
+            .unwrap_or_default()
+    }
+}
+
+impl DemoWorker {
+    /// The answer to `message`, and how many words of context the "model" read.
+    fn reply(&self, session_id: &str, message: &str) -> (String, usize) {
+        let mut conversations = self.conversations.lock();
+        if conversations.len() >= MAX_SESSIONS && !conversations.contains_key(session_id) {
+            conversations.clear();
+        }
+        let history = conversations.entry(session_id.to_owned()).or_default();
+        history.push(message.to_owned());
+        let context_words: usize = history.iter().map(|m| m.split_whitespace().count()).sum();
+        let turn = history.len();
+        let reply = match turn {
+            1 => format!("Thanks for reaching out! You asked: \"{message}\". Our support team is available 9am-5pm, Monday to Friday."),
+            _ => format!(
+                "Turn {turn} of our conversation. Earlier you said \"{}\"; now: \"{message}\". Anything else I can help with?",
+                history[turn - 2]
+            ),
+        };
+        (reply, context_words)
+    }
+}
+
+/// Roughly four characters, or three quarters of a word, per token.
+fn usage(context_words: usize, reply: &str) -> Value {
+    let input = (context_words * 4).div_ceil(3) as u64 + 12;
+    let output = reply.len().div_ceil(4) as u64;
+    json!({"input_tokens": input, "output_tokens": output, "total_tokens": input + output})
+}

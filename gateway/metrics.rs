@@ -1,0 +1,119 @@
+//! Every Prometheus handle in one struct. Label values come from config (agent ids) or from
+//! fixed sets (status codes, bucket kinds), never from raw request input.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// The agent label for a call that never reached a known agent.
+pub const NO_AGENT: &str = "-";
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: Histogram,
+    pub upstream_duration: Histogram,
+    pub tokens: IntCounterVec,
+    pub cost: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub insufficient_balance: IntCounterVec,
+    pub store_errors: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub usage_rejected: IntCounterVec,
+    pub inflight: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(vec.clone()))
+                .expect("registered once");
+            vec
+        };
+        let histogram = |name: &str, help: &str| {
+            let buckets = exponential_buckets(0.0005, 2.0, 18).expect("valid buckets");
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("registered once");
+            h
+        };
+        let inflight = IntGauge::new("turnpike_inflight_requests", "Calls being processed now")
+            .expect("valid metric");
+        registry
+            .register(Box::new(inflight.clone()))
+            .expect("registered once");
+        Self {
+            requests: counter(
+                "turnpike_requests_total",
+                "Calls answered, by agent and status",
+                &["agent", "status"],
+            ),
+            request_duration: histogram(
+                "turnpike_request_duration_seconds",
+                "Time from request to the end of the response",
+            ),
+            upstream_duration: histogram(
+                "turnpike_upstream_duration_seconds",
+                "Time from choosing a worker to the end of its answer",
+            ),
+            tokens: counter(
+                "turnpike_tokens_total",
+                "Usage tokens metered",
+                &["agent", "kind"],
+            ),
+            cost: counter(
+                "turnpike_cost_total",
+                "Cost debited, in the operator's unit",
+                &["agent"],
+            ),
+            rate_limited: counter(
+                "turnpike_rate_limited_total",
+                "Calls a rate limit refused (shadow=true: would have refused)",
+                &["agent", "bucket", "scope", "shadow"],
+            ),
+            auth_failures: counter(
+                "turnpike_auth_failures_total",
+                "Refused credentials",
+                &["reason"],
+            ),
+            insufficient_balance: counter(
+                "turnpike_insufficient_balance_total",
+                "Calls refused for balance",
+                &["agent"],
+            ),
+            store_errors: counter(
+                "turnpike_store_errors_total",
+                "Failed store operations",
+                &["op"],
+            ),
+            config_reloads: counter("turnpike_config_reloads_total", "Config loads", &["result"]),
+            usage_rejected: counter(
+                "turnpike_usage_rejected_total",
+                "2xx answers whose usage was not credited",
+                &["agent", "reason"],
+            ),
+            inflight,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

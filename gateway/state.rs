@@ -1,0 +1,47 @@
+//! What every call and the admin API share: the config snapshot, the store, the metrics.
+
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::Runtime;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::upstream::Pools;
+
+/// One consistent view of the config and the pools built from it. A call loads one
+/// snapshot when it starts and uses it to the end.
+pub struct Snapshot {
+    pub config: Runtime,
+    pub pools: Pools,
+}
+
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Metrics,
+    started: Instant,
+}
+
+impl Shared {
+    pub fn new(snapshot: Snapshot, store: Arc<dyn Store>) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            store,
+            metrics: Metrics::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Milliseconds on a monotonic clock, for the rate-limit core.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// Seconds since the Unix epoch, for key expiry.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

@@ -1,0 +1,193 @@
+//! The embedded store: all state in this process, lost on restart, for one instance.
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{AccountSeed, BalanceChange, Store, StoreError, UsageFilter, UsageTotals};
+use crate::admission::{self, Admission, Admitted, LimiterState, Refusal, Reservation, Settlement};
+use crate::auth::{KeyHash, KeyRecord};
+use crate::billing::AccountState;
+
+/// Keys are read on every call and written rarely, so they sit in a copy-on-write map that
+/// readers load without a lock. Everything an admission must change atomically sits under
+/// one mutex: its critical section is a few integer operations and map lookups, with no
+/// I/O and no allocation once a key, agent and account have been seen.
+#[derive(Default)]
+pub struct MemoryStore {
+    keys: ArcSwap<HashMap<KeyHash, Arc<KeyRecord>>>,
+    ledger: Mutex<Ledger>,
+}
+
+#[derive(Default)]
+struct Ledger {
+    key_limits: HashMap<String, LimiterState>,
+    agent_limits: HashMap<String, LimiterState>,
+    accounts: HashMap<String, AccountState>,
+    /// Calls admitted and not yet settled; settling removes the entry, which makes a second
+    /// settlement of the same call a no-op.
+    open_calls: HashMap<String, Reservation>,
+    /// Usage by key, then agent.
+    usage: HashMap<String, HashMap<String, UsageRow>>,
+}
+
+#[derive(Default)]
+struct UsageRow {
+    account: String,
+    totals: UsageTotals,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The entry for `id`, created empty on first sight; allocates only then.
+fn entry<'m, V: Default>(map: &'m mut HashMap<String, V>, id: &str) -> &'m mut V {
+    if !map.contains_key(id) {
+        map.insert(id.to_owned(), V::default());
+    }
+    map.get_mut(id).expect("inserted above")
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn admit(&self, call: &Admission<'_>) -> Result<Result<Admitted, Refusal>, StoreError> {
+        let mut guard = self.ledger.lock();
+        let ledger = &mut *guard;
+        let mut unlimited = LimiterState::default();
+        let key = match call.key_policy {
+            Some(_) => entry(&mut ledger.key_limits, call.key_id),
+            None => &mut unlimited,
+        };
+        let mut agent_unlimited = LimiterState::default();
+        let agent = match call.agent_policy {
+            Some(_) => entry(&mut ledger.agent_limits, call.agent),
+            None => &mut agent_unlimited,
+        };
+        let account = call
+            .pricing
+            .map(|_| entry(&mut ledger.accounts, call.account));
+        let decision = admission::admit(key, agent, account, call);
+        if let Ok(admitted) = &decision {
+            ledger
+                .open_calls
+                .insert(call.call_id.to_owned(), admitted.reservation);
+        }
+        Ok(decision)
+    }
+
+    async fn settle(&self, call: &Settlement<'_>) -> Result<(), StoreError> {
+        let mut guard = self.ledger.lock();
+        let ledger = &mut *guard;
+        let Some(reservation) = ledger.open_calls.remove(call.call_id) else {
+            return Ok(());
+        };
+        let call = Settlement {
+            reservation,
+            ..*call
+        };
+        let mut unlimited = LimiterState::default();
+        let key = match call.key_policy {
+            Some(_) => entry(&mut ledger.key_limits, call.key_id),
+            None => &mut unlimited,
+        };
+        let mut agent_unlimited = LimiterState::default();
+        let agent = match call.agent_policy {
+            Some(_) => entry(&mut ledger.agent_limits, call.agent),
+            None => &mut agent_unlimited,
+        };
+        let priced = reservation.reserve != 0 || call.cost != 0;
+        let account = priced.then(|| entry(&mut ledger.accounts, call.account));
+        admission::settle(key, agent, account, &call);
+        if let Some(usage) = call.usage {
+            let row = entry(entry(&mut ledger.usage, call.key_id), call.agent);
+            if row.account.is_empty() {
+                row.account = call.account.to_owned();
+            }
+            let totals = &mut row.totals;
+            totals.requests += 1;
+            totals.input_tokens += usage.input_tokens;
+            totals.output_tokens += usage.output_tokens;
+            totals.total_tokens += usage.total_tokens;
+            totals.cost = totals.cost.saturating_add(call.cost);
+        }
+        Ok(())
+    }
+
+    async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        Ok(self.keys.load().get(hash).cloned())
+    }
+
+    async fn seed(
+        &self,
+        keys: &[(KeyHash, KeyRecord)],
+        accounts: &[AccountSeed],
+    ) -> Result<(), StoreError> {
+        let mut map = HashMap::clone(&self.keys.load());
+        for (hash, record) in keys {
+            map.insert(*hash, Arc::new(record.clone()));
+        }
+        self.keys.store(Arc::new(map));
+        let mut ledger = self.ledger.lock();
+        for seed in accounts {
+            ledger
+                .accounts
+                .entry(seed.id.clone())
+                .or_insert(AccountState {
+                    balance: seed.balance,
+                    reserved: 0,
+                });
+        }
+        Ok(())
+    }
+
+    async fn balance(&self, account: &str) -> Result<Option<AccountState>, StoreError> {
+        Ok(self.ledger.lock().accounts.get(account).copied())
+    }
+
+    async fn change_balance(
+        &self,
+        account: &str,
+        change: BalanceChange,
+    ) -> Result<Option<AccountState>, StoreError> {
+        let mut ledger = self.ledger.lock();
+        let Some(state) = ledger.accounts.get_mut(account) else {
+            return Ok(None);
+        };
+        state.balance = match change {
+            BalanceChange::Add(amount) => state.balance.saturating_add(amount),
+            BalanceChange::Set(amount) => amount,
+        };
+        Ok(Some(*state))
+    }
+
+    async fn usage(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError> {
+        let ledger = self.ledger.lock();
+        let mut sum = UsageTotals::default();
+        let matches =
+            |wanted: &Option<String>, have: &str| wanted.as_deref().is_none_or(|w| w == have);
+        for (key, by_agent) in &ledger.usage {
+            for (agent, row) in by_agent {
+                if matches(&filter.key, key)
+                    && matches(&filter.agent, agent)
+                    && matches(&filter.account, &row.account)
+                {
+                    sum.requests += row.totals.requests;
+                    sum.input_tokens += row.totals.input_tokens;
+                    sum.output_tokens += row.totals.output_tokens;
+                    sum.total_tokens += row.totals.total_tokens;
+                    sum.cost = sum.cost.saturating_add(row.totals.cost);
+                }
+            }
+        }
+        Ok(sum)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,90 @@
+//! The state seam: everything shared between calls (buckets, balances, keys, usage) sits
+//! behind [`Store`]. Each operation maps one to one onto an atomic call a networked store
+//! makes (a Redis store: one script per operation), so the proxy is the same on every store.
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+use async_trait::async_trait;
+use std::sync::Arc;
+
+use crate::admission::{Admission, Admitted, Refusal, Settlement};
+use crate::auth::{KeyHash, KeyRecord};
+use crate::billing::AccountState;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Totals over everything metered, for `GET /admin/usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct UsageTotals {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+    pub cost: i64,
+}
+
+/// Which usage to add up; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageFilter {
+    pub account: Option<String>,
+    pub key: Option<String>,
+    pub agent: Option<String>,
+}
+
+/// A change an operator makes to a balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceChange {
+    Add(i64),
+    Set(i64),
+}
+
+/// An account as the config file declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountSeed {
+    pub id: String,
+    pub balance: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Checks every bucket of the key and agent policies, the concurrency slots and the
+    /// account's balance; on success takes them all, on refusal takes nothing. The outer
+    /// error means the store could not decide.
+    async fn admit(&self, call: &Admission<'_>) -> Result<Result<Admitted, Refusal>, StoreError>;
+
+    /// Releases the call's reservation and slots, debits cost and token buckets, and records
+    /// usage. Idempotent per `call_id`: settling twice changes nothing the second time.
+    async fn settle(&self, call: &Settlement<'_>) -> Result<(), StoreError>;
+
+    /// The key with this hash, whether live or not; `None` when unknown.
+    async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError>;
+
+    /// Makes the config file's keys and accounts known. Keys are replaced; an account that
+    /// already exists keeps its live balance.
+    async fn seed(
+        &self,
+        keys: &[(KeyHash, KeyRecord)],
+        accounts: &[AccountSeed],
+    ) -> Result<(), StoreError>;
+
+    /// `None` when the account is unknown.
+    async fn balance(&self, account: &str) -> Result<Option<AccountState>, StoreError>;
+
+    /// Applies `change`; `None` when the account is unknown.
+    async fn change_balance(
+        &self,
+        account: &str,
+        change: BalanceChange,
+    ) -> Result<Option<AccountState>, StoreError>;
+
+    async fn usage(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError>;
+
+    /// Whether the store answers, for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

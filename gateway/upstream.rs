@@ -1,0 +1,100 @@
+//! Upstream pools: which worker gets a call, on Pingora's load balancers. Round robin, or
+//! Ketama consistent hashing on `session_id` so a conversation stays on one worker while the
+//! pool is unchanged. A retry after a failed connect goes to an endpoint not tried yet.
+
+use pingora::lb::selection::{Consistent, RoundRobin};
+use pingora::lb::{Backend, LoadBalancer};
+use pingora::upstreams::peer::HttpPeer;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Balance, PoolConfig, Runtime};
+
+/// How long an idle keep-alive connection to a worker is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on the selection walk; pools are small.
+const MAX_SELECTION_STEPS: usize = 256;
+
+enum Selector {
+    RoundRobin(LoadBalancer<RoundRobin>),
+    Session(LoadBalancer<Consistent>),
+}
+
+pub struct Pool {
+    pub config: PoolConfig,
+    selector: Selector,
+}
+
+/// Every pool of one config, by name.
+#[derive(Default)]
+pub struct Pools(HashMap<String, Arc<Pool>>);
+
+impl Pools {
+    pub fn build(runtime: &Runtime) -> std::io::Result<Self> {
+        let mut pools = HashMap::new();
+        for (name, config) in &runtime.pools {
+            pools.insert(name.clone(), Arc::new(Pool::new(config.clone())?));
+        }
+        Ok(Self(pools))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.0.get(name)
+    }
+}
+
+impl Pool {
+    fn new(config: PoolConfig) -> std::io::Result<Self> {
+        let endpoints = config.endpoints.clone();
+        let selector = match config.balance {
+            Balance::RoundRobin => Selector::RoundRobin(LoadBalancer::try_from_iter(endpoints)?),
+            Balance::Session => Selector::Session(LoadBalancer::try_from_iter(endpoints)?),
+        };
+        Ok(Self { config, selector })
+    }
+
+    /// The next endpoint for a call, skipping those already `tried`; `None` when none is left.
+    pub fn select(&self, session_id: &str, tried: &[SocketAddr]) -> Option<SocketAddr> {
+        let fresh = |backend: &Backend, _healthy: bool| !tried.contains(&backend.addr_socket());
+        let backend = match &self.selector {
+            Selector::RoundRobin(lb) => lb.select_with(b"", MAX_SELECTION_STEPS, fresh),
+            Selector::Session(lb) => {
+                lb.select_with(session_id.as_bytes(), MAX_SELECTION_STEPS, fresh)
+            }
+        };
+        backend.map(|b| b.addr_socket())
+    }
+
+    /// A plain-HTTP peer for `addr` with this pool's timeouts.
+    pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(self.config.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.config.connect_timeout);
+        peer.options.read_timeout = Some(self.config.timeout);
+        peer.options.write_timeout = Some(self.config.timeout);
+        peer.options.idle_timeout = Some(IDLE_TIMEOUT);
+        peer
+    }
+
+    pub fn size(&self) -> usize {
+        self.config.endpoints.len()
+    }
+}
+
+trait BackendAddr {
+    fn addr_socket(&self) -> SocketAddr;
+}
+
+impl BackendAddr for Backend {
+    fn addr_socket(&self) -> SocketAddr {
+        match &self.addr {
+            pingora::protocols::l4::socket::SocketAddr::Inet(addr) => *addr,
+            // Pools are built from IP endpoints only.
+            pingora::protocols::l4::socket::SocketAddr::Unix(_) => {
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
+        }
+    }
+}

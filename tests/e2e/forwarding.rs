@@ -1,0 +1,192 @@
+//! What the worker receives and what the client gets back (SPEC §1 Headers, Success).
+
+use std::collections::HashSet;
+
+use serde_json::json;
+
+use crate::support::*;
+
+#[test]
+fn worker_receives_the_rewritten_call_with_identity_headers() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let r = gw
+        .call(AGENT)
+        .key(gw.jane())
+        .message("What are your business hours?")
+        .session("sess_customer_jane_001")
+        .field(
+            "metadata",
+            json!({"channel": "web", "tags": [1, "two", null]}),
+        )
+        .field("temperature", json!(0.25))
+        .send();
+    r.assert_status(200);
+
+    let seen = w.last();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.path, format!("/internal/{AGENT}/invoke"));
+    assert_eq!(
+        seen.header_values("x-request-id"),
+        vec![r.header("x-request-id").unwrap()]
+    );
+    assert_eq!(seen.header_values("x-agent-id"), vec![AGENT]);
+    assert_eq!(
+        seen.header_values("x-session-id"),
+        vec!["sess_customer_jane_001"]
+    );
+    assert_eq!(seen.header_values("x-key-id"), vec!["key_jane"]);
+    assert_eq!(seen.header_values("x-account-id"), vec!["acct_jane"]);
+    assert_eq!(seen.header_values("x-upstream-token"), vec!["s3cret"]);
+    assert_eq!(
+        seen.header("authorization"),
+        None,
+        "Authorization is never forwarded"
+    );
+    assert_eq!(
+        seen.body,
+        json!({
+            "message": "What are your business hours?",
+            "session_id": "sess_customer_jane_001",
+            "metadata": {"channel": "web", "tags": [1, "two", null]},
+            "temperature": 0.25,
+        }),
+        "the body is forwarded unchanged"
+    );
+    let everything = format!("{:?}{}", seen.headers, seen.raw_body);
+    assert!(
+        !everything.contains(gw.jane()),
+        "the secret reached the worker"
+    );
+
+    let body = r.json();
+    assert!(
+        r.header("content-type")
+            .unwrap_or("")
+            .starts_with("application/json"),
+        "content-type {:?}",
+        r.header("content-type")
+    );
+    assert_eq!(body["response"], "w1: What are your business hours?");
+    assert_eq!(body["session_id"], "sess_customer_jane_001");
+    assert_eq!(
+        body["usage"],
+        json!({"input_tokens": 45, "output_tokens": 32, "total_tokens": 77})
+    );
+    for name in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
+        assert!(r.header(name).is_some(), "no {name} on a successful call");
+    }
+}
+
+#[test]
+fn client_sent_identity_headers_are_overwritten() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    gw.call(AGENT)
+        .key(gw.jane())
+        .session("sess_real")
+        .header("X-Key-Id", "key_bob")
+        .header("X-Account-Id", "acct_bob")
+        .header("X-Agent-Id", "ag_spoofed")
+        .header("X-Session-Id", "sess_spoofed")
+        .header("X-Upstream-Token", "forged")
+        .send()
+        .assert_status(200);
+    let seen = w.last();
+    assert_eq!(seen.header_values("x-key-id"), vec!["key_jane"]);
+    assert_eq!(seen.header_values("x-account-id"), vec!["acct_jane"]);
+    assert_eq!(seen.header_values("x-agent-id"), vec![AGENT]);
+    assert_eq!(seen.header_values("x-session-id"), vec!["sess_real"]);
+    assert_eq!(seen.header_values("x-upstream-token"), vec!["s3cret"]);
+}
+
+#[test]
+fn other_agent_and_key_are_named_to_the_worker() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let r = gw.chat(OTHER_AGENT, gw.bob(), "hi");
+    r.assert_status(200);
+    let seen = w.last();
+    assert_eq!(seen.path, format!("/internal/{OTHER_AGENT}/invoke"));
+    assert_eq!(seen.header("x-agent-id"), Some(OTHER_AGENT));
+    assert_eq!(seen.header("x-key-id"), Some("key_bob"));
+    assert_eq!(seen.header("x-account-id"), Some("acct_bob"));
+    assert_eq!(r.json()["response"], "w1: hi");
+}
+
+#[test]
+fn a_sane_client_request_id_is_echoed_and_forwarded() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let id = "req-e2e-0001_abc.DEF";
+    let r = gw
+        .call(AGENT)
+        .key(gw.jane())
+        .header("X-Request-Id", id)
+        .send();
+    r.assert_status(200);
+    assert_eq!(r.header("x-request-id"), Some(id));
+    assert_eq!(w.last().header_values("x-request-id"), vec![id]);
+
+    // Errors carry it too, in the header and the body.
+    let r = gw
+        .call(AGENT)
+        .key(&new_key())
+        .header("X-Request-Id", id)
+        .send();
+    let e = r.error(401, "invalid_api_key");
+    assert_eq!(e["request_id"], id);
+}
+
+#[test]
+fn an_insane_client_request_id_is_replaced() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let bad = r#"bad id "with" spaces <and> {braces}"#;
+    let r = gw
+        .call(AGENT)
+        .key(gw.jane())
+        .header("X-Request-Id", bad)
+        .send();
+    r.assert_status(200);
+    let id = r.header("x-request-id").expect("a request id").to_string();
+    assert!(!id.is_empty() && id != bad, "kept the insane id {id:?}");
+    assert_eq!(w.last().header_values("x-request-id"), vec![id.as_str()]);
+}
+
+#[test]
+fn every_response_gets_a_fresh_request_id() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let mut ids = HashSet::new();
+    for i in 0..5 {
+        let r = gw.chat(AGENT, gw.jane(), "hi");
+        r.assert_status(200);
+        let id = r.header("x-request-id").expect("X-Request-Id").to_string();
+        assert_eq!(w.seen()[i].header("x-request-id"), Some(id.as_str()));
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 5, "request ids repeat: {ids:?}");
+    // Error responses carry one as well.
+    let r = gw.raw_request("GET", "/nowhere", &[], b"");
+    assert!(r.header("x-request-id").is_some_and(|v| !v.is_empty()));
+    let r = gw.chat(AGENT, &new_key(), "hi");
+    assert!(r.header("x-request-id").is_some_and(|v| !ids.contains(v)));
+}
+
+#[test]
+fn the_workers_status_and_body_come_back() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let r = gw.chat(AGENT, gw.jane(), "status 201");
+    r.assert_status(201);
+    let body = r.json();
+    assert_eq!(body["response"], "w1: status 201");
+    assert_eq!(body["usage"]["total_tokens"], 77);
+    let r = gw.chat(AGENT, gw.jane(), "usage 7 9");
+    r.assert_status(200);
+    assert_eq!(
+        r.json()["usage"],
+        json!({"input_tokens": 7, "output_tokens": 9, "total_tokens": 16})
+    );
+}

@@ -1,0 +1,20 @@
+//! End-to-end tests of the contract in SPEC.md: the real `turnpike` binary on loopback ports,
+//! mock agent workers, plain HTTP. One file per behaviour; one test binary to keep linking cheap.
+//!
+//! Run: `cargo test --release --test e2e`.
+
+mod support;
+
+mod admin;
+mod affinity;
+mod balance;
+mod check_order;
+mod cli;
+mod errors;
+mod forwarding;
+mod metering;
+mod path_tricks;
+mod rate_limits;
+mod reload;
+mod sessions;
+mod upstream_failures;

@@ -1,0 +1,148 @@
+//! Metering (SPEC §2): the totals equal the sum of the usage the workers reported, by account,
+//! key and agent; bad usage is not credited; a client that hangs up is still metered.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::support::*;
+
+fn usage(requests: i64, input: i64, output: i64, cost: i64) -> Usage {
+    Usage {
+        requests,
+        input_tokens: input,
+        output_tokens: output,
+        total_tokens: input + output,
+        cost,
+    }
+}
+
+#[test]
+fn usage_totals_and_token_metrics_equal_what_the_workers_reported() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    // (key, agent, input, output); AGENT costs input + 2 × output, OTHER_AGENT is free.
+    let (jane, bob) = (gw.jane().to_string(), gw.bob().to_string());
+    let calls = [
+        (&jane, AGENT, 3, 4),
+        (&jane, AGENT, 10, 20),
+        (&jane, AGENT, 7, 0),
+        (&bob, AGENT, 1, 1),
+        (&bob, AGENT, 5, 5),
+        (&bob, OTHER_AGENT, 2, 3),
+    ];
+    for (key, agent, i, o) in calls {
+        gw.chat(agent, key, &format!("usage {i} {o}"))
+            .assert_status(200);
+    }
+    assert_eq!(gw.usage_after("", 6), usage(6, 28, 33, 86));
+    assert_eq!(gw.usage("account=acct_jane"), usage(3, 20, 24, 68));
+    assert_eq!(gw.usage("key=key_jane"), usage(3, 20, 24, 68));
+    assert_eq!(gw.usage("account=acct_bob"), usage(3, 8, 9, 18));
+    assert_eq!(gw.usage("key=key_bob"), usage(3, 8, 9, 18));
+    assert_eq!(gw.usage(&format!("agent={AGENT}")), usage(5, 26, 30, 86));
+    assert_eq!(gw.usage(&format!("agent={OTHER_AGENT}")), usage(1, 2, 3, 0));
+    assert_eq!(
+        gw.usage(&format!("account=acct_bob&agent={AGENT}")),
+        usage(2, 6, 6, 18)
+    );
+    assert_eq!(
+        gw.usage(&format!("key=key_jane&agent={OTHER_AGENT}")),
+        usage(0, 0, 0, 0)
+    );
+
+    assert_eq!(gw.settled_balance("acct_jane").balance, 10_000_000 - 68);
+    assert_eq!(gw.settled_balance("acct_bob").balance, 10_000_000 - 18);
+
+    let text = gw.metrics();
+    let tokens = |agent: &str, kind: &str| {
+        metric_value(
+            &text,
+            "turnpike_tokens_total",
+            &[("agent", agent), ("kind", kind)],
+        )
+    };
+    assert_eq!(tokens(AGENT, "input"), 26.0);
+    assert_eq!(tokens(AGENT, "output"), 30.0);
+    assert_eq!(tokens(OTHER_AGENT, "input"), 2.0);
+    assert_eq!(tokens(OTHER_AGENT, "output"), 3.0);
+    assert_eq!(
+        metric_value(
+            &text,
+            "turnpike_requests_total",
+            &[("agent", AGENT), ("status", "200")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "turnpike_requests_total",
+            &[("agent", OTHER_AGENT), ("status", "200")]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn invalid_usage_from_the_worker_is_not_credited() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).balance(1000).start();
+    for how in ["negative", "string", "missing"] {
+        let r = gw.chat(AGENT, gw.jane(), &format!("badusage {how}"));
+        assert!(
+            r.status < 500 || r.status == 502,
+            "badusage {how}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    assert_eq!(w.count(), 3);
+    assert_eq!(gw.settled_balance("acct_jane").balance, 1000);
+    assert_eq!(gw.usage("account=acct_jane"), Usage::default());
+    assert_eq!(gw.metric("turnpike_tokens_total", &[("agent", AGENT)]), 0.0);
+    // A good answer afterwards is credited as usual.
+    gw.chat(AGENT, gw.jane(), "usage 5 5").assert_status(200);
+    assert_eq!(gw.usage_after("account=acct_jane", 1), usage(1, 5, 5, 15));
+    assert_eq!(gw.settled_balance("acct_jane").balance, 985);
+}
+
+#[test]
+fn a_client_that_hangs_up_is_still_metered_once_the_worker_answers() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let body = br#"{"message": "sleep 1"}"#;
+    let auth = format!("Bearer {}", gw.jane());
+    let request = raw::request(
+        "POST",
+        &chat_path(AGENT),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    );
+    {
+        let mut s = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
+        s.write_all(&request).unwrap();
+        wait_until(
+            Duration::from_secs(3),
+            "the call reaches the worker",
+            || w.count() == 1,
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    } // hang up while the worker is still thinking
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut got = gw.usage("account=acct_jane");
+    while got.requests == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        got = gw.usage("account=acct_jane");
+    }
+    assert_eq!(
+        got,
+        usage(1, 45, 32, 109),
+        "the abandoned call was not metered"
+    );
+    assert_eq!(gw.settled_balance("acct_jane").balance, 10_000_000 - 109);
+    assert_eq!(w.count(), 1);
+}

@@ -1,0 +1,107 @@
+//! Policy reloads (SPEC §3): on `POST /admin/reload` and on file change; a broken set is
+//! refused whole; rate-limit state survives.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::*;
+
+#[test]
+fn admin_reload_puts_new_policies_in_force() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    for _ in 0..3 {
+        gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    }
+    gw.files.write_policies(&json!({
+        "standard": {"requests": {"rate": 1, "per": "1m", "burst": 1}},
+    }));
+    let r = gw.admin_post("/admin/reload", &json!({}));
+    r.assert_status(200);
+    // At most one call fits the new limit (more, if the old bucket state is carried over with
+    // a level the new burst caps at 1).
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| gw.chat(AGENT, gw.jane(), "hi").status)
+        .collect();
+    assert!(
+        statuses == [200, 429, 429] || statuses == [429, 429, 429],
+        "after reload: {statuses:?}"
+    );
+}
+
+#[test]
+fn a_broken_policy_set_is_refused_whole_and_the_old_one_stays() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .policy(
+            "standard",
+            json!({"requests": {"rate": 1, "per": "1m", "burst": 2}}),
+        )
+        .start();
+    // A looser `standard` next to a broken policy: none of it may apply.
+    gw.files.write_policies_text(
+        "policies:\n  standard:\n    requests: {rate: 1000, per: 1s}\n  broken:\n    requests: {rate: -5, per: soon}\n",
+    );
+    let r = gw.admin_post("/admin/reload", &json!({}));
+    assert!(
+        (400..500).contains(&r.status),
+        "reload of a broken set: {} {}",
+        r.status,
+        r.body
+    );
+    assert!(!r.body.trim().is_empty(), "the refusal carries the errors");
+    assert_eq!(
+        gw.metric("turnpike_config_reloads_total", &[("result", "error")]),
+        1.0,
+        "a refused reload is counted"
+    );
+    assert!(
+        gw.log().contains("policies.yaml"),
+        "the error is logged with its file"
+    );
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.chat(AGENT, gw.jane(), "hi")
+        .error(429, "rate_limit_exceeded");
+}
+
+#[test]
+fn rate_limit_state_survives_a_reload() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .policy(
+            "standard",
+            json!({"requests": {"rate": 1, "per": "1m", "burst": 2}}),
+        )
+        .start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.chat(AGENT, gw.jane(), "hi")
+        .error(429, "rate_limit_exceeded");
+    gw.admin_post("/admin/reload", &json!({}))
+        .assert_status(200);
+    gw.chat(AGENT, gw.jane(), "hi")
+        .error(429, "rate_limit_exceeded");
+    assert_eq!(w.count(), 2);
+}
+
+#[test]
+fn a_changed_policy_file_is_picked_up_without_asking() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.files.write_policies(&json!({
+        "standard": {"requests": {"rate": 1, "per": "1h", "burst": 1}},
+    }));
+    wait_until(
+        Duration::from_secs(10),
+        "the new policy file is in force",
+        || {
+            std::thread::sleep(Duration::from_millis(100));
+            gw.chat(AGENT, gw.jane(), "hi").status == 429
+        },
+    );
+}

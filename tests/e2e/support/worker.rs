@@ -1,0 +1,357 @@
+//! A mock agent worker: HTTP/1.1 with keep-alive on a loopback port, a thread per connection.
+//!
+//! The request's JSON `message` steers it (words, as in the Python conformance harness):
+//! - `usage I O`: reports those token counts (default 45 / 32)
+//! - `sleep S`: waits S seconds (a float) before answering
+//! - `status N`: answers with status N (same JSON body)
+//! - `hold` anywhere: waits at least 0.3 s
+//! - `nosession` anywhere: leaves `session_id` out of the answer
+//! - `close`: drops the connection without answering
+//! - `garbage`: writes bytes that are not HTTP and closes
+//! - `badusage negative|string|missing`: usage with -5 tokens, with strings, or none at all
+//! - `big N`: pads the answer with N bytes
+//!
+//! It answers `{"response": "<name>: <message>", "session_id": ..., "usage": {...}}` and records
+//! every request it received.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// One request as the worker received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    /// Lowercase names, in arrival order, repeats kept.
+    pub headers: Vec<(String, String)>,
+    /// The body parsed as JSON (`{"_raw": ...}` when it was not JSON).
+    pub body: Value,
+    pub raw_body: String,
+}
+
+impl Seen {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.header_values(name).first().copied()
+    }
+
+    /// Every value of header `name`.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .filter(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    seen: Mutex<Vec<Seen>>,
+    /// Requests the worker has finished with (answered, dropped or failed to answer).
+    finished: AtomicUsize,
+    stopping: AtomicBool,
+    conns: Mutex<Vec<TcpStream>>,
+}
+
+pub struct Worker {
+    name: String,
+    port: u16,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts a worker named `name` on a free loopback port.
+    pub fn start(name: &str) -> Worker {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind worker");
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Shared::default());
+        let acceptor = {
+            let shared = shared.clone();
+            let name = name.to_string();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if shared.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    if let Ok(clone) = stream.try_clone() {
+                        shared.conns.lock().unwrap().push(clone);
+                    }
+                    let shared = shared.clone();
+                    let name = name.clone();
+                    std::thread::spawn(move || serve_connection(stream, &name, &shared));
+                }
+            })
+        };
+        Worker {
+            name: name.to_string(),
+            port,
+            shared,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// Several workers named `w0`, `w1`, ...
+    pub fn start_many(n: usize) -> Vec<Worker> {
+        (0..n).map(|i| Worker::start(&format!("w{i}"))).collect()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `127.0.0.1:port`, as an upstream endpoint.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Every request received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    /// The last request received; panics if there was none.
+    pub fn last(&self) -> Seen {
+        self.seen()
+            .pop()
+            .unwrap_or_else(|| panic!("worker {} received nothing", self.name))
+    }
+
+    /// How many requests arrived.
+    pub fn count(&self) -> usize {
+        self.shared.seen.lock().unwrap().len()
+    }
+
+    /// How many requests the worker has finished with (answered or dropped).
+    pub fn finished(&self) -> usize {
+        self.shared.finished.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting and drops every open connection.
+    pub fn stop(&mut self) {
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let _ = TcpStream::connect(("127.0.0.1", self.port)); // wakes the accept loop
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        for c in self.shared.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+fn read_request(r: &mut impl BufRead) -> Option<Request> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end_matches(['\r', '\n']);
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.to_ascii_lowercase())
+    };
+    let body = if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        super::raw::read_chunked(r)
+    } else {
+        let len: usize = get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).ok()?;
+        body
+    };
+    Some(Request {
+        method,
+        path,
+        headers,
+        body,
+    })
+}
+
+fn serve_connection(stream: TcpStream, name: &str, shared: &Shared) {
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut out = stream;
+    while let Some(req) = read_request(&mut reader) {
+        let raw_body = String::from_utf8_lossy(&req.body).into_owned();
+        let body: Value =
+            serde_json::from_slice(&req.body).unwrap_or_else(|_| json!({"_raw": raw_body}));
+        let closes = req
+            .headers
+            .iter()
+            .any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"));
+        shared.seen.lock().unwrap().push(Seen {
+            method: req.method,
+            path: req.path,
+            headers: req.headers,
+            body: body.clone(),
+            raw_body,
+        });
+        let keep_going = answer(&mut out, name, &body);
+        shared.finished.fetch_add(1, Ordering::SeqCst);
+        if !keep_going || closes {
+            let _ = out.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+/// Writes the answer `body` asks for; false when the connection must end.
+fn answer(out: &mut TcpStream, name: &str, body: &Value) -> bool {
+    let message = match &body["message"] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let words: Vec<&str> = message.split_whitespace().collect();
+    let first = words.first().copied().unwrap_or("");
+    let arg = |i: usize| words.get(i).copied().unwrap_or("");
+    let (mut input, mut output, mut status, mut sleep_s) = (45i64, 32i64, 200u16, 0f64);
+    match first {
+        "usage" => {
+            input = arg(1).parse().unwrap_or(input);
+            output = arg(2).parse().unwrap_or(output);
+        }
+        "sleep" => sleep_s = arg(1).parse().unwrap_or(0.0),
+        "status" => status = arg(1).parse().unwrap_or(200),
+        "close" => return false,
+        "garbage" => {
+            let _ = out.write_all(b"\x00\x01 not http at all\r\n\r\n");
+            let _ = out.flush();
+            return false;
+        }
+        _ => {}
+    }
+    if words.contains(&"hold") {
+        sleep_s = sleep_s.max(0.3);
+    }
+    if sleep_s > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(sleep_s));
+    }
+    let mut resp = json!({
+        "response": format!("{name}: {message}"),
+        "usage": {"input_tokens": input, "output_tokens": output, "total_tokens": input + output},
+    });
+    if first == "badusage" {
+        match arg(1) {
+            "negative" => {
+                resp["usage"] = json!({"input_tokens": -5, "output_tokens": 3, "total_tokens": -2})
+            }
+            "string" => {
+                resp["usage"] =
+                    json!({"input_tokens": "12", "output_tokens": "3", "total_tokens": "15"})
+            }
+            _ => {
+                resp.as_object_mut().unwrap().remove("usage");
+            }
+        }
+    }
+    if first == "big" {
+        let n: usize = arg(1).parse().unwrap_or(0);
+        resp["padding"] = Value::String("x".repeat(n));
+    }
+    if !words.contains(&"nosession") {
+        resp["session_id"] = match &body["session_id"] {
+            Value::String(s) if !s.is_empty() => Value::String(s.clone()),
+            _ => Value::String("sess_worker_made".into()),
+        };
+    }
+    let data = serde_json::to_vec(&resp).unwrap();
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        reason(status),
+        data.len()
+    );
+    let ok = out.write_all(head.as_bytes()).is_ok() && out.write_all(&data).is_ok();
+    let _ = out.flush();
+    ok
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+#[test]
+fn the_mock_worker_answers_as_its_message_says() {
+    let w = Worker::start("w7");
+    let port: u16 = w.addr().rsplit(':').next().unwrap().parse().unwrap();
+    let ask = |body: &str| {
+        super::raw::send(
+            port,
+            &super::raw::request(
+                "POST",
+                "/x",
+                &[("Content-Type", "application/json")],
+                body.as_bytes(),
+            ),
+        )
+    };
+    let r = ask(r#"{"message": "usage 3 4", "session_id": "s1"}"#);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json(),
+        json!({"response": "w7: usage 3 4", "session_id": "s1",
+               "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}})
+    );
+    let r = ask(r#"{"message": "status 503 nosession"}"#);
+    assert_eq!(r.status, 503);
+    assert!(r.json().get("session_id").is_none());
+    let r = ask(r#"{"message": "badusage missing"}"#);
+    assert!(r.json().get("usage").is_none());
+    assert_eq!(r.json()["session_id"], "sess_worker_made");
+    assert_eq!(w.count(), 3);
+    assert_eq!(w.last().path, "/x");
+    assert_eq!(w.last().header("content-type"), Some("application/json"));
+}
