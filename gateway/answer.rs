@@ -1,69 +1,25 @@
-//! The worker's answer on its way back: buffered (bounded) so its `usage` can be read and
-//! its `session_id` filled in, then sent to the client in one piece.
+//! The worker's complete answer on its way back: its `usage` read (and judged), and its
+//! `session_id` filled in when the worker left it out.
 
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
 
 use crate::ctx::RequestCtx;
 use crate::metering::{read_answer, with_session_id};
 use crate::state::Shared;
 
-/// The answer is larger than `limits.max_response_bytes`.
-#[derive(Debug)]
-pub struct TooLarge;
-
-/// Runs on the worker's response head. The body may grow by a `session_id`, so the length
-/// is dropped and the answer goes out chunked.
-pub fn on_head(header: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<(), TooLarge> {
-    ctx.answer.status = header.status.as_u16();
-    let cap = ctx.snapshot.config.limits.max_response_bytes;
-    let declared = header
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|length| length > cap) {
-        return Err(TooLarge);
-    }
-    ctx.answer.body.reserve(declared.unwrap_or(0));
-    header.remove_header(&http::header::CONTENT_LENGTH);
-    header.remove_header(&http::header::TRANSFER_ENCODING);
-    Ok(())
-}
-
-/// Runs on each piece of the worker's body: holds it back until the end, then releases the
-/// whole answer with usage read and `session_id` inserted when the worker left it out.
-pub fn on_body(
-    shared: &Shared,
-    body: &mut Option<Bytes>,
-    end_of_stream: bool,
-    ctx: &mut RequestCtx,
-) -> Result<(), TooLarge> {
-    if let Some(piece) = body.take() {
-        if ctx.answer.body.len() + piece.len() > ctx.snapshot.config.limits.max_response_bytes {
-            return Err(TooLarge);
-        }
-        ctx.answer.body.extend_from_slice(&piece);
-    }
-    if !end_of_stream || ctx.answer.finished {
-        return Ok(());
-    }
-    ctx.answer.finished = true;
-    let whole = std::mem::take(&mut ctx.answer.body);
-    *body = Some(Bytes::from(finish(shared, ctx, whole)));
-    Ok(())
-}
-
-fn finish(shared: &Shared, ctx: &mut RequestCtx, whole: Vec<u8>) -> Vec<u8> {
+/// Records the usage of a 2xx answer in `ctx` (or counts why it was not credited) and
+/// returns the body the client receives.
+pub fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16, body: Bytes) -> Bytes {
+    ctx.answer_status = status;
     let Some(call) = ctx.call.as_ref() else {
-        return whole;
+        return body;
     };
-    if !(200..300).contains(&ctx.answer.status) {
-        return whole;
+    if !(200..300).contains(&status) {
+        return body;
     }
-    let answer = read_answer(&whole);
+    let answer = read_answer(&body);
     match answer.usage {
-        Ok(usage) => ctx.answer.usage = Some(usage),
+        Ok(usage) => ctx.usage = Some(usage),
         Err(problem) => shared
             .metrics
             .usage_rejected
@@ -71,8 +27,8 @@ fn finish(shared: &Shared, ctx: &mut RequestCtx, whole: Vec<u8>) -> Vec<u8> {
             .inc(),
     }
     if answer.is_object && !answer.has_session_id {
-        with_session_id(&whole, &call.session_id)
+        Bytes::from(with_session_id(&body, &call.session_id))
     } else {
-        whole
+        body
     }
 }

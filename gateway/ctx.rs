@@ -1,7 +1,6 @@
 //! The per-call context: each field is filled by the phase that owns it.
 
 use bytes::Bytes;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,8 +22,12 @@ pub struct RequestCtx {
     /// The error this gateway answered with, if it answered one.
     pub refusal: Option<GatewayError>,
     pub counted_inflight: bool,
-    pub upstream: UpstreamProgress,
-    pub answer: Answer,
+    /// When the worker exchange began.
+    pub upstream_started: Option<Instant>,
+    /// The worker's status, 0 until it answered.
+    pub answer_status: u16,
+    /// Set once a complete 2xx answer with valid usage has been read.
+    pub usage: Option<Usage>,
 }
 
 /// An authenticated call to a known agent, with everything admission decided.
@@ -42,25 +45,6 @@ pub struct Call {
     pub quota: Option<Quota>,
 }
 
-/// Which workers were tried, and when the first was chosen.
-#[derive(Default)]
-pub struct UpstreamProgress {
-    pub tried: Vec<SocketAddr>,
-    pub started: Option<Instant>,
-    /// Whether the forwarded body was already handed to the current attempt.
-    pub body_sent: bool,
-}
-
-/// The worker's answer as it streams through.
-#[derive(Default)]
-pub struct Answer {
-    pub status: u16,
-    pub body: Vec<u8>,
-    /// Set once a complete 2xx answer with valid usage has been read.
-    pub usage: Option<Usage>,
-    pub finished: bool,
-}
-
 impl RequestCtx {
     pub fn new(snapshot: Arc<Snapshot>) -> Self {
         Self {
@@ -70,8 +54,9 @@ impl RequestCtx {
             call: None,
             refusal: None,
             counted_inflight: false,
-            upstream: UpstreamProgress::default(),
-            answer: Answer::default(),
+            upstream_started: None,
+            answer_status: 0,
+            usage: None,
         }
     }
 

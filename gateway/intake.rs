@@ -120,8 +120,6 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Gateway
     ) {
         return Err(GatewayError::UnsupportedMediaType);
     }
-    // Pingora forwards a body it has already read from this buffer (see config's ceiling).
-    session.enable_retry_buffering();
     let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
     loop {
         let chunk = session

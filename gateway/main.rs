@@ -1,9 +1,11 @@
 //! The `turnpike` command: serve, check, demo.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use turnpike::logging::BatchedStderr;
 use turnpike::{config, demo, server};
 
 #[derive(Parser)]
@@ -44,7 +46,7 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log = init_logging(cli.log_format);
     let outcome = match cli.command {
         Command::Check { config } => check(&config),
         Command::Serve { config } => config::load(&config)
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
             .and_then(|runtime| server::run(runtime, Vec::new())),
         Command::Demo => run_demo(),
     };
+    log.flush();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -85,14 +88,17 @@ fn run_demo() -> Result<(), String> {
     server::run(runtime, vec![Box::new(demo::worker_service())])
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat) -> &'static BatchedStderr {
+    let writer = BatchedStderr::start();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    writer
 }

@@ -20,7 +20,7 @@ pub async fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16) {
     metrics
         .request_duration
         .observe(ctx.started.elapsed().as_secs_f64());
-    if let Some(started) = ctx.upstream.started {
+    if let Some(started) = ctx.upstream_started {
         metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
@@ -40,7 +40,7 @@ pub async fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16) {
         status = status_label,
         error = ctx.refusal.as_ref().map_or("", |e| e.code()),
         duration_ms = ctx.started.elapsed().as_millis() as u64,
-        upstream_ms = ctx.upstream.started.map_or(0, |s| s.elapsed().as_millis() as u64),
+        upstream_ms = ctx.upstream_started.map_or(0, |s| s.elapsed().as_millis() as u64),
         input_tokens = input,
         output_tokens = output,
     );
@@ -51,7 +51,7 @@ pub async fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16) {
 async fn settle(shared: &Shared, ctx: &mut RequestCtx) -> Option<crate::metering::Usage> {
     let call = ctx.call.as_mut()?;
     let call_id = call.call_id.take()?;
-    let usage = ctx.answer.usage;
+    let usage = ctx.usage;
     let charge = match (usage, call.agent.pricing.as_ref()) {
         (Some(usage), Some(pricing)) => cost(&usage, pricing),
         _ => 0,

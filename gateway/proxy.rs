@@ -1,28 +1,20 @@
-//! Pingora's `ProxyHttp` for Turnpike: glue only. Each phase hands its work to the module
-//! that owns the concern.
+//! Pingora's `ProxyHttp` for Turnpike: glue only. A call is judged (`intake`), exchanged
+//! with a worker (`exchange`), its answer read (`answer`) and sent (`reply`), all in
+//! `request_filter`; `logging` settles it (`outcome`) however it ended. Pingora's streaming
+//! upstream phases are not used: see `exchange` for why.
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
+use crate::exchange::{Outgoing, WorkerAnswer};
 use crate::state::Shared;
-use crate::{answer, intake, outcome, reply};
-
-/// Headers a client must not be able to forge towards a worker.
-const IDENTITY_HEADERS: [&str; 5] = [
-    "x-request-id",
-    "x-agent-id",
-    "x-session-id",
-    "x-key-id",
-    "x-account-id",
-];
+use crate::{answer, intake, outcome, reply, upstream};
 
 pub struct Gateway {
     pub shared: Arc<Shared>,
@@ -47,161 +39,36 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// Answers every call itself; always `Ok(true)` unless the client could not be written.
     async fn request_filter(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
-        match intake::admit(&self.shared, session, ctx).await {
-            Ok(()) => Ok(false),
+        let answered = match intake::admit(&self.shared, session, ctx).await {
+            Ok(()) => self.forward(session, ctx).await,
+            Err(error) => Err(error),
+        };
+        match answered {
+            Ok(worker) => reply::send_answer(session, ctx, worker).await?,
             Err(error) => {
                 reply::send_error(session, ctx, &error).await?;
                 ctx.refusal = Some(error);
-                Ok(true)
             }
         }
+        Ok(true)
     }
 
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        ctx: &mut RequestCtx,
+        _ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let unavailable = || {
-            Error::explain(
-                ErrorType::HTTPStatus(502),
-                "no upstream endpoint left to try",
-            )
-        };
-        let call = ctx.call.as_ref().ok_or_else(unavailable)?;
-        let pool = ctx
-            .snapshot
-            .pools
-            .get(&call.agent.pool)
-            .ok_or_else(unavailable)?;
-        let addr = pool
-            .select(&call.session_id, &ctx.upstream.tried)
-            .ok_or_else(unavailable)?;
-        ctx.upstream.tried.push(addr);
-        ctx.upstream.started.get_or_insert_with(Instant::now);
-        ctx.upstream.body_sent = false;
-        Ok(Box::new(pool.peer(addr)))
-    }
-
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        _peer: &HttpPeer,
-        ctx: &mut RequestCtx,
-        mut e: Box<Error>,
-    ) -> Box<Error> {
-        let pool_size = ctx
-            .call
-            .as_ref()
-            .and_then(|c| ctx.snapshot.pools.get(&c.agent.pool))
-            .map_or(0, |p| p.size());
-        // Nothing reached the worker yet, so another endpoint may take the call.
-        e.set_retry(ctx.upstream.tried.len() < pool_size);
-        e
-    }
-
-    fn error_while_proxy(
-        &self,
-        peer: &HttpPeer,
-        _session: &mut Session,
-        e: Box<Error>,
-        ctx: &mut RequestCtx,
-        client_reused: bool,
-    ) -> Box<Error> {
-        let mut e = e.more_context(format!("Peer: {peer}"));
-        // A pooled connection the worker had already closed fails before any answer; the
-        // buffered body lets the call go again on a fresh connection.
-        let answered = ctx.answer.status != 0;
-        if answered {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-        }
-        e
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<()> {
-        let Some(call) = ctx.call.as_ref() else {
-            return Ok(());
-        };
-        let Some(pool) = ctx.snapshot.pools.get(&call.agent.pool) else {
-            return Ok(());
-        };
-        let path = pool.config.path.render(&call.agent.id);
-        request.set_uri(
-            http::Uri::try_from(path)
-                .map_err(|e| Error::because(ErrorType::InternalError, "upstream path", e))?,
-        );
-        request.remove_header(&http::header::AUTHORIZATION);
-        request.remove_header(&http::header::TRANSFER_ENCODING);
-        request.remove_header(&http::header::EXPECT);
-        for name in IDENTITY_HEADERS {
-            request.remove_header(name);
-        }
-        request.insert_header("x-request-id", ctx.request_id.as_str())?;
-        request.insert_header("x-agent-id", call.agent.id.as_str())?;
-        request.insert_header("x-session-id", call.session_id.as_str())?;
-        request.insert_header("x-key-id", call.key.id.as_str())?;
-        request.insert_header("x-account-id", call.key.account.as_str())?;
-        request.insert_header(
-            http::header::CONTENT_LENGTH,
-            call.forward_body.len().to_string(),
-        )?;
-        for (name, value) in &pool.config.headers {
-            request.insert_header(name.clone(), value.clone())?;
-        }
-        Ok(())
-    }
-
-    async fn request_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<()> {
-        // The client's body was read and judged in `request_filter`; the worker gets the
-        // forwarded version, once per attempt.
-        if let Some(call) = ctx.call.as_ref() {
-            *body = if ctx.upstream.body_sent {
-                None
-            } else {
-                Some(call.forward_body.clone())
-            };
-            ctx.upstream.body_sent = true;
-        }
-        Ok(())
-    }
-
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<()> {
-        answer::on_head(response, ctx).map_err(|_| too_large())?;
-        reply::add_common_headers(response, ctx)
-    }
-
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<Option<Duration>> {
-        answer::on_body(&self.shared, body, end_of_stream, ctx).map_err(|_| too_large())?;
-        Ok(None)
+        // Never reached: `request_filter` answers every call.
+        Error::e_explain(
+            ErrorType::InternalError,
+            "calls are forwarded by request_filter",
+        )
     }
 
     async fn fail_to_proxy(
@@ -210,13 +77,22 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let error = upstream_error(e);
+        // Only requests Pingora could not parse get here, and clients that went away.
+        let error = match (e.esource(), e.etype()) {
+            (
+                ErrorSource::Downstream,
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+            ) => None,
+            _ if session.response_written().is_some() => None,
+            _ => Some(GatewayError::InvalidRequest(
+                "Malformed HTTP request".into(),
+            )),
+        };
         let error_code = match &error {
-            Some(error) if session.response_written().is_none() => {
+            Some(error) => {
                 let _ = reply::send_error(session, ctx, error).await;
                 error.status()
             }
-            Some(error) => error.status(),
             None => 0,
         };
         ctx.refusal = error;
@@ -232,29 +108,32 @@ impl ProxyHttp for Gateway {
     }
 }
 
-fn too_large() -> Box<Error> {
-    Error::explain(
-        ErrorType::HTTPStatus(502),
-        "worker answer exceeds limits.max_response_bytes",
-    )
-}
-
-/// The contract's error for a failed proxy attempt; `None` when the client is gone.
-fn upstream_error(e: &Error) -> Option<GatewayError> {
-    match (e.esource(), e.etype()) {
-        (_, ErrorType::HTTPStatus(504)) => Some(GatewayError::UpstreamTimeout),
-        (_, ErrorType::HTTPStatus(_)) => Some(GatewayError::UpstreamUnavailable),
-        (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
-            Some(GatewayError::UpstreamTimeout)
-        }
-        (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamUnavailable),
-        (
-            ErrorSource::Downstream,
-            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
-        ) => None,
-        (ErrorSource::Downstream, _) => Some(GatewayError::InvalidRequest(
-            "Malformed HTTP request".into(),
-        )),
-        (ErrorSource::Internal | ErrorSource::Unset, _) => Some(GatewayError::UpstreamUnavailable),
+impl Gateway {
+    /// Sends an admitted call to its pool and returns the answer the client gets.
+    async fn forward(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<WorkerAnswer, GatewayError> {
+        let snapshot = Arc::clone(&ctx.snapshot);
+        let call = ctx.call.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
+        let pool = snapshot
+            .pools
+            .get(&call.agent.pool)
+            .ok_or(GatewayError::UpstreamUnavailable)?;
+        let header =
+            upstream::outgoing_header(session.req_header(), call, &pool.config, &ctx.request_id)
+                .map_err(|_| GatewayError::UpstreamUnavailable)?;
+        let outgoing = Outgoing {
+            header,
+            body: &call.forward_body,
+            session_id: &call.session_id,
+            max_answer_bytes: snapshot.config.limits.max_response_bytes,
+        };
+        ctx.upstream_started = Some(Instant::now());
+        let mut worker = self.shared.upstreams.exchange(pool, outgoing).await?;
+        let status = worker.header.status.as_u16();
+        worker.body = answer::finish(&self.shared, ctx, status, worker.body);
+        Ok(worker)
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::Runtime;
+use crate::exchange::Upstreams;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::upstream::Pools;
@@ -20,6 +21,7 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub store: Arc<dyn Store>,
     pub metrics: Metrics,
+    pub upstreams: Upstreams,
     started: Instant,
 }
 
@@ -29,6 +31,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             store,
             metrics: Metrics::new(),
+            upstreams: Upstreams::default(),
             started: Instant::now(),
         }
     }

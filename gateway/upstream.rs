@@ -1,19 +1,73 @@
 //! Upstream pools: which worker gets a call, on Pingora's load balancers. Round robin, or
 //! Ketama consistent hashing on `session_id` so a conversation stays on one worker while the
 //! pool is unchanged. A retry after a failed connect goes to an endpoint not tried yet.
+//! Also what a worker receives: the rewritten request head.
 
+use pingora::http::RequestHeader;
 use pingora::lb::selection::{Consistent, RoundRobin};
 use pingora::lb::{Backend, LoadBalancer};
 use pingora::upstreams::peer::HttpPeer;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::config::{Balance, PoolConfig, Runtime};
+use crate::ctx::Call;
 
-/// How long an idle keep-alive connection to a worker is kept for reuse.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Client headers a worker never sees: credentials, identities the gateway asserts itself,
+/// and hop-by-hop headers that belong to the client's connection.
+const DROPPED_HEADERS: [&str; 15] = [
+    "authorization",
+    "x-request-id",
+    "x-agent-id",
+    "x-session-id",
+    "x-key-id",
+    "x-account-id",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// The request head a worker receives: the rewritten path, the client's other headers, and
+/// the gateway's own identity headers and the pool's configured ones.
+pub fn outgoing_header(
+    client: &RequestHeader,
+    call: &Call,
+    pool: &PoolConfig,
+    request_id: &str,
+) -> pingora::Result<RequestHeader> {
+    let path = pool.path.render(&call.agent.id);
+    let mut header = RequestHeader::build(
+        http::Method::POST,
+        path.as_bytes(),
+        Some(client.headers.len() + 8),
+    )?;
+    for (name, value) in &client.headers {
+        if !DROPPED_HEADERS.contains(&name.as_str()) && name != http::header::CONTENT_LENGTH {
+            header.append_header(name.clone(), value.clone())?;
+        }
+    }
+    header.insert_header("x-request-id", request_id)?;
+    header.insert_header("x-agent-id", call.agent.id.as_str())?;
+    header.insert_header("x-session-id", call.session_id.as_str())?;
+    header.insert_header("x-key-id", call.key.id.as_str())?;
+    header.insert_header("x-account-id", call.key.account.as_str())?;
+    header.insert_header(
+        http::header::CONTENT_LENGTH,
+        call.forward_body.len().to_string(),
+    )?;
+    for (name, value) in &pool.headers {
+        header.insert_header(name.clone(), value.clone())?;
+    }
+    Ok(header)
+}
+
 /// Bound on the selection walk; pools are small.
 const MAX_SELECTION_STEPS: usize = 256;
 
@@ -74,7 +128,6 @@ impl Pool {
         peer.options.total_connection_timeout = Some(self.config.connect_timeout);
         peer.options.read_timeout = Some(self.config.timeout);
         peer.options.write_timeout = Some(self.config.timeout);
-        peer.options.idle_timeout = Some(IDLE_TIMEOUT);
         peer
     }
 

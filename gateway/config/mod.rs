@@ -19,9 +19,9 @@ use crate::routing::{is_agent_id, PathTemplate};
 use crate::store::AccountSeed;
 use spec::{ConfigFile, PolicyFile};
 
-/// Pingora replays a request body to the worker from a buffer of this size; a larger body
-/// would never reach the worker, so the limit may not go above it.
-pub const MAX_BODY_BYTES_CEILING: usize = 64 * 1024;
+/// The largest request body a call may carry: each call holds its body in memory until the
+/// worker has it, so the bound keeps a burst of large calls from exhausting memory.
+pub const MAX_BODY_BYTES_CEILING: usize = 16 * 1024 * 1024;
 
 /// Everything the gateway runs on, compiled from one config file and its policies.
 #[derive(Debug)]
@@ -323,7 +323,7 @@ fn compile_limits(spec: &spec::LimitsSpec, report: &mut Report) -> Limits {
     if spec.max_body_bytes == 0 || spec.max_body_bytes > MAX_BODY_BYTES_CEILING {
         report.error(
             "limits.max_body_bytes",
-            format!("must be between 1 and {MAX_BODY_BYTES_CEILING} (the proxy replays bodies from a buffer of that size)"),
+            format!("must be between 1 and {MAX_BODY_BYTES_CEILING}"),
         );
     }
     for (key, value) in [

@@ -36,7 +36,7 @@ fn path_tricks_are_404_and_reach_no_worker() {
         format!("/v1/agents/{a}%2fchat"),
         format!("/v1/agents/{a}%2Fchat"),
         format!("/v1%2fagents/{a}/chat"),
-        format!("/v1/agents/%61g_c47e7c97_b2f2/chat"),
+        "/v1/agents/%61g_c47e7c97_b2f2/chat".to_string(),
         format!("/v1/agents/{a}%00/chat"),
         format!("/v1/agents/{a}/chat%00"),
         format!("//v1/agents/{a}/chat"),

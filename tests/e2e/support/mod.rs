@@ -209,8 +209,11 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     total
 }
 
+/// One sample: its name, its labels and its value.
+type Sample = (String, Vec<(String, String)>, f64);
+
 /// `name{a="b",c="d"} value [timestamp]`
-fn parse_sample(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
+fn parse_sample(line: &str) -> Option<Sample> {
     let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
     let name = line[..name_end].to_string();
     let mut rest = &line[name_end..];

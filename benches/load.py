@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Load comparison: Turnpike beside a bare Pingora passthrough and a plain nginx proxy.
+
+All three front the same upstream (an nginx returning a fixed agent answer with usage), each
+with one worker thread, loaded in turn by wrk over keep-alive connections on loopback.
+Rounds are interleaved and the medians reported: throughput, latency percentiles, and CPU
+time per call of the proxy process (from /proc, so it does not depend on what else runs).
+
+Usage: benches/load.py [--seconds 10] [--connections 32] [--rounds 3]
+Needs wrk and nginx (installed with apt-get when missing).
+"""
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANSWER = '{"response":"Our support team is available 9am-5pm.","session_id":"sess_bench","usage":{"input_tokens":45,"output_tokens":32,"total_tokens":77}}'
+KEY = "ak_bench0123456789abcdef0123456789abcdef"
+AGENT = "ag_bench"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def ensure_tools():
+    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx-light")) if not shutil.which(tool)]
+    if missing:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True,
+                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def nginx(tmp, name, server_block):
+    conf = os.path.join(tmp, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 1;
+daemon off;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}.error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {tmp}/{name}.body;
+  proxy_temp_path {tmp}/{name}.proxy;
+  {server_block}
+}}
+""")
+    return subprocess.Popen(["nginx", "-p", tmp, "-c", conf], stderr=subprocess.DEVNULL)
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process and its children (nginx's master and worker)."""
+    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                     text=True).stdout.split()]
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / TICKS
+
+
+def parse_wrk(out):
+    def micros(text):
+        for unit, scale in (("us", 1), ("ms", 1000), ("s", 1_000_000)):
+            if text.endswith(unit):
+                return float(text[: -len(unit)]) * scale
+        return float(text)
+
+    result = {"latency": {}}
+    for line in out.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            result["rps"] = float(parts[1])
+        elif len(parts) == 2 and parts[0] in ("50%", "90%", "99%"):
+            result["latency"][parts[0]] = micros(parts[1])
+        elif "requests in" in line:
+            result["requests"] = int(parts[0])
+        elif line.strip().startswith("Non-2xx"):
+            result["non2xx"] = int(parts[-1])
+    return result
+
+
+def run_wrk(port, path, seconds, connections, lua):
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", lua,
+                          f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
+                         env=dict(os.environ, BENCH_KEY=KEY), check=True).stdout
+    return parse_wrk(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    ensure_tools()
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "turnpike", "--example", "passthrough"],
+                   cwd=ROOT, check=True)
+    tmp = tempfile.mkdtemp(prefix="turnpike-load-")
+    worker_port, nginx_port, pass_port, tp_port, admin_port = (free_port() for _ in range(5))
+    lua = os.path.join(tmp, "post.lua")
+    with open(lua, "w") as f:
+        f.write('wrk.method = "POST"\n'
+                'wrk.body = \'{"message":"What are your business hours?","session_id":"sess_bench"}\'\n'
+                'wrk.headers["Content-Type"] = "application/json"\n'
+                'wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")\n')
+    os.makedirs(os.path.join(tmp, "policies"))
+    with open(os.path.join(tmp, "policies", "bench.yaml"), "w") as f:
+        f.write("policies:\n  bench:\n    requests: {rate: 10000000, per: 1s}\n"
+                "    tokens: {rate: 1000000000000, per: 1s}\n    concurrency: 100000\n")
+    with open(os.path.join(tmp, "turnpike.yaml"), "w") as f:
+        f.write(f"""listen: "127.0.0.1:{tp_port}"
+threads: 1
+admin: {{listen: "127.0.0.1:{admin_port}"}}
+upstreams:
+  pool: {{endpoints: ["127.0.0.1:{worker_port}"], path: "/invoke"}}
+agents:
+  - {{id: {AGENT}, upstream: pool, policy: bench, pricing: {{input_per_mtok: 3000000, output_per_mtok: 15000000}}}}
+accounts:
+  - {{id: acct_bench, balance: 9000000000000000}}
+keys:
+  - {{id: key_bench, sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}", account: acct_bench, agents: "*", policy: bench}}
+""")
+    procs = [
+        nginx(tmp, "worker", f"server {{ listen 127.0.0.1:{worker_port}; location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}"),
+    ]
+    targets = {
+        "nginx": (nginx(tmp, "proxy", f"upstream w {{ server 127.0.0.1:{worker_port}; keepalive 64; }} "
+                                      f"server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://w; "
+                                      f"proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"), nginx_port),
+        "pingora-passthrough": (subprocess.Popen([os.path.join(ROOT, "target/release/examples/passthrough"),
+                                                  f"127.0.0.1:{pass_port}", f"127.0.0.1:{worker_port}", "1"],
+                                                 stderr=subprocess.DEVNULL), pass_port),
+        "turnpike": (subprocess.Popen([os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
+                                       os.path.join(tmp, "turnpike.yaml")], stderr=subprocess.DEVNULL), tp_port),
+    }
+    procs += [p for p, _ in targets.values()]
+    path = f"/v1/agents/{AGENT}/chat"
+    results = {name: [] for name in targets}
+    try:
+        for port in [worker_port] + [p for _, p in targets.values()]:
+            wait_port(port)
+        for name, (_, port) in targets.items():
+            run_wrk(port, path, 2, args.connections, lua)  # warm-up: pools, caches, allocators
+        for _ in range(args.rounds):
+            for name, (proc, port) in targets.items():
+                before = cpu_seconds(proc.pid)
+                r = run_wrk(port, path, args.seconds, args.connections, lua)
+                r["cpu_us_per_call"] = (cpu_seconds(proc.pid) - before) / max(r["requests"], 1) * 1e6
+                if r.get("non2xx"):
+                    print(f"warning: {name} answered {r['non2xx']} non-2xx", file=sys.stderr)
+                results[name].append(r)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT if p.args[0].endswith(("turnpike", "passthrough")) else signal.SIGQUIT)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = lambda name, f: statistics.median(f(r) for r in results[name])
+    print(f"\n{args.rounds} rounds x {args.seconds}s, wrk -t1 -c{args.connections}, one proxy thread each; medians\n")
+    print(f"{'proxy':<22}{'req/s':>10}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'CPU us/call':>13}")
+    for name in targets:
+        print(f"{name:<22}{med(name, lambda r: r['rps']):>10.0f}{med(name, lambda r: r['latency']['50%']):>10.0f}"
+              f"{med(name, lambda r: r['latency']['90%']):>10.0f}{med(name, lambda r: r['latency']['99%']):>10.0f}"
+              f"{med(name, lambda r: r['cpu_us_per_call']):>13.1f}")
+    cpu = {name: med(name, lambda r: r["cpu_us_per_call"]) for name in targets}
+    print(f"\nCPU per call: turnpike / passthrough = {cpu['turnpike'] / cpu['pingora-passthrough']:.2f}x, "
+          f"passthrough / nginx = {cpu['pingora-passthrough'] / cpu['nginx']:.2f}x, "
+          f"turnpike / nginx = {cpu['turnpike'] / cpu['nginx']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+//! One call's exchange with a worker: send the validated request, read the whole answer.
+//!
+//! Turnpike must read a worker's answer completely before the client sees it (the `usage`
+//! decides the charge, and `session_id` may have to be added), so the upstream leg is a
+//! buffered exchange on Pingora's connector and keep-alive pool rather than Pingora's
+//! streaming proxy. That gives the answer an exact `Content-Length` (one write to the
+//! client), a real whole-answer timeout, and a call the client cannot cancel by hanging up:
+//! a worker's answer is always read, so it is always metered.
+
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+use std::time::Duration;
+use tokio::time::Instant;
+
+use crate::error::GatewayError;
+use crate::upstream::Pool;
+
+/// Idle keep-alive connections kept to workers, across all pools.
+const KEEPALIVE_POOL_SIZE: usize = 1024;
+/// How long an idle keep-alive connection to a worker is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Connections to workers, shared by every call.
+pub struct Upstreams {
+    connector: Connector,
+}
+
+/// A worker's complete answer.
+pub struct WorkerAnswer {
+    pub header: Box<ResponseHeader>,
+    pub body: Bytes,
+}
+
+/// What the gateway sends a worker.
+pub struct Outgoing<'a> {
+    pub header: RequestHeader,
+    pub body: &'a Bytes,
+    pub session_id: &'a str,
+    pub max_answer_bytes: usize,
+}
+
+enum Failure {
+    /// Nothing was sent on a fresh connection: another endpoint may take the call.
+    Connect,
+    /// A pooled connection the worker had already closed: safe to send again.
+    Stale,
+    Timeout,
+    TooLarge,
+    Broken,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self {
+            connector: Connector::new(Some(ConnectorOptions::new(KEEPALIVE_POOL_SIZE))),
+        }
+    }
+}
+
+impl Upstreams {
+    /// Sends the call to the pool and returns the worker's whole answer. A failed connect
+    /// (or a stale pooled connection) moves on to an endpoint not tried yet; the pool's
+    /// `timeout` bounds everything after the worker is chosen.
+    pub async fn exchange(
+        &self,
+        pool: &Pool,
+        call: Outgoing<'_>,
+    ) -> Result<WorkerAnswer, GatewayError> {
+        let deadline = Instant::now() + pool.config.timeout;
+        let mut tried = Vec::with_capacity(1);
+        let mut resent_after_stale = false;
+        while let Some(addr) = pool.select(call.session_id, &tried) {
+            tried.push(addr);
+            let peer = pool.peer(addr);
+            let attempt = tokio::time::timeout_at(deadline, self.attempt(&peer, &call)).await;
+            match attempt {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(Failure::Stale)) if !resent_after_stale => {
+                    // Once per call, the same endpoint again on a fresh connection.
+                    resent_after_stale = true;
+                    tried.pop();
+                }
+                Ok(Err(Failure::Connect | Failure::Stale)) => continue,
+                Ok(Err(Failure::TooLarge | Failure::Broken)) => {
+                    return Err(GatewayError::UpstreamUnavailable)
+                }
+                Ok(Err(Failure::Timeout)) | Err(_) => return Err(GatewayError::UpstreamTimeout),
+            }
+        }
+        Err(GatewayError::UpstreamUnavailable)
+    }
+
+    async fn attempt(&self, peer: &HttpPeer, call: &Outgoing<'_>) -> Result<WorkerAnswer, Failure> {
+        let (mut session, reused) = self
+            .connector
+            .get_http_session(peer)
+            .await
+            .map_err(|_| Failure::Connect)?;
+        let sent = send(&mut session, call).await;
+        let answer = match sent {
+            Ok(()) => receive(&mut session, call.max_answer_bytes).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(answer) => {
+                self.connector
+                    .release_http_session(session, peer, Some(IDLE_TIMEOUT))
+                    .await;
+                Ok(answer)
+            }
+            Err(failure) => {
+                session.shutdown().await;
+                match failure {
+                    Failure::Broken if reused && session.response_header().is_none() => {
+                        Err(Failure::Stale)
+                    }
+                    other => Err(other),
+                }
+            }
+        }
+    }
+}
+
+async fn send(session: &mut HttpSession, call: &Outgoing<'_>) -> Result<(), Failure> {
+    session
+        .write_request_header(Box::new(call.header.clone()))
+        .await
+        .map_err(|e| classify(&e))?;
+    session
+        .write_request_body(call.body.clone(), true)
+        .await
+        .map_err(|e| classify(&e))?;
+    session
+        .finish_request_body()
+        .await
+        .map_err(|e| classify(&e))
+}
+
+async fn receive(session: &mut HttpSession, max_bytes: usize) -> Result<WorkerAnswer, Failure> {
+    loop {
+        session
+            .read_response_header()
+            .await
+            .map_err(|e| classify(&e))?;
+        let informational = session
+            .response_header()
+            .is_some_and(|h| h.status.is_informational());
+        if !informational {
+            break;
+        }
+    }
+    let header = session.response_header().ok_or(Failure::Broken)?;
+    let declared = header
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > max_bytes) {
+        return Err(Failure::TooLarge);
+    }
+    let header = Box::new(header.clone());
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(4096));
+    while let Some(piece) = session
+        .read_response_body()
+        .await
+        .map_err(|e| classify(&e))?
+    {
+        if body.len() + piece.len() > max_bytes {
+            return Err(Failure::TooLarge);
+        }
+        body.extend_from_slice(&piece);
+    }
+    Ok(WorkerAnswer {
+        header,
+        body: body.freeze(),
+    })
+}
+
+fn classify(error: &Error) -> Failure {
+    match error.etype() {
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+        _ => Failure::Broken,
+    }
+}
