@@ -26,6 +26,11 @@ ANSWER = '{"response":"Our support team is available 9am-5pm.","session_id":"ses
 KEY = "ak_bench0123456789abcdef0123456789abcdef"
 AGENT = "ag_bench"
 TICKS = os.sysconf("SC_CLK_TCK")
+# With two cores or more, each proxy gets core 0 to itself and the load generator and the
+# upstream share core 1, so the proxy's cost is not mixed with theirs.
+PINNED = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+PROXY_CPU = ["taskset", "-c", "0"] if PINNED else []
+LOAD_CPU = ["taskset", "-c", "1"] if PINNED else []
 
 
 def free_port():
@@ -53,7 +58,7 @@ def ensure_tools():
                        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
 
 
-def nginx(tmp, name, server_block):
+def nginx(tmp, name, server_block, cpu):
     conf = os.path.join(tmp, f"{name}.conf")
     with open(conf, "w") as f:
         f.write(f"""worker_processes 1;
@@ -69,7 +74,7 @@ http {{
   {server_block}
 }}
 """)
-    return subprocess.Popen(["nginx", "-p", tmp, "-c", conf], stderr=subprocess.DEVNULL)
+    return subprocess.Popen([*cpu, "nginx", "-p", tmp, "-c", conf], stderr=subprocess.DEVNULL)
 
 
 def cpu_seconds(pid):
@@ -109,7 +114,7 @@ def parse_wrk(out):
 
 
 def run_wrk(port, path, seconds, connections, lua):
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", lua,
+    out = subprocess.run([*LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", lua,
                           f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
                          env=dict(os.environ, BENCH_KEY=KEY), check=True).stdout
     return parse_wrk(out)
@@ -150,16 +155,18 @@ keys:
   - {{id: key_bench, sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}", account: acct_bench, agents: "*", policy: bench}}
 """)
     procs = [
-        nginx(tmp, "worker", f"server {{ listen 127.0.0.1:{worker_port}; location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}"),
+        nginx(tmp, "worker", f"server {{ listen 127.0.0.1:{worker_port}; location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}",
+              LOAD_CPU),
     ]
     targets = {
         "nginx": (nginx(tmp, "proxy", f"upstream w {{ server 127.0.0.1:{worker_port}; keepalive 64; }} "
                                       f"server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://w; "
-                                      f"proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"), nginx_port),
-        "pingora-passthrough": (subprocess.Popen([os.path.join(ROOT, "target/release/examples/passthrough"),
+                                      f"proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}", PROXY_CPU),
+                  nginx_port),
+        "pingora-passthrough": (subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/examples/passthrough"),
                                                   f"127.0.0.1:{pass_port}", f"127.0.0.1:{worker_port}", "1"],
                                                  stderr=subprocess.DEVNULL), pass_port),
-        "turnpike": (subprocess.Popen([os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
+        "turnpike": (subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
                                        os.path.join(tmp, "turnpike.yaml")], stderr=subprocess.DEVNULL), tp_port),
     }
     procs += [p for p, _ in targets.values()]
@@ -180,7 +187,7 @@ keys:
                 results[name].append(r)
     finally:
         for p in procs:
-            p.send_signal(signal.SIGINT if p.args[0].endswith(("turnpike", "passthrough")) else signal.SIGQUIT)
+            p.send_signal(signal.SIGQUIT if "nginx" in p.args else signal.SIGINT)
         for p in procs:
             try:
                 p.wait(10)
@@ -189,7 +196,10 @@ keys:
         shutil.rmtree(tmp, ignore_errors=True)
 
     med = lambda name, f: statistics.median(f(r) for r in results[name])
-    print(f"\n{args.rounds} rounds x {args.seconds}s, wrk -t1 -c{args.connections}, one proxy thread each; medians\n")
+    pinning = "proxy pinned to core 0, wrk and upstream to core 1" if PINNED else "no core pinning"
+    print(f"\n{args.rounds} rounds x {args.seconds}s, wrk -t1 -c{args.connections}, one proxy thread each, "
+          f"{pinning}; medians\n")
+
     print(f"{'proxy':<22}{'req/s':>10}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'CPU us/call':>13}")
     for name in targets:
         print(f"{name:<22}{med(name, lambda r: r['rps']):>10.0f}{med(name, lambda r: r['latency']['50%']):>10.0f}"

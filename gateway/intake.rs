@@ -96,7 +96,9 @@ pub async fn admit(
 /// The request head's size as received: request line and every header line.
 fn head_size(session: &Session) -> usize {
     let header = session.req_header();
-    let line = header.method.as_str().len() + header.uri.to_string().len() + 12;
+    let target = header.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = header.method.as_str().len() + target + 12;
+
     header.headers.iter().fold(line, |size, (name, value)| {
         size + name.as_str().len() + value.len() + 4
     })

@@ -14,6 +14,7 @@ pub mod ctx;
 pub mod demo;
 pub mod error;
 pub mod exchange;
+pub mod headers;
 pub mod intake;
 pub mod limits;
 pub mod logging;

@@ -7,6 +7,8 @@ use pingora::proxy::Session;
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use crate::exchange::WorkerAnswer;
+use crate::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, X_REQUEST_ID};
+use http::HeaderValue;
 
 /// Worker headers that describe the worker's connection or framing, not the answer.
 const HOP_BY_HOP: [&str; 7] = [
@@ -26,14 +28,14 @@ pub async fn send_answer(
     ctx: &RequestCtx,
     worker: WorkerAnswer,
 ) -> pingora::Result<()> {
-    let mut header =
-        ResponseHeader::build(worker.header.status, Some(worker.header.headers.len() + 4))?;
-    for (name, value) in &worker.header.headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) && name != http::header::CONTENT_LENGTH {
-            header.append_header(name.clone(), value.clone())?;
-        }
+    let mut header = worker.header;
+    for name in HOP_BY_HOP {
+        header.remove_header(name);
     }
-    header.insert_header(http::header::CONTENT_LENGTH, worker.body.len().to_string())?;
+    header.insert_header(
+        http::header::CONTENT_LENGTH,
+        HeaderValue::from(worker.body.len()),
+    )?;
     add_common_headers(&mut header, ctx)?;
     write(session, header, worker.body).await
 }
@@ -46,9 +48,9 @@ pub async fn send_error(
     error: &GatewayError,
 ) -> pingora::Result<()> {
     let body = Bytes::from(error.body(&ctx.request_id));
-    let mut header = ResponseHeader::build(error.status(), Some(6))?;
+    let mut header = Box::new(ResponseHeader::build_no_case(error.status(), Some(6))?);
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    header.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()))?;
     if let Some((name, value)) = error.extra_headers() {
         header.insert_header(name, value)?;
     }
@@ -59,11 +61,13 @@ pub async fn send_error(
     write(session, header, body).await
 }
 
-async fn write(session: &mut Session, header: ResponseHeader, body: Bytes) -> pingora::Result<()> {
+async fn write(
+    session: &mut Session,
+    header: Box<ResponseHeader>,
+    body: Bytes,
+) -> pingora::Result<()> {
     let empty = body.is_empty();
-    session
-        .write_response_header(Box::new(header), empty)
-        .await?;
+    session.write_response_header(header, empty).await?;
     if !empty {
         session.write_response_body(Some(body), true).await?;
     }
@@ -72,11 +76,11 @@ async fn write(session: &mut Session, header: ResponseHeader, body: Bytes) -> pi
 
 /// `X-Request-Id` always; `RateLimit-*` for an authenticated call with a request bucket.
 fn add_common_headers(header: &mut ResponseHeader, ctx: &RequestCtx) -> pingora::Result<()> {
-    header.insert_header("x-request-id", ctx.request_id.as_str())?;
+    header.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
     if let Some(quota) = ctx.call.as_ref().and_then(|c| c.quota) {
-        header.insert_header("ratelimit-limit", quota.limit.to_string())?;
-        header.insert_header("ratelimit-remaining", quota.remaining.to_string())?;
-        header.insert_header("ratelimit-reset", quota.reset_secs.to_string())?;
+        header.insert_header(RATELIMIT_LIMIT, HeaderValue::from(quota.limit))?;
+        header.insert_header(RATELIMIT_REMAINING, HeaderValue::from(quota.remaining))?;
+        header.insert_header(RATELIMIT_RESET, HeaderValue::from(quota.reset_secs))?;
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::config::{Balance, PoolConfig, Runtime};
 use crate::ctx::Call;
+use crate::headers::{X_ACCOUNT_ID, X_AGENT_ID, X_KEY_ID, X_REQUEST_ID, X_SESSION_ID};
 
 /// Client headers a worker never sees: credentials, identities the gateway asserts itself,
 /// and hop-by-hop headers that belong to the client's connection.
@@ -53,14 +54,14 @@ pub fn outgoing_header(
             header.append_header(name.clone(), value.clone())?;
         }
     }
-    header.insert_header("x-request-id", request_id)?;
-    header.insert_header("x-agent-id", call.agent.id.as_str())?;
-    header.insert_header("x-session-id", call.session_id.as_str())?;
-    header.insert_header("x-key-id", call.key.id.as_str())?;
-    header.insert_header("x-account-id", call.key.account.as_str())?;
+    header.insert_header(X_REQUEST_ID, request_id)?;
+    header.insert_header(X_AGENT_ID, call.agent.id.as_str())?;
+    header.insert_header(X_SESSION_ID, call.session_id.as_str())?;
+    header.insert_header(X_KEY_ID, call.key.id.as_str())?;
+    header.insert_header(X_ACCOUNT_ID, call.key.account.as_str())?;
     header.insert_header(
         http::header::CONTENT_LENGTH,
-        call.forward_body.len().to_string(),
+        http::HeaderValue::from(call.forward_body.len()),
     )?;
     for (name, value) in &pool.headers {
         header.insert_header(name.clone(), value.clone())?;
@@ -121,13 +122,13 @@ impl Pool {
         backend.map(|b| b.addr_socket())
     }
 
-    /// A plain-HTTP peer for `addr` with this pool's timeouts.
+    /// A plain-HTTP peer for `addr` with the connect timeout. The answer timeout is one
+    /// deadline over the whole exchange (see `exchange`), not a timer per read.
     pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(self.config.connect_timeout);
         peer.options.total_connection_timeout = Some(self.config.connect_timeout);
-        peer.options.read_timeout = Some(self.config.timeout);
-        peer.options.write_timeout = Some(self.config.timeout);
+
         peer
     }
 

@@ -146,7 +146,12 @@ fn refusal_table() {
     let loose = policy(Some((100, 1000, 100)), None, None);
     let one_slot = policy(None, None, Some(1));
     // (key policy, agent policy, calls admitted before, expected refusing bucket)
-    type Case<'a> = (&'a Policy, Option<&'a Policy>, usize, Option<(Scope, BucketKind)>);
+    type Case<'a> = (
+        &'a Policy,
+        Option<&'a Policy>,
+        usize,
+        Option<(Scope, BucketKind)>,
+    );
     let cases: [Case; 5] = [
         (
             &loose,
