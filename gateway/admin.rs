@@ -10,10 +10,11 @@ use serde_json::json;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
-use crate::auth::{bearer_token, KeyHash};
+use crate::auth::{bearer_token, AgentScope, KeyHash, KeyRecord};
 use crate::error::GatewayError;
+use crate::routing::is_session_id;
 use crate::state::Shared;
-use crate::store::{BalanceChange, Store, UsageFilter};
+use crate::store::{BalanceChange, UsageFilter};
 
 /// Admin request bodies are small JSON documents.
 const MAX_ADMIN_BODY: usize = 16 * 1024;
@@ -114,6 +115,7 @@ impl AdminApp {
         }
     }
 
+    /// Routes an authorised `/admin/*` call.
     async fn admin(
         &self,
         session: &mut ServerSession,
@@ -121,47 +123,214 @@ impl AdminApp {
         path: &str,
         query: &str,
     ) -> Answer {
-        let store: &dyn Store = self.shared.store.as_ref();
-        let unavailable = |_| GatewayError::StoreUnavailable;
-        if let Some(account) = path
-            .strip_prefix("/admin/accounts/")
-            .and_then(|rest| rest.strip_suffix("/balance"))
-        {
-            let state = match *method {
-                Method::GET => store.balance(account).await.map_err(unavailable)?,
-                Method::POST => {
-                    let change = read_json::<BalanceRequest>(session).await?.change()?;
-                    store
-                        .change_balance(account, change)
-                        .await
-                        .map_err(unavailable)?
-                }
-                _ => return Err(GatewayError::MethodNotAllowed),
-            };
-            let state = state.ok_or(GatewayError::NotFound)?;
-            return json_ok(
-                json!({"account": account, "balance": state.balance, "reserved": state.reserved}),
-            );
-        }
-        if path == "/admin/usage" {
-            if method != Method::GET {
-                return Err(GatewayError::MethodNotAllowed);
+        let route = path.strip_prefix("/admin/").unwrap_or_default();
+        match (method, route.split_once('/')) {
+            (&Method::POST, None) if route == "reload" => self.reload().await,
+            (&Method::GET, None) if route == "usage" => self.usage(query).await,
+            (&Method::POST, None) if route == "keys" => self.create_key(session).await,
+            (&Method::GET, Some(("keys", id))) => self.show_key(id).await,
+            (&Method::DELETE, Some(("keys", id))) => self.revoke_key(id).await,
+            (_, Some(("accounts", rest))) if rest.ends_with("/balance") => {
+                let account = rest.trim_end_matches("/balance");
+                self.balance(session, method, account).await
             }
-            let mut filter = UsageFilter::default();
-            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-                let slot = match name.as_ref() {
-                    "account" => &mut filter.account,
-                    "key" => &mut filter.key,
-                    "agent" => &mut filter.agent,
-                    _ => continue,
-                };
-                *slot = Some(value.into_owned()).filter(|v| !v.is_empty());
+            (_, None) if matches!(route, "reload" | "usage" | "keys") => {
+                Err(GatewayError::MethodNotAllowed)
             }
-            let totals = store.usage(&filter).await.map_err(unavailable)?;
-            return json_ok(serde_json::to_value(totals).unwrap_or_default());
+            (_, Some(("keys", _))) => Err(GatewayError::MethodNotAllowed),
+            _ => Err(GatewayError::NotFound),
         }
-        Err(GatewayError::NotFound)
     }
+
+    async fn reload(&self) -> Answer {
+        match crate::reload::reload(&self.shared).await {
+            Ok(generation) => json_ok(json!({"status": "reloaded", "generation": generation})),
+            Err(errors) => Err(GatewayError::InvalidConfig(errors.to_string())),
+        }
+    }
+
+    async fn balance(&self, session: &mut ServerSession, method: &Method, account: &str) -> Answer {
+        let store = self.shared.store.as_ref();
+        let state = match *method {
+            Method::GET => store.balance(account).await.map_err(unavailable)?,
+            Method::POST => {
+                let change = read_json::<BalanceRequest>(session).await?.change()?;
+                store
+                    .change_balance(account, change)
+                    .await
+                    .map_err(unavailable)?
+            }
+            _ => return Err(GatewayError::MethodNotAllowed),
+        };
+        let state = state.ok_or(GatewayError::NotFound)?;
+        json_ok(json!({"account": account, "balance": state.balance, "reserved": state.reserved}))
+    }
+
+    async fn usage(&self, query: &str) -> Answer {
+        let mut filter = UsageFilter::default();
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match name.as_ref() {
+                "account" => &mut filter.account,
+                "key" => &mut filter.key,
+                "agent" => &mut filter.agent,
+                _ => continue,
+            };
+            *slot = Some(value.into_owned()).filter(|v| !v.is_empty());
+        }
+        let totals = self
+            .shared
+            .store
+            .usage(&filter)
+            .await
+            .map_err(unavailable)?;
+        json_ok(serde_json::to_value(totals).unwrap_or_default())
+    }
+
+    /// Issues a new key. The secret is in this answer only: the store keeps its hash.
+    async fn create_key(&self, session: &mut ServerSession) -> Answer {
+        let request = read_json::<NewKey>(session).await?;
+        let record = self.validate_new_key(request).await?;
+        let secret = crate::request::random_id("ak_", 40);
+        let created = self
+            .shared
+            .store
+            .create_key(KeyHash::of(&secret), record.clone())
+            .await
+            .map_err(unavailable)?;
+        if !created {
+            return Err(GatewayError::Conflict(format!(
+                "A key with id '{}' already exists",
+                record.id
+            )));
+        }
+        let mut body = key_json(&record);
+        body["key"] = json!(secret);
+        Ok((
+            StatusCode::CREATED,
+            serde_json::to_vec(&body).unwrap_or_default(),
+            "application/json",
+        ))
+    }
+
+    async fn validate_new_key(&self, request: NewKey) -> Result<KeyRecord, GatewayError> {
+        let invalid = |message: String| GatewayError::InvalidRequest(message);
+        let snapshot = self.shared.snapshot.load();
+        let agents = match request.agents {
+            AgentsField::All(star) if star == "*" => AgentScope::All,
+            AgentsField::All(other) => {
+                return Err(invalid(format!(
+                    "'agents' must be \"*\" or a list, not '{other}'"
+                )))
+            }
+            AgentsField::Only(list) => {
+                if let Some(unknown) = list
+                    .iter()
+                    .find(|a| !snapshot.config.agents.contains_key(a.as_str()))
+                {
+                    return Err(invalid(format!("No agent named '{unknown}'")));
+                }
+                AgentScope::Only(list)
+            }
+        };
+        if !snapshot.config.policies.contains_key(&request.policy) {
+            return Err(invalid(format!("No policy named '{}'", request.policy)));
+        }
+        if self
+            .shared
+            .store
+            .balance(&request.account)
+            .await
+            .map_err(unavailable)?
+            .is_none()
+        {
+            return Err(invalid(format!("No account named '{}'", request.account)));
+        }
+        let expires_at = match request.expires_at.as_deref() {
+            None => None,
+            Some(text) => Some(crate::config::parse_rfc3339(text).ok_or_else(|| {
+                invalid(format!("'expires_at' is not an RFC 3339 time: '{text}'"))
+            })?),
+        };
+        let id = match request.id {
+            Some(id) if is_session_id(&id) => id,
+            Some(id) => {
+                return Err(invalid(format!(
+                    "'id' must match ^[A-Za-z0-9_.:-]{{1,128}}$, not '{id}'"
+                )))
+            }
+            None => crate::request::random_id("key_", 16),
+        };
+        Ok(KeyRecord {
+            id,
+            account: request.account,
+            agents,
+            policy: request.policy,
+            expires_at,
+            revoked: false,
+        })
+    }
+
+    async fn show_key(&self, id: &str) -> Answer {
+        let record = self.shared.store.key_by_id(id).await.map_err(unavailable)?;
+        let record = record.ok_or(GatewayError::NotFound)?;
+        json_ok(key_json(&record))
+    }
+
+    async fn revoke_key(&self, id: &str) -> Answer {
+        if !self
+            .shared
+            .store
+            .revoke_key(id)
+            .await
+            .map_err(unavailable)?
+        {
+            return Err(GatewayError::NotFound);
+        }
+        json_ok(json!({"id": id, "revoked": true}))
+    }
+}
+
+/// `POST /admin/keys`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    account: String,
+    agents: AgentsField,
+    policy: String,
+    expires_at: Option<String>,
+    id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AgentsField {
+    All(String),
+    Only(Vec<String>),
+}
+
+/// A key as the admin API shows it: never the secret, nor its hash.
+fn key_json(record: &KeyRecord) -> serde_json::Value {
+    let agents = match &record.agents {
+        AgentScope::All => json!("*"),
+        AgentScope::Only(list) => json!(list),
+    };
+    let expires_at = record.expires_at.and_then(|at| {
+        let time = time::OffsetDateTime::from_unix_timestamp(at).ok()?;
+        time.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    });
+    json!({
+        "id": record.id,
+        "account": record.account,
+        "agents": agents,
+        "policy": record.policy,
+        "expires_at": expires_at,
+        "revoked": record.revoked,
+    })
+}
+
+fn unavailable(_: crate::store::StoreError) -> GatewayError {
+    GatewayError::StoreUnavailable
 }
 
 #[derive(Deserialize)]

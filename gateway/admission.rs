@@ -71,6 +71,7 @@ pub enum Refusal {
         shadow_hits: Vec<ShadowHit>,
     },
     InsufficientBalance {
+        quota: Option<Quota>,
         shadow_hits: Vec<ShadowHit>,
     },
 }
@@ -121,7 +122,10 @@ pub fn admit(
     let reserve = call.pricing.map_or(0, |p| p.reserve);
     if let (Some(account), Some(_)) = (account.as_deref(), call.pricing) {
         if !account.can_reserve(reserve) {
-            return Err(Refusal::InsufficientBalance { shadow_hits });
+            return Err(Refusal::InsufficientBalance {
+                quota: tightest_quota(call, key, agent),
+                shadow_hits,
+            });
         }
     }
     let reservation = Reservation {

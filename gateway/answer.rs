@@ -10,8 +10,7 @@ use crate::state::Shared;
 /// Records the usage of a 2xx answer in `ctx` (or counts why it was not credited) and
 /// returns the body the client receives.
 pub fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16, body: Bytes) -> Bytes {
-    ctx.answer_status = status;
-    let Some(call) = ctx.call.as_ref() else {
+    let (Some(call), Some(agent)) = (ctx.call.as_ref(), ctx.agent.as_ref()) else {
         return body;
     };
     if !(200..300).contains(&status) {
@@ -23,7 +22,7 @@ pub fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16, body: Bytes) -
         Err(problem) => shared
             .metrics
             .usage_rejected
-            .with_label_values(&[call.agent.id.as_str(), problem.label()])
+            .with_label_values(&[agent.id.as_str(), problem.label()])
             .inc(),
     }
     if answer.is_object && !answer.has_session_id {

@@ -18,22 +18,22 @@ pub struct RequestCtx {
     pub snapshot: Arc<Snapshot>,
     /// Echoed to the client and sent to the worker.
     pub request_id: String,
+    /// The authenticated key, once known.
+    pub key: Option<Arc<KeyRecord>>,
+    /// The configured agent the path names, once known.
+    pub agent: Option<Arc<Agent>>,
     pub call: Option<Call>,
     /// The error this gateway answered with, if it answered one.
     pub refusal: Option<GatewayError>,
     pub counted_inflight: bool,
     /// When the worker exchange began.
     pub upstream_started: Option<Instant>,
-    /// The worker's status, 0 until it answered.
-    pub answer_status: u16,
     /// Set once a complete 2xx answer with valid usage has been read.
     pub usage: Option<Usage>,
 }
 
-/// An authenticated call to a known agent, with everything admission decided.
+/// A valid call the key may make, with everything admission decided.
 pub struct Call {
-    pub key: Arc<KeyRecord>,
-    pub agent: Arc<Agent>,
     pub key_policy: Option<Arc<Policy>>,
     pub session_id: String,
     /// The body the worker receives.
@@ -51,19 +51,20 @@ impl RequestCtx {
             started: Instant::now(),
             snapshot,
             request_id: String::new(),
+            key: None,
+            agent: None,
             call: None,
             refusal: None,
             counted_inflight: false,
             upstream_started: None,
-            answer_status: 0,
             usage: None,
         }
     }
 
     /// The agent label for metrics: a configured agent id, or a placeholder.
     pub fn agent_label(&self) -> &str {
-        self.call
+        self.agent
             .as_ref()
-            .map_or(crate::metrics::NO_AGENT, |c| c.agent.id.as_str())
+            .map_or(crate::metrics::NO_AGENT, |a| a.id.as_str())
     }
 }

@@ -41,6 +41,10 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("Missing or wrong admin token")]
     AdminUnauthorized,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("The new configuration was refused, the old one stays in force:\n{0}")]
+    InvalidConfig(String),
 }
 
 impl GatewayError {
@@ -49,6 +53,8 @@ impl GatewayError {
             GatewayError::InvalidRequest(_) => 400,
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => 401,
             GatewayError::AdminUnauthorized => 401,
+            GatewayError::Conflict(_) => 409,
+            GatewayError::InvalidConfig(_) => 400,
             GatewayError::InsufficientBalance => 402,
             GatewayError::AgentNotFound | GatewayError::NotFound => 404,
             GatewayError::MethodNotAllowed => 405,
@@ -68,6 +74,8 @@ impl GatewayError {
             GatewayError::MissingApiKey => "missing_api_key",
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::AdminUnauthorized => "unauthorized",
+            GatewayError::Conflict(_) => "conflict",
+            GatewayError::InvalidConfig(_) => "invalid_config",
             GatewayError::InsufficientBalance => "insufficient_balance",
             GatewayError::AgentNotFound => "agent_not_found",
             GatewayError::NotFound => "not_found",
@@ -99,7 +107,9 @@ impl GatewayError {
             | GatewayError::HeadersTooLarge { .. }
             | GatewayError::UpstreamUnavailable
             | GatewayError::StoreUnavailable
-            | GatewayError::UpstreamTimeout => None,
+            | GatewayError::UpstreamTimeout
+            | GatewayError::Conflict(_)
+            | GatewayError::InvalidConfig(_) => None,
         }
     }
 
@@ -122,7 +132,9 @@ impl GatewayError {
             | GatewayError::HeadersTooLarge { .. }
             | GatewayError::UpstreamUnavailable
             | GatewayError::StoreUnavailable
-            | GatewayError::UpstreamTimeout => None,
+            | GatewayError::UpstreamTimeout
+            | GatewayError::Conflict(_)
+            | GatewayError::InvalidConfig(_) => None,
         }
     }
 

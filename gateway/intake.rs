@@ -7,7 +7,8 @@ use pingora::proxy::Session;
 use std::sync::Arc;
 
 use crate::admission::{Admission, Refusal, Scope, ShadowHit};
-use crate::auth::{bearer_token, looks_like_key, KeyHash};
+use crate::auth::{bearer_token, looks_like_key, KeyHash, KeyRecord};
+use crate::config::Agent;
 use crate::ctx::{Call, RequestCtx};
 use crate::error::GatewayError;
 use crate::limits::retry_after_secs;
@@ -39,8 +40,7 @@ pub async fn admit(
         });
     }
     let header = session.req_header();
-    let route = match_route(&header.method, header.uri.path())?;
-    let agent_id = route.agent_id.to_owned();
+    let agent_id = match_route(&header.method, header.uri.path())?.agent_id;
 
     let token = bearer_token(
         header
@@ -48,31 +48,23 @@ pub async fn admit(
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes()),
     )?;
-    if !looks_like_key(token) {
-        return Err(GatewayError::InvalidApiKey);
-    }
-    let hash = KeyHash::of(token);
-    let key = match shared.store.key(&hash).await {
-        Ok(Some(key)) if key.is_live(unix_now()) => key,
-        Ok(_) => return Err(GatewayError::InvalidApiKey),
-        Err(_) => {
-            shared
-                .metrics
-                .store_errors
-                .with_label_values(&["key"])
-                .inc();
-            return Err(GatewayError::StoreUnavailable);
-        }
-    };
-
+    let key = authenticate(shared, token).await?;
     let snapshot = Arc::clone(&ctx.snapshot);
-    let agent = snapshot
-        .config
-        .agents
-        .get(&agent_id)
-        .filter(|_| key.agents.allows(&agent_id))
+    let agent = snapshot.config.agents.get(agent_id).cloned();
+    ctx.agent = agent.clone();
+    ctx.key = Some(Arc::clone(&key));
+
+    let agent = agent
+        .filter(|_| key.agents.allows(agent_id))
         .ok_or(GatewayError::AgentNotFound)?;
-    let key_policy = snapshot.config.policies.get(&key.policy).cloned();
+    let key_policy = match key.policy.as_str() {
+        "" => None,
+        name => Some(snapshot.config.policies.get(name).cloned().ok_or_else(|| {
+            // Fail closed: a key must not lose its limits because its policy was removed.
+            tracing::warn!(key_id = %key.id, policy = name, "key names a policy that is not loaded");
+            GatewayError::InvalidApiKey
+        })?),
+    };
 
     let body = read_body(session, limits.max_body_bytes).await?;
     let chat = parse_chat(&body)?;
@@ -81,8 +73,6 @@ pub async fn admit(
         None => body,
     };
     ctx.call = Some(Call {
-        key,
-        agent: Arc::clone(agent),
         key_policy,
         session_id: chat.session_id,
         forward_body,
@@ -90,7 +80,26 @@ pub async fn admit(
         reservation: Default::default(),
         quota: None,
     });
-    reserve(shared, ctx).await
+    reserve(shared, ctx, &key, &agent).await
+}
+
+/// The live key a bearer token names; 401 for anything else.
+async fn authenticate(shared: &Shared, token: &str) -> Result<Arc<KeyRecord>, GatewayError> {
+    if !looks_like_key(token) {
+        return Err(GatewayError::InvalidApiKey);
+    }
+    match shared.store.key(&KeyHash::of(token)).await {
+        Ok(Some(key)) if key.is_live(unix_now()) => Ok(key),
+        Ok(_) => Err(GatewayError::InvalidApiKey),
+        Err(_) => {
+            shared
+                .metrics
+                .store_errors
+                .with_label_values(&["key"])
+                .inc();
+            Err(GatewayError::StoreUnavailable)
+        }
+    }
 }
 
 /// The request head's size as received: request line and every header line.
@@ -104,7 +113,7 @@ fn head_size(session: &Session) -> usize {
     })
 }
 
-/// Reads the whole body, up to `limit` bytes; 413 above it, 415 unless it is JSON.
+/// Reads the whole body, up to `limit` bytes: 413 above it, then 415 unless it is JSON.
 async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, GatewayError> {
     let too_large = GatewayError::PayloadTooLarge { limit };
     let headers = &session.req_header().headers;
@@ -115,12 +124,20 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Gateway
     if declared.is_some_and(|length| length > limit) {
         return Err(too_large);
     }
-    if !is_json_content_type(
+    let json = is_json_content_type(
         headers
             .get(http::header::CONTENT_TYPE)
             .map(|v| v.as_bytes()),
-    ) {
+    );
+    if !json && declared.is_some() {
+        // Known length and wrong type: refuse before reading a byte.
         return Err(GatewayError::UnsupportedMediaType);
+    }
+    let expects_continue = headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        let _ = session.write_continue_response().await;
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
     loop {
@@ -134,23 +151,31 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Gateway
         }
         body.extend_from_slice(&chunk);
     }
+    if !json {
+        return Err(GatewayError::UnsupportedMediaType);
+    }
     Ok(body.freeze())
 }
 
 /// The one store call: rate limits, concurrency and balance together.
-async fn reserve(shared: &Shared, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+async fn reserve(
+    shared: &Shared,
+    ctx: &mut RequestCtx,
+    key: &KeyRecord,
+    agent: &Agent,
+) -> Result<(), GatewayError> {
     let Some(call) = ctx.call.as_mut() else {
         return Ok(());
     };
     let call_id = crate::request::random_id("call_", 20);
     let admission = Admission {
         call_id: &call_id,
-        key_id: &call.key.id,
-        account: &call.key.account,
-        agent: &call.agent.id,
+        key_id: &key.id,
+        account: &key.account,
+        agent: &agent.id,
         key_policy: call.key_policy.as_deref(),
-        agent_policy: call.agent.policy.as_deref(),
-        pricing: call.agent.pricing.as_ref(),
+        agent_policy: agent.policy.as_deref(),
+        pricing: agent.pricing.as_ref(),
         now_ms: shared.now_ms(),
     };
     let decision = shared.store.admit(&admission).await.map_err(|_| {
@@ -162,7 +187,7 @@ async fn reserve(shared: &Shared, ctx: &mut RequestCtx) -> Result<(), GatewayErr
         GatewayError::StoreUnavailable
     })?;
     let metrics = &shared.metrics;
-    let agent = call.agent.id.as_str();
+    let agent = agent.id.as_str();
     let count_shadow = |hits: &[ShadowHit]| {
         for hit in hits {
             metrics
@@ -199,7 +224,8 @@ async fn reserve(shared: &Shared, ctx: &mut RequestCtx) -> Result<(), GatewayErr
                 retry_after_secs: retry_after_secs(retry_after_ms),
             })
         }
-        Err(Refusal::InsufficientBalance { shadow_hits }) => {
+        Err(Refusal::InsufficientBalance { quota, shadow_hits }) => {
+            call.quota = quota;
             count_shadow(&shadow_hits);
             metrics
                 .insufficient_balance

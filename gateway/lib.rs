@@ -22,6 +22,7 @@ pub mod metering;
 pub mod metrics;
 pub mod outcome;
 pub mod proxy;
+pub mod reload;
 pub mod reply;
 pub mod request;
 pub mod routing;

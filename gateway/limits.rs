@@ -90,11 +90,12 @@ impl BucketSpec {
     }
 
     /// Milliseconds until `deficit` units have been refilled.
-    fn millis_to_refill(&self, deficit: i64) -> u64 {
+    fn millis_to_refill(&self, deficit: i128) -> u64 {
         if deficit <= 0 {
             return 0;
         }
-        (deficit as u64).div_ceil(self.rate.max(1))
+        let millis = (deficit as u128).div_ceil(self.rate.max(1) as u128);
+        millis.min(u64::MAX as u128) as u64
     }
 }
 
@@ -125,7 +126,7 @@ impl BucketState {
             Verdict::Allow
         } else {
             Verdict::Deny {
-                retry_after_ms: spec.millis_to_refill(spec.unit() - self.level),
+                retry_after_ms: spec.millis_to_refill(spec.unit() as i128 - self.level as i128),
             }
         }
     }
@@ -142,7 +143,7 @@ impl BucketState {
             limit: spec.burst,
             remaining: (self.level.max(0) / spec.unit().max(1)) as u64,
             reset_secs: spec
-                .millis_to_refill(spec.capacity() - self.level)
+                .millis_to_refill(spec.capacity() as i128 - self.level as i128)
                 .div_ceil(1000),
         }
     }
@@ -259,6 +260,25 @@ mod tests {
         assert_eq!(retry_after_ms, 90_600);
         assert_eq!(retry_after_secs(retry_after_ms), 91);
         assert_eq!(state.refilled(&spec, 90_600).verdict(&spec), Verdict::Allow);
+    }
+
+    #[test]
+    fn a_bucket_deep_in_debt_neither_overflows_nor_forgives() {
+        let spec = BucketSpec {
+            rate: 1_000_000,
+            period_ms: 2_592_000_000, // 720h
+            burst: 1_000_000,
+        };
+        let mut state = BucketState::full(&spec, 0);
+        for _ in 0..100 {
+            state.take(&spec, 100_000_000);
+        }
+        assert_eq!(state.level, i64::MIN);
+        let Verdict::Deny { retry_after_ms } = state.verdict(&spec) else {
+            panic!("a bucket in debt must refuse");
+        };
+        assert!(retry_after_ms > 1_000_000_000_000, "{retry_after_ms}");
+        assert_eq!(state.quota(&spec).remaining, 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@ const FLUSH_AT_BYTES: usize = 64 * 1024;
 
 pub struct BatchedStderr {
     pending: Mutex<Vec<u8>>,
+    writing: Mutex<()>,
 }
 
 impl BatchedStderr {
@@ -19,6 +20,7 @@ impl BatchedStderr {
     pub fn start() -> &'static Self {
         let writer: &'static Self = Box::leak(Box::new(Self {
             pending: Mutex::new(Vec::with_capacity(FLUSH_AT_BYTES)),
+            writing: Mutex::new(()),
         }));
         std::thread::Builder::new()
             .name("log flusher".into())
@@ -32,7 +34,12 @@ impl BatchedStderr {
 
     /// Writes out everything gathered so far.
     pub fn flush(&self) {
-        let batch = std::mem::take(&mut *self.pending.lock());
+        // Held while writing, so batches reach stderr in the order they were taken.
+        let _in_order = self.writing.lock();
+        let batch = std::mem::replace(
+            &mut *self.pending.lock(),
+            Vec::with_capacity(FLUSH_AT_BYTES),
+        );
         if !batch.is_empty() {
             let _ = std::io::stderr().write_all(&batch);
         }

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub usage_rejected: IntCounterVec,
     pub inflight: IntGauge,
+    pub config_generation: IntGauge,
+    pub config_last_success: IntGauge,
 }
 
 impl Metrics {
@@ -44,11 +46,13 @@ impl Metrics {
                 .expect("registered once");
             h
         };
-        let inflight = IntGauge::new("turnpike_inflight_requests", "Calls being processed now")
-            .expect("valid metric");
-        registry
-            .register(Box::new(inflight.clone()))
-            .expect("registered once");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("registered once");
+            g
+        };
         Self {
             requests: counter(
                 "turnpike_requests_total",
@@ -99,7 +103,15 @@ impl Metrics {
                 "2xx answers whose usage was not credited",
                 &["agent", "reason"],
             ),
-            inflight,
+            inflight: gauge("turnpike_inflight_requests", "Calls being processed now"),
+            config_generation: gauge(
+                "turnpike_config_generation",
+                "Configurations put in force since start",
+            ),
+            config_last_success: gauge(
+                "turnpike_config_last_success_timestamp_seconds",
+                "Unix time of the last configuration put in force",
+            ),
             registry,
         }
     }

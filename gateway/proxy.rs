@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorSource, ErrorType};
+use pingora::{Error, ErrorType};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,11 +49,14 @@ impl ProxyHttp for Gateway {
             Ok(()) => self.forward(session, ctx).await,
             Err(error) => Err(error),
         };
+        // The call is metered before the client is written to.
+        outcome::settle(&self.shared, ctx).await;
         match answered {
             Ok(worker) => reply::send_answer(session, ctx, worker).await?,
             Err(error) => {
+                // Recorded first, so the access log has it even if the client is gone.
+                ctx.refusal = Some(error.clone());
                 reply::send_error(session, ctx, &error).await?;
-                ctx.refusal = Some(error);
             }
         }
         Ok(true)
@@ -71,31 +74,26 @@ impl ProxyHttp for Gateway {
         )
     }
 
+    /// Reached when answering failed (the client went away: nothing to send) or on an
+    /// internal error before anything was sent.
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        // Only requests Pingora could not parse get here, and clients that went away.
-        let error = match (e.esource(), e.etype()) {
-            (
-                ErrorSource::Downstream,
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
-            ) => None,
-            _ if session.response_written().is_some() => None,
-            _ => Some(GatewayError::InvalidRequest(
-                "Malformed HTTP request".into(),
-            )),
+        let client_gone = matches!(
+            e.etype(),
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+        );
+        let error_code = if client_gone || session.response_written().is_some() {
+            0
+        } else {
+            let error = GatewayError::UpstreamUnavailable;
+            ctx.refusal = Some(error.clone());
+            let _ = reply::send_error(session, ctx, &error).await;
+            error.status()
         };
-        let error_code = match &error {
-            Some(error) => {
-                let _ = reply::send_error(session, ctx, error).await;
-                error.status()
-            }
-            None => 0,
-        };
-        ctx.refusal = error;
         FailToProxy {
             error_code,
             can_reuse_downstream: false,
@@ -116,14 +114,19 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<WorkerAnswer, GatewayError> {
         let snapshot = Arc::clone(&ctx.snapshot);
-        let call = ctx.call.as_ref().ok_or(GatewayError::UpstreamUnavailable)?;
-        let pool = snapshot
-            .pools
-            .get(&call.agent.pool)
-            .ok_or(GatewayError::UpstreamUnavailable)?;
-        let header =
-            upstream::outgoing_header(session.req_header(), call, &pool.config, &ctx.request_id)
-                .map_err(|_| GatewayError::UpstreamUnavailable)?;
+        let unavailable = || GatewayError::UpstreamUnavailable;
+        let pool = ctx
+            .agent
+            .as_ref()
+            .and_then(|agent| snapshot.pools.get(&agent.pool))
+            .ok_or_else(unavailable)?;
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let header = upstream::outgoing_header(session.req_header(), client_ip, ctx, &pool.config)
+            .map_err(|_| unavailable())?;
+        let call = ctx.call.as_ref().ok_or_else(unavailable)?;
         let outgoing = Outgoing {
             header,
             body: &call.forward_body,

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use crate::admin::AdminApp;
 use crate::config::{Runtime, StoreKind};
 use crate::proxy::Gateway;
+use crate::reload::Watcher;
 use crate::state::{Shared, Snapshot};
 use crate::store::{MemoryStore, Store};
 use crate::upstream::Pools;
+use pingora::services::background::background_service;
 
 /// Seconds in-flight calls get to finish after SIGTERM before the process exits.
 const SHUTDOWN_GRACE_SECONDS: u64 = 5;
@@ -47,11 +49,10 @@ pub fn run(runtime: Runtime, extras: Vec<Box<dyn ServiceWithDependents>>) -> Res
         },
         store,
     ));
-    shared
-        .metrics
-        .config_reloads
-        .with_label_values(&["success"])
-        .inc();
+    let metrics = &shared.metrics;
+    metrics.config_reloads.with_label_values(&["success"]).inc();
+    metrics.config_generation.set(1);
+    metrics.config_last_success.set(crate::state::unix_now());
 
     let conf = ServerConf {
         threads,
@@ -69,10 +70,17 @@ pub fn run(runtime: Runtime, extras: Vec<Box<dyn ServiceWithDependents>>) -> Res
         },
     );
     proxy.add_tcp(&listen);
+    let watcher = background_service(
+        "config watcher",
+        Watcher {
+            shared: Arc::clone(&shared),
+        },
+    );
     let mut admin = Service::new("turnpike admin".to_owned(), AdminApp { shared });
     admin.add_tcp(&admin_listen);
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(watcher);
     for extra in extras {
         server.add_boxed_service(extra);
     }

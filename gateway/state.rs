@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::config::Runtime;
 use crate::exchange::Upstreams;
 use crate::metrics::Metrics;
+use crate::reload::{fingerprint, Fingerprint};
 use crate::store::Store;
 use crate::upstream::Pools;
 
@@ -22,16 +23,23 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     pub metrics: Metrics,
     pub upstreams: Upstreams,
+    /// Reloads run one at a time.
+    pub reload_lock: tokio::sync::Mutex<()>,
+    /// The config files as the last load attempt read them.
+    pub files_seen: parking_lot::Mutex<Fingerprint>,
     started: Instant,
 }
 
 impl Shared {
     pub fn new(snapshot: Snapshot, store: Arc<dyn Store>) -> Self {
+        let files_seen = parking_lot::Mutex::new(fingerprint(&snapshot.config));
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             store,
             metrics: Metrics::new(),
             upstreams: Upstreams::default(),
+            reload_lock: tokio::sync::Mutex::new(()),
+            files_seen,
             started: Instant::now(),
         }
     }

@@ -8,16 +8,19 @@ use pingora::lb::selection::{Consistent, RoundRobin};
 use pingora::lb::{Backend, LoadBalancer};
 use pingora::upstreams::peer::HttpPeer;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::config::{Balance, PoolConfig, Runtime};
-use crate::ctx::Call;
-use crate::headers::{X_ACCOUNT_ID, X_AGENT_ID, X_KEY_ID, X_REQUEST_ID, X_SESSION_ID};
+use crate::ctx::RequestCtx;
+use crate::headers::{
+    X_ACCOUNT_ID, X_AGENT_ID, X_FORWARDED_FOR, X_KEY_ID, X_REQUEST_ID, X_SESSION_ID,
+};
 
 /// Client headers a worker never sees: credentials, identities the gateway asserts itself,
 /// and hop-by-hop headers that belong to the client's connection.
-const DROPPED_HEADERS: [&str; 15] = [
+const DROPPED_HEADERS: [&str; 16] = [
+    "accept-encoding",
     "authorization",
     "x-request-id",
     "x-agent-id",
@@ -35,16 +38,24 @@ const DROPPED_HEADERS: [&str; 15] = [
     "expect",
 ];
 
-/// The request head a worker receives: the rewritten path, the client's other headers, and
-/// the gateway's own identity headers and the pool's configured ones.
+/// The request head a worker receives: the rewritten path, the client's other headers, the
+/// gateway's identity headers, `X-Forwarded-For` with the client's address appended, and the
+/// pool's configured headers.
 pub fn outgoing_header(
     client: &RequestHeader,
-    call: &Call,
+    client_ip: Option<IpAddr>,
+    ctx: &RequestCtx,
     pool: &PoolConfig,
-    request_id: &str,
 ) -> pingora::Result<RequestHeader> {
-    let path = pool.path.render(&call.agent.id);
-    let mut header = RequestHeader::build(
+    let missing =
+        || pingora::Error::explain(pingora::ErrorType::InternalError, "call not admitted");
+    let (call, key, agent) = (
+        ctx.call.as_ref().ok_or_else(missing)?,
+        ctx.key.as_ref().ok_or_else(missing)?,
+        ctx.agent.as_ref().ok_or_else(missing)?,
+    );
+    let path = pool.path.render(&agent.id);
+    let mut header = RequestHeader::build_no_case(
         http::Method::POST,
         path.as_bytes(),
         Some(client.headers.len() + 8),
@@ -54,11 +65,24 @@ pub fn outgoing_header(
             header.append_header(name.clone(), value.clone())?;
         }
     }
-    header.insert_header(X_REQUEST_ID, request_id)?;
-    header.insert_header(X_AGENT_ID, call.agent.id.as_str())?;
+    if let Some(ip) = client_ip {
+        let forwarded_for = match client
+            .headers
+            .get(X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(earlier) => format!("{earlier}, {ip}"),
+            None => ip.to_string(),
+        };
+        header.insert_header(X_FORWARDED_FOR, forwarded_for)?;
+    }
+    // The answer's usage must be readable: no compression between gateway and worker.
+    header.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+    header.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+    header.insert_header(X_AGENT_ID, agent.id.as_str())?;
     header.insert_header(X_SESSION_ID, call.session_id.as_str())?;
-    header.insert_header(X_KEY_ID, call.key.id.as_str())?;
-    header.insert_header(X_ACCOUNT_ID, call.key.account.as_str())?;
+    header.insert_header(X_KEY_ID, key.id.as_str())?;
+    header.insert_header(X_ACCOUNT_ID, key.account.as_str())?;
     header.insert_header(
         http::header::CONTENT_LENGTH,
         http::HeaderValue::from(call.forward_body.len()),
@@ -130,10 +154,6 @@ impl Pool {
         peer.options.total_connection_timeout = Some(self.config.connect_timeout);
 
         peer
-    }
-
-    pub fn size(&self) -> usize {
-        self.config.endpoints.len()
     }
 }
 

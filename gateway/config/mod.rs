@@ -27,6 +27,7 @@ pub const MAX_BODY_BYTES_CEILING: usize = 16 * 1024 * 1024;
 #[derive(Debug)]
 pub struct Runtime {
     pub source: PathBuf,
+    pub policies_dir: PathBuf,
     pub listen: String,
     pub threads: usize,
     pub limits: Limits,
@@ -54,7 +55,7 @@ pub struct AdminConfig {
     pub token: Option<KeyHash>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct StoreConfig {
     pub kind: StoreKind,
     pub urls: Vec<String>,
@@ -147,7 +148,8 @@ pub fn load(path: &Path) -> Result<Runtime, ConfigErrors> {
         .unwrap_or(Path::new("."))
         .join(&file.policies_dir);
     let (policies, mut errors) = load_policies(&policies_dir);
-    let runtime = compile(path, file, policies, &mut errors);
+    let mut runtime = compile(path, file, policies, &mut errors);
+    runtime.policies_dir = policies_dir;
     if errors.is_empty() {
         Ok(runtime)
     } else {
@@ -292,6 +294,7 @@ fn compile(
     let keys = compile_keys(file.keys, &agents, &accounts, &policies, &mut report);
     Runtime {
         source: path.to_path_buf(),
+        policies_dir: PathBuf::new(),
         listen: file.listen,
         threads: file
             .threads

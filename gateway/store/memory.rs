@@ -17,8 +17,27 @@ use crate::billing::AccountState;
 /// I/O and no allocation once a key, agent and account have been seen.
 #[derive(Default)]
 pub struct MemoryStore {
-    keys: ArcSwap<HashMap<KeyHash, Arc<KeyRecord>>>,
+    keys: ArcSwap<KeyTable>,
+    /// Serialises key writers so none loses another's change.
+    key_writer: Mutex<()>,
     ledger: Mutex<Ledger>,
+}
+
+#[derive(Default, Clone)]
+struct KeyTable {
+    by_hash: HashMap<KeyHash, Arc<KeyRecord>>,
+    by_id: HashMap<String, KeyHash>,
+}
+
+impl KeyTable {
+    fn insert(&mut self, hash: KeyHash, record: KeyRecord) {
+        if let Some(old) = self.by_id.insert(record.id.clone(), hash) {
+            if old != hash {
+                self.by_hash.remove(&old);
+            }
+        }
+        self.by_hash.insert(hash, Arc::new(record));
+    }
 }
 
 #[derive(Default)]
@@ -119,7 +138,40 @@ impl Store for MemoryStore {
     }
 
     async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        Ok(self.keys.load().get(hash).cloned())
+        Ok(self.keys.load().by_hash.get(hash).cloned())
+    }
+
+    async fn key_by_id(&self, id: &str) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        let table = self.keys.load();
+        Ok(table
+            .by_id
+            .get(id)
+            .and_then(|hash| table.by_hash.get(hash))
+            .cloned())
+    }
+
+    async fn create_key(&self, hash: KeyHash, record: KeyRecord) -> Result<bool, StoreError> {
+        let _writer = self.key_writer.lock();
+        let mut table = KeyTable::clone(&self.keys.load());
+        if table.by_id.contains_key(&record.id) || table.by_hash.contains_key(&hash) {
+            return Ok(false);
+        }
+        table.insert(hash, record);
+        self.keys.store(Arc::new(table));
+        Ok(true)
+    }
+
+    async fn revoke_key(&self, id: &str) -> Result<bool, StoreError> {
+        let _writer = self.key_writer.lock();
+        let mut table = KeyTable::clone(&self.keys.load());
+        let Some(hash) = table.by_id.get(id).copied() else {
+            return Ok(false);
+        };
+        if let Some(record) = table.by_hash.get_mut(&hash) {
+            Arc::make_mut(record).revoked = true;
+        }
+        self.keys.store(Arc::new(table));
+        Ok(true)
     }
 
     async fn seed(
@@ -127,11 +179,21 @@ impl Store for MemoryStore {
         keys: &[(KeyHash, KeyRecord)],
         accounts: &[AccountSeed],
     ) -> Result<(), StoreError> {
-        let mut map = HashMap::clone(&self.keys.load());
-        for (hash, record) in keys {
-            map.insert(*hash, Arc::new(record.clone()));
+        {
+            let _writer = self.key_writer.lock();
+            let mut table = KeyTable::clone(&self.keys.load());
+            for (hash, record) in keys {
+                let revoked = table.by_hash.get(hash).is_some_and(|r| r.revoked);
+                table.insert(
+                    *hash,
+                    KeyRecord {
+                        revoked,
+                        ..record.clone()
+                    },
+                );
+            }
+            self.keys.store(Arc::new(table));
         }
-        self.keys.store(Arc::new(map));
         let mut ledger = self.ledger.lock();
         for seed in accounts {
             ledger

@@ -65,8 +65,17 @@ pub trait Store: Send + Sync {
     /// The key with this hash, whether live or not; `None` when unknown.
     async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError>;
 
-    /// Makes the config file's keys and accounts known. Keys are replaced; an account that
-    /// already exists keeps its live balance.
+    /// The key with this public id; `None` when unknown.
+    async fn key_by_id(&self, id: &str) -> Result<Option<Arc<KeyRecord>>, StoreError>;
+
+    /// Adds a key; `Ok(false)` when its id or hash is already taken.
+    async fn create_key(&self, hash: KeyHash, record: KeyRecord) -> Result<bool, StoreError>;
+
+    /// Marks the key revoked (it stays visible, refused); `Ok(false)` when unknown.
+    async fn revoke_key(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Makes the config file's keys and accounts known. Keys are replaced, except that a
+    /// revoked key stays revoked; an account that already exists keeps its live balance.
     async fn seed(
         &self,
         keys: &[(KeyHash, KeyRecord)],

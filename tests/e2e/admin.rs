@@ -218,6 +218,10 @@ fn secrets_never_appear_in_logs_metrics_or_admin_answers() {
     let text = gw.metrics();
     let usage = gw.admin_get("/admin/usage").body;
     let key_info = gw.admin_get("/admin/keys/key_jane").body;
+    // Log lines are written in batches: wait for the access lines of the calls above.
+    wait_until(Duration::from_secs(2), "access lines in the log", || {
+        gw.log().matches("key_jane").count() >= 2
+    });
     let log = gw.log();
     for (name, secret) in [
         ("jane's key", gw.jane()),

@@ -58,9 +58,11 @@ fn a_broken_policy_set_is_refused_whole_and_the_old_one_stays() {
         1.0,
         "a refused reload is counted"
     );
-    assert!(
-        gw.log().contains("policies.yaml"),
-        "the error is logged with its file"
+    // Log lines are written in batches (within 200 ms).
+    wait_until(
+        Duration::from_secs(2),
+        "the error is logged with its file",
+        || gw.log().contains("policies.yaml"),
     );
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
