@@ -4,11 +4,20 @@
 
 use parking_lot::Mutex;
 use std::io::Write;
+use std::sync::OnceLock;
 use std::time::Duration;
 use tracing_subscriber::fmt::MakeWriter;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 const FLUSH_AT_BYTES: usize = 64 * 1024;
+
+static WRITER: OnceLock<BatchedStderr> = OnceLock::new();
+
+extern "C" fn flush_at_exit() {
+    if let Some(writer) = WRITER.get() {
+        writer.flush();
+    }
+}
 
 pub struct BatchedStderr {
     pending: Mutex<Vec<u8>>,
@@ -16,12 +25,17 @@ pub struct BatchedStderr {
 }
 
 impl BatchedStderr {
-    /// The process-wide writer, with its background flusher started.
+    /// The process-wide writer, with its background flusher started and a final flush
+    /// registered for process exit (Pingora ends the process with `exit`).
     pub fn start() -> &'static Self {
-        let writer: &'static Self = Box::leak(Box::new(Self {
+        let writer: &'static Self = WRITER.get_or_init(|| Self {
             pending: Mutex::new(Vec::with_capacity(FLUSH_AT_BYTES)),
             writing: Mutex::new(()),
-        }));
+        });
+        // SAFETY: `flush_at_exit` is a plain `extern "C" fn` that touches only a static.
+        unsafe {
+            libc::atexit(flush_at_exit);
+        }
         std::thread::Builder::new()
             .name("log flusher".into())
             .spawn(move || loop {

@@ -64,6 +64,25 @@ impl MemoryStore {
     }
 }
 
+impl Ledger {
+    /// The rate-limit state of a key and of an agent, and the accounts, borrowed together.
+    fn limiters(
+        &mut self,
+        key_id: &str,
+        agent: &str,
+    ) -> (
+        &mut LimiterState,
+        &mut LimiterState,
+        &mut HashMap<String, AccountState>,
+    ) {
+        (
+            entry(&mut self.key_limits, key_id),
+            entry(&mut self.agent_limits, agent),
+            &mut self.accounts,
+        )
+    }
+}
+
 /// The entry for `id`, created empty on first sight; allocates only then.
 fn entry<'m, V: Default>(map: &'m mut HashMap<String, V>, id: &str) -> &'m mut V {
     if !map.contains_key(id) {
@@ -75,21 +94,9 @@ fn entry<'m, V: Default>(map: &'m mut HashMap<String, V>, id: &str) -> &'m mut V
 #[async_trait]
 impl Store for MemoryStore {
     async fn admit(&self, call: &Admission<'_>) -> Result<Result<Admitted, Refusal>, StoreError> {
-        let mut guard = self.ledger.lock();
-        let ledger = &mut *guard;
-        let mut unlimited = LimiterState::default();
-        let key = match call.key_policy {
-            Some(_) => entry(&mut ledger.key_limits, call.key_id),
-            None => &mut unlimited,
-        };
-        let mut agent_unlimited = LimiterState::default();
-        let agent = match call.agent_policy {
-            Some(_) => entry(&mut ledger.agent_limits, call.agent),
-            None => &mut agent_unlimited,
-        };
-        let account = call
-            .pricing
-            .map(|_| entry(&mut ledger.accounts, call.account));
+        let mut ledger = self.ledger.lock();
+        let (key, agent, accounts) = ledger.limiters(call.key_id, call.agent);
+        let account = call.pricing.map(|_| entry(accounts, call.account));
         let decision = admission::admit(key, agent, account, call);
         if let Ok(admitted) = &decision {
             ledger
@@ -109,18 +116,9 @@ impl Store for MemoryStore {
             reservation,
             ..*call
         };
-        let mut unlimited = LimiterState::default();
-        let key = match call.key_policy {
-            Some(_) => entry(&mut ledger.key_limits, call.key_id),
-            None => &mut unlimited,
-        };
-        let mut agent_unlimited = LimiterState::default();
-        let agent = match call.agent_policy {
-            Some(_) => entry(&mut ledger.agent_limits, call.agent),
-            None => &mut agent_unlimited,
-        };
+        let (key, agent, accounts) = ledger.limiters(call.key_id, call.agent);
         let priced = reservation.reserve != 0 || call.cost != 0;
-        let account = priced.then(|| entry(&mut ledger.accounts, call.account));
+        let account = priced.then(|| entry(accounts, call.account));
         admission::settle(key, agent, account, &call);
         if let Some(usage) = call.usage {
             let row = entry(entry(&mut ledger.usage, call.key_id), call.agent);
