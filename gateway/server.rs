@@ -54,6 +54,11 @@ pub fn run(runtime: Runtime, extras: Vec<Box<dyn ServiceWithDependents>>) -> Res
     metrics.config_generation.set(1);
     metrics.config_last_success.set(crate::state::unix_now());
 
+    // Until the watcher takes SIGHUP over, a reload signal must not end the process.
+    // SAFETY: setting a signal's disposition to "ignore" has no handler to be unsafe in.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
     let conf = ServerConf {
         threads,
         grace_period_seconds: Some(0),

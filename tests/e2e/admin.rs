@@ -273,3 +273,85 @@ fn refusals_are_counted_in_metrics() {
         2.0
     );
 }
+
+#[test]
+fn a_created_key_whose_policy_is_reloaded_away_is_refused() {
+    let w = Worker::start("w1");
+    let other = json!({"requests": {"rate": 1000, "per": "1s"}});
+    // Config keys use `other`, which stays; `standard` only backs the key made below.
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .policy("other", other.clone())
+        .key_policy("other")
+        .start();
+    let r = gw.admin_post(
+        "/admin/keys",
+        &json!({"account": "acct_bob", "agents": "*", "policy": "standard"}),
+    );
+    r.assert_status(201);
+    let key = r.json()["key"].as_str().expect("key").to_string();
+    gw.chat(OTHER_AGENT, &key, "hi").assert_status(200);
+
+    gw.files.write_policies(&json!({ "other": other }));
+    gw.admin_post("/admin/reload", &json!({}))
+        .assert_status(200);
+    gw.chat(OTHER_AGENT, &key, "hi")
+        .error(401, "invalid_api_key");
+    gw.chat(AGENT, &key, "hi").error(401, "invalid_api_key");
+    assert_eq!(w.count(), 1, "the key without a policy reached the worker");
+    // The config keys, on the policy that stayed, still work.
+    gw.chat(OTHER_AGENT, gw.bob(), "hi").assert_status(200);
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+}
+
+#[test]
+fn a_revoked_key_is_shown_revoked_and_never_with_its_secret() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let r = gw.admin_post(
+        "/admin/keys",
+        &json!({"account": "acct_jane", "agents": "*", "policy": "standard"}),
+    );
+    r.assert_status(201);
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    let key = r.json()["key"].as_str().expect("key").to_string();
+    let before = gw.admin_get(&format!("/admin/keys/{id}"));
+    before.assert_status(200);
+    assert_ne!(
+        before.json()["revoked"],
+        json!(true),
+        "revoked before DELETE: {}",
+        before.body
+    );
+
+    for (id, secret) in [(id.as_str(), key.as_str()), ("key_jane", gw.jane())] {
+        let r = gw.admin_delete(&format!("/admin/keys/{id}"));
+        assert!(
+            (200..300).contains(&r.status),
+            "revoke {id}: {} {}",
+            r.status,
+            r.body
+        );
+        assert!(
+            !r.body.contains(secret),
+            "DELETE shows the secret: {}",
+            r.body
+        );
+        let r = gw.admin_get(&format!("/admin/keys/{id}"));
+        r.assert_status(200);
+        assert_eq!(r.json()["id"], id, "{}", r.body);
+        assert_eq!(
+            r.json()["revoked"],
+            json!(true),
+            "GET after DELETE: {}",
+            r.body
+        );
+        assert!(
+            !r.body.contains(secret),
+            "GET /admin/keys/{id} shows the secret: {}",
+            r.body
+        );
+        gw.chat(AGENT, secret, "hi").error(401, "invalid_api_key");
+    }
+    assert_eq!(w.count(), 0);
+}

@@ -170,3 +170,38 @@ fn balance_comes_before_proxy() {
         }
     );
 }
+
+#[test]
+fn an_oversized_chunked_body_is_413_before_its_content_type_is_judged() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .max_body_bytes(1024)
+        .start();
+    let body = "not json ".repeat(400); // 3600 bytes, no Content-Length
+    let mut req = format!(
+        "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        chat_path(AGENT),
+        gw.jane()
+    )
+    .into_bytes();
+    for chunk in body.as_bytes().chunks(500) {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    gw.raw(&req).error(413, "payload_too_large");
+    // The same content type on a small chunked body is judged on its type.
+    let small = format!(
+        "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         8\r\nnot json\r\n0\r\n\r\n",
+        chat_path(AGENT),
+        gw.jane()
+    );
+    gw.raw(small.as_bytes())
+        .error(415, "unsupported_media_type");
+    assert_eq!(w.count(), 0);
+}

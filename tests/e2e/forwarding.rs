@@ -190,3 +190,122 @@ fn the_workers_status_and_body_come_back() {
         json!({"input_tokens": 7, "output_tokens": 9, "total_tokens": 16})
     );
 }
+
+#[test]
+fn a_body_over_64_kib_is_forwarded_whole_when_the_limit_allows_it() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .max_body_bytes(2 * 1024 * 1024)
+        .start();
+    // 1 MiB of text, not one repeated byte, so a lost or repeated slice would show.
+    let message: String = (0..1024 * 1024)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let body = serde_json::to_vec(&json!({"message": message})).unwrap();
+    assert!(body.len() > 1024 * 1024);
+    let r = gw.post_json_bytes(&chat_path(AGENT), gw.jane(), &body);
+    r.assert_status(200);
+    assert_eq!(w.count(), 1);
+    let seen = w.last();
+    let got = seen.body["message"].as_str().unwrap_or_default();
+    assert_eq!(
+        got.len(),
+        message.len(),
+        "the worker got {} of the {} bytes of the message (raw body {} bytes)",
+        got.len(),
+        message.len(),
+        seen.raw_body.len()
+    );
+    assert!(got == message, "the worker got a different message");
+}
+
+#[test]
+fn the_worker_is_asked_for_an_identity_encoding() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    gw.call(AGENT)
+        .key(gw.jane())
+        .header("Accept-Encoding", "gzip, br")
+        .send()
+        .assert_status(200);
+    assert_eq!(w.last().header_values("accept-encoding"), vec!["identity"]);
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    assert_eq!(w.last().header_values("accept-encoding"), vec!["identity"]);
+}
+
+#[test]
+fn the_worker_gets_x_forwarded_for_with_the_client_address_appended() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    assert_eq!(w.last().header_values("x-forwarded-for"), vec!["127.0.0.1"]);
+    gw.call(AGENT)
+        .key(gw.jane())
+        .header("X-Forwarded-For", "10.1.2.3")
+        .send()
+        .assert_status(200);
+    assert_eq!(
+        w.last().header_values("x-forwarded-for"),
+        vec!["10.1.2.3, 127.0.0.1"]
+    );
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let body = br#"{"message": "continued"}"#;
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\
+         Connection: close\r\n\r\n",
+        chat_path(AGENT),
+        gw.jane(),
+        body.len()
+    );
+    let mut stream = TcpStream::connect(("127.0.0.1", gw.port())).expect("connect");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.flush().unwrap();
+    // The interim answer must come while the body is still held back.
+    let started = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap_or_else(|e| {
+        panic!(
+            "no interim answer within 1 s of the head ({e}); the gateway waited for the body \
+             (read so far: {status_line:?})"
+        )
+    });
+    assert!(
+        status_line.starts_with("HTTP/1.1 100"),
+        "expected `HTTP/1.1 100 Continue` before the body, got {status_line:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    loop {
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .expect("the rest of the 100 head");
+        if line.trim().is_empty() {
+            break;
+        }
+    }
+    assert_eq!(w.count(), 0, "nothing is forwarded before the body");
+    stream.write_all(body).unwrap();
+    stream.flush().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let r = raw::read_response(&mut reader, "POST with Expect: 100-continue".into());
+    r.assert_status(200);
+    assert_eq!(r.json()["response"], "w1: continued");
+    assert_eq!(w.last().body["message"], "continued");
+}

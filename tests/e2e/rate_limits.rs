@@ -249,3 +249,33 @@ fn a_shadow_agent_policy_does_not_loosen_an_enforced_key_policy() {
         ) >= 1.0
     );
 }
+
+#[test]
+fn a_402_carries_the_ratelimit_headers() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .policy(
+            "standard",
+            json!({"requests": {"rate": 5, "per": "1m", "burst": 5}}),
+        )
+        .account_balance("acct_jane", 0)
+        .start();
+    let r = gw.chat(AGENT, gw.jane(), "hi");
+    r.error(402, "insufficient_balance");
+    assert_eq!(r.int_header("ratelimit-limit"), 5);
+    // Whether the refused call keeps the token it took is not this test's business.
+    let remaining = r.int_header("ratelimit-remaining");
+    assert!(
+        (4..=5).contains(&remaining),
+        "RateLimit-Remaining {remaining}, expected 4 or 5"
+    );
+    // One token every 12 s: full again in 12 s per missing token.
+    let reset = r.int_header("ratelimit-reset");
+    let full_in = 12 * (5 - remaining);
+    assert!(
+        (full_in - 1..=full_in).contains(&reset),
+        "RateLimit-Reset {reset}, expected about {full_in}"
+    );
+    assert_eq!(w.count(), 0);
+}

@@ -108,3 +108,72 @@ fn a_changed_policy_file_is_picked_up_without_asking() {
         },
     );
 }
+
+#[test]
+fn the_config_generation_counts_successful_reloads() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let text = gw.metrics();
+    assert_eq!(
+        metric_value(&text, "turnpike_config_generation", &[]),
+        1.0,
+        "generation at start"
+    );
+    let started_at = metric_value(&text, "turnpike_config_last_success_timestamp_seconds", &[]);
+    assert!(started_at > 0.0, "last success at start: {started_at}");
+    gw.admin_post("/admin/reload", &json!({}))
+        .assert_status(200);
+    let text = gw.metrics();
+    assert_eq!(
+        metric_value(&text, "turnpike_config_generation", &[]),
+        2.0,
+        "generation after one reload"
+    );
+    let reloaded_at = metric_value(&text, "turnpike_config_last_success_timestamp_seconds", &[]);
+    assert!(
+        reloaded_at >= started_at,
+        "last success went back from {started_at} to {reloaded_at}"
+    );
+}
+
+#[test]
+fn sighup_reloads_even_when_no_file_changed() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    assert_eq!(gw.metric("turnpike_config_generation", &[]), 1.0);
+    // Nothing changed on disk, so the file watcher has no reason to reload: only SIGHUP can.
+    gw.signal("HUP");
+    wait_until(
+        Duration::from_secs(2),
+        "SIGHUP moves the config generation to 2",
+        || {
+            assert!(gw.exited().is_none(), "the gateway died of SIGHUP");
+            gw.metric("turnpike_config_generation", &[]) == 2.0
+        },
+    );
+    // ... and it stays there: one signal, one reload.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gw.metric("turnpike_config_generation", &[]), 2.0);
+    assert!(gw.exited().is_none(), "the gateway died of SIGHUP");
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+}
+
+#[test]
+fn sighup_puts_a_changed_policy_in_force() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.files.write_policies(&json!({
+        "standard": {"requests": {"rate": 1, "per": "1h", "burst": 1}},
+    }));
+    gw.signal("HUP");
+    wait_until(
+        Duration::from_secs(2),
+        "the new limit is in force after SIGHUP",
+        || {
+            assert!(gw.exited().is_none(), "the gateway died of SIGHUP");
+            gw.chat(AGENT, gw.jane(), "hi").status == 429
+        },
+    );
+    assert!(gw.metric("turnpike_config_generation", &[]) >= 2.0);
+}

@@ -429,6 +429,28 @@ impl TestGateway {
         self.child.lock().unwrap().as_ref().expect("running").id()
     }
 
+    /// Sends signal `name` (`"HUP"`, `"TERM"`, ...) to the gateway process with `kill -<name>`.
+    pub fn signal(&self, name: &str) {
+        let pid = self.pid();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("run kill -{name} {pid}: {e}"));
+        assert!(status.success(), "kill -{name} {pid}: {status}");
+    }
+
+    /// The exit status if the gateway process has ended, `None` while it runs.
+    pub fn exited(&self) -> Option<std::process::ExitStatus> {
+        self.child
+            .lock()
+            .unwrap()
+            .as_mut()
+            .expect("not reaped yet")
+            .try_wait()
+            .expect("try_wait on the gateway")
+    }
+
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let probe: ureq::Agent = ureq::Agent::config_builder()
