@@ -30,6 +30,8 @@ pub struct RequestCtx {
     pub upstream_started: Option<Instant>,
     /// Set once a complete 2xx answer with valid usage has been read.
     pub usage: Option<Usage>,
+    /// What the call was charged, once settled.
+    pub cost: i64,
 }
 
 /// A valid call the key may make, with everything admission decided.
@@ -58,6 +60,7 @@ impl RequestCtx {
             counted_inflight: false,
             upstream_started: None,
             usage: None,
+            cost: 0,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The end of every call: settle with the store exactly once, count it, and write its
-//! access-log line. Settlement runs as soon as the worker's answer is read, before the
+//! access-log line (which, with account, session, tokens and cost, is also the embedded
+//! store's usage log). Settlement runs as soon as the worker's answer is read, before the
 //! client is written to (a slow or vanished client cannot delay or lose it); Pingora's
 //! `logging` phase, which runs however a call ended, settles whatever is still open.
 
@@ -43,6 +44,7 @@ pub async fn settle(shared: &Shared, ctx: &mut RequestCtx) {
         return;
     }
     let Some(usage) = usage else { return };
+    ctx.cost = charge;
     let agent = agent.id.as_str();
     metrics
         .tokens
@@ -94,11 +96,14 @@ pub async fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16) {
         request_id = %ctx.request_id,
         agent,
         key_id = ctx.key.as_ref().map_or("", |k| k.id.as_str()),
+        account = ctx.key.as_ref().map_or("", |k| k.account.as_str()),
+        session_id = ctx.call.as_ref().map_or("", |c| c.session_id.as_str()),
         status = status_label,
         error = ctx.refusal.as_ref().map_or("", |e| e.code()),
         duration_ms = ctx.started.elapsed().as_millis() as u64,
         upstream_ms = ctx.upstream_started.map_or(0, |s| s.elapsed().as_millis() as u64),
         input_tokens = input,
         output_tokens = output,
+        cost = ctx.cost,
     );
 }
