@@ -10,9 +10,10 @@ use crate::config::Agent;
 use crate::error::GatewayError;
 use crate::limits::{Policy, Quota};
 use crate::metering::Usage;
-use crate::state::Snapshot;
+use crate::state::{Shared, Snapshot};
 
 pub struct RequestCtx {
+    pub shared: Arc<Shared>,
     pub started: Instant,
     /// The config this call runs on, from start to end.
     pub snapshot: Arc<Snapshot>,
@@ -48,10 +49,11 @@ pub struct Call {
 }
 
 impl RequestCtx {
-    pub fn new(snapshot: Arc<Snapshot>) -> Self {
+    pub fn new(shared: Arc<Shared>) -> Self {
         Self {
+            snapshot: shared.snapshot.load_full(),
+            shared,
             started: Instant::now(),
-            snapshot,
             request_id: String::new(),
             key: None,
             agent: None,
@@ -69,5 +71,17 @@ impl RequestCtx {
         self.agent
             .as_ref()
             .map_or(crate::metrics::NO_AGENT, |a| a.id.as_str())
+    }
+}
+
+/// A call dropped while still admitted (a panic, a cancelled task) must not keep its
+/// reservation and concurrency slots: release them in the background. Calls that ended
+/// normally were settled already and have nothing left to release.
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        crate::outcome::release_abandoned(self);
+        if self.counted_inflight {
+            self.shared.metrics.inflight.dec();
+        }
     }
 }

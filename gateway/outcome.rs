@@ -67,6 +67,10 @@ pub async fn settle(shared: &Shared, ctx: &mut RequestCtx) {
 pub async fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16) {
     settle(shared, ctx).await;
     let metrics = &shared.metrics;
+    if ctx.counted_inflight {
+        metrics.inflight.dec();
+        ctx.counted_inflight = false;
+    }
     let status = http::StatusCode::from_u16(status).ok();
     let status_label = status.as_ref().map_or("0", |s| s.as_str());
     let agent = ctx.agent_label();
@@ -85,9 +89,7 @@ pub async fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16) {
     if let Some(reason) = ctx.refusal.as_ref().and_then(|e| e.auth_failure_reason()) {
         metrics.auth_failures.with_label_values(&[reason]).inc();
     }
-    if ctx.counted_inflight {
-        metrics.inflight.dec();
-    }
+
     let (input, output) = ctx
         .usage
         .map_or((0, 0), |u| (u.input_tokens, u.output_tokens));
@@ -106,4 +108,143 @@ pub async fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16) {
         output_tokens = output,
         cost = ctx.cost,
     );
+}
+
+/// Releases what an abandoned call holds, without charging it, on a background task.
+pub fn release_abandoned(ctx: &mut RequestCtx) {
+    let Some(call_id) = ctx.call.as_mut().and_then(|call| call.call_id.take()) else {
+        return;
+    };
+    let (Some(call), Some(key), Some(agent)) = (ctx.call.take(), ctx.key.take(), ctx.agent.take())
+    else {
+        return;
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let shared = std::sync::Arc::clone(&ctx.shared);
+    tracing::warn!(request_id = %ctx.request_id, "call ended unsettled; releasing its reservation");
+    runtime.spawn(async move {
+        let release = Settlement {
+            call_id: &call_id,
+            key_id: &key.id,
+            account: &key.account,
+            agent: &agent.id,
+            key_policy: call.key_policy.as_deref(),
+            agent_policy: agent.policy.as_deref(),
+            reservation: call.reservation,
+            usage: None,
+            cost: 0,
+            now_ms: shared.now_ms(),
+        };
+        if shared.store.settle(&release).await.is_err() {
+            shared
+                .metrics
+                .store_errors
+                .with_label_values(&["settle"])
+                .inc();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::Admission;
+    use crate::ctx::Call;
+    use crate::state::Snapshot;
+    use crate::store::MemoryStore;
+    use std::sync::Arc;
+
+    const CONFIG: &str = r#"
+listen: "127.0.0.1:0"
+admin: {listen: "127.0.0.1:0"}
+policies_dir: "policies"
+upstreams:
+  pool: {endpoints: ["127.0.0.1:9"]}
+agents:
+  - {id: ag_priced, upstream: pool, pricing: {input_per_mtok: 1, output_per_mtok: 1, reserve: 10}}
+accounts:
+  - {id: acct, balance: 10}
+keys:
+  - {id: key_1, sha256: "0000000000000000000000000000000000000000000000000000000000000000", account: acct, agents: "*", policy: one_at_a_time}
+"#;
+
+    fn shared() -> Arc<Shared> {
+        let dir = std::env::temp_dir().join(format!("turnpike-outcome-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        std::fs::write(dir.join("turnpike.yaml"), CONFIG).unwrap();
+        std::fs::write(
+            dir.join("policies/p.yaml"),
+            "policies:\n  one_at_a_time: {concurrency: 1}\n",
+        )
+        .unwrap();
+        let config = crate::config::load(&dir.join("turnpike.yaml")).unwrap();
+        let pools = crate::upstream::Pools::build(&config).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        Arc::new(Shared::new(
+            Snapshot { config, pools },
+            Arc::new(MemoryStore::new()),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_while_admitted_gives_back_its_reservation_and_slot() {
+        let shared = shared();
+        let snapshot = shared.snapshot.load_full();
+        shared
+            .store
+            .seed(&snapshot.config.keys, &snapshot.config.accounts)
+            .await
+            .unwrap();
+        let key = Arc::new(snapshot.config.keys[0].1.clone());
+        let agent = Arc::clone(&snapshot.config.agents["ag_priced"]);
+        let policy = snapshot.config.policies.get("one_at_a_time").cloned();
+        let admit = |call_id: &'static str| {
+            let (shared, key, agent, policy) = (
+                Arc::clone(&shared),
+                Arc::clone(&key),
+                Arc::clone(&agent),
+                policy.clone(),
+            );
+            async move {
+                let admission = Admission {
+                    call_id,
+                    key_id: &key.id,
+                    account: &key.account,
+                    agent: &agent.id,
+                    key_policy: policy.as_deref(),
+                    agent_policy: None,
+                    pricing: agent.pricing.as_ref(),
+                    now_ms: 0,
+                };
+                shared.store.admit(&admission).await.unwrap()
+            }
+        };
+        let admitted = admit("call_a").await.expect("the first call is admitted");
+        assert!(admit("call_b").await.is_err(), "slot and balance are held");
+
+        let mut ctx = RequestCtx::new(Arc::clone(&shared));
+        ctx.key = Some(Arc::clone(&key));
+        ctx.agent = Some(Arc::clone(&agent));
+        ctx.call = Some(Call {
+            key_policy: policy.clone(),
+            session_id: "s".into(),
+            forward_body: Default::default(),
+            call_id: Some("call_a".into()),
+            reservation: admitted.reservation,
+            quota: None,
+        });
+        drop(ctx);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let account = shared.store.balance("acct").await.unwrap().unwrap();
+        assert_eq!(
+            (account.balance, account.reserved),
+            (10, 0),
+            "released, not charged"
+        );
+        assert!(admit("call_c").await.is_ok(), "the slot is free again");
+    }
 }

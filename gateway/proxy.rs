@@ -25,7 +25,7 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(self.shared.snapshot.load_full())
+        RequestCtx::new(Arc::clone(&self.shared))
     }
 
     async fn early_request_filter(
