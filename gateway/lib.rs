@@ -9,6 +9,7 @@ pub mod admission;
 pub mod answer;
 pub mod auth;
 pub mod billing;
+pub mod cli;
 pub mod config;
 pub mod ctx;
 pub mod demo;

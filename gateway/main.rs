@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use turnpike::cli::{self, AdminCall, AdminTarget};
 use turnpike::logging::BatchedStderr;
 use turnpike::{config, demo, server};
 
@@ -36,6 +37,76 @@ enum Command {
     },
     /// Run the gateway on the embedded store with a built-in demo worker.
     Demo,
+    /// Issue, show and revoke API keys (admin API).
+    Keys {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Read and change account balances (admin API).
+    Balance {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: BalanceAction,
+    },
+    /// Usage totals over everything metered, optionally narrowed (admin API).
+    Usage {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Print the SHA-256 of a key (or admin token) for the config file; reads stdin without KEY.
+    HashKey { key: Option<String> },
+}
+
+/// Where the admin API is; the token comes from `TURNPIKE_ADMIN_TOKEN`.
+#[derive(clap::Args)]
+struct AdminArgs {
+    #[arg(long, global = true, default_value = "http://127.0.0.1:9090")]
+    admin: String,
+    /// Print the admin API's JSON answer.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Issue a key; prints the secret once.
+    Create {
+        #[arg(long)]
+        account: String,
+        /// Agent ids the key may call, or "*" (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        agents: Vec<String>,
+        #[arg(long)]
+        policy: String,
+        /// RFC 3339 time after which the key is refused.
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Public id; generated when left out.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BalanceAction {
+    Get { account: String },
+    Add { account: String, amount: i64 },
+    Set { account: String, amount: i64 },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -53,6 +124,48 @@ fn main() -> ExitCode {
             .map_err(|errors| errors.to_string())
             .and_then(|runtime| server::run(runtime, Vec::new())),
         Command::Demo => run_demo(),
+        Command::HashKey { key } => hash_key(key),
+        Command::Keys { admin, action } => {
+            let call = match action {
+                KeysAction::Create {
+                    account,
+                    agents,
+                    policy,
+                    expires_at,
+                    id,
+                } => AdminCall::CreateKey {
+                    account,
+                    agents,
+                    policy,
+                    expires_at,
+                    id,
+                },
+                KeysAction::Show { id } => AdminCall::ShowKey(id),
+                KeysAction::Revoke { id } => AdminCall::RevokeKey(id),
+            };
+            admin_call(&admin, &call)
+        }
+        Command::Balance { admin, action } => {
+            let call = match action {
+                BalanceAction::Get { account } => AdminCall::GetBalance(account),
+                BalanceAction::Add { account, amount } => AdminCall::AddBalance(account, amount),
+                BalanceAction::Set { account, amount } => AdminCall::SetBalance(account, amount),
+            };
+            admin_call(&admin, &call)
+        }
+        Command::Usage {
+            admin,
+            account,
+            key,
+            agent,
+        } => admin_call(
+            &admin,
+            &AdminCall::Usage {
+                account,
+                key,
+                agent,
+            },
+        ),
     };
     log.flush();
     match outcome {
@@ -62,6 +175,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn admin_call(admin: &AdminArgs, call: &AdminCall) -> Result<(), String> {
+    let token = std::env::var("TURNPIKE_ADMIN_TOKEN")
+        .map_err(|_| "set TURNPIKE_ADMIN_TOKEN to the admin token".to_string())?;
+    let target = AdminTarget {
+        url: admin.admin.clone(),
+        token,
+    };
+    println!("{}", cli::run(&target, call, admin.json)?);
+    Ok(())
+}
+
+fn hash_key(key: Option<String>) -> Result<(), String> {
+    let key = match key {
+        Some(key) => key,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if key.is_empty() {
+        return Err("no key given".into());
+    }
+    println!("{}", turnpike::auth::KeyHash::of(&key).to_hex());
+    Ok(())
 }
 
 fn check(path: &std::path::Path) -> Result<(), String> {

@@ -3,6 +3,7 @@
 
 use serde_json::json;
 
+use crate::support::gateway::BINARY;
 use crate::support::*;
 
 fn output_text(out: &std::process::Output) -> String {
@@ -98,5 +99,117 @@ fn check_rejects_unknown_fields() {
     assert!(
         text.contains("endpionts"),
         "the misspelt field is not named:\n{text}"
+    );
+}
+
+/// Runs `turnpike <args>` against the gateway's admin API with its token.
+fn operator(gw: &TestGateway, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BINARY)
+        .args(args)
+        .args(["--admin", &gw.admin_url(""), "--json"])
+        .env("TURNPIKE_ADMIN_TOKEN", gw.admin_token())
+        .output()
+        .expect("running turnpike")
+}
+
+fn operator_json(gw: &TestGateway, args: &[&str]) -> serde_json::Value {
+    let out = operator(gw, args);
+    assert!(
+        out.status.success(),
+        "turnpike {args:?}:\n{}",
+        output_text(&out)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "turnpike {args:?} printed no JSON ({e}):\n{}",
+            output_text(&out)
+        )
+    })
+}
+
+#[test]
+fn the_operator_cli_round_trips_keys_balances_and_usage() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+
+    let created = operator_json(
+        &gw,
+        &[
+            "keys",
+            "create",
+            "--account",
+            "acct_bob",
+            "--policy",
+            "standard",
+            "--agents",
+            OTHER_AGENT,
+        ],
+    );
+    let key = created["key"]
+        .as_str()
+        .expect("the secret is printed once")
+        .to_string();
+    let id = created["id"].as_str().expect("id").to_string();
+    gw.chat(OTHER_AGENT, &key, "usage 3 4").assert_status(200);
+    assert_eq!(
+        operator_json(&gw, &["keys", "show", &id])["agents"],
+        json!([OTHER_AGENT])
+    );
+
+    let usage = operator_json(&gw, &["usage", "--key", &id]);
+    assert_eq!(
+        (
+            usage["requests"].as_u64(),
+            usage["input_tokens"].as_u64(),
+            usage["output_tokens"].as_u64()
+        ),
+        (Some(1), Some(3), Some(4))
+    );
+
+    assert_eq!(
+        operator_json(&gw, &["balance", "set", "acct_bob", "70"])["balance"],
+        70
+    );
+    assert_eq!(
+        operator_json(&gw, &["balance", "add", "acct_bob", "5"])["balance"],
+        75
+    );
+    assert_eq!(
+        operator_json(&gw, &["balance", "get", "acct_bob"])["balance"],
+        75
+    );
+
+    operator_json(&gw, &["keys", "revoke", &id]);
+    gw.chat(OTHER_AGENT, &key, "hi")
+        .error(401, "invalid_api_key");
+
+    let missing = operator(&gw, &["balance", "get", "acct_nobody"]);
+    assert!(!missing.status.success(), "an unknown account is an error");
+    assert!(
+        output_text(&missing).contains("not_found"),
+        "{}",
+        output_text(&missing)
+    );
+}
+
+#[test]
+fn the_operator_cli_refuses_a_wrong_token_and_hashes_keys() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let out = std::process::Command::new(BINARY)
+        .args(["usage", "--admin", &gw.admin_url("")])
+        .env("TURNPIKE_ADMIN_TOKEN", "not-the-token")
+        .output()
+        .expect("running turnpike");
+    assert!(!out.status.success());
+    assert!(output_text(&out).contains("401"), "{}", output_text(&out));
+
+    let out = std::process::Command::new(BINARY)
+        .args(["hash-key", "ak_test"])
+        .output()
+        .expect("running turnpike");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sha256_hex("ak_test")
     );
 }

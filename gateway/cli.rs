@@ -1,0 +1,189 @@
+//! The operator commands (`turnpike keys|balance|usage`): thin clients of the admin API.
+//! Human-readable output by default; `--json` prints the API's answer as it came.
+
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// One admin API call the CLI can make.
+pub enum AdminCall {
+    CreateKey {
+        account: String,
+        agents: Vec<String>,
+        policy: String,
+        expires_at: Option<String>,
+        id: Option<String>,
+    },
+    ShowKey(String),
+    RevokeKey(String),
+    GetBalance(String),
+    AddBalance(String, i64),
+    SetBalance(String, i64),
+    Usage {
+        account: Option<String>,
+        key: Option<String>,
+        agent: Option<String>,
+    },
+}
+
+/// Where the admin API is and how to prove who we are.
+pub struct AdminTarget {
+    pub url: String,
+    pub token: String,
+}
+
+/// Makes the call and returns what to print; `Err` carries the API's error message.
+pub fn run(target: &AdminTarget, call: &AdminCall, as_json: bool) -> Result<String, String> {
+    let (method, path, body) = request(call);
+    let answer = send(target, method, &path, body)?;
+    if as_json {
+        return Ok(serde_json::to_string_pretty(&answer).unwrap_or_default());
+    }
+    Ok(render(call, &answer))
+}
+
+fn request(call: &AdminCall) -> (&'static str, String, Option<Value>) {
+    match call {
+        AdminCall::CreateKey {
+            account,
+            agents,
+            policy,
+            expires_at,
+            id,
+        } => {
+            let agents = match agents.as_slice() {
+                [one] if one == "*" => json!("*"),
+                list => json!(list),
+            };
+            let mut body = json!({"account": account, "agents": agents, "policy": policy});
+            if let Some(at) = expires_at {
+                body["expires_at"] = json!(at);
+            }
+            if let Some(id) = id {
+                body["id"] = json!(id);
+            }
+            ("POST", "/admin/keys".into(), Some(body))
+        }
+        AdminCall::ShowKey(id) => ("GET", format!("/admin/keys/{}", escape(id)), None),
+        AdminCall::RevokeKey(id) => ("DELETE", format!("/admin/keys/{}", escape(id)), None),
+        AdminCall::GetBalance(account) => ("GET", balance_path(account), None),
+        AdminCall::AddBalance(account, n) => {
+            ("POST", balance_path(account), Some(json!({"add": n})))
+        }
+        AdminCall::SetBalance(account, n) => {
+            ("POST", balance_path(account), Some(json!({"set": n})))
+        }
+        AdminCall::Usage {
+            account,
+            key,
+            agent,
+        } => {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            for (name, value) in [("account", account), ("key", key), ("agent", agent)] {
+                if let Some(value) = value {
+                    query.append_pair(name, value);
+                }
+            }
+            ("GET", format!("/admin/usage?{}", query.finish()), None)
+        }
+    }
+}
+
+fn balance_path(account: &str) -> String {
+    format!("/admin/accounts/{}/balance", escape(account))
+}
+
+fn escape(segment: &str) -> String {
+    form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}
+
+fn send(
+    target: &AdminTarget,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let url = format!("{}{path}", target.url.trim_end_matches('/'));
+    let auth = format!("Bearer {}", target.token);
+    let result = match (method, body) {
+        ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
+        ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
+        (_, Some(body)) => agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_json(body),
+        (_, None) => agent.post(&url).header("Authorization", &auth).send_empty(),
+    };
+    let mut response =
+        result.map_err(|e| format!("cannot reach the admin API at {}: {e}", target.url))?;
+    let status = response.status().as_u16();
+    let answer: Value = response.body_mut().read_json().map_err(|e| {
+        format!("the admin API answered {status} with a body that is not JSON: {e}")
+    })?;
+    if (200..300).contains(&status) {
+        Ok(answer)
+    } else {
+        let message = answer["error"]["message"].as_str().unwrap_or("no message");
+        let code = answer["error"]["code"].as_str().unwrap_or("error");
+        Err(format!("{status} {code}: {message}"))
+    }
+}
+
+/// The answer for a person to read.
+fn render(call: &AdminCall, answer: &Value) -> String {
+    let text = |name: &str| match &answer[name] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| {
+                item.as_str()
+                    .map_or_else(|| item.to_string(), str::to_owned)
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.to_string(),
+    };
+    match call {
+        AdminCall::CreateKey { .. } => format!(
+            "Created key {} for account {} (agents: {}, policy: {}, expires: {})\n\
+             API key (shown once, store it now): {}",
+            text("id"),
+            text("account"),
+            text("agents"),
+            text("policy"),
+            text("expires_at"),
+            text("key")
+        ),
+        AdminCall::ShowKey(_) => format!(
+            "key       {}\naccount   {}\nagents    {}\npolicy    {}\nexpires   {}\nrevoked   {}",
+            text("id"),
+            text("account"),
+            text("agents"),
+            text("policy"),
+            text("expires_at"),
+            text("revoked")
+        ),
+        AdminCall::RevokeKey(id) => format!("Revoked key {id}"),
+        AdminCall::GetBalance(_) | AdminCall::AddBalance(..) | AdminCall::SetBalance(..) => {
+            format!(
+                "account {}: balance {}, reserved {}",
+                text("account"),
+                text("balance"),
+                text("reserved")
+            )
+        }
+        AdminCall::Usage { .. } => format!(
+            "requests {}\ninput tokens {}\noutput tokens {}\ntotal tokens {}\ncost {}",
+            text("requests"),
+            text("input_tokens"),
+            text("output_tokens"),
+            text("total_tokens"),
+            text("cost")
+        ),
+    }
+}
