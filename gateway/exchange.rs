@@ -81,7 +81,8 @@ impl Upstreams {
             match attempt {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(Failure::Stale)) if !resent_after_stale => {
-                    // Once per call, the same endpoint again on a fresh connection.
+                    // Once per call, the same endpoint again: the pool hands out another
+                    // connection, or opens one.
                     resent_after_stale = true;
                     tried.pop();
                 }

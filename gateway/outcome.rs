@@ -5,8 +5,10 @@
 //! `logging` phase, which runs however a call ended, settles whatever is still open.
 
 use crate::admission::Settlement;
+use crate::auth::KeyRecord;
 use crate::billing::cost;
-use crate::ctx::RequestCtx;
+use crate::config::Agent;
+use crate::ctx::{Call, RequestCtx};
 use crate::state::Shared;
 
 /// Settles an admitted call: charges it when a complete 2xx answer carried valid usage,
@@ -26,16 +28,9 @@ pub async fn settle(shared: &Shared, ctx: &mut RequestCtx) {
         _ => 0,
     };
     let settlement = Settlement {
-        call_id: &call_id,
-        key_id: &key.id,
-        account: &key.account,
-        agent: &agent.id,
-        key_policy: call.key_policy.as_deref(),
-        agent_policy: agent.policy.as_deref(),
-        reservation: call.reservation,
         usage,
         cost: charge,
-        now_ms: shared.now_ms(),
+        ..release(&call_id, call, key, agent, shared.now_ms())
     };
     let metrics = &shared.metrics;
     if let Err(error) = shared.store.settle(&settlement).await {
@@ -110,6 +105,28 @@ pub async fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16) {
     );
 }
 
+/// The settlement that gives back what admission took and charges nothing.
+fn release<'a>(
+    call_id: &'a str,
+    call: &'a Call,
+    key: &'a KeyRecord,
+    agent: &'a Agent,
+    now_ms: u64,
+) -> Settlement<'a> {
+    Settlement {
+        call_id,
+        key_id: &key.id,
+        account: &key.account,
+        agent: &agent.id,
+        key_policy: call.key_policy.as_deref(),
+        agent_policy: agent.policy.as_deref(),
+        reservation: call.reservation,
+        usage: None,
+        cost: 0,
+        now_ms,
+    }
+}
+
 /// Releases what an abandoned call holds, without charging it, on a background task.
 pub fn release_abandoned(ctx: &mut RequestCtx) {
     let Some(call_id) = ctx.call.as_mut().and_then(|call| call.call_id.take()) else {
@@ -125,18 +142,7 @@ pub fn release_abandoned(ctx: &mut RequestCtx) {
     let shared = std::sync::Arc::clone(&ctx.shared);
     tracing::warn!(request_id = %ctx.request_id, "call ended unsettled; releasing its reservation");
     runtime.spawn(async move {
-        let release = Settlement {
-            call_id: &call_id,
-            key_id: &key.id,
-            account: &key.account,
-            agent: &agent.id,
-            key_policy: call.key_policy.as_deref(),
-            agent_policy: agent.policy.as_deref(),
-            reservation: call.reservation,
-            usage: None,
-            cost: 0,
-            now_ms: shared.now_ms(),
-        };
+        let release = release(&call_id, &call, &key, &agent, shared.now_ms());
         if shared.store.settle(&release).await.is_err() {
             shared
                 .metrics
@@ -151,7 +157,6 @@ pub fn release_abandoned(ctx: &mut RequestCtx) {
 mod tests {
     use super::*;
     use crate::admission::Admission;
-    use crate::ctx::Call;
     use crate::state::Snapshot;
     use crate::store::MemoryStore;
     use std::sync::Arc;
