@@ -237,6 +237,27 @@ fn current(state: Option<BucketState>, spec: &BucketSpec, now: u64) -> BucketSta
 }
 
 /// The enforced request bucket with the fewest tokens left, for the `RateLimit-*` headers.
+/// The `RateLimit-*` numbers a call would see now, changing nothing: for answers to
+/// authenticated calls refused before admission. A bucket not seen yet is full.
+pub fn peek_quota(
+    key: Option<&LimiterState>,
+    agent: Option<&LimiterState>,
+    call: &Admission,
+) -> Option<Quota> {
+    let refreshed = |state: Option<&LimiterState>, policy: Option<&Policy>| {
+        let mut state = state.copied().unwrap_or_default();
+        if let Some(spec) = policy.and_then(|p| p.requests) {
+            state.requests = Some(current(state.requests, &spec, call.now_ms));
+        }
+        state
+    };
+    tightest_quota(
+        call,
+        &refreshed(key, call.key_policy),
+        &refreshed(agent, call.agent_policy),
+    )
+}
+
 fn tightest_quota(call: &Admission, key: &LimiterState, agent: &LimiterState) -> Option<Quota> {
     [(call.key_policy, key), (call.agent_policy, agent)]
         .into_iter()

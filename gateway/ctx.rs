@@ -29,6 +29,8 @@ pub struct RequestCtx {
     pub counted_inflight: bool,
     /// When the worker exchange began.
     pub upstream_started: Option<Instant>,
+    /// The tightest request bucket, for the `RateLimit-*` headers of an authenticated call.
+    pub quota: Option<Quota>,
     /// Set once a complete 2xx answer with valid usage has been read.
     pub usage: Option<Usage>,
     /// What the call was charged, once settled.
@@ -44,8 +46,6 @@ pub struct Call {
     /// Unique per call; set once the store admitted it, and then it must be settled.
     pub call_id: Option<String>,
     pub reservation: Reservation,
-    /// For the `RateLimit-*` headers.
-    pub quota: Option<Quota>,
 }
 
 impl RequestCtx {
@@ -61,6 +61,7 @@ impl RequestCtx {
             refusal: None,
             counted_inflight: false,
             upstream_started: None,
+            quota: None,
             usage: None,
             cost: 0,
         }

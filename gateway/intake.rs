@@ -11,7 +11,7 @@ use crate::auth::{bearer_token, looks_like_key, KeyHash, KeyRecord};
 use crate::config::Agent;
 use crate::ctx::{Call, RequestCtx};
 use crate::error::GatewayError;
-use crate::limits::retry_after_secs;
+use crate::limits::{retry_after_secs, Quota};
 use crate::request::{forwarded_body, is_json_content_type, parse_chat};
 use crate::routing::{is_session_id, match_route};
 use crate::state::{unix_now, Shared};
@@ -27,8 +27,39 @@ pub fn request_id(session: &Session) -> String {
         .map_or_else(|| crate::request::random_id("req_", 24), str::to_owned)
 }
 
-/// Runs every check; on success `ctx.call` is admitted and must be settled.
+/// Runs every check; on success `ctx.call` is admitted and must be settled. A call refused
+/// after authentication still gets its `RateLimit-*` numbers.
 pub async fn admit(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), GatewayError> {
+    let judged = judge(shared, session, ctx).await;
+    if judged.is_err() && ctx.quota.is_none() {
+        ctx.quota = peek_quota(shared, ctx).await;
+    }
+    judged
+}
+
+/// The `RateLimit-*` numbers of an authenticated call, read without taking anything.
+async fn peek_quota(shared: &Shared, ctx: &RequestCtx) -> Option<Quota> {
+    let key = ctx.key.as_ref()?;
+    let key_policy = ctx.snapshot.config.policies.get(&key.policy);
+    let agent = ctx.agent.as_ref().filter(|a| key.agents.allows(&a.id));
+    let probe = Admission {
+        call_id: "",
+        key_id: &key.id,
+        account: &key.account,
+        agent: agent.map_or("", |a| a.id.as_str()),
+        key_policy: key_policy.map(|p| p.as_ref()),
+        agent_policy: agent.and_then(|a| a.policy.as_deref()),
+        pricing: None,
+        now_ms: shared.now_ms(),
+    };
+    shared.store.quota(&probe).await.ok().flatten()
+}
+
+async fn judge(
     shared: &Shared,
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -78,7 +109,6 @@ pub async fn admit(
         forward_body,
         call_id: None,
         reservation: Default::default(),
-        quota: None,
     });
     reserve(shared, ctx, &key, &agent).await
 }
@@ -200,7 +230,7 @@ async fn reserve(
         Ok(admitted) => {
             count_shadow(&admitted.shadow_hits);
             call.reservation = admitted.reservation;
-            call.quota = admitted.quota;
+            ctx.quota = admitted.quota;
             call.call_id = Some(call_id);
             Ok(())
         }
@@ -217,7 +247,7 @@ async fn reserve(
                 .rate_limited
                 .with_label_values(&[agent, bucket.label(), scope_label(scope), "false"])
                 .inc();
-            call.quota = quota;
+            ctx.quota = quota;
             Err(GatewayError::RateLimited {
                 bucket,
                 rule,
@@ -225,7 +255,7 @@ async fn reserve(
             })
         }
         Err(Refusal::InsufficientBalance { quota, shadow_hits }) => {
-            call.quota = quota;
+            ctx.quota = quota;
             count_shadow(&shadow_hits);
             metrics
                 .insufficient_balance

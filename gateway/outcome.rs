@@ -238,7 +238,6 @@ keys:
             forward_body: Default::default(),
             call_id: Some("call_a".into()),
             reservation: admitted.reservation,
-            quota: None,
         });
         drop(ctx);
         for _ in 0..100 {

@@ -77,7 +77,7 @@ async fn write(
 /// `X-Request-Id` always; `RateLimit-*` for an authenticated call with a request bucket.
 fn add_common_headers(header: &mut ResponseHeader, ctx: &RequestCtx) -> pingora::Result<()> {
     header.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-    if let Some(quota) = ctx.call.as_ref().and_then(|c| c.quota) {
+    if let Some(quota) = ctx.quota {
         header.insert_header(RATELIMIT_LIMIT, HeaderValue::from(quota.limit))?;
         header.insert_header(RATELIMIT_REMAINING, HeaderValue::from(quota.remaining))?;
         header.insert_header(RATELIMIT_RESET, HeaderValue::from(quota.reset_secs))?;

@@ -342,3 +342,42 @@ fn the_longest_wait_wins_when_several_buckets_refuse() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn peeking_reports_the_quota_and_takes_nothing() {
+    let p = policy(Some((1, 60_000, 3)), None, None);
+    let mut w = World::new(0);
+    let probe = Admission {
+        call_id: "",
+        key_id: "k",
+        account: "a",
+        agent: "ag",
+        key_policy: Some(&p),
+        agent_policy: None,
+        pricing: None,
+        now_ms: 0,
+    };
+    assert_eq!(
+        peek_quota(None, None, &probe).map(|q| q.remaining),
+        Some(3),
+        "an unseen bucket is full"
+    );
+    w.admit(Some(&p), None, None, 0).unwrap();
+    let before = w.key;
+    assert_eq!(
+        peek_quota(Some(&w.key), None, &probe).map(|q| q.remaining),
+        Some(2)
+    );
+    assert_eq!(w.key, before);
+    assert_eq!(
+        peek_quota(
+            Some(&w.key),
+            None,
+            &Admission {
+                key_policy: None,
+                ..probe
+            }
+        ),
+        None
+    );
+}

@@ -10,6 +10,7 @@ use super::{AccountSeed, BalanceChange, Store, StoreError, UsageFilter, UsageTot
 use crate::admission::{self, Admission, Admitted, LimiterState, Refusal, Reservation, Settlement};
 use crate::auth::{KeyHash, KeyRecord};
 use crate::billing::AccountState;
+use crate::limits::Quota;
 
 /// Keys are read on every call and written rarely, so they sit in a copy-on-write map that
 /// readers load without a lock. Everything an admission must change atomically sits under
@@ -104,6 +105,13 @@ impl Store for MemoryStore {
                 .insert(call.call_id.to_owned(), admitted.reservation);
         }
         Ok(decision)
+    }
+
+    async fn quota(&self, call: &Admission<'_>) -> Result<Option<Quota>, StoreError> {
+        let ledger = self.ledger.lock();
+        let key = ledger.key_limits.get(call.key_id);
+        let agent = ledger.agent_limits.get(call.agent);
+        Ok(admission::peek_quota(key, agent, call))
     }
 
     async fn settle(&self, call: &Settlement<'_>) -> Result<(), StoreError> {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::admission::{Admission, Admitted, Refusal, Settlement};
 use crate::auth::{KeyHash, KeyRecord};
 use crate::billing::AccountState;
+use crate::limits::Quota;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -57,6 +58,9 @@ pub trait Store: Send + Sync {
     /// account's balance; on success takes them all, on refusal takes nothing. The outer
     /// error means the store could not decide.
     async fn admit(&self, call: &Admission<'_>) -> Result<Result<Admitted, Refusal>, StoreError>;
+
+    /// The `RateLimit-*` numbers for `call` without taking anything (`call_id` unused).
+    async fn quota(&self, call: &Admission<'_>) -> Result<Option<Quota>, StoreError>;
 
     /// Releases the call's reservation and slots, debits cost and token buckets, and records
     /// usage. Idempotent per `call_id`: settling twice changes nothing the second time.

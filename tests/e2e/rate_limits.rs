@@ -279,3 +279,35 @@ fn a_402_carries_the_ratelimit_headers() {
     );
     assert_eq!(w.count(), 0);
 }
+
+#[test]
+fn an_authenticated_call_refused_before_admission_still_gets_ratelimit_headers_and_spends_nothing()
+{
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .policy(
+            "standard",
+            json!({"requests": {"rate": 1, "per": "1m", "burst": 5}}),
+        )
+        .start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    let r = gw
+        .call(AGENT)
+        .key(gw.jane())
+        .field("message", json!(""))
+        .send();
+    r.error(400, "invalid_request");
+    assert_eq!(r.header("ratelimit-limit"), Some("5"));
+    assert_eq!(
+        r.header("ratelimit-remaining"),
+        Some("4"),
+        "the refused call took no token"
+    );
+    let r = gw.chat(OTHER_AGENT, gw.jane(), "hi");
+    r.error(404, "agent_not_found");
+    assert_eq!(r.header("ratelimit-remaining"), Some("4"));
+    let r = gw.chat(AGENT, gw.jane(), "hi");
+    r.assert_status(200);
+    assert_eq!(r.header("ratelimit-remaining"), Some("3"));
+}
