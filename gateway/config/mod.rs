@@ -1,6 +1,7 @@
 //! Configuration: the YAML file and policy directory an operator writes, validated all at
 //! once and compiled into [`Runtime`], the read-only form the gateway runs on.
 
+mod locate;
 mod spec;
 
 pub use spec::{BalanceSpec as Balance, FailMode, StoreKind};
@@ -126,15 +127,18 @@ impl std::error::Error for ConfigErrors {}
 /// Collects errors against one file.
 struct Report<'a> {
     file: &'a Path,
+    /// The file's text, to find the line of a key.
+    text: &'a str,
     errors: &'a mut Vec<ConfigError>,
 }
 
 impl Report<'_> {
     fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        let key = key.into();
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),
-            location: None,
-            key: key.into(),
+            location: locate::locate(self.text, &key),
+            key,
             message: message.into(),
         });
     }
@@ -142,13 +146,14 @@ impl Report<'_> {
 
 /// Reads and validates `path` and the policy directory it names.
 pub fn load(path: &Path) -> Result<Runtime, ConfigErrors> {
-    let file: ConfigFile = parse_yaml(path)?;
+    let text = read(path)?;
+    let file: ConfigFile = parse_yaml(path, &text)?;
     let policies_dir = path
         .parent()
         .unwrap_or(Path::new("."))
         .join(&file.policies_dir);
-    let (policies, mut errors) = load_policies(&policies_dir);
-    let mut runtime = compile(path, file, policies, &mut errors);
+    let (policies, policy_names, mut errors) = load_policies(&policies_dir);
+    let mut runtime = compile(path, &text, file, policies, &policy_names, &mut errors);
     runtime.policies_dir = policies_dir;
     if errors.is_empty() {
         Ok(runtime)
@@ -157,45 +162,68 @@ pub fn load(path: &Path) -> Result<Runtime, ConfigErrors> {
     }
 }
 
-fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigErrors> {
-    let one = |location, message: String| {
-        ConfigErrors(vec![ConfigError {
-            file: path.to_path_buf(),
-            location,
-            key: String::new(),
-            message,
-        }])
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| one(None, format!("cannot read: {e}")))?;
-    serde_yaml_ng::from_str(&text).map_err(|e| {
+fn one_error(path: &Path, location: Option<(usize, usize)>, message: String) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        file: path.to_path_buf(),
+        location,
+        key: String::new(),
+        message,
+    }])
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| one_error(path, None, format!("cannot read: {e}")))
+}
+
+fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigErrors> {
+    serde_yaml_ng::from_str(text).map_err(|e| {
         let location = e.location().map(|l| (l.line(), l.column()));
-        one(location, e.to_string())
+        one_error(path, location, e.to_string())
     })
 }
 
+/// The policy files of a directory.
+fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Every `*.yaml`/`*.yml` file of the directory, merged; a name defined twice is an error.
-fn load_policies(dir: &Path) -> (HashMap<String, Arc<Policy>>, Vec<ConfigError>) {
+/// Also returns every name defined, valid or not, for reference checks.
+fn load_policies(
+    dir: &Path,
+) -> (
+    HashMap<String, Arc<Policy>>,
+    HashSet<String>,
+    Vec<ConfigError>,
+) {
     let mut policies = HashMap::new();
+    let mut names = HashSet::new();
     let mut errors = Vec::new();
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-            .collect(),
+    let files = match policy_files(dir) {
+        Ok(files) => files,
         Err(e) => {
             let message = format!("cannot read policies directory: {e}");
             Report {
                 file: dir,
+                text: "",
                 errors: &mut errors,
             }
             .error("", message);
-            return (policies, errors);
+            return (policies, names, errors);
         }
     };
-    files.sort();
     for file in files {
-        let parsed: PolicyFile = match parse_yaml(&file) {
-            Ok(parsed) => parsed,
+        let parsed = read(&file).and_then(|text| {
+            let parsed: PolicyFile = parse_yaml(&file, &text)?;
+            Ok((text, parsed))
+        });
+        let (text, parsed) = match parsed {
+            Ok(both) => both,
             Err(ConfigErrors(mut found)) => {
                 errors.append(&mut found);
                 continue;
@@ -203,10 +231,11 @@ fn load_policies(dir: &Path) -> (HashMap<String, Arc<Policy>>, Vec<ConfigError>)
         };
         let mut report = Report {
             file: &file,
+            text: &text,
             errors: &mut errors,
         };
         for (name, spec) in parsed.policies {
-            if policies.contains_key(&name) {
+            if !names.insert(name.clone()) {
                 report.error(format!("policies.{name}"), "policy defined twice");
                 continue;
             }
@@ -215,30 +244,32 @@ fn load_policies(dir: &Path) -> (HashMap<String, Arc<Policy>>, Vec<ConfigError>)
             }
         }
     }
-    (policies, errors)
+    (policies, names, errors)
 }
 
 fn compile_policy(name: &str, spec: spec::PolicySpec, report: &mut Report) -> Option<Policy> {
-    let mut bucket =
-        |which: &str, spec: Option<spec::BucketFileSpec>| -> Result<Option<BucketSpec>, ()> {
-            let Some(spec) = spec else { return Ok(None) };
-            let key = format!("policies.{name}.{which}");
-            let period =
-                parse_duration(&spec.per).map_err(|m| report.error(format!("{key}.per"), m))?;
-            if spec.rate == 0 {
-                report.error(format!("{key}.rate"), "must be a positive integer");
-                return Err(());
-            }
-            if spec.burst == Some(0) {
-                report.error(format!("{key}.burst"), "must be a positive integer");
-                return Err(());
-            }
-            Ok(Some(BucketSpec {
-                rate: spec.rate,
-                period_ms: period.as_millis() as u64,
-                burst: spec.burst.unwrap_or(spec.rate),
-            }))
-        };
+    let mut bucket = |which: &str,
+                      spec: Option<spec::BucketFileSpec>|
+     -> Result<Option<BucketSpec>, ()> {
+        let Some(spec) = spec else { return Ok(None) };
+        let key = format!("policies.{name}.{which}");
+        let period = parse_duration(&spec.per).map_err(|m| report.error(format!("{key}.per"), m));
+        if spec.rate == 0 {
+            report.error(format!("{key}.rate"), "must be a positive integer");
+        }
+        if spec.burst == Some(0) {
+            report.error(format!("{key}.burst"), "must be a positive integer");
+        }
+        let period = period?;
+        if spec.rate == 0 || spec.burst == Some(0) {
+            return Err(());
+        }
+        Ok(Some(BucketSpec {
+            rate: spec.rate,
+            period_ms: period.as_millis() as u64,
+            burst: spec.burst.unwrap_or(spec.rate),
+        }))
+    };
     let requests = bucket("requests", spec.requests);
     let tokens = bucket("tokens", spec.tokens);
     if spec.concurrency == Some(0) {
@@ -262,11 +293,17 @@ fn compile_policy(name: &str, spec: spec::PolicySpec, report: &mut Report) -> Op
 
 fn compile(
     path: &Path,
+    text: &str,
     file: ConfigFile,
     policies: HashMap<String, Arc<Policy>>,
+    policy_names: &HashSet<String>,
     errors: &mut Vec<ConfigError>,
 ) -> Runtime {
-    let mut report = Report { file: path, errors };
+    let mut report = Report {
+        file: path,
+        text,
+        errors,
+    };
     check_addr(&mut report, "listen", &file.listen);
     check_addr(&mut report, "admin.listen", &file.admin.listen);
     if file.tls.is_some() {
@@ -284,14 +321,23 @@ fn compile(
         hash
     });
     let store = compile_store(file.store, &mut report);
+    // Names count as defined even when their definition has errors, so one mistake is
+    // reported once, not again by everything that refers to it.
+    let pool_names: HashSet<String> = file.upstreams.keys().cloned().collect();
     let pools: BTreeMap<String, PoolConfig> = file
         .upstreams
         .into_iter()
         .filter_map(|(name, spec)| compile_pool(&name, spec, &mut report).map(|p| (name, p)))
         .collect();
-    let agents = compile_agents(file.agents, &pools, &policies, &mut report);
+    let agents = compile_agents(
+        file.agents,
+        &pool_names,
+        &policies,
+        policy_names,
+        &mut report,
+    );
     let accounts = compile_accounts(file.accounts, &mut report);
-    let keys = compile_keys(file.keys, &agents, &accounts, &policies, &mut report);
+    let keys = compile_keys(file.keys, &agents, &accounts, policy_names, &mut report);
     Runtime {
         source: path.to_path_buf(),
         policies_dir: PathBuf::new(),
@@ -431,8 +477,9 @@ fn compile_pool(name: &str, spec: spec::UpstreamSpec, report: &mut Report) -> Op
 
 fn compile_agents(
     specs: Vec<spec::AgentSpec>,
-    pools: &BTreeMap<String, PoolConfig>,
+    pool_names: &HashSet<String>,
     policies: &HashMap<String, Arc<Policy>>,
+    policy_names: &HashSet<String>,
     report: &mut Report,
 ) -> HashMap<String, Arc<Agent>> {
     let mut agents = HashMap::new();
@@ -450,18 +497,17 @@ fn compile_agents(
                 format!("agent '{}' defined twice", spec.id),
             );
         }
-        if !pools.contains_key(&spec.upstream) {
+        if !pool_names.contains(&spec.upstream) {
             report.error(
                 format!("{key}.upstream"),
                 format!("no upstream named '{}'", spec.upstream),
             );
         }
         let policy = spec.policy.as_ref().and_then(|name| {
-            let found = policies.get(name).cloned();
-            if found.is_none() {
+            if !policy_names.contains(name) {
                 report.error(format!("{key}.policy"), format!("no policy named '{name}'"));
             }
-            found
+            policies.get(name).cloned()
         });
         if let Some(pricing) = &spec.pricing {
             if pricing.reserve < 0 {
@@ -506,7 +552,7 @@ fn compile_keys(
     specs: Vec<spec::KeySpec>,
     agents: &HashMap<String, Arc<Agent>>,
     accounts: &[AccountSeed],
-    policies: &HashMap<String, Arc<Policy>>,
+    policy_names: &HashSet<String>,
     report: &mut Report,
 ) -> Vec<(KeyHash, KeyRecord)> {
     let mut ids = HashSet::new();
@@ -559,7 +605,7 @@ fn compile_keys(
             }
         };
         let policy = spec.policy.unwrap_or_default();
-        if !policy.is_empty() && !policies.contains_key(&policy) {
+        if !policy.is_empty() && !policy_names.contains(&policy) {
             report.error(
                 format!("{key}.policy"),
                 format!("no policy named '{policy}'"),
@@ -649,6 +695,36 @@ mod tests {
         for bad in ["", "1", "s", "0s", "-1s", "1.5s", "1 s", "1d", "1sec"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn every_error_is_reported_once_with_its_line() {
+        let dir = std::env::temp_dir().join(format!("turnpike-config-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        std::fs::write(
+            dir.join("turnpike.yaml"),
+            "upstreams:\n  pool:\n    endpoints: [\"127.0.0.1:9001\"]\n    timeout: soon\n\
+             agents:\n  - id: ag_one\n    upstream: pool\n    policy: broken\n  - id: ag_two\n    upstream: nowhere\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("policies/p.yaml"),
+            "policies:\n  broken:\n    requests: {rate: 0, per: 1s}\n",
+        )
+        .unwrap();
+        let errors = load(&dir.join("turnpike.yaml")).unwrap_err().0;
+        let _ = std::fs::remove_dir_all(&dir);
+        let found: Vec<(String, Option<(usize, usize)>)> =
+            errors.iter().map(|e| (e.key.clone(), e.location)).collect();
+        assert_eq!(
+            found,
+            vec![
+                ("policies.broken.requests.rate".to_string(), Some((3, 16))),
+                ("upstreams.pool.timeout".to_string(), Some((4, 5))),
+                ("agents[1].upstream".to_string(), Some((10, 5))),
+            ],
+            "a broken pool or policy is one error, not one per reference"
+        );
     }
 
     #[test]
