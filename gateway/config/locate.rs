@@ -216,6 +216,34 @@ keys:
     }
 
     #[test]
+    fn odd_text_never_panics() {
+        use rand::{Rng, SeedableRng};
+        const PIECES: [&str; 16] = [
+            "- ", ":", "{", "}", "[", "]", "\"", " ", "\n", "é", "\u{a0}", "#", ",", "a", "agents",
+            "  ",
+        ];
+        let paths = [
+            "a",
+            "agents[0].a",
+            "a.a[1]",
+            "agents[2].é",
+            "[0]",
+            "a..a",
+            "agents[x]",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let len = rng.gen_range(0..40);
+            let text: String = (0..len)
+                .map(|_| PIECES[rng.gen_range(0..PIECES.len())])
+                .collect();
+            for path in paths {
+                let _ = locate(&text, path);
+            }
+        }
+    }
+
+    #[test]
     fn policy_files() {
         let text =
             "policies:\n  standard:\n    requests: {rate: -5, per: soon}\n    concurrency: 0\n";
