@@ -130,8 +130,12 @@ impl AdminApp {
             (&Method::POST, None) if route == "keys" => self.create_key(session).await,
             (&Method::GET, Some(("keys", id))) => self.show_key(id).await,
             (&Method::DELETE, Some(("keys", id))) => self.revoke_key(id).await,
-            (_, Some(("accounts", rest))) if rest.ends_with("/balance") => {
-                let account = rest.trim_end_matches("/balance");
+            (_, Some(("accounts", rest)))
+                if rest
+                    .strip_suffix("/balance")
+                    .is_some_and(|a| !a.contains('/')) =>
+            {
+                let account = rest.strip_suffix("/balance").unwrap_or_default();
                 self.balance(session, method, account).await
             }
             (_, None) if matches!(route, "reload" | "usage" | "keys") => {

@@ -36,6 +36,8 @@ pub async fn settle(shared: &Shared, ctx: &mut RequestCtx) {
     if let Err(error) = shared.store.settle(&settlement).await {
         metrics.store_errors.with_label_values(&["settle"]).inc();
         tracing::error!(request_id = %ctx.request_id, %error, "settlement failed");
+        // Still open: the logging phase tries again, and a dropped call releases it.
+        call.call_id = Some(call_id);
         return;
     }
     let Some(usage) = usage else { return };

@@ -23,17 +23,17 @@ pub async fn reload(shared: &Shared) -> Result<u64, ConfigErrors> {
     let _one_at_a_time = shared.reload_lock.lock().await;
     let current = shared.snapshot.load_full();
     let path = current.config.source.clone();
-    // What this attempt reads, so the watcher does not try the same files again.
-    *shared.files_seen.lock() = fingerprint(&current.config);
+    // Taken before reading: a file that changes while it is read is seen as changed and
+    // loaded again, never marked seen without being loaded.
+    let before_reading = fingerprint(&current.config);
+    *shared.files_seen.lock() = before_reading.clone();
     let metrics = &shared.metrics;
-    let outcome = match load(shared, &path).await {
-        Ok(runtime) => build_pools(&runtime, &path).map(|pools| (runtime, pools)),
-        Err(errors) => Err(errors),
-    };
-    match outcome {
+    match prepare(shared, &path).await {
         Ok((runtime, pools)) => {
             warn_about_restart_only_changes(&current.config, &runtime);
-            *shared.files_seen.lock() = fingerprint(&runtime);
+            if runtime.policies_dir != current.config.policies_dir {
+                *shared.files_seen.lock() = fingerprint(&runtime);
+            }
             shared.snapshot.store(Arc::new(Snapshot {
                 config: runtime,
                 pools,
@@ -55,14 +55,17 @@ pub async fn reload(shared: &Shared) -> Result<u64, ConfigErrors> {
     }
 }
 
-async fn load(shared: &Shared, path: &Path) -> Result<Runtime, ConfigErrors> {
+/// Everything that can fail, in order, with the store touched last: a refused set changes
+/// nothing, and keys are seeded only just before the snapshot that knows their policies.
+async fn prepare(shared: &Shared, path: &Path) -> Result<(Runtime, Pools), ConfigErrors> {
     let runtime = config::load(path)?;
+    let pools = build_pools(&runtime, path)?;
     shared
         .store
         .seed(&runtime.keys, &runtime.accounts)
         .await
         .map_err(|e| one_error(path, format!("seeding keys and accounts: {e}")))?;
-    Ok(runtime)
+    Ok((runtime, pools))
 }
 
 fn build_pools(runtime: &Runtime, path: &Path) -> Result<Pools, ConfigErrors> {

@@ -3,7 +3,7 @@
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{AccountSeed, BalanceChange, Store, StoreError, UsageFilter, UsageTotals};
@@ -28,6 +28,8 @@ pub struct MemoryStore {
 struct KeyTable {
     by_hash: HashMap<KeyHash, Arc<KeyRecord>>,
     by_id: HashMap<String, KeyHash>,
+    /// Ids of the keys the config file brought, so a key deleted from it goes away.
+    from_config: HashSet<String>,
 }
 
 impl KeyTable {
@@ -188,6 +190,14 @@ impl Store for MemoryStore {
         {
             let _writer = self.key_writer.lock();
             let mut table = KeyTable::clone(&self.keys.load());
+            let seeded: HashSet<String> =
+                keys.iter().map(|(_, record)| record.id.clone()).collect();
+            for gone in table.from_config.difference(&seeded) {
+                if let Some(hash) = table.by_id.remove(gone) {
+                    table.by_hash.remove(&hash);
+                }
+            }
+            table.from_config = seeded;
             for (hash, record) in keys {
                 let revoked = table.by_hash.get(hash).is_some_and(|r| r.revoked);
                 table.insert(

@@ -78,8 +78,9 @@ pub trait Store: Send + Sync {
     /// Marks the key revoked (it stays visible, refused); `Ok(false)` when unknown.
     async fn revoke_key(&self, id: &str) -> Result<bool, StoreError>;
 
-    /// Makes the config file's keys and accounts known. Keys are replaced, except that a
-    /// revoked key stays revoked; an account that already exists keeps its live balance.
+    /// Makes the config file's keys and accounts known. Keys are replaced (a revoked key
+    /// stays revoked) and a key the previous seeding brought that the file no longer lists is
+    /// removed; an account that already exists keeps its live balance.
     async fn seed(
         &self,
         keys: &[(KeyHash, KeyRecord)],

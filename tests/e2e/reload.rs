@@ -177,3 +177,20 @@ fn sighup_puts_a_changed_policy_in_force() {
     );
     assert!(gw.metric("turnpike_config_generation", &[]) >= 2.0);
 }
+
+#[test]
+fn a_key_deleted_from_the_config_file_is_refused_after_a_reload() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    let mut config = gw.files.config.clone();
+    let keys = config["keys"].as_array_mut().expect("keys");
+    keys.retain(|k| k["id"] != "key_jane");
+    gw.files.write_config(&config);
+    gw.admin_post("/admin/reload", &json!({}))
+        .assert_status(200);
+    gw.chat(AGENT, gw.jane(), "hi")
+        .error(401, "invalid_api_key");
+    gw.admin_get("/admin/keys/key_jane").assert_status(404);
+    gw.chat(OTHER_AGENT, gw.bob(), "hi").assert_status(200);
+}
