@@ -47,6 +47,7 @@ fn admission<'a>(policy: &'a Policy, call_id: &'a str, now_ms: u64) -> Admission
         agent_policy: Some(policy),
         pricing: Some(&PRICING),
         now_ms,
+        lease_ms: 60_000,
     }
 }
 
@@ -66,6 +67,9 @@ fn settlement<'a>(policy: &'a Policy, call_id: &'a str, now_ms: u64) -> Settleme
         }),
         cost: 615,
         now_ms,
+        request_id: "req_1",
+        session_id: "sess_1",
+        status: 200,
     }
 }
 

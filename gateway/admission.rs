@@ -34,6 +34,9 @@ pub struct Admission<'a> {
     pub agent_policy: Option<&'a Policy>,
     pub pricing: Option<&'a Pricing>,
     pub now_ms: u64,
+    /// How long a networked store holds the call's slots and reservation if it is never
+    /// settled (its instance died): longer than the call can last.
+    pub lease_ms: u64,
 }
 
 /// What an admitted call holds until it is settled.
@@ -158,6 +161,10 @@ pub struct Settlement<'a> {
     pub usage: Option<Usage>,
     pub cost: i64,
     pub now_ms: u64,
+    /// For the usage log: the call's X-Request-Id, session and worker status.
+    pub request_id: &'a str,
+    pub session_id: &'a str,
+    pub status: u16,
 }
 
 /// Releases the reservation and slots, debits the cost and the token buckets.
@@ -266,6 +273,16 @@ fn tightest_quota(call: &Admission, key: &LimiterState, agent: &LimiterState) ->
             Some(state.requests?.quota(&policy.requests?))
         })
         .min_by_key(|q| q.remaining)
+}
+
+/// The rule a refusal names, e.g. "10 requests per 1s".
+pub fn rule_text(bucket: BucketKind, policy: &Policy) -> String {
+    let spec = match bucket {
+        BucketKind::Requests => policy.requests,
+        BucketKind::Tokens => policy.tokens,
+        BucketKind::Concurrency => None,
+    };
+    describe(bucket, spec, policy)
 }
 
 fn describe(bucket: BucketKind, spec: Option<BucketSpec>, policy: &Policy) -> String {

@@ -10,6 +10,9 @@ use crate::state::Shared;
 /// Records the usage of a 2xx answer in `ctx` (or counts why it was not credited) and
 /// returns the body the client receives.
 pub fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16, body: Bytes) -> Bytes {
+    if let Some(call) = ctx.call.as_mut() {
+        call.worker_status = status;
+    }
     let (Some(call), Some(agent)) = (ctx.call.as_ref(), ctx.agent.as_ref()) else {
         return body;
     };

@@ -46,6 +46,8 @@ pub struct Call {
     /// Unique per call; set once the store admitted it, and then it must be settled.
     pub call_id: Option<String>,
     pub reservation: Reservation,
+    /// The worker's status, once its answer was read (for the usage log).
+    pub worker_status: u16,
 }
 
 impl RequestCtx {

@@ -55,6 +55,7 @@ async fn peek_quota(shared: &Shared, ctx: &RequestCtx) -> Option<Quota> {
         agent_policy: agent.and_then(|a| a.policy.as_deref()),
         pricing: None,
         now_ms: shared.now_ms(),
+        lease_ms: 0,
     };
     shared.store.quota(&probe).await.ok().flatten()
 }
@@ -109,6 +110,7 @@ async fn judge(
         forward_body,
         call_id: None,
         reservation: Default::default(),
+        worker_status: 0,
     });
     reserve(shared, ctx, &key, &agent).await
 }
@@ -121,14 +123,8 @@ async fn authenticate(shared: &Shared, token: &str) -> Result<Arc<KeyRecord>, Ga
     match shared.store.key(&KeyHash::of(token)).await {
         Ok(Some(key)) if key.is_live(unix_now()) => Ok(key),
         Ok(_) => Err(GatewayError::InvalidApiKey),
-        Err(_) => {
-            shared
-                .metrics
-                .store_errors
-                .with_label_values(&["key"])
-                .inc();
-            Err(GatewayError::StoreUnavailable)
-        }
+        // The store counted the failure.
+        Err(_) => Err(GatewayError::StoreUnavailable),
     }
 }
 
@@ -187,6 +183,10 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Gateway
     Ok(body.freeze())
 }
 
+/// How much longer than its pool's timeout a call's slots and reservation are held, so a
+/// lease never runs out under a call that is still being settled.
+const LEASE_GRACE_MS: u64 = 60_000;
+
 /// The one store call: rate limits, concurrency and balance together.
 async fn reserve(
     shared: &Shared,
@@ -198,6 +198,12 @@ async fn reserve(
         return Ok(());
     };
     let call_id = crate::request::random_id("call_", 20);
+    let longest_call = ctx
+        .snapshot
+        .config
+        .pools
+        .get(&agent.pool)
+        .map(|p| p.timeout);
     let admission = Admission {
         call_id: &call_id,
         key_id: &key.id,
@@ -207,15 +213,13 @@ async fn reserve(
         agent_policy: agent.policy.as_deref(),
         pricing: agent.pricing.as_ref(),
         now_ms: shared.now_ms(),
+        lease_ms: longest_call.unwrap_or_default().as_millis() as u64 + LEASE_GRACE_MS,
     };
-    let decision = shared.store.admit(&admission).await.map_err(|_| {
-        shared
-            .metrics
-            .store_errors
-            .with_label_values(&["admit"])
-            .inc();
-        GatewayError::StoreUnavailable
-    })?;
+    let decision = shared
+        .store
+        .admit(&admission)
+        .await
+        .map_err(|_| GatewayError::StoreUnavailable)?;
     let metrics = &shared.metrics;
     let agent = agent.id.as_str();
     let count_shadow = |hits: &[ShadowHit]| {

@@ -2,8 +2,8 @@
 //! fixed sets (status codes, bucket kinds), never from raw request input.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// The agent label for a call that never reached a known agent.
@@ -20,6 +20,10 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub insufficient_balance: IntCounterVec,
     pub store_errors: IntCounterVec,
+    pub store_duration: HistogramVec,
+    pub fail_open_admissions: IntCounter,
+    pub settlements_queued: IntGauge,
+    pub settlements_dropped: IntCounter,
     pub config_reloads: IntCounterVec,
     pub usage_rejected: IntCounterVec,
     pub inflight: IntGauge,
@@ -97,6 +101,34 @@ impl Metrics {
                 "Failed store operations",
                 &["op"],
             ),
+            store_duration: {
+                let opts = HistogramOpts::new(
+                    "turnpike_store_duration_seconds",
+                    "Time a store operation took, by operation",
+                )
+                .buckets(exponential_buckets(0.0001, 2.0, 14).expect("valid buckets"));
+                let h = HistogramVec::new(opts, &["op"]).expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("registered once");
+                h
+            },
+            fail_open_admissions: counter(
+                "turnpike_store_fail_open_admissions_total",
+                "Calls admitted on local buckets, without a balance check, while the store was down",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            settlements_queued: gauge(
+                "turnpike_store_settlements_queued",
+                "Settlements waiting for the store to come back",
+            ),
+            settlements_dropped: counter(
+                "turnpike_store_settlements_dropped_total",
+                "Settlements lost because the queue was full",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
             config_reloads: counter("turnpike_config_reloads_total", "Config loads", &["result"]),
             usage_rejected: counter(
                 "turnpike_usage_rejected_total",

@@ -30,11 +30,10 @@ pub async fn settle(shared: &Shared, ctx: &mut RequestCtx) {
     let settlement = Settlement {
         usage,
         cost: charge,
-        ..release(&call_id, call, key, agent, shared.now_ms())
+        ..release(&call_id, &ctx.request_id, call, key, agent, shared.now_ms())
     };
     let metrics = &shared.metrics;
     if let Err(error) = shared.store.settle(&settlement).await {
-        metrics.store_errors.with_label_values(&["settle"]).inc();
         tracing::error!(request_id = %ctx.request_id, %error, "settlement failed");
         // Still open: the logging phase tries again, and a dropped call releases it.
         call.call_id = Some(call_id);
@@ -110,6 +109,7 @@ pub async fn finish(shared: &Shared, ctx: &mut RequestCtx, status: u16) {
 /// The settlement that gives back what admission took and charges nothing.
 fn release<'a>(
     call_id: &'a str,
+    request_id: &'a str,
     call: &'a Call,
     key: &'a KeyRecord,
     agent: &'a Agent,
@@ -126,6 +126,9 @@ fn release<'a>(
         usage: None,
         cost: 0,
         now_ms,
+        request_id,
+        session_id: &call.session_id,
+        status: call.worker_status,
     }
 }
 
@@ -142,16 +145,12 @@ pub fn release_abandoned(ctx: &mut RequestCtx) {
         return;
     };
     let shared = std::sync::Arc::clone(&ctx.shared);
-    tracing::warn!(request_id = %ctx.request_id, "call ended unsettled; releasing its reservation");
+    let request_id = std::mem::take(&mut ctx.request_id);
+    tracing::warn!(%request_id, "call ended unsettled; releasing its reservation");
     runtime.spawn(async move {
-        let release = release(&call_id, &call, &key, &agent, shared.now_ms());
-        if shared.store.settle(&release).await.is_err() {
-            shared
-                .metrics
-                .store_errors
-                .with_label_values(&["settle"])
-                .inc();
-        }
+        let release = release(&call_id, &request_id, &call, &key, &agent, shared.now_ms());
+        // A failure is the store's to count and retry.
+        let _ = shared.store.settle(&release).await;
     });
 }
 
@@ -192,6 +191,7 @@ keys:
         Arc::new(Shared::new(
             Snapshot { config, pools },
             Arc::new(MemoryStore::new()),
+            crate::metrics::Metrics::new(),
         ))
     }
 
@@ -224,6 +224,7 @@ keys:
                     agent_policy: None,
                     pricing: agent.pricing.as_ref(),
                     now_ms: 0,
+                    lease_ms: 60_000,
                 };
                 shared.store.admit(&admission).await.unwrap()
             }
@@ -240,6 +241,7 @@ keys:
             forward_body: Default::default(),
             call_id: Some("call_a".into()),
             reservation: admitted.reservation,
+            worker_status: 0,
         });
         drop(ctx);
         for _ in 0..100 {

@@ -9,35 +9,44 @@ use std::sync::Arc;
 
 use crate::admin::AdminApp;
 use crate::config::{Runtime, StoreKind};
+use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::reload::Watcher;
 use crate::state::{Shared, Snapshot};
-use crate::store::{MemoryStore, Store};
+use crate::store::{MemoryStore, RedisStore, Store};
 use crate::upstream::Pools;
 use pingora::services::background::background_service;
 
 /// Seconds in-flight calls get to finish after SIGTERM before the process exits.
 const SHUTDOWN_GRACE_SECONDS: u64 = 5;
 
-/// Builds the store and seeds it with the config's keys and accounts.
-fn open_store(runtime: &Runtime) -> Result<Arc<dyn Store>, String> {
-    let store: Arc<dyn Store> = match runtime.store.kind {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Redis => return Err("the Redis store is not available in this build".into()),
-    };
-    let seeding = tokio::runtime::Builder::new_current_thread()
+/// Builds the store and seeds it with the config's keys and accounts. The store gets a
+/// runtime of its own for its connections and background tasks, alive as long as the process.
+fn open_store(runtime: &Runtime, metrics: &Metrics) -> Result<Arc<dyn Store>, String> {
+    let store_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("turnpike-store")
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    seeding
+    let handle = store_runtime.handle().clone();
+    std::mem::forget(store_runtime);
+    let store: Arc<dyn Store> = match runtime.store.kind {
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Redis => {
+            handle.block_on(RedisStore::connect(&runtime.store, metrics, handle.clone()))?
+        }
+    };
+    handle
         .block_on(store.seed(&runtime.keys, &runtime.accounts))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("seeding the store: {e}"))?;
     Ok(store)
 }
 
 /// Runs the gateway until a signal stops it; never returns on success.
 pub fn run(runtime: Runtime, extras: Vec<Box<dyn ServiceWithDependents>>) -> Result<(), String> {
-    let store = open_store(&runtime)?;
+    let metrics = Metrics::new();
+    let store = open_store(&runtime, &metrics)?;
     let pools = Pools::build(&runtime).map_err(|e| format!("building upstream pools: {e}"))?;
     let listen = runtime.listen.clone();
     let admin_listen = runtime.admin.listen.clone();
@@ -48,6 +57,7 @@ pub fn run(runtime: Runtime, extras: Vec<Box<dyn ServiceWithDependents>>) -> Res
             pools,
         },
         store,
+        metrics,
     ));
     let metrics = &shared.metrics;
     metrics.config_reloads.with_label_values(&["success"]).inc();

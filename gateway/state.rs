@@ -31,12 +31,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot, store: Arc<dyn Store>) -> Self {
+    pub fn new(snapshot: Snapshot, store: Arc<dyn Store>, metrics: Metrics) -> Self {
         let files_seen = parking_lot::Mutex::new(fingerprint(&snapshot.config));
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             store,
-            metrics: Metrics::new(),
+            metrics,
             upstreams: Upstreams::default(),
             reload_lock: tokio::sync::Mutex::new(()),
             files_seen,

@@ -69,6 +69,7 @@ impl World {
             agent_policy: agent,
             pricing,
             now_ms,
+            lease_ms: 60_000,
         };
         admit(
             &mut self.key,
@@ -97,6 +98,9 @@ impl World {
             usage,
             cost,
             now_ms,
+            request_id: "r",
+            session_id: "s",
+            status: 200,
         };
         settle(
             &mut self.key,
@@ -356,6 +360,7 @@ fn peeking_reports_the_quota_and_takes_nothing() {
         agent_policy: None,
         pricing: None,
         now_ms: 0,
+        lease_ms: 60_000,
     };
     assert_eq!(
         peek_quota(None, None, &probe).map(|q| q.remaining),

@@ -59,8 +59,13 @@ pub struct AdminConfig {
 #[derive(Debug, PartialEq, Eq)]
 pub struct StoreConfig {
     pub kind: StoreKind,
+    /// One URL: a single Redis server; several: the seed nodes of a Redis Cluster.
     pub urls: Vec<String>,
     pub on_unavailable: FailMode,
+    pub timeout: Duration,
+    pub key_cache_ttl: Duration,
+    pub usage_stream_maxlen: u64,
+    pub settlement_queue: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -397,15 +402,43 @@ fn compile_store(spec: spec::StoreSpec, report: &mut Report) -> StoreConfig {
         Some(spec::OneOrMany::Many(urls)) => urls,
     };
     if spec.kind == StoreKind::Redis {
-        report.error(
-            "store.kind",
-            "the Redis store is not available in this build yet; use kind: memory",
-        );
+        if urls.is_empty() {
+            report.error(
+                "store.url",
+                "the Redis store needs a url (a list means Redis Cluster)",
+            );
+        }
+        for (i, url) in urls.iter().enumerate() {
+            if !url.starts_with("redis://") {
+                let at = if urls.len() > 1 {
+                    format!("store.url[{i}]")
+                } else {
+                    "store.url".into()
+                };
+                report.error(at, format!("'{url}' is not a redis:// URL"));
+            }
+        }
+    }
+    let mut duration = |field: &str, text: Option<String>, default_ms: u64| match text {
+        None => Duration::from_millis(default_ms),
+        Some(text) => parse_duration(&text).unwrap_or_else(|m| {
+            report.error(format!("store.{field}"), m);
+            Duration::from_millis(default_ms)
+        }),
+    };
+    let timeout = duration("timeout", spec.timeout, 100);
+    let key_cache_ttl = duration("key_cache_ttl", spec.key_cache_ttl, 1000);
+    if spec.settlement_queue == Some(0) {
+        report.error("store.settlement_queue", "must be a positive integer");
     }
     StoreConfig {
         kind: spec.kind,
         urls,
         on_unavailable: spec.on_unavailable,
+        timeout,
+        key_cache_ttl,
+        usage_stream_maxlen: spec.usage_stream_maxlen.unwrap_or(1_000_000),
+        settlement_queue: spec.settlement_queue.unwrap_or(100_000),
     }
 }
 

@@ -84,6 +84,14 @@ pub struct StoreSpec {
     pub url: Option<OneOrMany>,
     #[serde(default)]
     pub on_unavailable: FailMode,
+    /// Redis only: the longest any one Redis call may take (default 100ms).
+    pub timeout: Option<String>,
+    /// Redis only: how long a key lookup is cached per instance (default 1s).
+    pub key_cache_ttl: Option<String>,
+    /// Redis only: the approximate length `turnpike:usage` is trimmed to.
+    pub usage_stream_maxlen: Option<u64>,
+    /// Redis only: settlements held while Redis is unreachable before new ones are dropped.
+    pub settlement_queue: Option<usize>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]

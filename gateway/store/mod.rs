@@ -3,8 +3,10 @@
 //! makes (a Redis store: one script per operation), so the proxy is the same on every store.
 
 mod memory;
+mod redis;
 
-pub use memory::MemoryStore;
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
 
 use async_trait::async_trait;
 use std::sync::Arc;

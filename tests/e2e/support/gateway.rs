@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use super::redis::{Backing, StoreUnderTest};
 use super::{
     chat_path, free_port, new_key, random_hex, raw, sha256_hex, Reply, Worker, AGENT, OTHER_AGENT,
 };
@@ -68,6 +69,8 @@ pub struct GatewayBuilder {
     timeout: String,
     connect_timeout: String,
     limits: Map<String, Value>,
+    /// `None`: the store `TURNPIKE_TEST_STORE` names, on a fresh server of its own.
+    store: Option<Value>,
     tweaks: Vec<Tweak>,
 }
 
@@ -92,6 +95,7 @@ impl Default for GatewayBuilder {
             timeout: "3s".into(),
             connect_timeout: "500ms".into(),
             limits: Map::new(),
+            store: None,
             tweaks: Vec::new(),
         }
     }
@@ -191,6 +195,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// The whole `store:` section, e.g. a Redis another gateway shares.
+    pub fn store(mut self, store: Value) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// The escape hatch: edit the config (as JSON) after the builder wrote it.
     pub fn config(mut self, f: impl FnOnce(&mut Value) + 'static) -> Self {
         self.tweaks.push(Box::new(f));
@@ -210,6 +220,17 @@ impl GatewayBuilder {
             pricing = json!({});
         }
         let mut priced = json!({"id": AGENT, "upstream": "pool", "pricing": pricing});
+        let (store, backing) = match self.store {
+            Some(store) => (store, None),
+            None => match Backing::for_store(StoreUnderTest::from_env()) {
+                // A loaded test machine can be slower than the production default of 100ms.
+                Some(backing) => (
+                    json!({"kind": "redis", "url": backing.url_value(), "timeout": "2s"}),
+                    Some(backing),
+                ),
+                None => (json!({"kind": "memory"}), None),
+            },
+        };
         if let Some(p) = &self.agent_policy {
             priced["policy"] = json!(p);
         }
@@ -219,7 +240,7 @@ impl GatewayBuilder {
                 "listen": format!("127.0.0.1:{admin_port}"),
                 "token_sha256": sha256_hex(&admin_token),
             },
-            "store": {"kind": "memory"},
+            "store": store,
             "policies_dir": "policies",
             "upstreams": {
                 "pool": {
@@ -251,6 +272,7 @@ impl GatewayBuilder {
         let config_path = dir.path().join("turnpike.yaml");
         fs::write(&config_path, serde_yaml_ng::to_string(&config).unwrap()).unwrap();
         let files = GatewayFiles {
+            backing,
             dir,
             config_path,
             config,
@@ -272,6 +294,8 @@ impl GatewayBuilder {
 
 /// A written config, not (yet) running.
 pub struct GatewayFiles {
+    /// The Redis the store runs on, when the test owns one; dropped after the gateway.
+    pub backing: Option<Backing>,
     pub dir: TempDir,
     pub config_path: PathBuf,
     /// The config as written (JSON form of the YAML).

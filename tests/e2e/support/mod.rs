@@ -5,6 +5,7 @@
 
 pub mod gateway;
 pub mod raw;
+pub mod redis;
 pub mod worker;
 
 use std::collections::HashSet;

@@ -1,0 +1,174 @@
+-- Admission (ARGV[1] = 'admit') or a read-only look at the quota (ARGV[1] = 'peek').
+-- Mirrors gateway/admission.rs: every bucket of every scope is judged on the state refilled
+-- to now, then everything is taken or nothing is. Levels are kept in units where one token
+-- is period_ms units, so refill is an exact integer. Time is this server's TIME, so gateway
+-- instances with skewed clocks agree.
+--
+-- KEYS: [account hash, reservation leases] when ARGV[4] >= 0 (priced), then per scope its
+--       limiter hash and its in-flight lease set.
+-- ARGV: mode, call id, lease ms, reserve (-1: unpriced), scope count, then per scope eight
+--       numbers: enforce (1|0), requests rate, period, burst, tokens rate, period, burst,
+--       concurrency (0: absent).
+-- Reply: {outcome, a, b, c, has_quota, limit, remaining, reset, shadow count, scope, bucket...}
+--   outcome 1 admitted (a = bitmask of scopes holding a slot), 0 rate limited (a = scope,
+--   b = bucket 1 requests | 2 tokens | 3 concurrency, c = retry ms), 2 balance too low,
+--   3 peek.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local EXACT = 9007199254740992 -- 2^53: doubles count exactly below it
+local CONCURRENCY_RETRY_MS = 1000
+
+local mode, call_id = ARGV[1], ARGV[2]
+local lease_until = now + tonumber(ARGV[3])
+local reserve = tonumber(ARGV[4])
+local scope_count = tonumber(ARGV[5])
+local priced = reserve >= 0
+local first_scope_key = priced and 3 or 1
+
+local function int(x)
+  return string.format('%.0f', x)
+end
+
+local function clamp(level)
+  if level < -EXACT then return -EXACT end
+  return level
+end
+
+-- The bucket at now: a new one starts full; refill is capped; a clock step back refills nothing.
+local function refilled(level, updated, b)
+  local capacity = math.min(b.burst * b.period, EXACT)
+  if level == nil then return capacity, now end
+  local elapsed = math.max(now - updated, 0)
+  return math.min(level + elapsed * b.rate, capacity), math.max(now, updated)
+end
+
+local function millis_to_refill(deficit, rate)
+  if deficit <= 0 then return 0 end
+  return math.ceil(deficit / math.max(rate, 1))
+end
+
+local function quota(level, b)
+  local capacity = math.min(b.burst * b.period, EXACT)
+  return b.burst, math.floor(math.max(level, 0) / b.period),
+    math.ceil(millis_to_refill(capacity - level, b.rate) / 1000)
+end
+
+local function spec(at)
+  local rate = tonumber(ARGV[at])
+  if rate == 0 then return nil end
+  return { rate = rate, period = tonumber(ARGV[at + 1]), burst = tonumber(ARGV[at + 2]) }
+end
+
+local scopes = {}
+local refusal = nil
+local shadow = {}
+for i = 1, scope_count do
+  local at = 5 + (i - 1) * 8
+  local s = {
+    limiter = KEYS[first_scope_key + (i - 1) * 2],
+    inflight = KEYS[first_scope_key + (i - 1) * 2 + 1],
+    enforce = ARGV[at + 1] == '1',
+    requests = spec(at + 2),
+    tokens = spec(at + 5),
+    concurrency = tonumber(ARGV[at + 8]),
+  }
+  scopes[i] = s
+  local state = redis.call('HMGET', s.limiter, 'rl', 'ru', 'tl', 'tu')
+  local denials = {}
+  if s.requests then
+    s.rl, s.ru = refilled(tonumber(state[1]), tonumber(state[2]), s.requests)
+    if s.rl < s.requests.period then
+      denials[#denials + 1] = { 1, millis_to_refill(s.requests.period - s.rl, s.requests.rate) }
+    end
+  end
+  if s.tokens then
+    s.tl, s.tu = refilled(tonumber(state[3]), tonumber(state[4]), s.tokens)
+    if s.tl < s.tokens.period then
+      denials[#denials + 1] = { 2, millis_to_refill(s.tokens.period - s.tl, s.tokens.rate) }
+    end
+  end
+  if s.concurrency > 0 and mode == 'admit' then
+    -- Slots are leases: one a crashed instance never gave back expires by itself.
+    redis.call('ZREMRANGEBYSCORE', s.inflight, '-inf', now)
+    if redis.call('ZCARD', s.inflight) >= s.concurrency then
+      denials[#denials + 1] = { 3, CONCURRENCY_RETRY_MS }
+    end
+  end
+  for _, d in ipairs(denials) do
+    if not s.enforce then
+      shadow[#shadow + 1] = { i, d[1] }
+    elseif refusal == nil or d[2] > refusal[3] then
+      refusal = { i, d[1], d[2] }
+    end
+  end
+end
+
+-- The enforced request bucket with the fewest tokens left, for the RateLimit-* headers.
+local function tightest()
+  local best = nil
+  for _, s in ipairs(scopes) do
+    if s.enforce and s.requests then
+      local limit, remaining, reset = quota(s.rl, s.requests)
+      if best == nil or remaining < best[3] then best = { 1, limit, remaining, reset } end
+    end
+  end
+  return best or { 0, 0, 0, 0 }
+end
+
+local function reply(outcome, a, b, c)
+  local out = { outcome, a, b, c }
+  for _, v in ipairs(tightest()) do out[#out + 1] = v end
+  out[#out + 1] = #shadow
+  for _, hit in ipairs(shadow) do
+    out[#out + 1] = hit[1]
+    out[#out + 1] = hit[2]
+  end
+  return out
+end
+
+if mode == 'peek' then return reply(3, 0, 0, 0) end
+if refusal then return reply(0, refusal[1], refusal[2], math.min(refusal[3], EXACT)) end
+
+if priced then
+  local account, leases = KEYS[1], KEYS[2]
+  -- Reservations of calls whose lease ran out (their instance died) are given back first.
+  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
+  for _, id in ipairs(expired) do
+    local held = tonumber(redis.call('HGET', account, 'held:' .. id))
+    if held then
+      redis.call('HINCRBY', account, 'reserved', -held)
+      redis.call('HDEL', account, 'held:' .. id)
+    end
+    redis.call('ZREM', leases, id)
+  end
+  local balance = redis.call('HMGET', account, 'balance', 'reserved')
+  local free = (tonumber(balance[1]) or 0) - (tonumber(balance[2]) or 0)
+  if free < reserve then return reply(2, 0, 0, 0) end
+  if reserve > 0 then
+    redis.call('HINCRBY', account, 'reserved', reserve)
+    redis.call('HSET', account, 'held:' .. call_id, reserve)
+    redis.call('ZADD', leases, lease_until, call_id)
+  end
+end
+
+local slots = 0
+for i, s in ipairs(scopes) do
+  if s.requests and (s.enforce or s.rl >= s.requests.period) then
+    s.rl = s.rl - s.requests.period
+  end
+  local fields = {}
+  if s.requests then
+    fields[#fields + 1] = 'rl'; fields[#fields + 1] = int(s.rl)
+    fields[#fields + 1] = 'ru'; fields[#fields + 1] = int(s.ru)
+  end
+  if s.tokens then
+    fields[#fields + 1] = 'tl'; fields[#fields + 1] = int(s.tl)
+    fields[#fields + 1] = 'tu'; fields[#fields + 1] = int(s.tu)
+  end
+  if #fields > 0 then redis.call('HSET', s.limiter, unpack(fields)) end
+  if s.concurrency > 0 then
+    redis.call('ZADD', s.inflight, lease_until, call_id)
+    slots = slots + 2 ^ (i - 1)
+  end
+end
+return reply(1, slots, 0, 0)
