@@ -6,7 +6,9 @@ with one worker thread, loaded in turn by wrk over keep-alive connections on loo
 Rounds are interleaved and the medians reported: throughput, latency percentiles, and CPU
 time per call of the proxy process (from /proc, so it does not depend on what else runs).
 
-Usage: benches/load.py [--seconds 10] [--connections 32] [--rounds 3]
+Usage: benches/load.py [--seconds 10] [--connections 32] [--rounds 3] [--redis]
+--redis adds Turnpike on the Redis store (its own redis-server on a free port, on core 1) and
+reports the Redis commands per call from INFO commandstats over its runs.
 Needs wrk and nginx (installed with apt-get when missing).
 """
 import argparse
@@ -92,6 +94,18 @@ def cpu_seconds(pid):
     return total / TICKS
 
 
+def commandstats(port):
+    """Calls per command so far, from INFO commandstats."""
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True, text=True,
+                         check=True).stdout
+    stats = {}
+    for line in out.splitlines():
+        if line.startswith("cmdstat_"):
+            name, fields = line[len("cmdstat_"):].split(":", 1)
+            stats[name] = int(dict(f.split("=") for f in fields.split(","))["calls"])
+    return stats
+
+
 def parse_wrk(out):
     def micros(text):
         for unit, scale in (("us", 1), ("ms", 1000), ("s", 1_000_000)):
@@ -125,12 +139,14 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--redis", action="store_true", help="also run Turnpike on a Redis store")
     args = ap.parse_args()
     ensure_tools()
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "turnpike", "--example", "passthrough"],
                    cwd=ROOT, check=True)
     tmp = tempfile.mkdtemp(prefix="turnpike-load-")
     worker_port, nginx_port, pass_port, tp_port, admin_port = (free_port() for _ in range(5))
+    redis_port, tpr_port, tpr_admin_port = (free_port() for _ in range(3))
     lua = os.path.join(tmp, "post.lua")
     with open(lua, "w") as f:
         f.write('wrk.method = "POST"\n'
@@ -141,10 +157,7 @@ def main():
     with open(os.path.join(tmp, "policies", "bench.yaml"), "w") as f:
         f.write("policies:\n  bench:\n    requests: {rate: 10000000, per: 1s}\n"
                 "    tokens: {rate: 1000000000000, per: 1s}\n    concurrency: 100000\n")
-    with open(os.path.join(tmp, "turnpike.yaml"), "w") as f:
-        f.write(f"""listen: "127.0.0.1:{tp_port}"
-threads: 1
-admin: {{listen: "127.0.0.1:{admin_port}"}}
+    config = f"""threads: 1
 upstreams:
   pool: {{endpoints: ["127.0.0.1:{worker_port}"], path: "/invoke"}}
 agents:
@@ -153,7 +166,12 @@ accounts:
   - {{id: acct_bench, balance: 9000000000000000}}
 keys:
   - {{id: key_bench, sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}", account: acct_bench, agents: "*", policy: bench}}
-""")
+"""
+    with open(os.path.join(tmp, "turnpike.yaml"), "w") as f:
+        f.write(config + f'listen: "127.0.0.1:{tp_port}"\nadmin: {{listen: "127.0.0.1:{admin_port}"}}\n')
+    with open(os.path.join(tmp, "turnpike-redis.yaml"), "w") as f:
+        f.write(config + f'listen: "127.0.0.1:{tpr_port}"\nadmin: {{listen: "127.0.0.1:{tpr_admin_port}"}}\n'
+                f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n')
     procs = [
         nginx(tmp, "worker", f"server {{ listen 127.0.0.1:{worker_port}; location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}",
               LOAD_CPU),
@@ -169,6 +187,15 @@ keys:
         "turnpike": (subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
                                        os.path.join(tmp, "turnpike.yaml")], stderr=subprocess.DEVNULL), tp_port),
     }
+    if args.redis:
+        redis_dir = os.path.join(tmp, "redis")
+        os.makedirs(redis_dir)
+        procs.append(subprocess.Popen([*LOAD_CPU, "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                       "--save", "", "--dir", redis_dir], stdout=subprocess.DEVNULL))
+        wait_port(redis_port)
+        targets["turnpike-redis"] = (
+            subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
+                              os.path.join(tmp, "turnpike-redis.yaml")], stderr=subprocess.DEVNULL), tpr_port)
     procs += [p for p, _ in targets.values()]
     path = f"/v1/agents/{AGENT}/chat"
     results = {name: [] for name in targets}
@@ -177,6 +204,7 @@ keys:
             wait_port(port)
         for name, (_, port) in targets.items():
             run_wrk(port, path, 2, args.connections, lua)  # warm-up: pools, caches, allocators
+        stats_before = commandstats(redis_port) if args.redis else {}
         for _ in range(args.rounds):
             for name, (proc, port) in targets.items():
                 before = cpu_seconds(proc.pid)
@@ -185,6 +213,7 @@ keys:
                 if r.get("non2xx"):
                     print(f"warning: {name} answered {r['non2xx']} non-2xx", file=sys.stderr)
                 results[name].append(r)
+        stats_after = commandstats(redis_port) if args.redis else {}
     finally:
         for p in procs:
             p.send_signal(signal.SIGQUIT if "nginx" in p.args else signal.SIGINT)
@@ -209,6 +238,17 @@ keys:
     print(f"\nCPU per call: turnpike / passthrough = {cpu['turnpike'] / cpu['pingora-passthrough']:.2f}x, "
           f"passthrough / nginx = {cpu['pingora-passthrough'] / cpu['nginx']:.2f}x, "
           f"turnpike / nginx = {cpu['turnpike'] / cpu['nginx']:.2f}x")
+    if args.redis:
+        print(f"turnpike on Redis / passthrough = {cpu['turnpike-redis'] / cpu['pingora-passthrough']:.2f}x "
+              "(Turnpike's own CPU; Redis runs on core 1)")
+        calls = sum(r["requests"] for r in results["turnpike-redis"])
+        print(f"\nRedis commands per call over {calls} calls (INFO commandstats):")
+        for cmd in sorted(stats_after):
+            n = stats_after[cmd] - stats_before.get(cmd, 0)
+            if n:
+                print(f"  {cmd:<24}{n / calls:8.3f}")
+        total = sum(stats_after.values()) - sum(stats_before.values())
+        print(f"  {'all':<24}{total / calls:8.3f}")
 
 
 if __name__ == "__main__":

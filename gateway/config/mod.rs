@@ -252,6 +252,10 @@ fn load_policies(
     (policies, names, errors)
 }
 
+/// The largest `burst × per` (in milliseconds) a bucket may hold: 2^53, below which the
+/// Redis scripts' doubles count every unit exactly.
+const MAX_BUCKET_UNITS: u128 = 1 << 53;
+
 fn compile_policy(name: &str, spec: spec::PolicySpec, report: &mut Report) -> Option<Policy> {
     let mut bucket = |which: &str,
                       spec: Option<spec::BucketFileSpec>|
@@ -269,11 +273,28 @@ fn compile_policy(name: &str, spec: spec::PolicySpec, report: &mut Report) -> Op
         if spec.rate == 0 || spec.burst == Some(0) {
             return Err(());
         }
-        Ok(Some(BucketSpec {
+        let bucket = BucketSpec {
             rate: spec.rate,
             period_ms: period.as_millis() as u64,
             burst: spec.burst.unwrap_or(spec.rate),
-        }))
+        };
+        if bucket.burst as u128 * bucket.period_ms as u128 > MAX_BUCKET_UNITS {
+            // Redis counts in doubles, exact only below 2^53; both stores keep to that.
+            let field = if spec.burst.is_some() {
+                "burst"
+            } else {
+                "rate"
+            };
+            report.error(
+                format!("{key}.{field}"),
+                format!(
+                    "burst × per is {} token-milliseconds; it must be at most 2^53 ({MAX_BUCKET_UNITS})",
+                    bucket.burst as u128 * bucket.period_ms as u128
+                ),
+            );
+            return Err(());
+        }
+        Ok(Some(bucket))
     };
     let requests = bucket("requests", spec.requests);
     let tokens = bucket("tokens", spec.tokens);
@@ -758,6 +779,25 @@ mod tests {
             ],
             "a broken pool or policy is one error, not one per reference"
         );
+    }
+
+    #[test]
+    fn a_bucket_too_large_to_count_exactly_is_refused() {
+        let compile = |per: &str, burst: u64| {
+            let text = format!("requests: {{rate: 1, per: {per}, burst: {burst}}}");
+            let spec: spec::PolicySpec = serde_yaml_ng::from_str(&text).unwrap();
+            let mut errors = Vec::new();
+            let mut report = Report {
+                file: Path::new("p.yaml"),
+                text: &text,
+                errors: &mut errors,
+            };
+            let policy = compile_policy("p", spec, &mut report);
+            (policy.is_some(), errors.len())
+        };
+        // 2^53 ms-tokens is the most: 3,474,999 tokens per 30 days fit, one more does not.
+        assert_eq!(compile("720h", 3_474_999), (true, 0));
+        assert_eq!(compile("720h", 3_475_000), (false, 1));
     }
 
     #[test]

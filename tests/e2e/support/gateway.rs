@@ -337,11 +337,42 @@ impl GatewayFiles {
             .expect("run turnpike check")
     }
 
-    /// Starts `turnpike serve --config <file>` and waits for `/readyz`.
-    pub fn start(self) -> TestGateway {
-        let log_path = self.dir.path().join("gateway.log");
-        let log = fs::File::create(&log_path).unwrap();
-        let child = Command::new(BINARY)
+    /// The same config (same keys, same store) for a second instance on ports of its own.
+    pub fn sibling(&self) -> GatewayFiles {
+        let dir = TempDir::new();
+        let (port, admin_port) = (free_port(), free_port());
+        let mut config = self.config.clone();
+        config["listen"] = json!(format!("127.0.0.1:{port}"));
+        config["admin"]["listen"] = json!(format!("127.0.0.1:{admin_port}"));
+        let config_path = dir.path().join("turnpike.yaml");
+        fs::write(&config_path, serde_yaml_ng::to_string(&config).unwrap()).unwrap();
+        let policies = fs::read(self.dir.path().join("policies/policies.yaml")).unwrap();
+        fs::write(dir.path().join("policies/policies.yaml"), policies).unwrap();
+        GatewayFiles {
+            backing: None,
+            dir,
+            config_path,
+            config,
+            port,
+            admin_port,
+            admin_token: self.admin_token.clone(),
+            jane_key: self.jane_key.clone(),
+            bob_key: self.bob_key.clone(),
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.log")
+    }
+
+    /// Runs `turnpike serve --config <file>`, appending to its log.
+    fn spawn(&self) -> Child {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        Command::new(BINARY)
             .arg("serve")
             .arg("--config")
             .arg(&self.config_path)
@@ -350,7 +381,13 @@ impl GatewayFiles {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {BINARY}: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {BINARY}: {e}"))
+    }
+
+    /// Starts `turnpike serve --config <file>` and waits for `/readyz`.
+    pub fn start(self) -> TestGateway {
+        let log_path = self.log_path();
+        let child = self.spawn();
         let http: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_idle_connections(0)
@@ -446,6 +483,16 @@ impl TestGateway {
             .find(|i| log.is_char_boundary(*i))
             .unwrap_or(log.len());
         log[start..].to_string()
+    }
+
+    /// Kills the gateway and starts it again on the same files and ports.
+    pub fn restart(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        *self.child.lock().unwrap() = Some(self.files.spawn());
+        self.wait_ready();
     }
 
     /// The process id, for signals.

@@ -1,7 +1,7 @@
 //! The black-box harness: the real `turnpike` binary on free loopback ports, mock agent
 //! workers, plain HTTP. Everything here speaks only the public contract (SPEC.md).
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod gateway;
 pub mod raw;

@@ -1,0 +1,46 @@
+//! Redis Cluster specifics: an agent's buckets live in another slot than the key's, so a
+//! refusal on one side gives back what the other side took.
+
+use serde_json::json;
+use std::time::Duration;
+
+use crate::redis_store;
+use crate::support::redis::RedisCluster;
+use crate::support::*;
+
+#[test]
+fn a_call_the_agent_limit_refuses_gives_the_key_its_token_back() {
+    let cluster = RedisCluster::start();
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .store(redis_store(json!(cluster.urls()), json!({})))
+        .policy(
+            "standard",
+            json!({"requests": {"rate": 1, "per": "1h", "burst": 2}}),
+        )
+        .policy(
+            "agent-wide",
+            json!({"requests": {"rate": 10, "per": "1s", "burst": 1}}),
+        )
+        .agent_policy("agent-wide")
+        .start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    // The agent's bucket is empty: refused, and the key's token is given back.
+    gw.chat(AGENT, gw.jane(), "hi")
+        .error(429, "rate_limit_exceeded");
+    std::thread::sleep(Duration::from_millis(250));
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    std::thread::sleep(Duration::from_millis(250));
+    // Now the key's two calls of the hour are spent.
+    let refused = gw.chat(AGENT, gw.jane(), "hi");
+    refused.error(429, "rate_limit_exceeded");
+    assert_eq!(refused.header("ratelimit-remaining"), Some("0"));
+    assert_eq!(w.count(), 2);
+    // Keys of one account share a slot; the agent's state is elsewhere.
+    let slot = |key: &str| cluster.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]);
+    assert_eq!(
+        slot("turnpike:{acct_jane}:account"),
+        slot("turnpike:{acct_jane}:key:key_jane")
+    );
+}

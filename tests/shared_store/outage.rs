@@ -1,0 +1,170 @@
+//! Redis stopped, restarted or hung: no request hangs, fail_closed refuses with 503, fail_open
+//! keeps serving on local limits and meters every call exactly once when Redis is back.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::redis_store;
+use crate::support::redis::RedisServer;
+use crate::support::*;
+
+/// A call must be answered well within this while Redis is unreachable: the store's
+/// deadline is 200 ms here, plus the worker's answer and a loaded machine's slack.
+const PROMPT: Duration = Duration::from_millis(1500);
+
+fn gateway(redis: &RedisServer, w: &Worker, mode: &str) -> TestGateway {
+    TestGateway::builder()
+        .worker(w)
+        .store(redis_store(
+            json!(redis.url()),
+            json!({"on_unavailable": mode, "timeout": "200ms"}),
+        ))
+        .start()
+}
+
+/// A chat call and how long it took.
+fn timed_chat(gw: &TestGateway, key: &str) -> (Reply, Duration) {
+    let started = Instant::now();
+    let reply = gw.chat(AGENT, key, "hi");
+    (reply, started.elapsed())
+}
+
+#[test]
+fn fail_closed_answers_503_while_redis_is_down_and_recovers_after_a_restart() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = gateway(&redis, &w, "fail_closed");
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+
+    redis.stop();
+    for _ in 0..5 {
+        let (reply, took) = timed_chat(&gw, gw.jane());
+        reply.error(503, "store_unavailable");
+        assert!(took < PROMPT, "answered after {took:?}");
+    }
+    assert_eq!(w.count(), 1, "nothing is forwarded while the store is down");
+    assert!(gw.metric("turnpike_store_errors_total", &[]) >= 1.0);
+    assert_eq!(gw.open_get("/readyz").status, 503);
+
+    redis.restart();
+    wait_until(Duration::from_secs(5), "calls pass again", || {
+        gw.chat(AGENT, gw.jane(), "hi").status == 200
+    });
+    gw.open_get("/readyz").assert_status(200);
+    assert_eq!(gw.usage_after("account=acct_jane", 2).requests, 2);
+}
+
+#[test]
+fn fail_open_serves_on_local_limits_and_meters_every_call_once_redis_is_back() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = gateway(&redis, &w, "fail_open");
+    let cost = 45 + 2 * 32;
+    for _ in 0..3 {
+        gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    }
+    let start_balance = gw.settled_balance("acct_jane").balance;
+
+    redis.stop();
+    for _ in 0..5 {
+        let (reply, took) = timed_chat(&gw, gw.jane());
+        reply.assert_status(200);
+        assert!(took < PROMPT, "answered after {took:?}");
+    }
+    assert_eq!(
+        gw.metric("turnpike_store_fail_open_admissions_total", &[]),
+        5.0
+    );
+    assert_eq!(gw.metric("turnpike_store_settlements_queued", &[]), 5.0);
+
+    redis.restart();
+    wait_until(
+        Duration::from_secs(10),
+        "the held settlements are written",
+        || gw.metric("turnpike_store_settlements_queued", &[]) == 0.0,
+    );
+    let usage = gw.usage("account=acct_jane");
+    assert_eq!(usage.requests, 8);
+    assert_eq!(usage.cost, 8 * cost);
+    assert_eq!(
+        gw.settled_balance("acct_jane").balance,
+        start_balance - 5 * cost
+    );
+    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 8");
+    // Exactly once: nothing more arrives later.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(gw.usage("account=acct_jane").requests, 8);
+    assert_eq!(
+        gw.metric("turnpike_store_settlements_dropped_total", &[]),
+        0.0
+    );
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    assert_eq!(gw.usage_after("account=acct_jane", 9).requests, 9);
+}
+
+#[test]
+fn fail_open_still_enforces_the_rate_limit_locally() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .store(redis_store(
+            json!(redis.url()),
+            json!({"on_unavailable": "fail_open", "timeout": "200ms"}),
+        ))
+        .policy(
+            "standard",
+            json!({"requests": {"rate": 1, "per": "1h", "burst": 2}}),
+        )
+        .start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    redis.stop();
+    // The local buckets start full: two calls, then the limit.
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.chat(AGENT, gw.jane(), "hi")
+        .error(429, "rate_limit_exceeded");
+}
+
+#[test]
+fn a_hung_redis_is_answered_within_the_deadline() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = gateway(&redis, &w, "fail_closed");
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+
+    redis.signal("STOP");
+    std::thread::sleep(Duration::from_millis(1100)); // the cached key goes stale
+    for _ in 0..3 {
+        let (reply, took) = timed_chat(&gw, gw.jane());
+        reply.error(503, "store_unavailable");
+        assert!(took < PROMPT, "answered after {took:?}");
+    }
+    redis.signal("CONT");
+    wait_until(Duration::from_secs(5), "calls pass again", || {
+        gw.chat(AGENT, gw.jane(), "hi").status == 200
+    });
+
+    // CLIENT PAUSE holds every client's commands, the gateway's included.
+    redis.cli(&["CLIENT", "PAUSE", "3000", "ALL"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let (reply, took) = timed_chat(&gw, gw.jane());
+    reply.error(503, "store_unavailable");
+    assert!(took < PROMPT, "answered after {took:?}");
+    redis.cli(&["CLIENT", "UNPAUSE"]);
+    wait_until(Duration::from_secs(5), "calls pass again", || {
+        gw.chat(AGENT, gw.jane(), "hi").status == 200
+    });
+}
+
+#[test]
+fn a_warning_is_logged_when_redis_may_evict() {
+    let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let w = Worker::start("w1");
+    let gw = gateway(&redis, &w, "fail_closed");
+    wait_until(Duration::from_secs(2), "the warning is logged", || {
+        gw.log().contains("maxmemory-policy")
+    });
+    assert!(gw.log().contains("allkeys-lru"), "{}", gw.log());
+}
