@@ -9,6 +9,7 @@
 mod support;
 
 mod cluster;
+mod mirror;
 mod outage;
 mod scripts;
 mod two_instances;
