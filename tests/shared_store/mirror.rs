@@ -63,7 +63,12 @@ fn hourly(rate: u64, burst: u64) -> Option<BucketSpec> {
     })
 }
 
-fn policy(requests: Option<BucketSpec>, tokens: Option<BucketSpec>, concurrency: Option<u32>, mode: Mode) -> Option<Policy> {
+fn policy(
+    requests: Option<BucketSpec>,
+    tokens: Option<BucketSpec>,
+    concurrency: Option<u32>,
+    mode: Mode,
+) -> Option<Policy> {
     Some(Policy {
         name: "p".into(),
         requests,
@@ -179,7 +184,13 @@ async fn run(store: &dyn Store, prefix: &str) -> Vec<(String, Vec<Decision>, Opt
             format!("ag_{prefix}{i}"),
         );
         store
-            .seed(&[], &[AccountSeed { id: account.clone(), balance: case.balance }])
+            .seed(
+                &[],
+                &[AccountSeed {
+                    id: account.clone(),
+                    balance: case.balance,
+                }],
+            )
             .await
             .unwrap();
         let mut admitted: Vec<Option<Reservation>> = vec![None; 16];
@@ -223,10 +234,12 @@ async fn run(store: &dyn Store, prefix: &str) -> Vec<(String, Vec<Decision>, Opt
                             quota,
                             shadow: shadow_hits,
                         },
-                        Err(Refusal::InsufficientBalance { quota, shadow_hits }) => Decision::Broke {
-                            quota,
-                            shadow: shadow_hits,
-                        },
+                        Err(Refusal::InsufficientBalance { quota, shadow_hits }) => {
+                            Decision::Broke {
+                                quota,
+                                shadow: shadow_hits,
+                            }
+                        }
                     };
                     decisions.push(decision);
                 }

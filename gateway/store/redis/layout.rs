@@ -500,3 +500,232 @@ impl Side<'_> {
         self.agent.is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::Pricing;
+
+    fn limited_policy(concurrency: Option<u32>) -> Policy {
+        Policy {
+            name: "p".into(),
+            requests: Some(BucketSpec {
+                rate: 1,
+                period_ms: 1000,
+                burst: 2,
+            }),
+            tokens: None,
+            concurrency,
+            mode: Mode::Enforce,
+        }
+    }
+
+    const PRICING: Pricing = Pricing {
+        input_per_mtok: 1,
+        output_per_mtok: 1,
+        reserve: 10,
+    };
+
+    fn admission<'a>(
+        key: Option<&'a Policy>,
+        agent: Option<&'a Policy>,
+        priced: bool,
+    ) -> Admission<'a> {
+        Admission {
+            call_id: "c1",
+            key_id: "k1",
+            account: "acct",
+            agent: "ag_x",
+            key_policy: key,
+            agent_policy: agent,
+            pricing: priced.then_some(&PRICING),
+            now_ms: 0,
+            lease_ms: 1000,
+        }
+    }
+
+    /// The hash tag of a Redis key: what decides its Cluster slot.
+    fn tag(key: &str) -> &str {
+        let open = key.find('{').unwrap();
+        let close = open + key[open..].find('}').unwrap();
+        &key[open + 1..close]
+    }
+
+    #[test]
+    fn a_call_with_no_limits_and_no_price_needs_no_round_trip() {
+        for plan in [Plan::Single, Plan::Cluster] {
+            assert!(admit_sides(&admission(None, None, false), plan, false).is_empty());
+        }
+    }
+
+    #[test]
+    fn on_a_cluster_each_script_stays_in_one_slot() {
+        let policy = limited_policy(Some(1));
+        let call = admission(Some(&policy), Some(&policy), true);
+        let single = admit_sides(&call, Plan::Single, false);
+        assert_eq!(single.len(), 1);
+        let sides = admit_sides(&call, Plan::Cluster, false);
+        assert_eq!(sides.len(), 2);
+        for (side, expected) in sides.iter().zip(["acct", "agent:ag_x"]) {
+            for key in &side.invocation.keys {
+                assert_eq!(tag(key), expected, "{key}");
+            }
+        }
+        let settlement = Settlement {
+            call_id: "c1",
+            key_id: "k1",
+            account: "acct",
+            agent: "ag_x",
+            key_policy: Some(&policy),
+            agent_policy: Some(&policy),
+            reservation: Reservation {
+                reserve: 10,
+                key_slot: true,
+                agent_slot: true,
+            },
+            usage: Some(crate::metering::Usage::default()),
+            cost: 3,
+            now_ms: 0,
+            request_id: "r",
+            session_id: "s",
+            status: 200,
+        };
+        let sides = settle_sides(&settlement, Plan::Cluster, 100, RefundOf::Nothing);
+        assert_eq!(sides.len(), 2);
+        assert!(
+            sides.iter().all(|s| !s.writes_stream),
+            "the stream is its own slot"
+        );
+        for (side, expected) in sides.iter().zip(["acct", "agent:ag_x"]) {
+            for key in &side.invocation.keys {
+                assert_eq!(tag(key), expected, "{key}");
+            }
+        }
+        let single = settle_sides(&settlement, Plan::Single, 100, RefundOf::Nothing);
+        assert_eq!(single.len(), 1);
+        assert!(single[0].writes_stream);
+    }
+
+    #[test]
+    fn a_release_with_nothing_held_needs_no_round_trip() {
+        let policy = limited_policy(None);
+        let settlement = Settlement {
+            call_id: "c1",
+            key_id: "k1",
+            account: "acct",
+            agent: "ag_x",
+            key_policy: Some(&policy),
+            agent_policy: None,
+            reservation: Reservation::default(),
+            usage: None,
+            cost: 0,
+            now_ms: 0,
+            request_id: "r",
+            session_id: "s",
+            status: 0,
+        };
+        assert!(settle_sides(&settlement, Plan::Single, 100, RefundOf::Nothing).is_empty());
+    }
+
+    #[test]
+    fn replies_decode_and_malformed_ones_are_refused() {
+        let policy = limited_policy(Some(1));
+        let call = admission(Some(&policy), Some(&policy), false);
+        let side = &admit_sides(&call, Plan::Single, false)[0];
+        let admitted = decode_admit(side, &[1, 0b10, 0, 0, 1, 2, 1, 1, 1, 1, 1]).unwrap();
+        assert_eq!(
+            admitted.outcome,
+            SideOutcome::Admitted {
+                key_slot: false,
+                agent_slot: true
+            }
+        );
+        assert_eq!(
+            admitted.shadow_hits,
+            vec![ShadowHit {
+                scope: Scope::Key,
+                bucket: BucketKind::Requests
+            }]
+        );
+        let limited = decode_admit(side, &[0, 2, 3, 1000, 0, 0, 0, 0, 0]).unwrap();
+        assert_eq!(
+            limited.outcome,
+            SideOutcome::RateLimited {
+                scope: Scope::Agent,
+                bucket: BucketKind::Concurrency,
+                retry_after_ms: 1000
+            }
+        );
+        assert_eq!(limited.quota, None);
+        for bad in [
+            &[][..],
+            &[9, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[0, 3, 1, 10, 0, 0, 0, 0, 0],
+            &[0, 1, 7, 10, 0, 0, 0, 0, 0],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 2, 1, 1],
+        ] {
+            assert_eq!(decode_admit(side, bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn combining_sides_decides_as_one_store_would() {
+        let policy = limited_policy(None);
+        let call = admission(Some(&policy), Some(&policy), true);
+        let reply = |outcome, remaining| SideReply {
+            outcome,
+            quota: Some(Quota {
+                limit: 2,
+                remaining,
+                reset_secs: 1,
+            }),
+            shadow_hits: Vec::new(),
+        };
+        let limited = |scope, retry_after_ms| SideOutcome::RateLimited {
+            scope,
+            bucket: BucketKind::Requests,
+            retry_after_ms,
+        };
+        let admitted = SideOutcome::Admitted {
+            key_slot: false,
+            agent_slot: false,
+        };
+        // A rate limit on one side wins over a low balance on the other.
+        let refused = combine(
+            &call,
+            &[
+                reply(SideOutcome::InsufficientBalance, 1),
+                reply(limited(Scope::Agent, 500), 0),
+            ],
+        );
+        assert!(matches!(
+            refused,
+            Err(Refusal::RateLimited {
+                scope: Scope::Agent,
+                quota: Some(Quota { remaining: 0, .. }),
+                ..
+            })
+        ));
+        // The longer wait wins; on a tie, the key's.
+        for (key_wait, agent_wait, scope) in [
+            (900, 500, Scope::Key),
+            (500, 900, Scope::Agent),
+            (500, 500, Scope::Key),
+        ] {
+            let refused = combine(
+                &call,
+                &[
+                    reply(limited(Scope::Key, key_wait), 0),
+                    reply(limited(Scope::Agent, agent_wait), 0),
+                ],
+            );
+            assert!(
+                matches!(&refused, Err(Refusal::RateLimited { scope: s, .. }) if *s == scope),
+                "{refused:?}"
+            );
+        }
+        let ok = combine(&call, &[reply(admitted.clone(), 1), reply(admitted, 0)]).unwrap();
+        assert_eq!(ok.reservation.reserve, 10);
+        assert_eq!(ok.quota.unwrap().remaining, 0, "the tightest quota");
+    }
+}
