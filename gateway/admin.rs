@@ -194,7 +194,7 @@ impl AdminApp {
     async fn create_key(&self, session: &mut ServerSession) -> Answer {
         let request = read_json::<NewKey>(session).await?;
         let record = self.validate_new_key(request).await?;
-        let secret = crate::request::random_id("ak_", 40);
+        let secret = crate::auth::generate_key();
         let created = self
             .shared
             .store

@@ -89,13 +89,78 @@ pub fn bearer_token(header: Option<&[u8]>) -> Result<&str, GatewayError> {
 }
 
 /// Whether a token could be one of our keys at all; others are refused without a lookup.
+///
+/// A key in the generated form (46 base62 characters after `ak_`) must also carry a valid
+/// checksum, so a mistyped or truncated generated key is refused without a store lookup.
 pub fn looks_like_key(token: &str) -> bool {
-    token.starts_with("ak_") && token.len() > 3
+    let Some(body) = token.strip_prefix("ak_") else {
+        return false;
+    };
+    if body.len() == KEY_RANDOM_CHARS + KEY_CHECKSUM_CHARS && body.bytes().all(is_base62) {
+        let (random, check) = body.split_at(KEY_RANDOM_CHARS);
+        return checksum(random).as_bytes() == check.as_bytes();
+    }
+    !body.is_empty()
+}
+
+/// Random base62 characters in a generated key: 238 bits.
+const KEY_RANDOM_CHARS: usize = 40;
+/// Base62 digits of a generated key's checksum (62^6 > 2^32).
+const KEY_CHECKSUM_CHARS: usize = 6;
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+fn is_base62(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric()
+}
+
+/// The first 32 bits of SHA-256 of `random`, as six base62 digits.
+fn checksum(random: &str) -> String {
+    let digest = Sha256::digest(random.as_bytes());
+    let mut n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) as u64;
+    let mut digits = [b'0'; KEY_CHECKSUM_CHARS];
+    for digit in digits.iter_mut().rev() {
+        *digit = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8_lossy(&digits).into_owned()
+}
+
+/// A new client key: `ak_`, 40 random base62 characters and their 6-character checksum.
+pub fn generate_key() -> String {
+    let random = crate::request::random_id("", KEY_RANDOM_CHARS);
+    let check = checksum(&random);
+    format!("ak_{random}{check}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_keys_carry_a_checksum_that_catches_typos() {
+        let key = generate_key();
+        assert_eq!(key.len(), 3 + KEY_RANDOM_CHARS + KEY_CHECKSUM_CHARS);
+        assert!(looks_like_key(&key));
+        // Every single-character change of a generated key is caught before any lookup.
+        let bytes = key.as_bytes();
+        for at in 3..bytes.len() {
+            let mut typo = bytes.to_vec();
+            typo[at] = if bytes[at] == b'x' { b'y' } else { b'x' };
+            let typo = String::from_utf8(typo).unwrap();
+            assert!(!looks_like_key(&typo), "{typo}");
+        }
+        // Keys of any other shape (config keys chosen by operators) are looked up as before.
+        for other in [
+            "ak_123",
+            "ak_0123456789abcdef0123456789abcdef",
+            &key[..key.len() - 1],
+        ] {
+            assert!(looks_like_key(other), "{other}");
+        }
+        for refused in ["ak_", "sk_123", ""] {
+            assert!(!looks_like_key(refused), "{refused}");
+        }
+    }
 
     #[test]
     fn bearer_parsing_table() {

@@ -145,6 +145,11 @@ fn a_key_is_created_used_inspected_and_revoked() {
 
     gw.chat(OTHER_AGENT, &key, "hi").assert_status(200);
     assert_eq!(w.last().header("x-key-id"), Some(id.as_str()));
+    // A generated key carries a checksum: a typo is refused like any unknown key.
+    let mut typo = key.clone().into_bytes();
+    typo[10] = if typo[10] == b'x' { b'y' } else { b'x' };
+    gw.chat(OTHER_AGENT, &String::from_utf8(typo).unwrap(), "hi")
+        .error(401, "invalid_api_key");
     assert_eq!(w.last().header("x-account-id"), Some("acct_bob"));
     gw.chat(AGENT, &key, "hi").error(404, "agent_not_found");
 

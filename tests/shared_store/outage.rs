@@ -36,6 +36,13 @@ fn fail_closed_answers_503_while_redis_is_down_and_recovers_after_a_restart() {
     let w = Worker::start("w1");
     let gw = gateway(&redis, &w, "fail_closed");
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    let made = gw.admin_post(
+        "/admin/keys",
+        &json!({"account": "acct_jane", "agents": "*", "policy": "standard"}),
+    );
+    let mut typo = made.json()["key"].as_str().unwrap().as_bytes().to_vec();
+    typo[10] = if typo[10] == b'x' { b'y' } else { b'x' };
+    let typo = String::from_utf8(typo).unwrap();
 
     redis.stop();
     for _ in 0..5 {
@@ -43,6 +50,8 @@ fn fail_closed_answers_503_while_redis_is_down_and_recovers_after_a_restart() {
         reply.error(503, "store_unavailable");
         assert!(took < PROMPT, "answered after {took:?}");
     }
+    // A mistyped generated key is refused by its checksum, without asking the store.
+    gw.chat(AGENT, &typo, "hi").error(401, "invalid_api_key");
     assert_eq!(w.count(), 1, "nothing is forwarded while the store is down");
     assert!(gw.metric("turnpike_store_errors_total", &[]) >= 1.0);
     assert_eq!(gw.open_get("/readyz").status, 503);
