@@ -119,8 +119,29 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// How to open a connection; each runtime thread opens its own (see [`RedisStore::conn`]).
+enum Connector {
+    Single(redis::Client, ConnectionManagerConfig),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+impl Connector {
+    async fn connect(&self) -> RedisResult<Conn> {
+        match self {
+            Connector::Single(client, config) => Ok(Conn::Single(
+                ConnectionManager::new_with_config(client.clone(), config.clone()).await?,
+            )),
+            Connector::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+        }
+    }
+}
+
 pub struct RedisStore {
-    conn: Conn,
+    /// Tells this store's per-thread connections from another's.
+    id: usize,
+    /// Bumped when connections may have broken; older ones are replaced on next use.
+    generation: AtomicU64,
+    connector: Connector,
     plan: Plan,
     timeout: Duration,
     fail_open: bool,
@@ -159,42 +180,44 @@ impl RedisStore {
         } else {
             Plan::Single
         };
-        let conn = match plan {
-            Plan::Single => {
-                let client = redis::Client::open(config.urls[0].as_str())
-                    .map_err(|e| format!("store.url: {e}"))?;
-                let manager = ConnectionManagerConfig::new()
+        let connector = match plan {
+            Plan::Single => Connector::Single(
+                redis::Client::open(config.urls[0].as_str())
+                    .map_err(|e| format!("store.url: {e}"))?,
+                ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(500))))
                     .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(500));
-                let connecting = ConnectionManager::new_with_config(client, manager);
-                let manager = tokio::time::timeout(ADMIN_TIMEOUT, connecting)
-                    .await
-                    .map_err(|_| format!("Redis at {} did not answer", config.urls[0]))?
-                    .map_err(|e| format!("Redis at {}: {e}", config.urls[0]))?;
-                Conn::Single(manager)
-            }
-            Plan::Cluster => {
-                let client = redis::cluster::ClusterClient::builder(config.urls.clone())
+                    .set_max_delay(Duration::from_millis(500)),
+            ),
+            Plan::Cluster => Connector::Cluster(
+                redis::cluster::ClusterClient::builder(config.urls.clone())
                     .connection_timeout(config.timeout.max(Duration::from_millis(500)))
                     .response_timeout(config.timeout)
                     .retries(1)
                     .build()
-                    .map_err(|e| format!("store.url: {e}"))?;
-                let connecting = client.get_async_connection();
-                let connection = tokio::time::timeout(ADMIN_TIMEOUT, connecting)
-                    .await
-                    .map_err(|_| "the Redis Cluster did not answer".to_owned())?
-                    .map_err(|e| format!("Redis Cluster: {e}"))?;
-                Conn::Cluster(connection)
-            }
+                    .map_err(|e| format!("store.url: {e}"))?,
+            ),
         };
+        // Fail at start, not on the first call, when Redis cannot be reached.
+        match tokio::time::timeout(ADMIN_TIMEOUT, connector.connect()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("Redis at {}: {e}", config.urls.join(", "))),
+            Err(_) => {
+                return Err(format!(
+                    "Redis at {} did not answer",
+                    config.urls.join(", ")
+                ))
+            }
+        }
         let ops = Op::ALL.map(|op| OpMetrics {
             duration: metrics.store_duration.with_label_values(&[op.label()]),
             errors: metrics.store_errors.with_label_values(&[op.label()]),
         });
+        static STORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let store = Arc::new(Self {
-            conn,
+            id: STORES.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
+            connector,
             plan,
             timeout: config.timeout,
             fail_open: config.on_unavailable == FailMode::FailOpen,
@@ -276,6 +299,7 @@ impl RedisStore {
 
     fn mark_up(&self) {
         if self.down_until_ms.swap(0, Ordering::Relaxed) != 0 {
+            self.renew_connections();
             tracing::info!("Redis is reachable again");
         }
     }
@@ -286,6 +310,17 @@ impl RedisStore {
         script: &Script,
         invocation: &Invocation,
     ) -> Result<T, StoreError> {
+        self.invoke_within(op, self.timeout, script, invocation)
+            .await
+    }
+
+    async fn invoke_within<T: FromRedisValue>(
+        &self,
+        op: Op,
+        deadline: Duration,
+        script: &Script,
+        invocation: &Invocation,
+    ) -> Result<T, StoreError> {
         let mut call = script.prepare_invoke();
         for key in &invocation.keys {
             call.key(key);
@@ -293,18 +328,56 @@ impl RedisStore {
         for arg in &invocation.args {
             call.arg(arg);
         }
-        let mut conn = self.conn.clone();
-        self.run(op, self.timeout, async move {
+        self.run(op, deadline, async move {
+            let mut conn = self.conn().await?;
             call.invoke_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// One command under `deadline`.
+    async fn query<T: FromRedisValue>(
+        &self,
+        op: Op,
+        deadline: Duration,
+        cmd: &Cmd,
+    ) -> Result<T, StoreError> {
+        self.run(op, deadline, async move {
+            let mut conn = self.conn().await?;
+            cmd.query_async(&mut conn).await
         })
         .await
     }
 
     /// One command with the admin deadline.
     async fn admin<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        self.run(Op::Admin, ADMIN_TIMEOUT, cmd.query_async(&mut conn))
-            .await
+        self.query(Op::Admin, ADMIN_TIMEOUT, cmd).await
+    }
+
+    /// This thread's connection, made on first use. Each runtime thread has its own, so a
+    /// call's Redis I/O runs on the thread that awaits it: no cross-thread wake-ups.
+    /// A connection from before Redis was last unreachable is replaced, so no thread keeps
+    /// one that broke while it sat idle.
+    async fn conn(&self) -> RedisResult<Conn> {
+        thread_local! {
+            static CONNECTIONS: std::cell::RefCell<HashMap<usize, (u64, Conn)>> =
+                std::cell::RefCell::new(HashMap::new());
+        }
+        let generation = self.generation.load(Ordering::Relaxed);
+        let cached = CONNECTIONS.with(|c| c.borrow().get(&self.id).cloned());
+        if let Some((made_in, conn)) = cached {
+            if made_in == generation {
+                return Ok(conn);
+            }
+        }
+        let conn = self.connector.connect().await?;
+        CONNECTIONS.with(|c| c.borrow_mut().insert(self.id, (generation, conn.clone())));
+        Ok(conn)
+    }
+
+    /// Every thread opens a new connection on its next call.
+    fn renew_connections(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Writes the steps of one settlement; what could not be written is left in `steps`.
@@ -353,14 +426,9 @@ impl RedisStore {
     }
 
     async fn append(&self, entry: &Cmd) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        self.run(
-            Op::Settle,
-            self.timeout,
-            entry.query_async::<Value>(&mut conn),
-        )
-        .await
-        .map(drop)
+        self.query::<Value>(Op::Settle, self.timeout, entry)
+            .await
+            .map(drop)
     }
 
     fn settle_steps(&self, call: &Settlement, refund: RefundOf) -> Vec<Step> {
@@ -447,12 +515,12 @@ impl RedisStore {
     }
 
     async fn fetch_key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        let mut conn = self.conn.clone();
-        let name = layout::key_record(hash);
         let fields: HashMap<String, String> = self
-            .run(Op::Key, self.timeout, async move {
-                redis::cmd("HGETALL").arg(name).query_async(&mut conn).await
-            })
+            .query(
+                Op::Key,
+                self.timeout,
+                redis::cmd("HGETALL").arg(layout::key_record(hash)),
+            )
             .await?;
         Ok(parse_record(&fields).map(Arc::new))
     }
@@ -774,16 +842,8 @@ impl Store for RedisStore {
             keys: vec![layout::account_hash(account)],
             args: vec![how.to_owned(), amount.to_string()],
         };
-        let mut call = self.balance_script.prepare_invoke();
-        call.key(&invocation.keys[0]);
-        for arg in &invocation.args {
-            call.arg(arg);
-        }
-        let mut conn = self.conn.clone();
         let fields: Option<Vec<Option<i64>>> = self
-            .run(Op::Admin, ADMIN_TIMEOUT, async move {
-                call.invoke_async(&mut conn).await
-            })
+            .invoke_within(Op::Admin, ADMIN_TIMEOUT, &self.balance_script, &invocation)
             .await?;
         Ok(fields.as_deref().and_then(account_state))
     }
@@ -828,14 +888,12 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         // Not `run`: readiness asks Redis itself even while calls fail fast.
-        match tokio::time::timeout(
-            ADMIN_TIMEOUT,
-            redis::cmd("PING").query_async::<Value>(&mut conn),
-        )
-        .await
-        {
+        let ping = async {
+            let mut conn = self.conn().await?;
+            redis::cmd("PING").query_async::<Value>(&mut conn).await
+        };
+        match tokio::time::timeout(ADMIN_TIMEOUT, ping).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => Err(StoreError::Unavailable(error.to_string())),
             Err(_) => Err(StoreError::Unavailable("Redis did not answer PING".into())),
@@ -942,6 +1000,8 @@ async fn listen_for_key_changes(store: std::sync::Weak<RedisStore>, urls: Vec<St
         }
         let Some(live) = store.upgrade() else { return };
         live.keys.forget_all();
+        // The subscription broke: so may every idle connection to the same server.
+        live.renew_connections();
         drop(live);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
