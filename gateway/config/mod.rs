@@ -181,9 +181,15 @@ fn read(path: &Path) -> Result<String, ConfigErrors> {
 }
 
 fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigErrors> {
-    serde_yaml_ng::from_str(text).map_err(|e| {
+    serde_yaml_ng::from_str(text).map_err(|typed| {
+        // The typed parser may trip over a wrong type before it reaches a syntax error
+        // further on; a file that is not YAML at all is reported as such.
+        let e = match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text) {
+            Err(syntax) => syntax,
+            Ok(_) => typed,
+        };
         let location = e.location().map(|l| (l.line(), l.column()));
-        one_error(path, location, e.to_string())
+        one_error(path, location, without_location(e.to_string()))
     })
 }
 
@@ -223,14 +229,21 @@ fn load_policies(
         }
     };
     for file in files {
-        let parsed = read(&file).and_then(|text| {
-            let parsed: PolicyFile = parse_yaml(&file, &text)?;
-            Ok((text, parsed))
-        });
-        let (text, parsed) = match parsed {
-            Ok(both) => both,
+        let text = match read(&file) {
+            Ok(text) => text,
             Err(ConfigErrors(mut found)) => {
                 errors.append(&mut found);
+                continue;
+            }
+        };
+        let parsed = match parse_yaml::<PolicyFile>(&file, &text) {
+            Ok(parsed) => parsed,
+            Err(first) => {
+                // Judge each policy on its own: every broken one is reported, and a policy
+                // that failed to parse is still known by name, so references to it are not
+                // reported as well.
+                let known = (&mut policies, &mut names);
+                report_each_policy(&file, &text, first, known, &mut errors);
                 continue;
             }
         };
@@ -250,6 +263,59 @@ fn load_policies(
         }
     }
     (policies, names, errors)
+}
+
+/// Reports the problems of a policy file that did not parse as a whole, one per broken
+/// policy: the first with the parser's exact position (`first`), the others at their name.
+fn report_each_policy(
+    file: &Path,
+    text: &str,
+    first: ConfigErrors,
+    (policies, names): (&mut HashMap<String, Arc<Policy>>, &mut HashSet<String>),
+    errors: &mut Vec<ConfigError>,
+) {
+    #[derive(serde::Deserialize)]
+    struct Loose {
+        #[serde(default)]
+        policies: serde_yaml_ng::Mapping,
+    }
+    let Ok(loose) = serde_yaml_ng::from_str::<Loose>(text) else {
+        // Not YAML (`first` says where); its policies' names are unknown.
+        errors.extend(first.0);
+        return;
+    };
+    let mut first = Some(first);
+    let mut report = Report { file, text, errors };
+    for (name, value) in loose.policies {
+        let Some(name) = name.as_str() else { continue };
+        if !names.insert(name.to_owned()) {
+            report.error(format!("policies.{name}"), "policy defined twice");
+            continue;
+        }
+        match serde_yaml_ng::from_value::<spec::PolicySpec>(value) {
+            Ok(spec) => {
+                if let Some(policy) = compile_policy(name, spec, &mut report) {
+                    policies.insert(name.to_owned(), Arc::new(policy));
+                }
+            }
+            Err(e) => match first.take() {
+                Some(first) => report.errors.extend(first.0),
+                None => report.error(format!("policies.{name}"), without_location(e.to_string())),
+            },
+        }
+    }
+    if let Some(first) = first {
+        report.errors.extend(first.0);
+    }
+}
+
+/// A parser message without its trailing "at line L column C": the location is printed
+/// in front already.
+fn without_location(message: String) -> String {
+    match message.rfind(" at line ") {
+        Some(at) if message[at..].contains(" column ") => message[..at].to_owned(),
+        _ => message,
+    }
 }
 
 /// The largest `burst × per` (in milliseconds) a bucket may hold: 2^53, below which the

@@ -8,6 +8,7 @@ mod support;
 mod admin;
 mod affinity;
 mod balance;
+mod check;
 mod check_order;
 mod cli;
 mod errors;
