@@ -127,6 +127,7 @@ impl AdminApp {
         match (method, route.split_once('/')) {
             (&Method::POST, None) if route == "reload" => self.reload().await,
             (&Method::GET, None) if route == "usage" => self.usage(query).await,
+            (&Method::GET, None) if route == "policies" => self.policies(),
             (&Method::POST, None) if route == "keys" => self.create_key(session).await,
             (&Method::GET, Some(("keys", id))) => self.show_key(id).await,
             (&Method::DELETE, Some(("keys", id))) => self.revoke_key(id).await,
@@ -188,6 +189,22 @@ impl AdminApp {
             .await
             .map_err(unavailable)?;
         json_ok(serde_json::to_value(totals).unwrap_or_default())
+    }
+
+    /// The policies in force, for `turnpike check --against`.
+    fn policies(&self) -> Answer {
+        let snapshot = self.shared.snapshot.load();
+        let policies = crate::policy_diff::set_json(
+            snapshot
+                .config
+                .policies
+                .iter()
+                .map(|(name, p)| (name, p.as_ref())),
+        );
+        json_ok(json!({
+            "generation": self.shared.metrics.config_generation.get(),
+            "policies": policies,
+        }))
     }
 
     /// Issues a new key. The secret is in this answer only: the store keeps its hash.

@@ -31,6 +31,17 @@ pub struct AdminTarget {
     pub token: String,
 }
 
+/// The policies in force on a running gateway (`GET /admin/policies`), by name.
+pub fn running_policies(
+    target: &AdminTarget,
+) -> Result<std::collections::BTreeMap<String, Value>, String> {
+    let answer = send(target, "GET", "/admin/policies", None)?;
+    match answer["policies"].as_object() {
+        Some(policies) => Ok(policies.clone().into_iter().collect()),
+        None => Err("the admin API's /admin/policies answer has no policies".into()),
+    }
+}
+
 /// Makes the call and returns what to print; `Err` carries the API's error message.
 pub fn run(target: &AdminTarget, call: &AdminCall, as_json: bool) -> Result<String, String> {
     let (method, path, body) = request(call);

@@ -22,6 +22,7 @@ pub mod logging;
 pub mod metering;
 pub mod metrics;
 pub mod outcome;
+pub mod policy_diff;
 pub mod proxy;
 pub mod reload;
 pub mod reply;

@@ -30,10 +30,18 @@ enum Command {
         #[arg(long, default_value = "config/turnpike.yaml")]
         config: PathBuf,
     },
-    /// Validate a config file and its policies; exits 1 listing every error.
+    /// Validate a config file and its policies; exits 1 listing every error. With
+    /// --policies, validates that directory instead and prints what it would change.
     Check {
         #[arg(long, default_value = "config/turnpike.yaml")]
         config: PathBuf,
+        /// A proposed policy directory, checked in place of the config's own.
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// Compare with the set in force on this running gateway's admin API (token from
+        /// TURNPIKE_ADMIN_TOKEN) instead of the config's own policy directory.
+        #[arg(long, value_name = "ADMIN_URL")]
+        against: Option<String>,
     },
     /// Run the gateway on the embedded store with a built-in demo worker.
     Demo,
@@ -119,7 +127,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = init_logging(cli.log_format);
     let outcome = match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            policies,
+            against,
+        } => check(&config, policies.as_deref(), against.as_deref()),
         Command::Serve { config } => config::load(&config)
             .map_err(|errors| errors.to_string())
             .and_then(|runtime| server::run(runtime, Vec::new())),
@@ -206,9 +218,17 @@ fn hash_key(key: Option<String>) -> Result<(), String> {
     Ok(())
 }
 
-fn check(path: &std::path::Path) -> Result<(), String> {
-    let runtime =
-        config::load(path).map_err(|errors| format!("{errors}\n{} error(s)", errors.0.len()))?;
+fn check(
+    path: &std::path::Path,
+    proposed: Option<&std::path::Path>,
+    against: Option<&str>,
+) -> Result<(), String> {
+    let listed = |errors: config::ConfigErrors| format!("{errors}\n{} error(s)", errors.0.len());
+    let runtime = match proposed {
+        Some(dir) => config::load_with_policies(path, dir),
+        None => config::load(path),
+    }
+    .map_err(listed)?;
     println!(
         "{}: ok ({} agents, {} upstreams, {} policies, {} keys)",
         path.display(),
@@ -217,6 +237,31 @@ fn check(path: &std::path::Path) -> Result<(), String> {
         runtime.policies.len(),
         runtime.keys.len()
     );
+    if proposed.is_none() && against.is_none() {
+        return Ok(());
+    }
+    use turnpike::policy_diff::{diff, set_json};
+    let new = set_json(runtime.policies.iter().map(|(n, p)| (n, p.as_ref())));
+    let (old, baseline) = match against {
+        Some(url) => {
+            let target = AdminTarget {
+                url: url.to_owned(),
+                token: std::env::var("TURNPIKE_ADMIN_TOKEN").unwrap_or_default(),
+            };
+            let running = cli::running_policies(&target)?;
+            (running, format!("the set in force at {url}"))
+        }
+        None => {
+            let current = config::load(path).map_err(listed)?;
+            let old = set_json(current.policies.iter().map(|(n, p)| (n, p.as_ref())));
+            (old, current.policies_dir.display().to_string())
+        }
+    };
+    let changes = diff(&old, &new);
+    println!("{} change(s) against {baseline}", changes.len());
+    for change in changes {
+        println!("{change}");
+    }
     Ok(())
 }
 

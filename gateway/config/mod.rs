@@ -151,12 +151,24 @@ impl Report<'_> {
 
 /// Reads and validates `path` and the policy directory it names.
 pub fn load(path: &Path) -> Result<Runtime, ConfigErrors> {
+    load_with(path, None)
+}
+
+/// Reads and validates `path` with the policies of `policies_dir` instead of its own.
+pub fn load_with_policies(path: &Path, policies_dir: &Path) -> Result<Runtime, ConfigErrors> {
+    load_with(path, Some(policies_dir))
+}
+
+fn load_with(path: &Path, policies_dir: Option<&Path>) -> Result<Runtime, ConfigErrors> {
     let text = read(path)?;
     let file: ConfigFile = parse_yaml(path, &text)?;
-    let policies_dir = path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(&file.policies_dir);
+    let policies_dir = match policies_dir {
+        Some(dir) => dir.to_path_buf(),
+        None => path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&file.policies_dir),
+    };
     let (policies, policy_names, mut errors) = load_policies(&policies_dir);
     let mut runtime = compile(path, &text, file, policies, &policy_names, &mut errors);
     runtime.policies_dir = policies_dir;

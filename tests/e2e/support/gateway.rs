@@ -810,7 +810,9 @@ impl TestGateway {
 
 impl Drop for TestGateway {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
+        // A panic while the lock was held (say, in `wait_ready`) must not hide the process.
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut child) = child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
