@@ -14,6 +14,7 @@ mod cli;
 mod errors;
 mod forwarding;
 mod metering;
+mod openapi;
 mod path_tricks;
 mod rate_limits;
 mod reload;
