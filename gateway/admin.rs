@@ -129,17 +129,17 @@ impl AdminApp {
             (&Method::GET, None) if route == "usage" => self.usage(query).await,
             (&Method::GET, None) if route == "policies" => self.policies(),
             (&Method::POST, None) if route == "keys" => self.create_key(session).await,
-            (&Method::GET, Some(("keys", id))) => self.show_key(id).await,
-            (&Method::DELETE, Some(("keys", id))) => self.revoke_key(id).await,
+            (&Method::GET, Some(("keys", id))) => self.show_key(&segment(id)?).await,
+            (&Method::DELETE, Some(("keys", id))) => self.revoke_key(&segment(id)?).await,
             (_, Some(("accounts", rest)))
                 if rest
                     .strip_suffix("/balance")
                     .is_some_and(|a| !a.contains('/')) =>
             {
-                let account = rest.strip_suffix("/balance").unwrap_or_default();
-                self.balance(session, method, account).await
+                let account = segment(rest.strip_suffix("/balance").unwrap_or_default())?;
+                self.balance(session, method, &account).await
             }
-            (_, None) if matches!(route, "reload" | "usage" | "keys") => {
+            (_, None) if matches!(route, "reload" | "usage" | "keys" | "policies") => {
                 Err(GatewayError::MethodNotAllowed)
             }
             (_, Some(("keys", _))) => Err(GatewayError::MethodNotAllowed),
@@ -348,6 +348,25 @@ fn key_json(record: &KeyRecord) -> serde_json::Value {
         "expires_at": expires_at,
         "revoked": record.revoked,
     })
+}
+
+/// A path segment with its `%XX` escapes decoded (ids may hold any character).
+fn segment(raw: &str) -> Result<String, GatewayError> {
+    let bad = || GatewayError::InvalidRequest(format!("Bad escape in path segment '{raw}'"));
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut rest = raw.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = tail.get(..2).ok_or_else(bad)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+            bytes.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| bad())
 }
 
 fn unavailable(_: crate::store::StoreError) -> GatewayError {

@@ -103,8 +103,18 @@ fn balance_path(account: &str) -> String {
     format!("/admin/accounts/{}/balance", escape(account))
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters, so any id survives
+/// as one path segment.
 fn escape(segment: &str) -> String {
-    form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }
 
 fn send(

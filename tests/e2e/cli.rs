@@ -213,3 +213,44 @@ fn the_operator_cli_refuses_a_wrong_token_and_hashes_keys() {
         sha256_hex("ak_test")
     );
 }
+
+#[test]
+fn the_cli_reaches_accounts_and_keys_whose_ids_need_escaping() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .config(|c| {
+            c["accounts"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"id": "acct eu/1+x", "balance": 7}));
+        })
+        .start();
+    let got = operator_json(&gw, &["balance", "get", "acct eu/1+x"]);
+    assert_eq!(got["account"], "acct eu/1+x");
+    assert_eq!(got["balance"], 7);
+    let added = operator_json(&gw, &["balance", "add", "acct eu/1+x", "3"]);
+    assert_eq!(added["balance"], 10);
+    let made = operator_json(
+        &gw,
+        &[
+            "keys",
+            "create",
+            "--account",
+            "acct eu/1+x",
+            "--policy",
+            "standard",
+            "--id",
+            "key.a:b",
+        ],
+    );
+    assert_eq!(made["id"], "key.a:b");
+    assert_eq!(
+        operator_json(&gw, &["keys", "show", "key.a:b"])["account"],
+        "acct eu/1+x"
+    );
+    assert_eq!(
+        operator_json(&gw, &["keys", "revoke", "key.a:b"])["revoked"],
+        true
+    );
+}

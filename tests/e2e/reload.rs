@@ -31,6 +31,55 @@ fn admin_reload_puts_new_policies_in_force() {
 }
 
 #[test]
+fn a_policy_file_changed_under_traffic_is_in_force_within_2s_and_no_call_fails() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (statuses, changed_after) = std::thread::scope(|s| {
+        let traffic: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut statuses = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        statuses.push(gw.chat(AGENT, gw.jane(), "hi").status);
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        gw.files.write_policies(&json!({
+            "standard": {"requests": {"rate": 2000, "per": "1s"}},
+        }));
+        let written = std::time::Instant::now();
+        wait_until(Duration::from_secs(5), "the new limit shows", || {
+            gw.chat(AGENT, gw.jane(), "hi").header("ratelimit-limit") == Some("2000")
+        });
+        let changed_after = written.elapsed();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let statuses: Vec<u16> = traffic
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        (statuses, changed_after)
+    });
+    assert!(
+        changed_after < Duration::from_secs(2),
+        "in force after {changed_after:?}"
+    );
+    assert!(
+        statuses.len() > 20,
+        "traffic flowed: {} calls",
+        statuses.len()
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "a call failed: {statuses:?}"
+    );
+}
+
+#[test]
 fn a_broken_policy_set_is_refused_whole_and_the_old_one_stays() {
     let w = Worker::start("w1");
     let gw = TestGateway::builder()
@@ -61,8 +110,8 @@ fn a_broken_policy_set_is_refused_whole_and_the_old_one_stays() {
     // Log lines are written in batches (within 200 ms).
     wait_until(
         Duration::from_secs(2),
-        "the error is logged with its file",
-        || gw.log().contains("policies.yaml"),
+        "the error is logged with its file and line",
+        || gw.log().contains("policies.yaml:5:"),
     );
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
