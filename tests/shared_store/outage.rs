@@ -88,10 +88,15 @@ fn fail_open_serves_on_local_limits_and_meters_every_call_once_redis_is_back() {
     assert_eq!(gw.metric("turnpike_store_settlements_queued", &[]), 5.0);
 
     redis.restart();
+    let restarted = Instant::now();
     wait_until(
         Duration::from_secs(10),
         "the held settlements are written",
         || gw.metric("turnpike_store_settlements_queued", &[]) == 0.0,
+    );
+    eprintln!(
+        "5 held settlements written {:?} after Redis restarted",
+        restarted.elapsed()
     );
     let usage = gw.usage("account=acct_jane");
     assert_eq!(usage.requests, 8);
