@@ -89,9 +89,6 @@ pub struct Side<'a> {
     pub invocation: Invocation,
     scopes: Vec<Limited<'a>>,
     priced: bool,
-    /// The account whose tag the side lives under; `None` for an agent-only side.
-    account: Option<&'a str>,
-    agent: Option<&'a str>,
 }
 
 /// How a deployment splits a call across scripts.
@@ -173,14 +170,8 @@ pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan, peek: bool) -> Vec<Side
                 push_spec(&mut args, s.policy.tokens);
                 args.push(s.policy.concurrency.unwrap_or(0).to_string());
             }
-            let holds_key = scopes.iter().any(|s| s.scope == Scope::Key);
             Side {
                 invocation: Invocation { keys, args },
-                account: (priced || holds_key).then_some(call.account),
-                agent: scopes
-                    .iter()
-                    .any(|s| s.scope == Scope::Agent)
-                    .then_some(call.agent),
                 scopes,
                 priced,
             }
@@ -487,17 +478,14 @@ pub fn stream_entry(call: &Settlement, stream_maxlen: u64, time_ms: u64) -> redi
 }
 
 impl Side<'_> {
-    /// Whether this side holds the key's state (and so the account's).
-    pub fn holds_key(&self) -> bool {
-        self.account.is_some()
+    /// Whether this side judged the scope's buckets.
+    pub fn judges(&self, scope: Scope) -> bool {
+        self.scopes.iter().any(|s| s.scope == scope)
     }
 
+    /// Whether this side reserved from the balance.
     pub fn priced(&self) -> bool {
         self.priced
-    }
-
-    pub fn holds_agent(&self) -> bool {
-        self.agent.is_some()
     }
 }
 

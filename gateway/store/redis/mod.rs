@@ -27,7 +27,7 @@ use self::cache::{Cached, KeyCache};
 use self::layout::{Invocation, Plan, RefundOf};
 use self::queue::{SettlementQueue, Step};
 use super::{AccountSeed, BalanceChange, MemoryStore, Store, StoreError, UsageFilter, UsageTotals};
-use crate::admission::{Admission, Admitted, Refusal, Reservation, Settlement};
+use crate::admission::{Admission, Admitted, Refusal, Reservation, Scope, Settlement};
 use crate::auth::{AgentScope, KeyHash, KeyRecord};
 use crate::billing::AccountState;
 use crate::config::{FailMode, StoreConfig};
@@ -505,8 +505,8 @@ impl RedisStore {
             status: 0,
         };
         let refund = RefundOf::Side {
-            key: side.holds_key(),
-            agent: side.holds_agent(),
+            key: side.judges(Scope::Key),
+            agent: side.judges(Scope::Agent),
         };
         let mut steps = self.settle_steps(&settlement, refund);
         if self.write(&mut steps).await.is_err() {
