@@ -125,7 +125,7 @@ impl Metrics {
             ),
             settlements_dropped: counter(
                 "turnpike_store_settlements_dropped_total",
-                "Settlements lost because the queue was full",
+                "Settlements lost: the queue was full, or Redis refused a held one",
                 &[],
             )
             .with_label_values(&[] as &[&str]),

@@ -59,8 +59,10 @@ pub struct AdminConfig {
 #[derive(Debug, PartialEq, Eq)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    /// One URL: a single Redis server; several: the seed nodes of a Redis Cluster.
+    /// The Redis server, or the seed nodes of a Redis Cluster.
     pub urls: Vec<String>,
+    /// `url` was a list: Redis Cluster, even with one seed node.
+    pub cluster: bool,
     pub on_unavailable: FailMode,
     pub timeout: Duration,
     pub key_cache_ttl: Duration,
@@ -495,10 +497,10 @@ fn compile_limits(spec: &spec::LimitsSpec, report: &mut Report) -> Limits {
 }
 
 fn compile_store(spec: spec::StoreSpec, report: &mut Report) -> StoreConfig {
-    let urls = match spec.url {
-        None => Vec::new(),
-        Some(spec::OneOrMany::One(url)) => vec![url],
-        Some(spec::OneOrMany::Many(urls)) => urls,
+    let (urls, cluster) = match spec.url {
+        None => (Vec::new(), false),
+        Some(spec::OneOrMany::One(url)) => (vec![url], false),
+        Some(spec::OneOrMany::Many(urls)) => (urls, true),
     };
     if spec.kind == StoreKind::Redis {
         if urls.is_empty() {
@@ -533,6 +535,7 @@ fn compile_store(spec: spec::StoreSpec, report: &mut Report) -> StoreConfig {
     StoreConfig {
         kind: spec.kind,
         urls,
+        cluster,
         on_unavailable: spec.on_unavailable,
         timeout,
         key_cache_ttl,

@@ -18,8 +18,15 @@ use crate::limits::Quota;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
+    /// No answer in time: the operation may or may not have been applied.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Nothing was sent: the store is known to be down.
+    #[error("store unreachable: {0}")]
+    Unreachable(String),
+    /// The store answered with an error: it is up, and the operation was refused.
+    #[error("store refused the operation: {0}")]
+    Refused(String),
 }
 
 /// Totals over everything metered, for `GET /admin/usage`.

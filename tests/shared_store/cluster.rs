@@ -37,10 +37,17 @@ fn a_call_the_agent_limit_refuses_gives_the_key_its_token_back() {
     refused.error(429, "rate_limit_exceeded");
     assert_eq!(refused.header("ratelimit-remaining"), Some("0"));
     assert_eq!(w.count(), 2);
-    // Keys of one account share a slot; the agent's state is elsewhere.
-    let slot = |key: &str| cluster.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]);
+    // The key's buckets and its account's balance live on one node, under one tag.
+    let holder = |key: &str| {
+        cluster
+            .nodes
+            .iter()
+            .position(|node| node.cli(&["EXISTS", key]) == "(integer) 1")
+            .unwrap_or_else(|| panic!("no node holds {key}"))
+    };
     assert_eq!(
-        slot("turnpike:{acct_jane}:account"),
-        slot("turnpike:{acct_jane}:key:key_jane")
+        holder("turnpike:{account:acct_jane}:account"),
+        holder("turnpike:{account:acct_jane}:key:key_jane:limits")
     );
+    holder(&format!("turnpike:{{agent:{AGENT}}}:limits"));
 }

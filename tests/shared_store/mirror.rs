@@ -277,6 +277,7 @@ async fn run(store: &dyn Store, prefix: &str) -> Vec<(String, Vec<Decision>, Opt
 fn redis_config(urls: Vec<String>) -> StoreConfig {
     StoreConfig {
         kind: StoreKind::Redis,
+        cluster: urls.len() > 1,
         urls,
         on_unavailable: FailMode::FailClosed,
         timeout: std::time::Duration::from_secs(2),
@@ -307,6 +308,63 @@ fn compare(urls: Vec<String>) {
         assert_eq!(want, have, "case: {}", want.0);
     }
     assert_eq!(expected.len(), got.len());
+}
+
+#[test]
+fn an_admission_sent_twice_takes_nothing_twice() {
+    let redis = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = runtime
+        .block_on(RedisStore::connect(
+            &redis_config(vec![redis.url()]),
+            &Metrics::new(),
+            runtime.handle().clone(),
+        ))
+        .unwrap();
+    let key_policy = policy(hourly(1, 5), None, Some(3), Mode::Enforce).unwrap();
+    let pricing = Pricing {
+        input_per_mtok: 0,
+        output_per_mtok: 0,
+        reserve: 100,
+    };
+    let call = Admission {
+        call_id: "call-resent",
+        key_id: "key1",
+        account: "acct1",
+        agent: "ag_x",
+        key_policy: Some(&key_policy),
+        agent_policy: None,
+        pricing: Some(&pricing),
+        now_ms: 0,
+        lease_ms: 600_000,
+    };
+    runtime.block_on(async {
+        store
+            .seed(
+                &[],
+                &[AccountSeed {
+                    id: "acct1".into(),
+                    balance: 1000,
+                }],
+            )
+            .await
+            .unwrap();
+        let first = store.admit(&call).await.unwrap().unwrap();
+        let again = store.admit(&call).await.unwrap().unwrap();
+        assert_eq!(again.reservation, first.reservation);
+        let account = store.balance("acct1").await.unwrap().unwrap();
+        assert_eq!(
+            (account.balance, account.reserved),
+            (1000, 100),
+            "reserved once"
+        );
+        assert_eq!(first.quota.unwrap().remaining, 4);
+        assert_eq!(again.quota.unwrap().remaining, 4, "one request token taken");
+    });
 }
 
 #[test]

@@ -85,7 +85,8 @@ fn fail_open_serves_on_local_limits_and_meters_every_call_once_redis_is_back() {
         gw.metric("turnpike_store_fail_open_admissions_total", &[]),
         5.0
     );
-    assert_eq!(gw.metric("turnpike_store_settlements_queued", &[]), 5.0);
+    // Five settlements, and possibly the release of an admission whose answer was lost.
+    assert!(gw.metric("turnpike_store_settlements_queued", &[]) >= 5.0);
 
     redis.restart();
     let restarted = Instant::now();

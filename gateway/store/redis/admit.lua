@@ -127,6 +127,19 @@ local function reply(outcome, a, b, c)
 end
 
 if mode == 'peek' then return reply(3, 0, 0, 0) end
+
+-- The same call admitted before (a client library resending after a lost answer) takes
+-- nothing twice: its reservation or its slots are the sign.
+local held_before = priced and redis.call('HEXISTS', KEYS[1], 'held:' .. call_id) == 1
+local slots_before, seen_before = 0, held_before
+for i, s in ipairs(scopes) do
+  if s.concurrency > 0 and redis.call('ZSCORE', s.inflight, call_id) then
+    slots_before = slots_before + 2 ^ (i - 1)
+    seen_before = true
+  end
+end
+if seen_before then return reply(1, slots_before, 0, 0) end
+
 if refusal then return reply(0, refusal[1], refusal[2], math.min(refusal[3], EXACT)) end
 
 if priced then
@@ -134,9 +147,10 @@ if priced then
   -- Reservations of calls whose lease ran out (their instance died) are given back first.
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
   for _, id in ipairs(expired) do
-    local held = tonumber(redis.call('HGET', account, 'held:' .. id))
+    local held = redis.call('HGET', account, 'held:' .. id)
     if held then
-      redis.call('HINCRBY', account, 'reserved', -held)
+      -- Amounts stay decimal strings: Redis adds them as 64-bit integers, exactly.
+      redis.call('HINCRBY', account, 'reserved', '-' .. held)
       redis.call('HDEL', account, 'held:' .. id)
     end
     redis.call('ZREM', leases, id)
@@ -145,8 +159,8 @@ if priced then
   local free = (tonumber(balance[1]) or 0) - (tonumber(balance[2]) or 0)
   if free < reserve then return reply(2, 0, 0, 0) end
   if reserve > 0 then
-    redis.call('HINCRBY', account, 'reserved', reserve)
-    redis.call('HSET', account, 'held:' .. call_id, reserve)
+    redis.call('HINCRBY', account, 'reserved', ARGV[4])
+    redis.call('HSET', account, 'held:' .. call_id, ARGV[4])
     redis.call('ZADD', leases, lease_until, call_id)
   end
 end

@@ -4,6 +4,7 @@
 
 use parking_lot::RwLock;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,8 @@ const MAX_ENTRIES: usize = 100_000;
 pub struct KeyCache {
     ttl: Duration,
     entries: RwLock<HashMap<KeyHash, Entry>>,
+    /// Counts invalidations, so a lookup that an invalidation overtook is not cached.
+    invalidations: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -38,7 +41,13 @@ impl KeyCache {
         Self {
             ttl,
             entries: RwLock::new(HashMap::new()),
+            invalidations: AtomicU64::new(0),
         }
+    }
+
+    /// Taken before a lookup in the store, and handed to [`KeyCache::put`] with its result.
+    pub fn epoch(&self) -> u64 {
+        self.invalidations.load(Ordering::Acquire)
     }
 
     pub fn get(&self, hash: &KeyHash) -> Cached {
@@ -51,8 +60,13 @@ impl KeyCache {
         }
     }
 
-    pub fn put(&self, hash: KeyHash, record: Option<Arc<KeyRecord>>) {
+    /// Caches a lookup's result, unless a key changed since `epoch` (the record may be
+    /// from before the change).
+    pub fn put(&self, hash: KeyHash, record: Option<Arc<KeyRecord>>, epoch: u64) {
         let mut entries = self.entries.write();
+        if self.invalidations.load(Ordering::Acquire) != epoch {
+            return;
+        }
         if entries.len() >= MAX_ENTRIES {
             entries.clear();
         }
@@ -66,11 +80,15 @@ impl KeyCache {
     }
 
     pub fn forget(&self, hash: &KeyHash) {
-        self.entries.write().remove(hash);
+        let mut entries = self.entries.write();
+        self.invalidations.fetch_add(1, Ordering::AcqRel);
+        entries.remove(hash);
     }
 
     pub fn forget_all(&self) {
-        self.entries.write().clear();
+        let mut entries = self.entries.write();
+        self.invalidations.fetch_add(1, Ordering::AcqRel);
+        entries.clear();
     }
 }
 
@@ -83,11 +101,22 @@ mod tests {
         let cache = KeyCache::new(Duration::from_millis(50));
         let hash = KeyHash::of("ak_x");
         assert!(matches!(cache.get(&hash), Cached::Unknown));
-        cache.put(hash, None);
+        let epoch = cache.epoch();
+        cache.put(hash, None, epoch);
         assert!(matches!(cache.get(&hash), Cached::Fresh(None)));
         std::thread::sleep(Duration::from_millis(60));
         assert!(matches!(cache.get(&hash), Cached::Stale(None)));
         cache.forget(&hash);
+        assert!(matches!(cache.get(&hash), Cached::Unknown));
+    }
+
+    #[test]
+    fn a_lookup_overtaken_by_an_invalidation_is_not_cached() {
+        let cache = KeyCache::new(Duration::from_secs(60));
+        let hash = KeyHash::of("ak_x");
+        let epoch = cache.epoch();
+        cache.forget(&KeyHash::of("ak_other")); // a change arrives while the lookup runs
+        cache.put(hash, None, epoch);
         assert!(matches!(cache.get(&hash), Cached::Unknown));
     }
 }

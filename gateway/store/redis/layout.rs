@@ -2,7 +2,7 @@
 //! Pure: names, arguments and reply decoding, with no connection in sight.
 //!
 //! Everything an admission touches for a key lives under its account's hash tag
-//! (`turnpike:{acct_jane}:...`), so one script in one Cluster slot judges the key's buckets
+//! (`turnpike:{account:acct_jane}:...`), so one script in one Cluster slot judges the key's buckets
 //! and the balance together. An agent's own buckets are shared by every account, so they
 //! live under the agent's tag; on a single server one script covers both, on a Cluster they
 //! are a second script sent concurrently (see [`Plan`]).
@@ -24,8 +24,10 @@ pub const KEY_EVENTS: &str = "turnpike:keys";
 /// twice. Longer than any outage the settlement queue rides out in practice.
 pub const SETTLED_MARKER_MS: u64 = 3_600_000;
 
+/// Everything of one account shares this hash tag. The fixed `account:` inside the braces
+/// keeps the tag non-empty and apart from agents' whatever the id holds (even a `}`).
 pub fn account_tag(account: &str) -> String {
-    format!("turnpike:{{{account}}}")
+    format!("turnpike:{{account:{account}}}")
 }
 
 fn agent_tag(agent: &str) -> String {
@@ -76,10 +78,10 @@ impl Limiter<'_> {
     fn keys(self) -> [String; 2] {
         let base = match self {
             Limiter::Key { account, key_id } => format!("{}:key:{key_id}", account_tag(account)),
-            Limiter::Agent(agent) => format!("{}:limits", agent_tag(agent)),
+            Limiter::Agent(agent) => agent_tag(agent),
         };
-        let inflight = format!("{base}:inflight");
-        [base, inflight]
+        // Fixed, different endings: no key id can make one key's name another's.
+        [format!("{base}:limits"), format!("{base}:inflight")]
     }
 }
 
@@ -340,13 +342,11 @@ pub struct SettleSide {
 }
 
 /// The settlement scripts for `call`; empty when there is nothing to give back or record.
-/// `refund`: the call was refused after this side admitted it, so the request tokens it
-/// took are given back too.
 pub fn settle_sides(
     call: &Settlement,
     plan: Plan,
     stream_maxlen: u64,
-    refund: RefundOf,
+    purpose: Purpose,
 ) -> Vec<SettleSide> {
     let metered = call.usage.is_some();
     let tokens_debited =
@@ -360,9 +360,9 @@ pub fn settle_sides(
     );
     let key_work = call.reservation.key_slot || tokens_debited(call.key_policy);
     let agent_work = call.reservation.agent_slot || tokens_debited(call.agent_policy);
-    let refunds = |scope: Scope| match refund {
-        RefundOf::Nothing => false,
-        RefundOf::Side { key, agent } => match scope {
+    let refunds = |scope: Scope| match purpose {
+        Purpose::Settle | Purpose::Release => false,
+        Purpose::Refund { key, agent } => match scope {
             Scope::Key => key,
             Scope::Agent => agent,
         },
@@ -387,7 +387,14 @@ pub fn settle_sides(
                 agent_tag(call.agent)
             };
             let writes_stream = plan == Plan::Single && account_side && metered;
-            let mut keys = vec![format!("{tag}:settled:{}", call.call_id)];
+            // Each purpose has a marker of its own: a call refunded or released here may
+            // still be settled later (admitted on local buckets under `fail_open`).
+            let marker = match purpose {
+                Purpose::Settle => "settled",
+                Purpose::Refund { .. } => "refunded",
+                Purpose::Release => "released",
+            };
+            let mut keys = vec![format!("{tag}:{marker}:{}", call.call_id)];
             if account_side {
                 keys.push(account_hash(call.account));
                 keys.push(format!("{}:leases", account_tag(call.account)));
@@ -399,7 +406,7 @@ pub fn settle_sides(
             let mut args = vec![
                 call.call_id.to_owned(),
                 SETTLED_MARKER_MS.to_string(),
-                u8::from(!matches!(refund, RefundOf::Nothing)).to_string(),
+                u8::from(matches!(purpose, Purpose::Refund { .. })).to_string(),
                 u8::from(account_side).to_string(),
                 call.cost.to_string(),
                 u8::from(metered).to_string(),
@@ -436,11 +443,16 @@ pub fn settle_sides(
         .collect()
 }
 
-/// Which scopes of a refused admission gave back their request token.
+/// Why a settlement script runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefundOf {
-    Nothing,
-    Side { key: bool, agent: bool },
+pub enum Purpose {
+    /// The call ended: release what it holds, charge it, record its usage.
+    Settle,
+    /// Another side refused the call: these scopes give back what they took, request
+    /// tokens included.
+    Refund { key: bool, agent: bool },
+    /// The admission's answer was lost: release any reservation and slots it may hold.
+    Release,
 }
 
 /// The `XADD` of a metered call, for a Cluster where the stream lives in its own slot.
@@ -554,7 +566,7 @@ mod tests {
         assert_eq!(single.len(), 1);
         let sides = admit_sides(&call, Plan::Cluster, false);
         assert_eq!(sides.len(), 2);
-        for (side, expected) in sides.iter().zip(["acct", "agent:ag_x"]) {
+        for (side, expected) in sides.iter().zip(["account:acct", "agent:ag_x"]) {
             for key in &side.invocation.keys {
                 assert_eq!(tag(key), expected, "{key}");
             }
@@ -578,20 +590,63 @@ mod tests {
             session_id: "s",
             status: 200,
         };
-        let sides = settle_sides(&settlement, Plan::Cluster, 100, RefundOf::Nothing);
+        let sides = settle_sides(&settlement, Plan::Cluster, 100, Purpose::Settle);
         assert_eq!(sides.len(), 2);
         assert!(
             sides.iter().all(|s| !s.writes_stream),
             "the stream is its own slot"
         );
-        for (side, expected) in sides.iter().zip(["acct", "agent:ag_x"]) {
+        for (side, expected) in sides.iter().zip(["account:acct", "agent:ag_x"]) {
             for key in &side.invocation.keys {
                 assert_eq!(tag(key), expected, "{key}");
             }
         }
-        let single = settle_sides(&settlement, Plan::Single, 100, RefundOf::Nothing);
+        let single = settle_sides(&settlement, Plan::Single, 100, Purpose::Settle);
         assert_eq!(single.len(), 1);
         assert!(single[0].writes_stream);
+    }
+
+    #[test]
+    fn settling_refunding_and_releasing_a_call_each_have_their_own_marker() {
+        let policy = limited_policy(Some(1));
+        let settlement = Settlement {
+            call_id: "c1",
+            key_id: "k1",
+            account: "acct",
+            agent: "ag_x",
+            key_policy: Some(&policy),
+            agent_policy: None,
+            reservation: Reservation {
+                reserve: 10,
+                key_slot: true,
+                agent_slot: false,
+            },
+            usage: None,
+            cost: 0,
+            now_ms: 0,
+            request_id: "r",
+            session_id: "s",
+            status: 0,
+        };
+        let marker = |purpose| {
+            settle_sides(&settlement, Plan::Cluster, 100, purpose)[0]
+                .invocation
+                .keys[0]
+                .clone()
+        };
+        let refund = Purpose::Refund {
+            key: true,
+            agent: false,
+        };
+        let markers = [
+            marker(Purpose::Settle),
+            marker(refund),
+            marker(Purpose::Release),
+        ];
+        assert_eq!(markers[0], "turnpike:{account:acct}:settled:c1");
+        assert_ne!(markers[0], markers[1]);
+        assert_ne!(markers[0], markers[2]);
+        assert_ne!(markers[1], markers[2]);
     }
 
     #[test]
@@ -612,7 +667,7 @@ mod tests {
             session_id: "s",
             status: 0,
         };
-        assert!(settle_sides(&settlement, Plan::Single, 100, RefundOf::Nothing).is_empty());
+        assert!(settle_sides(&settlement, Plan::Single, 100, Purpose::Settle).is_empty());
     }
 
     #[test]

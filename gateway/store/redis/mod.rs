@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use self::cache::{Cached, KeyCache};
-use self::layout::{Invocation, Plan, RefundOf};
+use self::layout::{Invocation, Plan, Purpose};
 use self::queue::{SettlementQueue, Step};
 use super::{AccountSeed, BalanceChange, MemoryStore, Store, StoreError, UsageFilter, UsageTotals};
 use crate::admission::{Admission, Admitted, Refusal, Reservation, Scope, Settlement};
@@ -175,7 +175,7 @@ impl RedisStore {
         metrics: &Metrics,
         runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Self>, String> {
-        let plan = if config.urls.len() > 1 {
+        let plan = if config.cluster {
             Plan::Cluster
         } else {
             Plan::Single
@@ -270,7 +270,7 @@ impl RedisStore {
         let metrics = &self.ops[op as usize];
         if self.is_down() {
             metrics.errors.inc();
-            return Err(StoreError::Unavailable("Redis is unreachable".into()));
+            return Err(StoreError::Unreachable("Redis is unreachable".into()));
         }
         let started = Instant::now();
         let result = tokio::time::timeout(deadline, call).await;
@@ -280,14 +280,17 @@ impl RedisStore {
             Ok(Err(error)) if is_reply_error(&error) => {
                 // Redis answered: it is up, the command was wrong.
                 metrics.errors.inc();
-                return Err(StoreError::Unavailable(error.to_string()));
+                return Err(StoreError::Refused(error.to_string()));
             }
-            Ok(Err(error)) => error.to_string(),
-            Err(_) => format!("no answer within {deadline:?}"),
+            Ok(Err(error)) if error.is_connection_refusal() => {
+                StoreError::Unreachable(error.to_string())
+            }
+            Ok(Err(error)) => StoreError::Unavailable(error.to_string()),
+            Err(_) => StoreError::Unavailable(format!("no answer within {deadline:?}")),
         };
         metrics.errors.inc();
-        self.mark_down(&error);
-        Err(StoreError::Unavailable(error))
+        self.mark_down(&error.to_string());
+        Err(error)
     }
 
     fn mark_down(&self, error: &str) {
@@ -431,8 +434,8 @@ impl RedisStore {
             .map(drop)
     }
 
-    fn settle_steps(&self, call: &Settlement, refund: RefundOf) -> Vec<Step> {
-        layout::settle_sides(call, self.plan, self.stream_maxlen, refund)
+    fn settle_steps(&self, call: &Settlement, purpose: Purpose) -> Vec<Step> {
+        layout::settle_sides(call, self.plan, self.stream_maxlen, purpose)
             .into_iter()
             .map(|side| Step::Script {
                 stream_after: (side.account_side && !side.writes_stream && call.usage.is_some())
@@ -468,18 +471,33 @@ impl RedisStore {
     }
 
     /// Gives back what a side took for a call another side refused.
-    async fn refund(
+    /// Undoes what one side of an admission took, or may have taken: a side that admitted
+    /// a call another side refused gives everything back (`reply` given); a side whose
+    /// answer was lost releases any reservation and slots its script may have taken.
+    async fn undo(
         &self,
         call: &Admission<'_>,
         side: &layout::Side<'_>,
-        reply: &layout::SideReply,
+        reply: Option<&layout::SideReply>,
     ) {
-        let layout::SideOutcome::Admitted {
-            key_slot,
-            agent_slot,
-        } = reply.outcome
-        else {
-            return;
+        let (key_slot, agent_slot, purpose) = match reply.map(|r| &r.outcome) {
+            Some(layout::SideOutcome::Admitted {
+                key_slot,
+                agent_slot,
+            }) => (
+                *key_slot,
+                *agent_slot,
+                Purpose::Refund {
+                    key: side.judges(Scope::Key),
+                    agent: side.judges(Scope::Agent),
+                },
+            ),
+            Some(_) => return,
+            None => (
+                side.judges(Scope::Key),
+                side.judges(Scope::Agent),
+                Purpose::Release,
+            ),
         };
         let settlement = Settlement {
             call_id: call.call_id,
@@ -504,11 +522,7 @@ impl RedisStore {
             session_id: "",
             status: 0,
         };
-        let refund = RefundOf::Side {
-            key: side.judges(Scope::Key),
-            agent: side.judges(Scope::Agent),
-        };
-        let mut steps = self.settle_steps(&settlement, refund);
+        let mut steps = self.settle_steps(&settlement, purpose);
         if self.write(&mut steps).await.is_err() {
             self.queue.push(steps);
         }
@@ -591,12 +605,15 @@ impl Store for RedisStore {
             }))
             .await;
         let mut decoded = Vec::with_capacity(replies.len());
+        // Whether each side's script may have run.
+        let mut sent = Vec::with_capacity(replies.len());
         let mut failure = None;
         for (side, reply) in sides.iter().zip(replies) {
+            sent.push(!matches!(reply, Err(StoreError::Unreachable(_))));
             match reply.map(|r| layout::decode_admit(side, &r)) {
                 Ok(Some(reply)) => decoded.push(Some(reply)),
                 Ok(None) => {
-                    failure = Some(StoreError::Unavailable("unexpected admission reply".into()));
+                    failure = Some(StoreError::Refused("unexpected admission reply".into()));
                     decoded.push(None);
                 }
                 Err(error) => {
@@ -605,30 +622,38 @@ impl Store for RedisStore {
                 }
             }
         }
-        let decision = match failure {
-            None => {
-                let replies: Vec<_> = decoded.iter().flatten().cloned().collect();
-                layout::combine(call, &replies)
-            }
-            Some(error) => {
+        let answered: Vec<layout::SideReply> = decoded.iter().flatten().cloned().collect();
+        let Some(error) = failure else {
+            let decision = layout::combine(call, &answered);
+            if decision.is_err() {
                 for (side, reply) in sides.iter().zip(&decoded) {
-                    if let Some(reply) = reply {
-                        self.refund(call, side, reply).await;
-                    }
+                    self.undo(call, side, reply.as_ref()).await;
                 }
-                return if self.fail_open {
-                    self.admit_locally(call).await
-                } else {
-                    Err(error)
-                };
             }
+            return Ok(decision);
         };
-        if decision.is_err() {
-            for (side, reply) in sides.iter().zip(decoded.iter().flatten()) {
-                self.refund(call, side, reply).await;
+        // Some side's answer was lost: whatever its script may have taken is released, and
+        // whatever the other side took is given back.
+        for ((side, reply), sent) in sides.iter().zip(&decoded).zip(sent) {
+            if sent {
+                self.undo(call, side, reply.as_ref()).await;
             }
         }
-        Ok(decision)
+        // A refusal Redis did give stands, whatever happened to the other side.
+        let refused = answered.iter().any(|r| {
+            matches!(
+                r.outcome,
+                layout::SideOutcome::RateLimited { .. } | layout::SideOutcome::InsufficientBalance
+            )
+        });
+        if refused {
+            return Ok(layout::combine(call, &answered));
+        }
+        if self.fail_open {
+            self.admit_locally(call).await
+        } else {
+            Err(error)
+        }
     }
 
     async fn quota(&self, call: &Admission<'_>) -> Result<Option<Quota>, StoreError> {
@@ -650,7 +675,7 @@ impl Store for RedisStore {
             self.local_open.fetch_sub(1, Ordering::Relaxed);
             self.local.settle(call).await?;
         }
-        let mut steps = self.settle_steps(call, RefundOf::Nothing);
+        let mut steps = self.settle_steps(call, Purpose::Settle);
         if steps.is_empty() {
             return Ok(());
         }
@@ -667,9 +692,10 @@ impl Store for RedisStore {
             Cached::Stale(record) => Some(record),
             Cached::Unknown => None,
         };
+        let epoch = self.keys.epoch();
         match self.fetch_key(hash).await {
             Ok(record) => {
-                self.keys.put(*hash, record.clone());
+                self.keys.put(*hash, record.clone(), epoch);
                 Ok(record)
             }
             Err(error) if self.fail_open => match stale {
@@ -1019,9 +1045,15 @@ async fn flush_held_settlements(store: std::sync::Weak<RedisStore>) {
             store.mark_up();
         }
         while let Some(mut steps) = store.queue.pop() {
-            if store.write(&mut steps).await.is_err() {
-                store.queue.put_back(steps);
-                break;
+            match store.write(&mut steps).await {
+                Ok(()) => {}
+                // Redis answered with an error: retrying cannot help, and must not hold up
+                // everything queued behind it.
+                Err(StoreError::Refused(error)) => store.queue.give_up(&error),
+                Err(_) => {
+                    store.queue.put_back(steps);
+                    break;
+                }
             }
         }
     }

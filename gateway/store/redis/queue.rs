@@ -52,6 +52,12 @@ impl SettlementQueue {
         self.queued.set(items.len() as i64);
     }
 
+    /// Counts and logs a held settlement Redis refused, which is dropped.
+    pub fn give_up(&self, error: &str) {
+        self.dropped.inc();
+        tracing::error!(%error, "Redis refused a held settlement; it was dropped");
+    }
+
     /// The oldest held settlement, taken out.
     pub fn pop(&self) -> Option<Vec<Step>> {
         let mut items = self.items.lock();

@@ -38,13 +38,14 @@ end
 if account_side then
   local account, leases, usage = take_key(), take_key(), take_key()
   -- The reservation is given back unless its lease already expired and gave it back.
-  local held = tonumber(redis.call('HGET', account, 'held:' .. call_id))
+  local held = redis.call('HGET', account, 'held:' .. call_id)
   if held then
-    redis.call('HINCRBY', account, 'reserved', -held)
+    -- Amounts stay decimal strings: Redis adds them as 64-bit integers, exactly.
+    redis.call('HINCRBY', account, 'reserved', '-' .. held)
     redis.call('HDEL', account, 'held:' .. call_id)
   end
   redis.call('ZREM', leases, call_id)
-  if cost ~= 0 then redis.call('HINCRBY', account, 'balance', -cost) end
+  if cost > 0 then redis.call('HINCRBY', account, 'balance', '-' .. ARGV[5]) end
   if metered then
     local row = '\31' .. ARGV[10] .. '\31' .. ARGV[11]
     redis.call('HINCRBY', usage, 'requests' .. row, 1)
