@@ -32,7 +32,7 @@ pub struct DemoSetup {
 
 /// Writes the demo config, with a fresh key and admin token, into a temporary directory.
 pub fn prepare() -> std::io::Result<DemoSetup> {
-    let key = random_id("ak_", 40);
+    let key = crate::auth::generate_key();
     let admin_token = random_id("adm_", 32);
     let dir = std::env::temp_dir().join(format!("turnpike-demo-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("policies"))?;
