@@ -24,6 +24,11 @@ fn health_readiness_and_metrics_are_open() {
         r.header("content-type")
     );
     gw.usage_after("", 1);
+    gw.wait_metric(
+        "turnpike_requests_total",
+        &[("agent", AGENT), ("status", "200")],
+        1.0,
+    );
     let text = gw.metrics();
     assert_eq!(
         metric_value(
@@ -256,6 +261,12 @@ fn refusals_are_counted_in_metrics() {
         .error(402, "insufficient_balance");
     gw.chat(AGENT, gw.jane(), "hi")
         .error(402, "insufficient_balance");
+    gw.wait_metric(
+        "turnpike_requests_total",
+        &[("agent", AGENT), ("status", "402")],
+        2.0,
+    );
+    gw.wait_metric("turnpike_auth_failures_total", &[], 3.0);
     let text = gw.metrics();
     assert_eq!(
         metric_value(&text, "turnpike_auth_failures_total", &[]),

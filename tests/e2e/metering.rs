@@ -54,6 +54,16 @@ fn usage_totals_and_token_metrics_equal_what_the_workers_reported() {
     assert_eq!(gw.settled_balance("acct_jane").balance, 10_000_000 - 68);
     assert_eq!(gw.settled_balance("acct_bob").balance, 10_000_000 - 18);
 
+    gw.wait_metric(
+        "turnpike_requests_total",
+        &[("agent", AGENT), ("status", "200")],
+        5.0,
+    );
+    gw.wait_metric(
+        "turnpike_requests_total",
+        &[("agent", OTHER_AGENT), ("status", "200")],
+        1.0,
+    );
     let text = gw.metrics();
     let tokens = |agent: &str, kind: &str| {
         metric_value(

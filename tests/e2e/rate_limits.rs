@@ -48,12 +48,10 @@ fn request_bucket_admits_the_burst_then_429_with_retry_after() {
         ),
         1.0
     );
-    assert_eq!(
-        gw.metric(
-            "turnpike_requests_total",
-            &[("agent", AGENT), ("status", "429")]
-        ),
-        1.0
+    gw.wait_metric(
+        "turnpike_requests_total",
+        &[("agent", AGENT), ("status", "429")],
+        1.0,
     );
 }
 

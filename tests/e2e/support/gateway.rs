@@ -735,6 +735,16 @@ impl TestGateway {
         super::metric_value(&self.metrics(), name, labels)
     }
 
+    /// Waits (up to 5 s) until metric `name` with `labels` reads `value`. A call is counted
+    /// when it ends, which is just after its client got the answer.
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        super::wait_until(
+            Duration::from_secs(5),
+            &format!("{name} {labels:?} reads {value}"),
+            || self.metric(name, labels) == value,
+        );
+    }
+
     /// The account's balance and reservation, now.
     pub fn balance(&self, account: &str) -> Balance {
         let r = self.admin_get(&format!("/admin/accounts/{account}/balance"));
