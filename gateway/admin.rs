@@ -30,12 +30,13 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let request_id = crate::request::random_id("req_", 24);
         let answer = self.route(session).await;
-        let (status, body, content_type) = match answer {
-            Ok(ok) => ok,
+        let (status, body, content_type, extra) = match answer {
+            Ok((status, body, content_type)) => (status, body, content_type, None),
             Err(error) => {
                 let status = StatusCode::from_u16(error.status())
                     .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                (status, error.body(&request_id), "application/json")
+                let extra = error.extra_headers();
+                (status, error.body(&request_id), "application/json", extra)
             }
         };
         let mut response = Response::builder()
@@ -43,8 +44,9 @@ impl ServeHttp for AdminApp {
             .header(http::header::CONTENT_TYPE, content_type)
             .header(http::header::CONTENT_LENGTH, body.len())
             .header("x-request-id", request_id);
-        if status == StatusCode::UNAUTHORIZED {
-            response = response.header(http::header::WWW_AUTHENTICATE, "Bearer");
+        // WWW-Authenticate on 401, Allow on 405, as on the data listener.
+        if let Some((name, value)) = extra {
+            response = response.header(name, value);
         }
         response.body(body).unwrap_or_default()
     }
@@ -139,10 +141,15 @@ impl AdminApp {
                 let account = segment(rest.strip_suffix("/balance").unwrap_or_default())?;
                 self.balance(session, method, &account).await
             }
-            (_, None) if matches!(route, "reload" | "usage" | "keys" | "policies") => {
-                Err(GatewayError::MethodNotAllowed)
+            (_, None) if matches!(route, "reload" | "keys") => {
+                Err(GatewayError::MethodNotAllowed { allow: "POST" })
             }
-            (_, Some(("keys", _))) => Err(GatewayError::MethodNotAllowed),
+            (_, None) if matches!(route, "usage" | "policies") => {
+                Err(GatewayError::MethodNotAllowed { allow: "GET" })
+            }
+            (_, Some(("keys", _))) => Err(GatewayError::MethodNotAllowed {
+                allow: "GET, DELETE",
+            }),
             _ => Err(GatewayError::NotFound),
         }
     }
@@ -165,7 +172,7 @@ impl AdminApp {
                     .await
                     .map_err(unavailable)?
             }
-            _ => return Err(GatewayError::MethodNotAllowed),
+            _ => return Err(GatewayError::MethodNotAllowed { allow: "GET, POST" }),
         };
         let state = state.ok_or(GatewayError::NotFound)?;
         json_ok(json!({"account": account, "balance": state.balance, "reserved": state.reserved}))

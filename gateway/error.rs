@@ -20,7 +20,8 @@ pub enum GatewayError {
     #[error("Not found")]
     NotFound,
     #[error("Method not allowed; use POST")]
-    MethodNotAllowed,
+    /// `allow`: the methods the path takes, for the `Allow` header.
+    MethodNotAllowed { allow: &'static str },
     #[error("Request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("Content-Type must be application/json")]
@@ -57,7 +58,7 @@ impl GatewayError {
             GatewayError::InvalidConfig(_) => 400,
             GatewayError::InsufficientBalance => 402,
             GatewayError::AgentNotFound | GatewayError::NotFound => 404,
-            GatewayError::MethodNotAllowed => 405,
+            GatewayError::MethodNotAllowed { .. } => 405,
             GatewayError::PayloadTooLarge { .. } => 413,
             GatewayError::UnsupportedMediaType => 415,
             GatewayError::RateLimited { .. } => 429,
@@ -79,7 +80,7 @@ impl GatewayError {
             GatewayError::InsufficientBalance => "insufficient_balance",
             GatewayError::AgentNotFound => "agent_not_found",
             GatewayError::NotFound => "not_found",
-            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::UnsupportedMediaType => "unsupported_media_type",
             GatewayError::RateLimited { .. } => "rate_limit_exceeded",
@@ -100,7 +101,7 @@ impl GatewayError {
             | GatewayError::InsufficientBalance
             | GatewayError::AgentNotFound
             | GatewayError::NotFound
-            | GatewayError::MethodNotAllowed
+            | GatewayError::MethodNotAllowed { .. }
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::UnsupportedMediaType
             | GatewayError::RateLimited { .. }
@@ -119,7 +120,7 @@ impl GatewayError {
             GatewayError::MissingApiKey
             | GatewayError::InvalidApiKey
             | GatewayError::AdminUnauthorized => Some(("WWW-Authenticate", "Bearer".into())),
-            GatewayError::MethodNotAllowed => Some(("Allow", "POST".into())),
+            GatewayError::MethodNotAllowed { allow } => Some(("Allow", (*allow).into())),
             GatewayError::RateLimited {
                 retry_after_secs, ..
             } => Some(("Retry-After", retry_after_secs.to_string())),

@@ -25,7 +25,7 @@ pub fn match_route<'a>(
         .filter(|id| is_agent_id(id))
         .ok_or(GatewayError::NotFound)?;
     if method != http::Method::POST {
-        return Err(GatewayError::MethodNotAllowed);
+        return Err(GatewayError::MethodNotAllowed { allow: "POST" });
     }
     Ok(ChatRoute { agent_id })
 }
@@ -116,12 +116,12 @@ mod tests {
             (
                 &Method::GET,
                 "/v1/agents/ag_x/chat",
-                Err(GatewayError::MethodNotAllowed),
+                Err(GatewayError::MethodNotAllowed { allow: "POST" }),
             ),
             (
                 &Method::PUT,
                 "/v1/agents/ag_x/chat",
-                Err(GatewayError::MethodNotAllowed),
+                Err(GatewayError::MethodNotAllowed { allow: "POST" }),
             ),
             (&Method::POST, &long, Err(GatewayError::NotFound)),
             (

@@ -371,3 +371,21 @@ fn a_revoked_key_is_shown_revoked_and_never_with_its_secret() {
     }
     assert_eq!(w.count(), 0);
 }
+
+#[test]
+fn admin_405_answers_say_which_methods_are_allowed() {
+    let gw = TestGateway::builder().endpoint("127.0.0.1:9").start();
+    let auth = format!("Bearer {}", gw.admin_token());
+    for (method, path, allow) in [
+        ("GET", "/admin/reload", "POST"),
+        ("GET", "/admin/keys", "POST"),
+        ("POST", "/admin/usage", "GET"),
+        ("DELETE", "/admin/policies", "GET"),
+        ("POST", "/admin/keys/key_jane", "GET, DELETE"),
+        ("DELETE", "/admin/accounts/acct_jane/balance", "GET, POST"),
+    ] {
+        let r = gw.admin_call(method, path, Some(&auth), None);
+        r.error(405, "method_not_allowed");
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+    }
+}
