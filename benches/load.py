@@ -79,6 +79,35 @@ http {{
     return subprocess.Popen([*cpu, "nginx", "-p", tmp, "-c", conf], stderr=subprocess.DEVNULL)
 
 
+def upstream(tmp, port):
+    """The agent worker every proxy fronts: an nginx answering a fixed reply with usage."""
+    return nginx(tmp, "worker", f"server {{ listen 127.0.0.1:{port}; location / {{ default_type application/json; "
+                                f"return 200 '{ANSWER}'; }} }}", LOAD_CPU)
+
+
+def post_lua(tmp):
+    """The wrk script: a chat call with the bench key (from BENCH_KEY, see run_wrk)."""
+    lua = os.path.join(tmp, "post.lua")
+    with open(lua, "w") as f:
+        f.write('wrk.method = "POST"\n'
+                'wrk.body = \'{"message":"What are your business hours?","session_id":"sess_bench"}\'\n'
+                'wrk.headers["Content-Type"] = "application/json"\n'
+                'wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")\n')
+    return lua
+
+
+def stop(procs, tmp):
+    """Stops every process (nginx gracefully) and removes the scratch directory."""
+    for p in procs:
+        p.send_signal(signal.SIGQUIT if "nginx" in p.args else signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def cpu_seconds(pid):
     """utime + stime of a process and its children (nginx's master and worker)."""
     pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
@@ -147,12 +176,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="turnpike-load-")
     worker_port, nginx_port, pass_port, tp_port, admin_port = (free_port() for _ in range(5))
     redis_port, tpr_port, tpr_admin_port = (free_port() for _ in range(3))
-    lua = os.path.join(tmp, "post.lua")
-    with open(lua, "w") as f:
-        f.write('wrk.method = "POST"\n'
-                'wrk.body = \'{"message":"What are your business hours?","session_id":"sess_bench"}\'\n'
-                'wrk.headers["Content-Type"] = "application/json"\n'
-                'wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")\n')
+    lua = post_lua(tmp)
     os.makedirs(os.path.join(tmp, "policies"))
     with open(os.path.join(tmp, "policies", "bench.yaml"), "w") as f:
         f.write("policies:\n  bench:\n    requests: {rate: 10000000, per: 1s}\n"
@@ -173,8 +197,7 @@ keys:
         f.write(config + f'listen: "127.0.0.1:{tpr_port}"\nadmin: {{listen: "127.0.0.1:{tpr_admin_port}"}}\n'
                 f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n')
     procs = [
-        nginx(tmp, "worker", f"server {{ listen 127.0.0.1:{worker_port}; location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}",
-              LOAD_CPU),
+        upstream(tmp, worker_port),
     ]
     targets = {
         "nginx": (nginx(tmp, "proxy", f"upstream w {{ server 127.0.0.1:{worker_port}; keepalive 64; }} "
@@ -215,14 +238,7 @@ keys:
                 results[name].append(r)
         stats_after = commandstats(redis_port) if args.redis else {}
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGQUIT if "nginx" in p.args else signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(procs, tmp)
 
     med = lambda name, f: statistics.median(f(r) for r in results[name])
     pinning = "proxy pinned to core 0, wrk and upstream to core 1" if PINNED else "no core pinning"

@@ -12,8 +12,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import tempfile
@@ -21,8 +19,8 @@ import threading
 import time
 import urllib.request
 
-from load import (AGENT, ANSWER, KEY, LOAD_CPU, PROXY_CPU, ROOT, ensure_tools, free_port, nginx,
-                  run_wrk, wait_port)
+from load import (AGENT, KEY, PROXY_CPU, ROOT, ensure_tools, free_port, post_lua, run_wrk, stop,
+                  upstream, wait_port)
 
 POLICY = "policies:\n  bench:\n    requests: {{rate: {rate}, per: 1s}}\n    concurrency: 100000\n"
 
@@ -53,12 +51,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="turnpike-reload-")
     worker_port, tp_port, admin_port = (free_port() for _ in range(3))
     token = "bench-admin-token"
-    lua = os.path.join(tmp, "post.lua")
-    with open(lua, "w") as f:
-        f.write('wrk.method = "POST"\n'
-                'wrk.body = \'{"message":"What are your business hours?","session_id":"sess_bench"}\'\n'
-                'wrk.headers["Content-Type"] = "application/json"\n'
-                'wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")\n')
+    lua = post_lua(tmp)
     os.makedirs(os.path.join(tmp, "policies"))
     policy_file = os.path.join(tmp, "policies", "bench.yaml")
     with open(policy_file, "w") as f:
@@ -77,8 +70,7 @@ keys:
   - {{id: key_bench, sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}", account: acct_bench, agents: "*", policy: bench}}
 """)
     procs = [
-        nginx(tmp, "worker", f"server {{ listen 127.0.0.1:{worker_port}; location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}",
-              LOAD_CPU),
+        upstream(tmp, worker_port),
         subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
                           os.path.join(tmp, "turnpike.yaml")], stderr=subprocess.DEVNULL),
     ]
@@ -103,14 +95,7 @@ keys:
                     print(f"warning: {r['non2xx']} non-2xx answers in a {mode} run")
                 runs[mode].append(r)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGQUIT if "nginx" in p.args else signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(procs, tmp)
 
     med = lambda mode, f: statistics.median(f(r) for r in runs[mode])
     print(f"\n{args.rounds} rounds x {args.seconds}s each mode, wrk -t1 -c{args.connections}, "

@@ -4,7 +4,7 @@
 use serde_json::json;
 use std::time::Duration;
 
-use crate::redis_store;
+use crate::on_redis;
 use crate::support::redis::RedisCluster;
 use crate::support::*;
 
@@ -12,9 +12,7 @@ use crate::support::*;
 fn a_call_the_agent_limit_refuses_gives_the_key_its_token_back() {
     let cluster = RedisCluster::start();
     let w = Worker::start("w1");
-    let gw = TestGateway::builder()
-        .worker(&w)
-        .store(redis_store(json!(cluster.urls()), json!({})))
+    let gw = on_redis(&w, json!(cluster.urls()), json!({}))
         .policy(
             "standard",
             json!({"requests": {"rate": 1, "per": "1h", "burst": 2}}),

@@ -16,11 +16,15 @@ mod two_instances;
 
 use serde_json::{json, Value};
 
-/// The `store:` section for `url`, with a deadline a loaded test machine meets.
-pub fn redis_store(url: Value, extra: Value) -> Value {
+use support::gateway::GatewayBuilder;
+use support::{TestGateway, Worker};
+
+/// A gateway in front of `worker` on the Redis at `url` (one URL, or a list for a Cluster),
+/// with a deadline a loaded test machine meets; `extra` adds to the `store:` section.
+pub fn on_redis(worker: &Worker, url: Value, extra: Value) -> GatewayBuilder {
     let mut store = json!({"kind": "redis", "url": url, "timeout": "2s"});
     if let (Some(store), Some(extra)) = (store.as_object_mut(), extra.as_object()) {
         store.extend(extra.clone());
     }
-    store
+    TestGateway::builder().worker(worker).store(store)
 }

@@ -274,33 +274,32 @@ async fn run(store: &dyn Store, prefix: &str) -> Vec<(String, Vec<Decision>, Opt
     out
 }
 
-fn redis_config(urls: Vec<String>) -> StoreConfig {
-    StoreConfig {
+/// A Redis store on `urls` (a Cluster's seed nodes when `cluster`), and the runtime it runs on.
+fn connect(urls: Vec<String>, cluster: bool) -> (tokio::runtime::Runtime, Arc<RedisStore>) {
+    let config = StoreConfig {
         kind: StoreKind::Redis,
-        cluster: urls.len() > 1,
+        cluster,
         urls,
         on_unavailable: FailMode::FailClosed,
         timeout: std::time::Duration::from_secs(2),
         key_cache_ttl: std::time::Duration::from_secs(1),
         usage_stream_maxlen: 1000,
         settlement_queue: 10,
-    }
-}
-
-fn compare(urls: Vec<String>) {
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let metrics = Metrics::new();
-    let redis: Arc<RedisStore> = runtime
-        .block_on(RedisStore::connect(
-            &redis_config(urls),
-            &metrics,
-            runtime.handle().clone(),
-        ))
+    let handle = runtime.handle().clone();
+    let store = runtime
+        .block_on(RedisStore::connect(&config, &Metrics::new(), handle))
         .unwrap();
+    (runtime, store)
+}
+
+fn compare(urls: Vec<String>, cluster: bool) {
+    let (runtime, redis) = connect(urls, cluster);
     let memory = MemoryStore::new();
     let expected = runtime.block_on(run(&memory, "m"));
     let got = runtime.block_on(run(redis.as_ref(), "r"));
@@ -313,18 +312,7 @@ fn compare(urls: Vec<String>) {
 #[test]
 fn an_admission_sent_twice_takes_nothing_twice() {
     let redis = RedisServer::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let store = runtime
-        .block_on(RedisStore::connect(
-            &redis_config(vec![redis.url()]),
-            &Metrics::new(),
-            runtime.handle().clone(),
-        ))
-        .unwrap();
+    let (runtime, store) = connect(vec![redis.url()], false);
     let key_policy = policy(hourly(1, 5), None, Some(3), Mode::Enforce).unwrap();
     let pricing = Pricing {
         input_per_mtok: 0,
@@ -370,11 +358,11 @@ fn an_admission_sent_twice_takes_nothing_twice() {
 #[test]
 fn the_scripts_decide_as_the_embedded_store_does() {
     let redis = RedisServer::start();
-    compare(vec![redis.url()]);
+    compare(vec![redis.url()], false);
 }
 
 #[test]
 fn the_scripts_split_across_cluster_slots_decide_as_the_embedded_store_does() {
     let cluster = RedisCluster::start();
-    compare(cluster.urls());
+    compare(cluster.urls(), true);
 }

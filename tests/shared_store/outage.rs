@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::redis_store;
+use crate::on_redis;
 use crate::support::redis::RedisServer;
 use crate::support::*;
 
@@ -14,13 +14,12 @@ use crate::support::*;
 const PROMPT: Duration = Duration::from_millis(1500);
 
 fn gateway(redis: &RedisServer, w: &Worker, mode: &str) -> TestGateway {
-    TestGateway::builder()
-        .worker(w)
-        .store(redis_store(
-            json!(redis.url()),
-            json!({"on_unavailable": mode, "timeout": "200ms"}),
-        ))
-        .start()
+    on_redis(
+        w,
+        json!(redis.url()),
+        json!({"on_unavailable": mode, "timeout": "200ms"}),
+    )
+    .start()
 }
 
 /// A chat call and how long it took.
@@ -122,17 +121,16 @@ fn fail_open_serves_on_local_limits_and_meters_every_call_once_redis_is_back() {
 fn fail_open_still_enforces_the_rate_limit_locally() {
     let redis = RedisServer::start();
     let w = Worker::start("w1");
-    let gw = TestGateway::builder()
-        .worker(&w)
-        .store(redis_store(
-            json!(redis.url()),
-            json!({"on_unavailable": "fail_open", "timeout": "200ms"}),
-        ))
-        .policy(
-            "standard",
-            json!({"requests": {"rate": 1, "per": "1h", "burst": 2}}),
-        )
-        .start();
+    let gw = on_redis(
+        &w,
+        json!(redis.url()),
+        json!({"on_unavailable": "fail_open", "timeout": "200ms"}),
+    )
+    .policy(
+        "standard",
+        json!({"requests": {"rate": 1, "per": "1h", "burst": 2}}),
+    )
+    .start();
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     redis.stop();
     // The local buckets start full: two calls, then the limit.

@@ -5,19 +5,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::redis_store;
+use crate::on_redis;
 use crate::support::redis::RedisServer;
 use crate::support::*;
 
-/// Two gateways with the same config and one Redis.
+/// Two gateways with the same config and one Redis; `store` adds to the `store:` section.
 fn pair(
     redis: &RedisServer,
+    store: serde_json::Value,
     build: impl FnOnce(gateway::GatewayBuilder) -> gateway::GatewayBuilder,
 ) -> (TestGateway, TestGateway, Worker) {
     let w = Worker::start("w1");
-    let builder = TestGateway::builder()
-        .worker(&w)
-        .store(redis_store(json!(redis.url()), json!({})));
+    let builder = on_redis(&w, json!(redis.url()), store);
     let files = build(builder).write();
     let second = files.sibling();
     (files.start(), second.start(), w)
@@ -44,7 +43,7 @@ fn burst(gateways: [&TestGateway; 2], n: usize, message: &str) -> Vec<u16> {
 #[test]
 fn sixty_concurrent_calls_against_a_burst_of_20_admit_exactly_20() {
     let redis = RedisServer::start();
-    let (a, b, w) = pair(&redis, |g| {
+    let (a, b, w) = pair(&redis, json!({}), |g| {
         g.policy(
             "standard",
             json!({"requests": {"rate": 1, "per": "1h", "burst": 20}}),
@@ -61,7 +60,7 @@ fn sixty_concurrent_calls_against_a_burst_of_20_admit_exactly_20() {
 fn a_balance_covering_10_reservations_admits_exactly_10_and_ends_exact() {
     let redis = RedisServer::start();
     // Each call reserves 1000 and costs 45 × 1 + 32 × 2 = 109.
-    let (a, b, w) = pair(&redis, |g| {
+    let (a, b, w) = pair(&redis, json!({}), |g| {
         g.reserve(1000).account_balance("acct_jane", 10_000)
     });
     let statuses = burst([&a, &b], 30, "sleep 1");
@@ -83,12 +82,7 @@ fn a_balance_covering_10_reservations_admits_exactly_10_and_ends_exact() {
 fn a_key_made_on_one_instance_works_on_the_other_and_its_revocation_reaches_it_within_1s() {
     let redis = RedisServer::start();
     // Cached keys would live a minute: only the pub/sub message can bring the change in time.
-    let (a, b, _w) = pair(&redis, |g| {
-        g.store(redis_store(
-            json!(redis.url()),
-            json!({"key_cache_ttl": "60s"}),
-        ))
-    });
+    let (a, b, _w) = pair(&redis, json!({"key_cache_ttl": "60s"}), |g| g);
     let made = a.admin_post(
         "/admin/keys",
         &json!({"account": "acct_jane", "agents": "*", "policy": "standard"}),
@@ -129,9 +123,7 @@ fn a_key_made_on_one_instance_works_on_the_other_and_its_revocation_reaches_it_w
 fn state_survives_a_gateway_restart() {
     let redis = RedisServer::start();
     let w = Worker::start("w1");
-    let gw = TestGateway::builder()
-        .worker(&w)
-        .store(redis_store(json!(redis.url()), json!({})))
+    let gw = on_redis(&w, json!(redis.url()), json!({}))
         .policy(
             "standard",
             json!({"requests": {"rate": 1, "per": "1h", "burst": 3}}),
@@ -167,10 +159,7 @@ fn state_survives_a_gateway_restart() {
 fn every_metered_call_is_appended_to_the_usage_stream() {
     let redis = RedisServer::start();
     let w = Worker::start("w1");
-    let gw = TestGateway::builder()
-        .worker(&w)
-        .store(redis_store(json!(redis.url()), json!({})))
-        .start();
+    let gw = on_redis(&w, json!(redis.url()), json!({})).start();
     gw.call(AGENT)
         .key(gw.jane())
         .message("usage 7 5")

@@ -13,9 +13,7 @@
 --   outcome 1 admitted (a = bitmask of scopes holding a slot), 0 rate limited (a = scope,
 --   b = bucket 1 requests | 2 tokens | 3 concurrency, c = retry ms), 2 balance too low,
 --   3 peek.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local EXACT = 9007199254740992 -- 2^53: doubles count exactly below it
+-- buckets.lua comes first: now, EXACT, int, capacity, refilled, spec.
 local CONCURRENCY_RETRY_MS = 1000
 
 local mode, call_id = ARGV[1], ARGV[2]
@@ -25,38 +23,21 @@ local scope_count = tonumber(ARGV[5])
 local priced = reserve >= 0
 local first_scope_key = priced and 3 or 1
 
-local function int(x)
-  return string.format('%.0f', x)
-end
-
-local function clamp(level)
-  if level < -EXACT then return -EXACT end
-  return level
-end
-
--- The bucket at now: a new one starts full; refill is capped; a clock step back refills nothing.
-local function refilled(level, updated, b)
-  local capacity = math.min(b.burst * b.period, EXACT)
-  if level == nil then return capacity, now end
-  local elapsed = math.max(now - updated, 0)
-  return math.min(level + elapsed * b.rate, capacity), math.max(now, updated)
-end
-
 local function millis_to_refill(deficit, rate)
   if deficit <= 0 then return 0 end
   return math.ceil(deficit / math.max(rate, 1))
 end
 
-local function quota(level, b)
-  local capacity = math.min(b.burst * b.period, EXACT)
-  return b.burst, math.floor(math.max(level, 0) / b.period),
-    math.ceil(millis_to_refill(capacity - level, b.rate) / 1000)
+-- A bucket refilled to now, and the wait for one whole token (nil: one is there).
+local function judged(level, updated, b)
+  local now_level, now_updated = refilled(tonumber(level), tonumber(updated), b)
+  if now_level >= b.period then return now_level, now_updated, nil end
+  return now_level, now_updated, millis_to_refill(b.period - now_level, b.rate)
 end
 
-local function spec(at)
-  local rate = tonumber(ARGV[at])
-  if rate == 0 then return nil end
-  return { rate = rate, period = tonumber(ARGV[at + 1]), burst = tonumber(ARGV[at + 2]) }
+local function quota(level, b)
+  return b.burst, math.floor(math.max(level, 0) / b.period),
+    math.ceil(millis_to_refill(capacity(b) - level, b.rate) / 1000)
 end
 
 local scopes = {}
@@ -75,17 +56,14 @@ for i = 1, scope_count do
   scopes[i] = s
   local state = redis.call('HMGET', s.limiter, 'rl', 'ru', 'tl', 'tu')
   local denials = {}
+  local wait
   if s.requests then
-    s.rl, s.ru = refilled(tonumber(state[1]), tonumber(state[2]), s.requests)
-    if s.rl < s.requests.period then
-      denials[#denials + 1] = { 1, millis_to_refill(s.requests.period - s.rl, s.requests.rate) }
-    end
+    s.rl, s.ru, wait = judged(state[1], state[2], s.requests)
+    if wait then denials[#denials + 1] = { 1, wait } end
   end
   if s.tokens then
-    s.tl, s.tu = refilled(tonumber(state[3]), tonumber(state[4]), s.tokens)
-    if s.tl < s.tokens.period then
-      denials[#denials + 1] = { 2, millis_to_refill(s.tokens.period - s.tl, s.tokens.rate) }
-    end
+    s.tl, s.tu, wait = judged(state[3], state[4], s.tokens)
+    if wait then denials[#denials + 1] = { 2, wait } end
   end
   if s.concurrency > 0 and mode == 'admit' then
     -- Slots are leases: one a crashed instance never gave back expires by itself.
@@ -170,16 +148,13 @@ for i, s in ipairs(scopes) do
   if s.requests and (s.enforce or s.rl >= s.requests.period) then
     s.rl = s.rl - s.requests.period
   end
-  local fields = {}
-  if s.requests then
-    fields[#fields + 1] = 'rl'; fields[#fields + 1] = int(s.rl)
-    fields[#fields + 1] = 'ru'; fields[#fields + 1] = int(s.ru)
+  if s.requests and s.tokens then
+    redis.call('HSET', s.limiter, 'rl', int(s.rl), 'ru', int(s.ru), 'tl', int(s.tl), 'tu', int(s.tu))
+  elseif s.requests then
+    redis.call('HSET', s.limiter, 'rl', int(s.rl), 'ru', int(s.ru))
+  elseif s.tokens then
+    redis.call('HSET', s.limiter, 'tl', int(s.tl), 'tu', int(s.tu))
   end
-  if s.tokens then
-    fields[#fields + 1] = 'tl'; fields[#fields + 1] = int(s.tl)
-    fields[#fields + 1] = 'tu'; fields[#fields + 1] = int(s.tu)
-  end
-  if #fields > 0 then redis.call('HSET', s.limiter, unpack(fields)) end
   if s.concurrency > 0 then
     redis.call('ZADD', s.inflight, lease_until, call_id)
     slots = slots + 2 ^ (i - 1)

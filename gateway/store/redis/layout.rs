@@ -544,6 +544,25 @@ mod tests {
         }
     }
 
+    /// Call `c1` of key `k1` ending unmetered, holding nothing.
+    fn released<'a>(key: &'a Policy, agent: Option<&'a Policy>) -> Settlement<'a> {
+        Settlement {
+            call_id: "c1",
+            key_id: "k1",
+            account: "acct",
+            agent: "ag_x",
+            key_policy: Some(key),
+            agent_policy: agent,
+            reservation: Reservation::default(),
+            usage: None,
+            cost: 0,
+            now_ms: 0,
+            request_id: "r",
+            session_id: "s",
+            status: 0,
+        }
+    }
+
     /// The hash tag of a Redis key: what decides its Cluster slot.
     fn tag(key: &str) -> &str {
         let open = key.find('{').unwrap();
@@ -572,12 +591,6 @@ mod tests {
             }
         }
         let settlement = Settlement {
-            call_id: "c1",
-            key_id: "k1",
-            account: "acct",
-            agent: "ag_x",
-            key_policy: Some(&policy),
-            agent_policy: Some(&policy),
             reservation: Reservation {
                 reserve: 10,
                 key_slot: true,
@@ -585,10 +598,7 @@ mod tests {
             },
             usage: Some(crate::metering::Usage::default()),
             cost: 3,
-            now_ms: 0,
-            request_id: "r",
-            session_id: "s",
-            status: 200,
+            ..released(&policy, Some(&policy))
         };
         let sides = settle_sides(&settlement, Plan::Cluster, 100, Purpose::Settle);
         assert_eq!(sides.len(), 2);
@@ -610,23 +620,12 @@ mod tests {
     fn settling_refunding_and_releasing_a_call_each_have_their_own_marker() {
         let policy = limited_policy(Some(1));
         let settlement = Settlement {
-            call_id: "c1",
-            key_id: "k1",
-            account: "acct",
-            agent: "ag_x",
-            key_policy: Some(&policy),
-            agent_policy: None,
             reservation: Reservation {
                 reserve: 10,
                 key_slot: true,
                 agent_slot: false,
             },
-            usage: None,
-            cost: 0,
-            now_ms: 0,
-            request_id: "r",
-            session_id: "s",
-            status: 0,
+            ..released(&policy, None)
         };
         let marker = |purpose| {
             settle_sides(&settlement, Plan::Cluster, 100, purpose)[0]
@@ -652,21 +651,7 @@ mod tests {
     #[test]
     fn a_release_with_nothing_held_needs_no_round_trip() {
         let policy = limited_policy(None);
-        let settlement = Settlement {
-            call_id: "c1",
-            key_id: "k1",
-            account: "acct",
-            agent: "ag_x",
-            key_policy: Some(&policy),
-            agent_policy: None,
-            reservation: Reservation::default(),
-            usage: None,
-            cost: 0,
-            now_ms: 0,
-            request_id: "r",
-            session_id: "s",
-            status: 0,
-        };
+        let settlement = released(&policy, None);
         assert!(settle_sides(&settlement, Plan::Single, 100, Purpose::Settle).is_empty());
     }
 

@@ -34,8 +34,8 @@ use crate::config::{FailMode, StoreConfig};
 use crate::limits::Quota;
 use crate::metrics::Metrics;
 
-const ADMIT_LUA: &str = include_str!("admit.lua");
-const SETTLE_LUA: &str = include_str!("settle.lua");
+const ADMIT_LUA: &str = concat!(include_str!("buckets.lua"), include_str!("admit.lua"));
+const SETTLE_LUA: &str = concat!(include_str!("buckets.lua"), include_str!("settle.lua"));
 const CHANGE_BALANCE_LUA: &str = r"
 -- KEYS[1] account hash; ARGV[1] add | set, ARGV[2] amount. Unknown account: nil.
 if redis.call('HEXISTS', KEYS[1], 'balance') == 0 then return false end
@@ -566,11 +566,16 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn remove_key(&self, id: &str) -> Result<(), StoreError> {
+    /// The hash of the key with this public id, from the id index.
+    async fn hash_of(&self, id: &str) -> Result<Option<KeyHash>, StoreError> {
         let hex: Option<String> = self
             .admin(redis::cmd("GET").arg(layout::key_index(id)))
             .await?;
-        if let Some(hash) = hex.as_deref().and_then(KeyHash::from_hex) {
+        Ok(hex.as_deref().and_then(KeyHash::from_hex))
+    }
+
+    async fn remove_key(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(hash) = self.hash_of(id).await? {
             self.admin::<Value>(redis::cmd("DEL").arg(layout::key_record(&hash)))
                 .await?;
         }
@@ -710,10 +715,7 @@ impl Store for RedisStore {
     }
 
     async fn key_by_id(&self, id: &str) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        let hex: Option<String> = self
-            .admin(redis::cmd("GET").arg(layout::key_index(id)))
-            .await?;
-        let Some(hash) = hex.as_deref().and_then(KeyHash::from_hex) else {
+        let Some(hash) = self.hash_of(id).await? else {
             return Ok(None);
         };
         let fields: HashMap<String, String> = self
@@ -748,10 +750,7 @@ impl Store for RedisStore {
     }
 
     async fn revoke_key(&self, id: &str) -> Result<bool, StoreError> {
-        let hex: Option<String> = self
-            .admin(redis::cmd("GET").arg(layout::key_index(id)))
-            .await?;
-        let Some(hash) = hex.as_deref().and_then(KeyHash::from_hex) else {
+        let Some(hash) = self.hash_of(id).await? else {
             return Ok(false);
         };
         self.admin::<Value>(
@@ -780,10 +779,7 @@ impl Store for RedisStore {
                 .await?;
         }
         for (hash, record) in keys {
-            let previous: Option<String> = self
-                .admin(redis::cmd("GET").arg(layout::key_index(&record.id)))
-                .await?;
-            if previous.as_deref().is_some_and(|p| p != hash.to_hex()) {
+            if self.hash_of(&record.id).await?.is_some_and(|p| p != *hash) {
                 // The file gave this id a new secret: the old one stops working.
                 self.remove_key(&record.id).await?;
             }

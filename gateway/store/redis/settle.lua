@@ -9,11 +9,8 @@
 --       request id, session id, status, scope count, then per scope seven numbers:
 --       holds a slot (1|0), tokens rate, period, burst, requests rate, period, burst.
 -- Reply: 1 applied, 0 already settled.
+-- buckets.lua comes first: now, EXACT, int, capacity, refilled, spec.
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then return 0 end
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local EXACT = 9007199254740992
 
 local call_id = ARGV[1]
 local refund = ARGV[3] == '1'
@@ -23,10 +20,6 @@ local metered = ARGV[6] == '1'
 local total = tonumber(ARGV[9])
 local streamed = ARGV[13] == '1'
 local scope_count = tonumber(ARGV[18])
-
-local function int(x)
-  return string.format('%.0f', x)
-end
 
 local next_key = 2
 local function take_key()
@@ -63,19 +56,6 @@ if streamed and metered then
     'input_tokens', ARGV[7], 'output_tokens', ARGV[8], 'total_tokens', ARGV[9], 'cost', ARGV[5])
 end
 
-local function refilled(level, updated, b)
-  local capacity = math.min(b.burst * b.period, EXACT)
-  if level == nil then return capacity, now end
-  local elapsed = math.max(now - updated, 0)
-  return math.min(level + elapsed * b.rate, capacity), math.max(now, updated)
-end
-
-local function spec(at)
-  local rate = tonumber(ARGV[at])
-  if rate == 0 then return nil end
-  return { rate = rate, period = tonumber(ARGV[at + 1]), burst = tonumber(ARGV[at + 2]) }
-end
-
 for i = 1, scope_count do
   local at = 18 + (i - 1) * 7
   local limiter, inflight = take_key(), take_key()
@@ -91,8 +71,7 @@ for i = 1, scope_count do
     -- Gives back the request token the refused admission took.
     local state = redis.call('HMGET', limiter, 'rl', 'ru')
     local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), requests)
-    local capacity = math.min(requests.burst * requests.period, EXACT)
-    redis.call('HSET', limiter, 'rl', int(math.min(level + requests.period, capacity)),
+    redis.call('HSET', limiter, 'rl', int(math.min(level + requests.period, capacity(requests))),
       'ru', int(updated))
   end
 end
