@@ -13,7 +13,7 @@
 --   outcome 1 admitted (a = bitmask of scopes holding a slot), 0 rate limited (a = scope,
 --   b = bucket 1 requests | 2 tokens | 3 concurrency, c = retry ms), 2 balance too low,
 --   3 peek.
--- buckets.lua comes first: now, EXACT, int, capacity, refilled, spec.
+-- prelude.lua comes first: now, EXACT, int, capacity, refilled, spec, release_held.
 local CONCURRENCY_RETRY_MS = 1000
 
 local mode, call_id = ARGV[1], ARGV[2]
@@ -125,13 +125,7 @@ if priced then
   -- Reservations of calls whose lease ran out (their instance died) are given back first.
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
   for _, id in ipairs(expired) do
-    local held = redis.call('HGET', account, 'held:' .. id)
-    if held then
-      -- Amounts stay decimal strings: Redis adds them as 64-bit integers, exactly.
-      redis.call('HINCRBY', account, 'reserved', '-' .. held)
-      redis.call('HDEL', account, 'held:' .. id)
-    end
-    redis.call('ZREM', leases, id)
+    release_held(account, leases, id)
   end
   local balance = redis.call('HMGET', account, 'balance', 'reserved')
   local free = (tonumber(balance[1]) or 0) - (tonumber(balance[2]) or 0)

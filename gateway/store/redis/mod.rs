@@ -34,8 +34,8 @@ use crate::config::{FailMode, StoreConfig};
 use crate::limits::Quota;
 use crate::metrics::Metrics;
 
-const ADMIT_LUA: &str = concat!(include_str!("buckets.lua"), include_str!("admit.lua"));
-const SETTLE_LUA: &str = concat!(include_str!("buckets.lua"), include_str!("settle.lua"));
+const ADMIT_LUA: &str = concat!(include_str!("prelude.lua"), include_str!("admit.lua"));
+const SETTLE_LUA: &str = concat!(include_str!("prelude.lua"), include_str!("settle.lua"));
 const CHANGE_BALANCE_LUA: &str = r"
 -- KEYS[1] account hash; ARGV[1] add | set, ARGV[2] amount. Unknown account: nil.
 if redis.call('HEXISTS', KEYS[1], 'balance') == 0 then return false end

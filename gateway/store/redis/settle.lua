@@ -9,7 +9,7 @@
 --       request id, session id, status, scope count, then per scope seven numbers:
 --       holds a slot (1|0), tokens rate, period, burst, requests rate, period, burst.
 -- Reply: 1 applied, 0 already settled.
--- buckets.lua comes first: now, EXACT, int, capacity, refilled, spec.
+-- prelude.lua comes first: now, EXACT, int, capacity, refilled, spec, release_held.
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then return 0 end
 
 local call_id = ARGV[1]
@@ -31,13 +31,7 @@ end
 if account_side then
   local account, leases, usage = take_key(), take_key(), take_key()
   -- The reservation is given back unless its lease already expired and gave it back.
-  local held = redis.call('HGET', account, 'held:' .. call_id)
-  if held then
-    -- Amounts stay decimal strings: Redis adds them as 64-bit integers, exactly.
-    redis.call('HINCRBY', account, 'reserved', '-' .. held)
-    redis.call('HDEL', account, 'held:' .. call_id)
-  end
-  redis.call('ZREM', leases, call_id)
+  release_held(account, leases, call_id)
   if cost > 0 then redis.call('HINCRBY', account, 'balance', '-' .. ARGV[5]) end
   if metered then
     local row = '\31' .. ARGV[10] .. '\31' .. ARGV[11]

@@ -1,6 +1,6 @@
--- Shared by admit.lua and settle.lua (prepended to each): the clock and the token-bucket
--- arithmetic of gateway/limits.rs. Levels are in units where one token is `period` units,
--- so refill is an exact integer; doubles count exactly below 2^53.
+-- Shared by admit.lua and settle.lua (prepended to each): the clock, the token-bucket
+-- arithmetic of gateway/limits.rs, and giving back a reservation. Levels are in units where
+-- one token is `period` units, so refill is an exact integer; doubles count exactly below 2^53.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local EXACT = 9007199254740992 -- 2^53, also the deepest a bucket's debt goes (limits::MAX_DEBT)
@@ -26,5 +26,16 @@ local function spec(at)
   local rate = tonumber(ARGV[at])
   if rate == 0 then return nil end
   return { rate = rate, period = tonumber(ARGV[at + 1]), burst = tonumber(ARGV[at + 2]) }
+end
+
+-- Gives back call `id`'s reservation, if it still holds one, and ends its lease. Amounts stay
+-- decimal strings: Redis adds them as 64-bit integers, exactly.
+local function release_held(account, leases, id)
+  local held = redis.call('HGET', account, 'held:' .. id)
+  if held then
+    redis.call('HINCRBY', account, 'reserved', '-' .. held)
+    redis.call('HDEL', account, 'held:' .. id)
+  end
+  redis.call('ZREM', leases, id)
 end
 
