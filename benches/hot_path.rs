@@ -4,14 +4,15 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 
-use turnpike::admission::{self, Admission, LimiterState, Settlement};
-use turnpike::auth::{bearer_token, KeyHash};
-use turnpike::billing::{cost, AccountState, Pricing};
-use turnpike::limits::{BucketSpec, Mode, Policy};
-use turnpike::metering::read_answer;
-use turnpike::request::{forwarded_body, parse_chat};
-use turnpike::routing::match_route;
-use turnpike::store::{MemoryStore, Store};
+use turnpike::config::AccountSeed;
+use turnpike::store::{AdminStore, CallStore, MemoryStore};
+use turnpike_core::admission::{self, Admission, LimiterState, Settlement};
+use turnpike_core::billing::{cost, AccountState, Pricing};
+use turnpike_core::body::{forwarded_body, parse_chat};
+use turnpike_core::keys::{bearer_token, KeyHash};
+use turnpike_core::limits::{BucketSpec, Mode, Policy};
+use turnpike_core::route::match_route;
+use turnpike_core::usage::{read_answer, Usage};
 
 const PRICING: Pricing = Pricing {
     input_per_mtok: 3_000_000,
@@ -60,7 +61,7 @@ fn settlement<'a>(policy: &'a Policy, call_id: &'a str, now_ms: u64) -> Settleme
         key_policy: Some(policy),
         agent_policy: Some(policy),
         reservation: Default::default(),
-        usage: Some(turnpike::metering::Usage {
+        usage: Some(Usage {
             input_tokens: 45,
             output_tokens: 32,
             total_tokens: 77,
@@ -76,10 +77,11 @@ fn settlement<'a>(policy: &'a Policy, call_id: &'a str, now_ms: u64) -> Settleme
 fn request_side(c: &mut Criterion) {
     let body = br#"{"message":"What are your business hours?","metadata":{"channel":"web"}}"#;
     let method = http::Method::POST;
+    let method = method.as_str();
     c.bench_function("match_route", |b| {
         b.iter(|| {
             match_route(
-                black_box(&method),
+                black_box(method),
                 black_box("/v1/agents/ag_c47e7c97_b2f2/chat"),
             )
         })
@@ -127,7 +129,7 @@ fn decision_core(c: &mut Criterion) {
             admission::settle(&mut key, &mut agent, Some(&mut account), &settle);
         })
     });
-    let usage = turnpike::metering::Usage {
+    let usage = Usage {
         input_tokens: 45,
         output_tokens: 32,
         total_tokens: 77,
@@ -149,7 +151,7 @@ fn memory_store(c: &mut Criterion) {
         .build()
         .unwrap();
     let store = MemoryStore::new();
-    let seed = [turnpike::store::AccountSeed {
+    let seed = [AccountSeed {
         id: "acct_jane".into(),
         balance: i64::MAX / 2,
     }];
@@ -169,7 +171,7 @@ fn memory_store(c: &mut Criterion) {
                     reservation: decision.reservation,
                     ..settlement(&policy, "call_1", now)
                 };
-                store.settle(&settle).await.unwrap();
+                store.settle(&settle).await;
             })
         })
     });

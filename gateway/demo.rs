@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::auth::KeyHash;
-use crate::request::random_id;
+use turnpike_core::ids::random_id;
+use turnpike_core::keys::{generate_key, KeyHash};
 
 const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
 const DEMO_POLICIES: [(&str, &str); 2] = [
@@ -32,7 +32,7 @@ pub struct DemoSetup {
 
 /// Writes the demo config, with a fresh key and admin token, into a temporary directory.
 pub fn prepare() -> std::io::Result<DemoSetup> {
-    let key = crate::auth::generate_key();
+    let key = generate_key();
     let admin_token = random_id("adm_", 32);
     let dir = std::env::temp_dir().join(format!("turnpike-demo-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("policies"))?;

@@ -1,6 +1,14 @@
 //! Every error a client can see, and its one rendering into the contract's JSON body.
 
-use crate::limits::BucketKind;
+use std::fmt;
+
+use turnpike_core::body::BodyProblem;
+use turnpike_core::keys::NoBearerToken;
+use turnpike_core::limits::BucketKind;
+use turnpike_core::route::RouteMiss;
+
+use crate::config::validate::KeyProblem;
+use crate::config::ConfigErrors;
 
 /// One variant per row of the contract's error table (plus the admin API's own refusals).
 /// Each `match` below is exhaustive on purpose: a new variant must decide its status, code
@@ -8,7 +16,9 @@ use crate::limits::BucketKind;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
     #[error("{0}")]
-    InvalidRequest(String),
+    InvalidBody(BodyProblem),
+    #[error("{0}")]
+    InvalidAdminRequest(AdminProblem),
     #[error("Missing or malformed Authorization header; expected 'Bearer ak_...'")]
     MissingApiKey,
     #[error("Invalid API key")]
@@ -42,19 +52,77 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("Missing or wrong admin token")]
     AdminUnauthorized,
-    #[error("{0}")]
-    Conflict(String),
+    #[error("A key with id '{key_id}' already exists")]
+    Conflict { key_id: String },
     #[error("The new configuration was refused, the old one stays in force:\n{0}")]
-    InvalidConfig(String),
+    InvalidConfig(ConfigErrors),
+}
+
+/// Why an admin request was refused (400 `invalid_request`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminProblem {
+    /// A field of a new key breaks a rule the config file's keys follow too.
+    Key {
+        field: &'static str,
+        problem: KeyProblem,
+    },
+    /// A path segment with a `%` not followed by two hex digits of UTF-8.
+    BadEscape(String),
+    /// A balance change that is not exactly one of `add` and `set`.
+    BalanceChange,
+    /// The JSON parser's own account of what is wrong with the body.
+    NotJson(String),
+    Unreadable,
+}
+
+impl fmt::Display for AdminProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminProblem::Key { field, problem } => write!(f, "'{field}': {problem}"),
+            AdminProblem::BadEscape(raw) => write!(f, "Bad escape in path segment '{raw}'"),
+            AdminProblem::BalanceChange => {
+                f.write_str("Send exactly one of {\"add\": n} or {\"set\": n}")
+            }
+            AdminProblem::NotJson(detail) => write!(f, "Invalid JSON body: {detail}"),
+            AdminProblem::Unreadable => f.write_str("Could not read the request body"),
+        }
+    }
+}
+
+impl From<BodyProblem> for GatewayError {
+    fn from(problem: BodyProblem) -> Self {
+        GatewayError::InvalidBody(problem)
+    }
+}
+
+impl From<AdminProblem> for GatewayError {
+    fn from(problem: AdminProblem) -> Self {
+        GatewayError::InvalidAdminRequest(problem)
+    }
+}
+
+impl From<RouteMiss> for GatewayError {
+    fn from(miss: RouteMiss) -> Self {
+        match miss {
+            RouteMiss::NotFound => GatewayError::NotFound,
+            RouteMiss::MethodNotAllowed { allow } => GatewayError::MethodNotAllowed { allow },
+        }
+    }
+}
+
+impl From<NoBearerToken> for GatewayError {
+    fn from(_: NoBearerToken) -> Self {
+        GatewayError::MissingApiKey
+    }
 }
 
 impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {
-            GatewayError::InvalidRequest(_) => 400,
+            GatewayError::InvalidBody(_) | GatewayError::InvalidAdminRequest(_) => 400,
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => 401,
             GatewayError::AdminUnauthorized => 401,
-            GatewayError::Conflict(_) => 409,
+            GatewayError::Conflict { .. } => 409,
             GatewayError::InvalidConfig(_) => 400,
             GatewayError::InsufficientBalance => 402,
             GatewayError::AgentNotFound | GatewayError::NotFound => 404,
@@ -71,11 +139,13 @@ impl GatewayError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            GatewayError::InvalidRequest(_) => "invalid_request",
+            GatewayError::InvalidBody(_) | GatewayError::InvalidAdminRequest(_) => {
+                "invalid_request"
+            }
             GatewayError::MissingApiKey => "missing_api_key",
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::AdminUnauthorized => "unauthorized",
-            GatewayError::Conflict(_) => "conflict",
+            GatewayError::Conflict { .. } => "conflict",
             GatewayError::InvalidConfig(_) => "invalid_config",
             GatewayError::InsufficientBalance => "insufficient_balance",
             GatewayError::AgentNotFound => "agent_not_found",
@@ -97,7 +167,8 @@ impl GatewayError {
             GatewayError::MissingApiKey => Some("missing"),
             GatewayError::InvalidApiKey => Some("invalid"),
             GatewayError::AdminUnauthorized => Some("admin"),
-            GatewayError::InvalidRequest(_)
+            GatewayError::InvalidBody(_)
+            | GatewayError::InvalidAdminRequest(_)
             | GatewayError::InsufficientBalance
             | GatewayError::AgentNotFound
             | GatewayError::NotFound
@@ -109,7 +180,7 @@ impl GatewayError {
             | GatewayError::UpstreamUnavailable
             | GatewayError::StoreUnavailable
             | GatewayError::UpstreamTimeout
-            | GatewayError::Conflict(_)
+            | GatewayError::Conflict { .. }
             | GatewayError::InvalidConfig(_) => None,
         }
     }
@@ -124,7 +195,8 @@ impl GatewayError {
             GatewayError::RateLimited {
                 retry_after_secs, ..
             } => Some(("Retry-After", retry_after_secs.to_string())),
-            GatewayError::InvalidRequest(_)
+            GatewayError::InvalidBody(_)
+            | GatewayError::InvalidAdminRequest(_)
             | GatewayError::InsufficientBalance
             | GatewayError::AgentNotFound
             | GatewayError::NotFound
@@ -134,7 +206,7 @@ impl GatewayError {
             | GatewayError::UpstreamUnavailable
             | GatewayError::StoreUnavailable
             | GatewayError::UpstreamTimeout
-            | GatewayError::Conflict(_)
+            | GatewayError::Conflict { .. }
             | GatewayError::InvalidConfig(_) => None,
         }
     }
@@ -171,5 +243,18 @@ mod tests {
                 "message": "Rate limit exceeded: 10 requests per 1s", "request_id": "req_1"}})
         );
         assert_eq!(err.extra_headers(), Some(("Retry-After", "1".into())));
+    }
+
+    #[test]
+    fn body_and_admin_problems_are_invalid_requests_with_their_own_words() {
+        let body = GatewayError::from(BodyProblem::MessageMissing);
+        assert_eq!((body.status(), body.code()), (400, "invalid_request"));
+        assert_eq!(body.to_string(), "'message' is required");
+        let admin = GatewayError::from(AdminProblem::Key {
+            field: "policy",
+            problem: KeyProblem::UnknownPolicy("gold".into()),
+        });
+        assert_eq!((admin.status(), admin.code()), (400, "invalid_request"));
+        assert_eq!(admin.to_string(), "'policy': no policy named 'gold'");
     }
 }

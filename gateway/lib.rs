@@ -1,34 +1,46 @@
 //! Turnpike: an authenticating, rate-limiting, metering reverse proxy for agent backends.
 //!
-//! The decision core (`limits`, `admission`, `billing`, `metering`, `routing`, `request`,
-//! `auth`) is plain Rust with no I/O; `store` holds shared state behind one trait; `proxy`
-//! is the Pingora glue that runs a call through `intake`, `answer` and `outcome`.
+//! The decision core is its own crate, `turnpike_core` (plain Rust, no I/O). This crate is
+//! the rest, in layers that only ever use the ones above them in this list (a test,
+//! `layers_point_one_way`, holds every `use crate::...` to it):
+//!
+//! 1. `clock`, `headers`, `logging`, `metrics`, `policy_diff`: leaves.
+//! 2. `config`: the files operators write, compiled into runtime types.
+//! 3. `error`: every error a client can see, rendered one way.
+//! 4. `store`: shared state behind the `Store` traits (embedded, Redis).
+//! 5. `upstream`: pools, the worker's request head, the worker exchange.
+//! 6. `services`: what every call shares (the config snapshot, the store, metrics).
+//! 7. `pipeline`: one call as a pipeline of values; `proxy`: the Pingora glue over it.
+//! 8. `reload`, `admin`: config reloads and the admin API.
+//! 9. `demo`, `server`, `cli`: the demo worker, the server's assembly, the command line.
+//!
+//! `docs/architecture.md` walks one call through them.
+
+pub mod clock;
+pub mod headers;
+pub mod logging;
+pub mod metrics;
+pub mod policy_diff;
+
+pub mod config;
+
+pub mod error;
+
+pub mod store;
+
+pub mod upstream;
+
+pub mod services;
+
+pub mod pipeline;
+pub mod proxy;
 
 pub mod admin;
-pub mod admission;
-pub mod answer;
-pub mod auth;
-pub mod billing;
-pub mod cli;
-pub mod config;
-pub mod ctx;
-pub mod demo;
-pub mod error;
-pub mod exchange;
-pub mod headers;
-pub mod intake;
-pub mod limits;
-pub mod logging;
-pub mod metering;
-pub mod metrics;
-pub mod outcome;
-pub mod policy_diff;
-pub mod proxy;
 pub mod reload;
-pub mod reply;
-pub mod request;
-pub mod routing;
+
+pub mod cli;
+pub mod demo;
 pub mod server;
-pub mod state;
-pub mod store;
-pub mod upstream;
+
+#[cfg(test)]
+mod layers;

@@ -3,7 +3,7 @@
 //! `access_log ... buffer=64k flush=200ms`). A line reaches stderr within `FLUSH_EVERY`.
 
 use parking_lot::Mutex;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
 use std::time::Duration;
 use tracing_subscriber::fmt::MakeWriter;
@@ -12,6 +12,30 @@ const FLUSH_EVERY: Duration = Duration::from_millis(200);
 const FLUSH_AT_BYTES: usize = 64 * 1024;
 
 static WRITER: OnceLock<BatchedStderr> = OnceLock::new();
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Installs the process's logger (level from `RUST_LOG`, `info` by default) writing batches
+/// to stderr; flush the returned writer before the process exits on its own.
+pub fn init(format: Format) -> &'static BatchedStderr {
+    let writer = BatchedStderr::start();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer);
+    match format {
+        Format::Text => builder.init(),
+        Format::Json => builder.json().init(),
+    }
+    writer
+}
 
 extern "C" fn flush_at_exit() {
     if let Some(writer) = WRITER.get() {

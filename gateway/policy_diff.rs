@@ -6,8 +6,8 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::config::format_duration_ms;
-use crate::limits::{BucketSpec, Mode, Policy};
+use turnpike_core::limits::{BucketSpec, Mode, Policy};
+use turnpike_core::units::format_duration_ms;
 
 /// A policy as JSON: `{"requests": {"rate", "per", "burst"}, "tokens": ..., "concurrency",
 /// "mode"}`, absent buckets left out.

@@ -1,5 +1,5 @@
 //! Config reloads: on `POST /admin/reload`, on SIGHUP, and when the config file or a policy
-//! file changes. The whole new set is loaded and validated first and then swapped in at
+//! file changes. The whole new set is loaded and validated first and then put in force at
 //! once; a refused set leaves the old one in force. Calls in flight finish on the snapshot
 //! they started with, and rate-limit state lives in the store, so it survives.
 
@@ -10,82 +10,117 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::config::{self, ConfigError, ConfigErrors, Runtime};
-use crate::state::{unix_now, Shared, Snapshot};
-use crate::upstream::Pools;
+use crate::clock::unix_now;
+use crate::config::{self, ConfigError, ConfigErrors, ProcessConfig, Sources};
+use crate::services::{Services, Snapshot};
 
 /// How often the watcher looks at the files.
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
-/// Loads the config file again and, if it is valid, puts it in force. Returns the new
-/// config generation.
-pub async fn reload(shared: &Shared) -> Result<u64, ConfigErrors> {
-    let _one_at_a_time = shared.reload_lock.lock().await;
-    let current = shared.snapshot.load_full();
-    let path = current.config.source.clone();
-    // Taken before reading: a file that changes while it is read is seen as changed and
-    // loaded again, never marked seen without being loaded.
-    let before_reading = fingerprint(&current.config);
-    *shared.files_seen.lock() = before_reading.clone();
-    let metrics = &shared.metrics;
-    match prepare(shared, &path).await {
-        Ok((runtime, pools)) => {
-            warn_about_restart_only_changes(&current.config, &runtime);
-            if runtime.policies_dir != current.config.policies_dir {
-                *shared.files_seen.lock() = fingerprint(&runtime);
-            }
-            shared.snapshot.store(Arc::new(Snapshot {
-                config: runtime,
-                pools,
-            }));
-            metrics.config_reloads.with_label_values(&["success"]).inc();
-            metrics.config_generation.inc();
-            metrics.config_last_success.set(unix_now());
-            let generation = metrics.config_generation.get() as u64;
-            tracing::info!(generation, config = %path.display(), "configuration reloaded");
-            Ok(generation)
+/// Name, size and modification time of every file a load reads.
+pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+pub struct Reloader {
+    services: Arc<Services>,
+    /// Reloads run one at a time. Holds how the process was set up, which a reload cannot
+    /// change.
+    one_at_a_time: tokio::sync::Mutex<ProcessConfig>,
+    watched: parking_lot::Mutex<Watched>,
+}
+
+/// The files in force, as the last load attempt found them.
+struct Watched {
+    sources: Sources,
+    fingerprint: Fingerprint,
+}
+
+impl Reloader {
+    pub fn new(services: Arc<Services>, sources: Sources, process: ProcessConfig) -> Self {
+        let fingerprint = fingerprint(&sources);
+        Self {
+            services,
+            one_at_a_time: tokio::sync::Mutex::new(process),
+            watched: parking_lot::Mutex::new(Watched {
+                sources,
+                fingerprint,
+            }),
         }
-        Err(errors) => {
-            metrics.config_reloads.with_label_values(&["error"]).inc();
-            for error in &errors.0 {
-                tracing::error!(%error, "configuration refused; the previous one stays in force");
+    }
+
+    /// Loads the config files again and, if they are valid, puts them in force. Returns the
+    /// new config generation.
+    pub async fn reload(&self) -> Result<u64, ConfigErrors> {
+        let process = self.one_at_a_time.lock().await;
+        let sources = {
+            let mut watched = self.watched.lock();
+            // Taken before reading: a file that changes while it is read is seen as changed
+            // and loaded again, never marked seen without being loaded.
+            watched.fingerprint = fingerprint(&watched.sources);
+            watched.sources.clone()
+        };
+        let metrics = &self.services.metrics;
+        match self.prepare(&sources).await {
+            Ok((new_sources, new_process, snapshot)) => {
+                warn_about_restart_only_changes(&process, &new_process);
+                if new_sources != sources {
+                    *self.watched.lock() = Watched {
+                        fingerprint: fingerprint(&new_sources),
+                        sources: new_sources,
+                    };
+                }
+                let generation = snapshot.generation;
+                self.services.put_in_force(snapshot);
+                metrics.config_reloads.with_label_values(&["success"]).inc();
+                metrics.config_last_success.set(unix_now());
+                tracing::info!(generation, config = %sources.config.display(), "configuration reloaded");
+                Ok(generation)
             }
-            Err(errors)
+            Err(errors) => {
+                metrics.config_reloads.with_label_values(&["error"]).inc();
+                for error in &errors.0 {
+                    tracing::error!(%error, "configuration refused; the previous one stays in force");
+                }
+                Err(errors)
+            }
         }
+    }
+
+    /// Everything that can fail, in order, with the store touched last: a refused set
+    /// changes nothing, and keys are seeded only just before the snapshot that knows their
+    /// policies.
+    async fn prepare(
+        &self,
+        sources: &Sources,
+    ) -> Result<(Sources, ProcessConfig, Snapshot), ConfigErrors> {
+        let path = &sources.config;
+        let runtime = config::load(path)?;
+        let generation = self.services.snapshot().generation + 1;
+        let snapshot = Snapshot::build(runtime.calls, generation)
+            .map_err(|e| one_error(path, format!("building upstream pools: {e}")))?;
+        self.services
+            .store
+            .seed(&snapshot.config.keys, &snapshot.config.accounts)
+            .await
+            .map_err(|e| one_error(path, format!("seeding keys and accounts: {e}")))?;
+        Ok((runtime.sources, runtime.process, snapshot))
+    }
+
+    /// Whether the files in force changed since the last load attempt read them.
+    fn files_changed(&self) -> bool {
+        let watched = self.watched.lock();
+        fingerprint(&watched.sources) != watched.fingerprint
     }
 }
 
-/// Everything that can fail, in order, with the store touched last: a refused set changes
-/// nothing, and keys are seeded only just before the snapshot that knows their policies.
-async fn prepare(shared: &Shared, path: &Path) -> Result<(Runtime, Pools), ConfigErrors> {
-    let runtime = config::load(path)?;
-    let pools = build_pools(&runtime, path)?;
-    shared
-        .store
-        .seed(&runtime.keys, &runtime.accounts)
-        .await
-        .map_err(|e| one_error(path, format!("seeding keys and accounts: {e}")))?;
-    Ok((runtime, pools))
-}
-
-fn build_pools(runtime: &Runtime, path: &Path) -> Result<Pools, ConfigErrors> {
-    Pools::build(runtime).map_err(|e| one_error(path, format!("building upstream pools: {e}")))
-}
-
 fn one_error(path: &Path, message: String) -> ConfigErrors {
-    ConfigErrors(vec![ConfigError {
-        file: path.to_path_buf(),
-        location: None,
-        key: String::new(),
-        message,
-    }])
+    ConfigErrors::one(ConfigError::whole_file(path, None, message))
 }
 
 /// Listeners, threads and the store are set up once; a reload cannot move them.
-fn warn_about_restart_only_changes(old: &Runtime, new: &Runtime) {
+fn warn_about_restart_only_changes(old: &ProcessConfig, new: &ProcessConfig) {
     let changed = [
         ("listen", old.listen != new.listen),
-        ("admin.listen", old.admin.listen != new.admin.listen),
+        ("admin.listen", old.admin_listen != new.admin_listen),
         ("threads", old.threads != new.threads),
         ("store", old.store != new.store),
     ];
@@ -99,7 +134,7 @@ fn warn_about_restart_only_changes(old: &Runtime, new: &Runtime) {
 
 /// Watches the config file and policy directory, and SIGHUP, and reloads on either.
 pub struct Watcher {
-    pub shared: Arc<Shared>,
+    pub reloader: Arc<Reloader>,
 }
 
 #[async_trait]
@@ -125,7 +160,7 @@ impl BackgroundService for Watcher {
                 _ = shutdown.changed() => return,
                 _ = signalled => tracing::info!("SIGHUP: reloading the configuration"),
                 _ = ticks.tick() => {
-                    if fingerprint(&self.shared.snapshot.load().config) == *self.shared.files_seen.lock() {
+                    if !self.reloader.files_changed() {
                         continue;
                     }
                     // Let an editor or a copy finish writing before reading.
@@ -133,15 +168,15 @@ impl BackgroundService for Watcher {
                     tracing::info!("configuration files changed: reloading");
                 }
             }
-            let _ = reload(&self.shared).await;
+            let _ = self.reloader.reload().await;
         }
     }
 }
 
-/// Name, size and modification time of every file a load of `config` reads.
-pub fn fingerprint(config: &Runtime) -> Fingerprint {
-    let mut files = vec![config.source.clone()];
-    if let Ok(entries) = std::fs::read_dir(&config.policies_dir) {
+/// Name, size and modification time of every file a load of `sources` reads.
+fn fingerprint(sources: &Sources) -> Fingerprint {
+    let mut files = vec![sources.config.clone()];
+    if let Ok(entries) = std::fs::read_dir(&sources.policies_dir) {
         files.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
     }
     files.sort();
@@ -155,5 +190,3 @@ pub fn fingerprint(config: &Runtime) -> Fingerprint {
         })
         .collect()
 }
-
-pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;

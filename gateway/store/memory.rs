@@ -6,11 +6,15 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::{AccountSeed, BalanceChange, Store, StoreError, UsageFilter, UsageTotals};
-use crate::admission::{self, Admission, Admitted, LimiterState, Refusal, Reservation, Settlement};
-use crate::auth::{KeyHash, KeyRecord};
-use crate::billing::AccountState;
-use crate::limits::Quota;
+use turnpike_core::admission::{
+    self, Admission, Admitted, LimiterState, Refusal, Reservation, Settlement,
+};
+use turnpike_core::billing::AccountState;
+use turnpike_core::keys::{KeyHash, KeyRecord};
+use turnpike_core::limits::Quota;
+
+use super::{AdminStore, BalanceChange, CallStore, StoreError, UsageFilter, UsageTotals};
+use crate::config::AccountSeed;
 
 /// Keys are read on every call and written rarely, so they sit in a copy-on-write map that
 /// readers load without a lock. Everything an admission must change atomically sits under
@@ -95,7 +99,11 @@ fn entry<'m, V: Default>(map: &'m mut HashMap<String, V>, id: &str) -> &'m mut V
 }
 
 #[async_trait]
-impl Store for MemoryStore {
+impl CallStore for MemoryStore {
+    async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        Ok(self.keys.load().by_hash.get(hash).cloned())
+    }
+
     async fn admit(&self, call: &Admission<'_>) -> Result<Result<Admitted, Refusal>, StoreError> {
         let mut ledger = self.ledger.lock();
         let (key, agent, accounts) = ledger.limiters(call.key_id, call.agent);
@@ -116,11 +124,11 @@ impl Store for MemoryStore {
         Ok(admission::peek_quota(key, agent, call))
     }
 
-    async fn settle(&self, call: &Settlement<'_>) -> Result<(), StoreError> {
+    async fn settle(&self, call: &Settlement<'_>) {
         let mut guard = self.ledger.lock();
         let ledger = &mut *guard;
         let Some(reservation) = ledger.open_calls.remove(call.call_id) else {
-            return Ok(());
+            return;
         };
         let call = Settlement {
             reservation,
@@ -142,13 +150,11 @@ impl Store for MemoryStore {
             totals.total_tokens += usage.total_tokens;
             totals.cost = totals.cost.saturating_add(call.cost);
         }
-        Ok(())
     }
+}
 
-    async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        Ok(self.keys.load().by_hash.get(hash).cloned())
-    }
-
+#[async_trait]
+impl AdminStore for MemoryStore {
     async fn key_by_id(&self, id: &str) -> Result<Option<Arc<KeyRecord>>, StoreError> {
         let table = self.keys.load();
         Ok(table

@@ -1,6 +1,7 @@
 //! The state seam: everything shared between calls (buckets, balances, keys, usage) sits
-//! behind [`Store`]. Each operation maps one to one onto an atomic call a networked store
-//! makes (a Redis store: one script per operation), so the proxy is the same on every store.
+//! behind [`Store`]. The operations every call makes ([`CallStore`]) are apart from the
+//! operator's ([`AdminStore`]); each maps one to one onto an atomic call a networked store
+//! makes (on Redis: one script per operation), so the proxy is the same on every store.
 
 mod memory;
 mod redis;
@@ -11,22 +12,45 @@ pub use self::redis::RedisStore;
 use async_trait::async_trait;
 use std::sync::Arc;
 
-use crate::admission::{Admission, Admitted, Refusal, Settlement};
-use crate::auth::{KeyHash, KeyRecord};
-use crate::billing::AccountState;
-use crate::limits::Quota;
+use turnpike_core::admission::{Admission, Admitted, Refusal, Settlement};
+use turnpike_core::billing::AccountState;
+use turnpike_core::keys::{KeyHash, KeyRecord};
+use turnpike_core::limits::Quota;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StoreError {
+use crate::config::AccountSeed;
+
+/// A store operation that failed, with what that says about the store.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}: {source}")]
+pub struct StoreError {
+    pub kind: StoreErrorKind,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// What a failure says about the store, and so what a caller may assume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StoreErrorKind {
     /// No answer in time: the operation may or may not have been applied.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    #[error("store unavailable")]
+    Unanswered,
     /// Nothing was sent: the store is known to be down.
-    #[error("store unreachable: {0}")]
-    Unreachable(String),
+    #[error("store unreachable")]
+    Unreachable,
     /// The store answered with an error: it is up, and the operation was refused.
-    #[error("store refused the operation: {0}")]
-    Refused(String),
+    #[error("store refused the operation")]
+    Refused,
+}
+
+impl StoreError {
+    pub fn new(
+        kind: StoreErrorKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            kind,
+            source: source.into(),
+        }
+    }
 }
 
 /// Totals over everything metered, for `GET /admin/usage`.
@@ -54,15 +78,12 @@ pub enum BalanceChange {
     Set(i64),
 }
 
-/// An account as the config file declares it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccountSeed {
-    pub id: String,
-    pub balance: i64,
-}
-
+/// What every call asks of the store: at most one round trip each.
 #[async_trait]
-pub trait Store: Send + Sync {
+pub trait CallStore: Send + Sync {
+    /// The key with this hash, whether live or not; `None` when unknown.
+    async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError>;
+
     /// Checks every bucket of the key and agent policies, the concurrency slots and the
     /// account's balance; on success takes them all, on refusal takes nothing. The outer
     /// error means the store could not decide.
@@ -73,11 +94,14 @@ pub trait Store: Send + Sync {
 
     /// Releases the call's reservation and slots, debits cost and token buckets, and records
     /// usage. Idempotent per `call_id`: settling twice changes nothing the second time.
-    async fn settle(&self, call: &Settlement<'_>) -> Result<(), StoreError>;
+    /// Never fails from the caller's side: a store that cannot write it now holds it, and
+    /// counts and logs what it could not keep.
+    async fn settle(&self, call: &Settlement<'_>);
+}
 
-    /// The key with this hash, whether live or not; `None` when unknown.
-    async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError>;
-
+/// What the operator (admin API, start-up and reload) asks of the store.
+#[async_trait]
+pub trait AdminStore: Send + Sync {
     /// The key with this public id; `None` when unknown.
     async fn key_by_id(&self, id: &str) -> Result<Option<Arc<KeyRecord>>, StoreError>;
 
@@ -111,3 +135,9 @@ pub trait Store: Send + Sync {
     /// Whether the store answers, for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }
+
+/// A whole store: what the server builds and hands to the proxy and the admin API, each of
+/// which sees only its side.
+pub trait Store: CallStore + AdminStore {}
+
+impl<T: CallStore + AdminStore + ?Sized> Store for T {}

@@ -5,13 +5,13 @@
 
 use std::sync::Arc;
 
-use turnpike::admission::{Admission, Refusal, Reservation, Scope, Settlement, ShadowHit};
-use turnpike::billing::Pricing;
-use turnpike::config::{FailMode, StoreConfig, StoreKind};
-use turnpike::limits::{retry_after_secs, BucketKind, BucketSpec, Mode, Policy, Quota};
-use turnpike::metering::Usage;
+use turnpike::config::{AccountSeed, FailMode, StoreConfig, StoreKind};
 use turnpike::metrics::Metrics;
-use turnpike::store::{AccountSeed, MemoryStore, RedisStore, Store};
+use turnpike::store::{AdminStore, CallStore, MemoryStore, RedisStore, Store};
+use turnpike_core::admission::{Admission, Refusal, Reservation, Scope, Settlement, ShadowHit};
+use turnpike_core::billing::Pricing;
+use turnpike_core::limits::{retry_after_secs, BucketKind, BucketSpec, Mode, Policy, Quota};
+use turnpike_core::usage::Usage;
 
 use crate::support::redis::{RedisCluster, RedisServer};
 
@@ -260,7 +260,7 @@ async fn run(store: &dyn Store, prefix: &str) -> Vec<(String, Vec<Decision>, Opt
                         session_id: "sess",
                         status: 200,
                     };
-                    store.settle(&settlement).await.unwrap();
+                    store.settle(&settlement).await;
                 }
             }
         }

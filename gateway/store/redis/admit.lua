@@ -1,25 +1,30 @@
--- Admission (ARGV[1] = 'admit') or a read-only look at the quota (ARGV[1] = 'peek').
--- Mirrors gateway/admission.rs: every bucket of every scope is judged on the state refilled
--- to now, then everything is taken or nothing is. Levels are kept in units where one token
--- is period_ms units, so refill is an exact integer. Time is this server's TIME, so gateway
--- instances with skewed clocks agree.
+-- Admission (mode 'admit') or a read-only look at the quota (mode 'peek'). Mirrors
+-- turnpike_core::admission: every bucket of every scope is judged on the state refilled to
+-- now, then everything is taken or nothing is. Time is this server's TIME, so gateway
+-- instances with skewed clocks agree. prelude.lua comes first.
 --
--- KEYS: [account hash, reservation leases] when ARGV[4] >= 0 (priced), then per scope its
---       limiter hash and its in-flight lease set.
--- ARGV: mode, call id, lease ms, reserve (-1: unpriced), scope count, then per scope eight
---       numbers: enforce (1|0), requests rate, period, burst, tokens rate, period, burst,
---       concurrency (0: absent).
--- Reply: {outcome, a, b, c, has_quota, limit, remaining, reset, shadow count, scope, bucket...}
---   outcome 1 admitted (a = bitmask of scopes holding a slot), 0 rate limited (a = scope,
---   b = bucket 1 requests | 2 tokens | 3 concurrency, c = retry ms), 2 balance too low,
---   3 peek.
--- prelude.lua comes first: now, EXACT, int, capacity, refilled, spec, release_held.
+-- The calling convention; protocol.rs holds its own copy to these tables in a test.
+local ARGS = { 'mode', 'call_id', 'lease_ms', 'reserve', 'scope_count' }
+local SCOPE_ARGS = { 'enforce', 'requests_rate', 'requests_period', 'requests_burst',
+  'tokens_rate', 'tokens_period', 'tokens_burst', 'concurrency' }
+local REPLY = { 'outcome', 'slots', 'scope', 'bucket', 'retry_ms', 'has_quota', 'limit',
+  'remaining', 'reset', 'shadow_count' }
+local OUTCOME = { rate_limited = 0, admitted = 1, broke = 2, peeked = 3 }
+local BUCKET = { requests = 1, tokens = 2, concurrency = 3 }
+-- ARGV: ARGS, then SCOPE_ARGS for each of scope_count scopes. reserve -1: unpriced; enforce
+--   1 | 0 (shadow); a rate of 0: no such bucket; concurrency 0: no limit.
+-- KEYS: [account hash, reservation leases] when priced, then per scope its limiter hash and
+--   its in-flight lease set.
+-- Reply: REPLY's fields in order (absent ones 0), then shadow_count pairs (scope, bucket).
+--   slots: bitmask of the scopes holding a slot (admitted); scope (1-based), bucket and
+--   retry_ms: the refusal (rate_limited).
 local CONCURRENCY_RETRY_MS = 1000
 
-local mode, call_id = ARGV[1], ARGV[2]
-local lease_until = now + tonumber(ARGV[3])
-local reserve = tonumber(ARGV[4])
-local scope_count = tonumber(ARGV[5])
+local arg = named(ARGS, 0)
+local mode, call_id = arg.mode, arg.call_id
+local lease_until = now + tonumber(arg.lease_ms)
+local reserve = tonumber(arg.reserve)
+local scope_count = tonumber(arg.scope_count)
 local priced = reserve >= 0
 local first_scope_key = priced and 3 or 1
 
@@ -44,14 +49,14 @@ local scopes = {}
 local refusal = nil
 local shadow = {}
 for i = 1, scope_count do
-  local at = 5 + (i - 1) * 8
+  local a = named(SCOPE_ARGS, #ARGS + (i - 1) * #SCOPE_ARGS)
   local s = {
     limiter = KEYS[first_scope_key + (i - 1) * 2],
     inflight = KEYS[first_scope_key + (i - 1) * 2 + 1],
-    enforce = ARGV[at + 1] == '1',
-    requests = spec(at + 2),
-    tokens = spec(at + 5),
-    concurrency = tonumber(ARGV[at + 8]),
+    enforce = a.enforce == '1',
+    requests = bucket_spec(a, 'requests'),
+    tokens = bucket_spec(a, 'tokens'),
+    concurrency = tonumber(a.concurrency),
   }
   scopes[i] = s
   local state = redis.call('HMGET', s.limiter, 'rl', 'ru', 'tl', 'tu')
@@ -59,44 +64,45 @@ for i = 1, scope_count do
   local wait
   if s.requests then
     s.rl, s.ru, wait = judged(state[1], state[2], s.requests)
-    if wait then denials[#denials + 1] = { 1, wait } end
+    if wait then denials[#denials + 1] = { BUCKET.requests, wait } end
   end
   if s.tokens then
     s.tl, s.tu, wait = judged(state[3], state[4], s.tokens)
-    if wait then denials[#denials + 1] = { 2, wait } end
+    if wait then denials[#denials + 1] = { BUCKET.tokens, wait } end
   end
   if s.concurrency > 0 and mode == 'admit' then
     -- Slots are leases: one a crashed instance never gave back expires by itself.
     redis.call('ZREMRANGEBYSCORE', s.inflight, '-inf', now)
     if redis.call('ZCARD', s.inflight) >= s.concurrency then
-      denials[#denials + 1] = { 3, CONCURRENCY_RETRY_MS }
+      denials[#denials + 1] = { BUCKET.concurrency, CONCURRENCY_RETRY_MS }
     end
   end
   for _, d in ipairs(denials) do
     if not s.enforce then
       shadow[#shadow + 1] = { i, d[1] }
-    elseif refusal == nil or d[2] > refusal[3] then
-      refusal = { i, d[1], d[2] }
+    elseif refusal == nil or d[2] > refusal.retry_ms then
+      refusal = { scope = i, bucket = d[1], retry_ms = d[2] }
     end
   end
 end
 
 -- The enforced request bucket with the fewest tokens left, for the RateLimit-* headers.
-local function tightest()
-  local best = nil
+local function tightest(fields)
   for _, s in ipairs(scopes) do
     if s.enforce and s.requests then
       local limit, remaining, reset = quota(s.rl, s.requests)
-      if best == nil or remaining < best[3] then best = { 1, limit, remaining, reset } end
+      if fields.has_quota ~= 1 or remaining < fields.remaining then
+        fields.has_quota, fields.limit, fields.remaining, fields.reset = 1, limit, remaining, reset
+      end
     end
   end
-  return best or { 0, 0, 0, 0 }
 end
 
-local function reply(outcome, a, b, c)
-  local out = { outcome, a, b, c }
-  for _, v in ipairs(tightest()) do out[#out + 1] = v end
-  out[#out + 1] = #shadow
+local function reply(fields)
+  tightest(fields)
+  fields.shadow_count = #shadow
+  local out = {}
+  for i, name in ipairs(REPLY) do out[i] = fields[name] or 0 end
   for _, hit in ipairs(shadow) do
     out[#out + 1] = hit[1]
     out[#out + 1] = hit[2]
@@ -104,7 +110,7 @@ local function reply(outcome, a, b, c)
   return out
 end
 
-if mode == 'peek' then return reply(3, 0, 0, 0) end
+if mode == 'peek' then return reply({ outcome = OUTCOME.peeked }) end
 
 -- The same call admitted before (a client library resending after a lost answer) takes
 -- nothing twice: its reservation or its slots are the sign.
@@ -116,9 +122,12 @@ for i, s in ipairs(scopes) do
     seen_before = true
   end
 end
-if seen_before then return reply(1, slots_before, 0, 0) end
+if seen_before then return reply({ outcome = OUTCOME.admitted, slots = slots_before }) end
 
-if refusal then return reply(0, refusal[1], refusal[2], math.min(refusal[3], EXACT)) end
+if refusal then
+  return reply({ outcome = OUTCOME.rate_limited, scope = refusal.scope,
+    bucket = refusal.bucket, retry_ms = math.min(refusal.retry_ms, EXACT) })
+end
 
 if priced then
   local account, leases = KEYS[1], KEYS[2]
@@ -129,10 +138,10 @@ if priced then
   end
   local balance = redis.call('HMGET', account, 'balance', 'reserved')
   local free = (tonumber(balance[1]) or 0) - (tonumber(balance[2]) or 0)
-  if free < reserve then return reply(2, 0, 0, 0) end
+  if free < reserve then return reply({ outcome = OUTCOME.broke }) end
   if reserve > 0 then
-    redis.call('HINCRBY', account, 'reserved', ARGV[4])
-    redis.call('HSET', account, 'held:' .. call_id, ARGV[4])
+    redis.call('HINCRBY', account, 'reserved', arg.reserve)
+    redis.call('HSET', account, 'held:' .. call_id, arg.reserve)
     redis.call('ZADD', leases, lease_until, call_id)
   end
 end
@@ -154,4 +163,4 @@ for i, s in ipairs(scopes) do
     slots = slots + 2 ^ (i - 1)
   end
 end
-return reply(1, slots, 0, 0)
+return reply({ outcome = OUTCOME.admitted, slots = slots })

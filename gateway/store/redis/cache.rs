@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::auth::{KeyHash, KeyRecord};
+use turnpike_core::keys::{KeyHash, KeyRecord};
 
 /// More entries than this and the cache starts over: random bearer tokens cannot grow it
 /// without bound.

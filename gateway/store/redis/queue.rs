@@ -5,7 +5,8 @@ use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
 use std::collections::VecDeque;
 
-use super::layout::Invocation;
+use super::protocol::Invocation;
+use crate::store::StoreError;
 
 /// One write a settlement still owes.
 #[derive(Debug, Clone)]
@@ -53,7 +54,7 @@ impl SettlementQueue {
     }
 
     /// Counts and logs a held settlement Redis refused, which is dropped.
-    pub fn give_up(&self, error: &str) {
+    pub fn give_up(&self, error: &StoreError) {
         self.dropped.inc();
         tracing::error!(%error, "Redis refused a held settlement; it was dropped");
     }

@@ -1,25 +1,29 @@
 -- Settlement of one call, or the refund of an admission another script refused (cluster
--- mode, where the agent's buckets live in another slot). Mirrors gateway/admission.rs.
+-- mode, where the agent's buckets live in another slot). Mirrors turnpike_core::admission.
 -- Idempotent: the first run sets a marker for the call id; a second run changes nothing.
+-- prelude.lua comes first.
 --
--- KEYS: marker; [account hash, reservation leases, usage hash] when ARGV[4] = 1;
---       [usage stream] when ARGV[13] = 1; then per scope its limiter hash and in-flight set.
--- ARGV: call id, marker ttl ms, refund (1|0), account side (1|0), cost, metered (1|0),
---       input, output, total tokens, key id, agent, account, stream (1|0), stream maxlen,
---       request id, session id, status, scope count, then per scope seven numbers:
---       holds a slot (1|0), tokens rate, period, burst, requests rate, period, burst.
--- Reply: 1 applied, 0 already settled.
--- prelude.lua comes first: now, EXACT, int, capacity, refilled, spec, release_held.
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then return 0 end
+-- The calling convention; protocol.rs holds its own copy to these tables in a test.
+local ARGS = { 'call_id', 'marker_ttl_ms', 'refund', 'account_side', 'cost', 'metered',
+  'input_tokens', 'output_tokens', 'total_tokens', 'key_id', 'agent', 'account', 'stream',
+  'stream_maxlen', 'request_id', 'session_id', 'status', 'scope_count' }
+local SCOPE_ARGS = { 'holds_slot', 'tokens_rate', 'tokens_period', 'tokens_burst',
+  'requests_rate', 'requests_period', 'requests_burst' }
+local SETTLED = { already = 0, applied = 1 }
+-- ARGV: ARGS, then SCOPE_ARGS for each of scope_count scopes; flags are 1 | 0; the requests
+--   bucket is sent only to refund a request token.
+-- KEYS: marker; [account hash, reservation leases, usage hash] when account_side;
+--   [usage stream] when stream; then per scope its limiter hash and in-flight set.
+-- Reply: SETTLED.applied, or SETTLED.already when the marker was there.
+local arg = named(ARGS, 0)
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', arg.marker_ttl_ms) then
+  return SETTLED.already
+end
 
-local call_id = ARGV[1]
-local refund = ARGV[3] == '1'
-local account_side = ARGV[4] == '1'
-local cost = tonumber(ARGV[5])
-local metered = ARGV[6] == '1'
-local total = tonumber(ARGV[9])
-local streamed = ARGV[13] == '1'
-local scope_count = tonumber(ARGV[18])
+local call_id = arg.call_id
+local cost = tonumber(arg.cost)
+local metered = arg.metered == '1'
+local total = tonumber(arg.total_tokens)
 
 local next_key = 2
 local function take_key()
@@ -28,40 +32,41 @@ local function take_key()
   return k
 end
 
-if account_side then
+if arg.account_side == '1' then
   local account, leases, usage = take_key(), take_key(), take_key()
   -- The reservation is given back unless its lease already expired and gave it back.
   release_held(account, leases, call_id)
-  if cost > 0 then redis.call('HINCRBY', account, 'balance', '-' .. ARGV[5]) end
+  if cost > 0 then redis.call('HINCRBY', account, 'balance', '-' .. arg.cost) end
   if metered then
-    local row = '\31' .. ARGV[10] .. '\31' .. ARGV[11]
+    local row = '\31' .. arg.key_id .. '\31' .. arg.agent
     redis.call('HINCRBY', usage, 'requests' .. row, 1)
-    redis.call('HINCRBY', usage, 'input_tokens' .. row, ARGV[7])
-    redis.call('HINCRBY', usage, 'output_tokens' .. row, ARGV[8])
-    redis.call('HINCRBY', usage, 'total_tokens' .. row, ARGV[9])
-    redis.call('HINCRBY', usage, 'cost' .. row, ARGV[5])
+    redis.call('HINCRBY', usage, 'input_tokens' .. row, arg.input_tokens)
+    redis.call('HINCRBY', usage, 'output_tokens' .. row, arg.output_tokens)
+    redis.call('HINCRBY', usage, 'total_tokens' .. row, arg.total_tokens)
+    redis.call('HINCRBY', usage, 'cost' .. row, arg.cost)
   end
 end
 
-if streamed and metered then
-  redis.call('XADD', take_key(), 'MAXLEN', '~', ARGV[14], '*',
-    'request_id', ARGV[15], 'time_ms', int(now), 'account', ARGV[12], 'key_id', ARGV[10],
-    'agent', ARGV[11], 'session_id', ARGV[16], 'status', ARGV[17],
-    'input_tokens', ARGV[7], 'output_tokens', ARGV[8], 'total_tokens', ARGV[9], 'cost', ARGV[5])
+if arg.stream == '1' and metered then
+  redis.call('XADD', take_key(), 'MAXLEN', '~', arg.stream_maxlen, '*',
+    'request_id', arg.request_id, 'time_ms', int(now), 'account', arg.account,
+    'key_id', arg.key_id, 'agent', arg.agent, 'session_id', arg.session_id,
+    'status', arg.status, 'input_tokens', arg.input_tokens,
+    'output_tokens', arg.output_tokens, 'total_tokens', arg.total_tokens, 'cost', arg.cost)
 end
 
-for i = 1, scope_count do
-  local at = 18 + (i - 1) * 7
+for i = 1, tonumber(arg.scope_count) do
+  local a = named(SCOPE_ARGS, #ARGS + (i - 1) * #SCOPE_ARGS)
   local limiter, inflight = take_key(), take_key()
-  if ARGV[at + 1] == '1' then redis.call('ZREM', inflight, call_id) end
-  local tokens, requests = spec(at + 2), spec(at + 5)
+  if a.holds_slot == '1' then redis.call('ZREM', inflight, call_id) end
+  local tokens, requests = bucket_spec(a, 'tokens'), bucket_spec(a, 'requests')
   if tokens and metered and total > 0 then
     local state = redis.call('HMGET', limiter, 'tl', 'tu')
     local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), tokens)
     level = math.max(level - total * tokens.period, -EXACT)
     redis.call('HSET', limiter, 'tl', int(level), 'tu', int(updated))
   end
-  if refund and requests then
+  if arg.refund == '1' and requests then
     -- Gives back the request token the refused admission took.
     local state = redis.call('HMGET', limiter, 'rl', 'ru')
     local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), requests)
@@ -69,4 +74,4 @@ for i = 1, scope_count do
       'ru', int(updated))
   end
 end
-return 1
+return SETTLED.applied

@@ -17,8 +17,8 @@ use pingora::{Error, ErrorType};
 use std::time::Duration;
 use tokio::time::Instant;
 
+use super::Pool;
 use crate::error::GatewayError;
-use crate::upstream::Pool;
 
 /// Idle keep-alive connections kept to workers, across all pools.
 const KEEPALIVE_POOL_SIZE: usize = 1024;
@@ -30,10 +30,36 @@ pub struct Upstreams {
     connector: Connector,
 }
 
-/// A worker's complete answer.
+/// A worker's answer: its head, and its body as it arrives.
 pub struct WorkerAnswer {
     pub header: Box<ResponseHeader>,
-    pub body: Bytes,
+    pub body: AnswerBody,
+}
+
+/// How an answer's body reaches the gateway. Today every answer is read whole, because its
+/// `usage` decides the charge before the client sees a byte. A streamed answer (SSE, usage in
+/// its last event) will be a second variant the pipeline relays event by event, metering as
+/// it goes and settling when the stream ends; every other stage stays as it is.
+pub enum AnswerBody {
+    Buffered(Bytes),
+}
+
+/// Why no worker's answer could be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeFailure {
+    /// No worker could be reached, or its answer was not valid HTTP or was too large.
+    Unavailable,
+    /// The pool's `timeout` ran out.
+    Timeout,
+}
+
+impl From<ExchangeFailure> for GatewayError {
+    fn from(failure: ExchangeFailure) -> Self {
+        match failure {
+            ExchangeFailure::Unavailable => GatewayError::UpstreamUnavailable,
+            ExchangeFailure::Timeout => GatewayError::UpstreamTimeout,
+        }
+    }
 }
 
 /// What the gateway sends a worker.
@@ -70,7 +96,7 @@ impl Upstreams {
         &self,
         pool: &Pool,
         call: Outgoing<'_>,
-    ) -> Result<WorkerAnswer, GatewayError> {
+    ) -> Result<WorkerAnswer, ExchangeFailure> {
         let deadline = Instant::now() + pool.config.timeout;
         let mut tried = Vec::with_capacity(1);
         let mut resent_after_stale = false;
@@ -88,12 +114,12 @@ impl Upstreams {
                 }
                 Ok(Err(Failure::Connect | Failure::Stale)) => continue,
                 Ok(Err(Failure::TooLarge | Failure::Broken)) => {
-                    return Err(GatewayError::UpstreamUnavailable)
+                    return Err(ExchangeFailure::Unavailable)
                 }
-                Ok(Err(Failure::Timeout)) | Err(_) => return Err(GatewayError::UpstreamTimeout),
+                Ok(Err(Failure::Timeout)) | Err(_) => return Err(ExchangeFailure::Timeout),
             }
         }
-        Err(GatewayError::UpstreamUnavailable)
+        Err(ExchangeFailure::Unavailable)
     }
 
     async fn attempt(&self, peer: &HttpPeer, call: &Outgoing<'_>) -> Result<WorkerAnswer, Failure> {
@@ -178,7 +204,7 @@ async fn receive(session: &mut HttpSession, max_bytes: usize) -> Result<WorkerAn
     }
     Ok(WorkerAnswer {
         header,
-        body: body.freeze(),
+        body: AnswerBody::Buffered(body.freeze()),
     })
 }
 

@@ -1,6 +1,6 @@
 //! Prices, cost and the balance rule. Integers only: amounts are in the operator's unit.
 
-use crate::metering::Usage;
+use crate::usage::Usage;
 
 /// An agent's prices, per million tokens, and the amount reserved while a call is in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,9 +40,9 @@ impl UsageProblem {
     }
 }
 
-/// What the gateway needs from a worker's JSON answer.
+/// What the gateway reads from a worker's JSON answer: its usage, and whether it names the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerAnswer {
+pub struct AnswerReading {
     pub usage: Result<Usage, UsageProblem>,
     /// Whether the answer is a JSON object that already carries `session_id`.
     pub has_session_id: bool,
@@ -56,9 +56,9 @@ struct AnswerFields {
 }
 
 /// Reads `usage` and `session_id` from a worker's answer body without copying the rest.
-pub fn read_answer(body: &[u8]) -> WorkerAnswer {
+pub fn read_answer(body: &[u8]) -> AnswerReading {
     let is_object = first_non_space(body) == Some(b'{');
-    let not_json = WorkerAnswer {
+    let not_json = AnswerReading {
         usage: Err(UsageProblem::NotJson),
         has_session_id: false,
         is_object: false,
@@ -69,7 +69,7 @@ pub fn read_answer(body: &[u8]) -> WorkerAnswer {
     let Ok(fields) = serde_json::from_slice::<AnswerFields>(body) else {
         return not_json;
     };
-    WorkerAnswer {
+    AnswerReading {
         usage: fields
             .usage
             .as_ref()

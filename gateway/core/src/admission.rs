@@ -5,7 +5,7 @@
 
 use crate::billing::{AccountState, Pricing};
 use crate::limits::{BucketKind, BucketSpec, BucketState, Mode, Policy, Quota, Verdict};
-use crate::metering::Usage;
+use crate::usage::Usage;
 
 /// Rate-limit state of one key or one agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -15,11 +15,20 @@ pub struct LimiterState {
     pub inflight: u32,
 }
 
-/// Whose limit refused a call.
+/// Whose limit refused a call; also the `scope` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     Key,
     Agent,
+}
+
+impl Scope {
+    pub fn label(self) -> &'static str {
+        match self {
+            Scope::Key => "key",
+            Scope::Agent => "agent",
+        }
+    }
 }
 
 /// What one call asks for. Plain data, so the Redis store can ship it to its script.
@@ -243,7 +252,6 @@ fn current(state: Option<BucketState>, spec: &BucketSpec, now: u64) -> BucketSta
     state.map_or_else(|| BucketState::full(spec, now), |s| s.refilled(spec, now))
 }
 
-/// The enforced request bucket with the fewest tokens left, for the `RateLimit-*` headers.
 /// The `RateLimit-*` numbers a call would see now, changing nothing: for answers to
 /// authenticated calls refused before admission. A bucket not seen yet is full.
 pub fn peek_quota(
@@ -265,6 +273,7 @@ pub fn peek_quota(
     )
 }
 
+/// The enforced request bucket with the fewest tokens left, for the `RateLimit-*` headers.
 fn tightest_quota(call: &Admission, key: &LimiterState, agent: &LimiterState) -> Option<Quota> {
     [(call.key_policy, key), (call.agent_policy, agent)]
         .into_iter()
@@ -294,7 +303,7 @@ fn describe(bucket: BucketKind, spec: Option<BucketSpec>, policy: &Policy) -> St
             "{} {} per {}",
             spec.rate,
             bucket.label(),
-            crate::config::format_duration_ms(spec.period_ms)
+            crate::units::format_duration_ms(spec.period_ms)
         ),
     }
 }

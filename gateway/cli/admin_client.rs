@@ -4,6 +4,26 @@
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// Why an admin API call gave nothing to print.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("set TURNPIKE_ADMIN_TOKEN to the admin token")]
+    NoToken,
+    #[error("cannot reach the admin API at {url}: {source}")]
+    Unreachable { url: String, source: ureq::Error },
+    #[error("the admin API answered {status} with a body that is not JSON: {source}")]
+    NotJson { status: u16, source: ureq::Error },
+    /// The API's own error, as `{status} {code}: {message}`.
+    #[error("{status} {code}: {message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("the admin API's /admin/policies answer has no policies")]
+    NoPolicies,
+}
+
 /// One admin API call the CLI can make.
 pub enum AdminCall {
     CreateKey {
@@ -31,19 +51,30 @@ pub struct AdminTarget {
     pub token: String,
 }
 
+impl AdminTarget {
+    /// The admin API at `url`, with the token from `TURNPIKE_ADMIN_TOKEN`.
+    pub fn from_env(url: &str) -> Result<Self, ClientError> {
+        let token = std::env::var("TURNPIKE_ADMIN_TOKEN").map_err(|_| ClientError::NoToken)?;
+        Ok(Self {
+            url: url.to_owned(),
+            token,
+        })
+    }
+}
+
 /// The policies in force on a running gateway (`GET /admin/policies`), by name.
 pub fn running_policies(
     target: &AdminTarget,
-) -> Result<std::collections::BTreeMap<String, Value>, String> {
+) -> Result<std::collections::BTreeMap<String, Value>, ClientError> {
     let answer = send(target, "GET", "/admin/policies", None)?;
     match answer["policies"].as_object() {
         Some(policies) => Ok(policies.clone().into_iter().collect()),
-        None => Err("the admin API's /admin/policies answer has no policies".into()),
+        None => Err(ClientError::NoPolicies),
     }
 }
 
 /// Makes the call and returns what to print; `Err` carries the API's error message.
-pub fn run(target: &AdminTarget, call: &AdminCall, as_json: bool) -> Result<String, String> {
+pub fn run(target: &AdminTarget, call: &AdminCall, as_json: bool) -> Result<String, ClientError> {
     let (method, path, body) = request(call);
     let answer = send(target, method, &path, body)?;
     if as_json {
@@ -122,7 +153,7 @@ fn send(
     method: &str,
     path: &str,
     body: Option<Value>,
-) -> Result<Value, String> {
+) -> Result<Value, ClientError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))
@@ -139,18 +170,29 @@ fn send(
             .send_json(body),
         (_, None) => agent.post(&url).header("Authorization", &auth).send_empty(),
     };
-    let mut response =
-        result.map_err(|e| format!("cannot reach the admin API at {}: {e}", target.url))?;
-    let status = response.status().as_u16();
-    let answer: Value = response.body_mut().read_json().map_err(|e| {
-        format!("the admin API answered {status} with a body that is not JSON: {e}")
+    let mut response = result.map_err(|source| ClientError::Unreachable {
+        url: target.url.clone(),
+        source,
     })?;
+    let status = response.status().as_u16();
+    let answer: Value = response
+        .body_mut()
+        .read_json()
+        .map_err(|source| ClientError::NotJson { status, source })?;
     if (200..300).contains(&status) {
         Ok(answer)
     } else {
-        let message = answer["error"]["message"].as_str().unwrap_or("no message");
-        let code = answer["error"]["code"].as_str().unwrap_or("error");
-        Err(format!("{status} {code}: {message}"))
+        let text = |field: &str, default: &str| {
+            answer["error"][field]
+                .as_str()
+                .unwrap_or(default)
+                .to_owned()
+        };
+        Err(ClientError::Refused {
+            status,
+            code: text("code", "error"),
+            message: text("message", "no message"),
+        })
     }
 }
 

@@ -1,14 +1,15 @@
 //! Writing answers to the client: the worker's, and the gateway's own errors.
 
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
-use crate::ctx::RequestCtx;
+use turnpike_core::limits::Quota;
+
+use super::meter::MeteredAnswer;
 use crate::error::GatewayError;
-use crate::exchange::WorkerAnswer;
 use crate::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, X_REQUEST_ID};
-use http::HeaderValue;
 
 /// Worker headers that describe the worker's connection or framing, not the answer.
 const HOP_BY_HOP: [&str; 7] = [
@@ -21,40 +22,61 @@ const HOP_BY_HOP: [&str; 7] = [
     "upgrade",
 ];
 
+/// A call the gateway answers itself.
+pub struct Refused {
+    pub error: GatewayError,
+    /// The `RateLimit-*` numbers, once the caller is known.
+    pub quota: Option<Quota>,
+}
+
+impl Refused {
+    /// A refusal that has no `RateLimit-*` numbers (yet).
+    pub fn plain(error: GatewayError) -> Self {
+        Self { error, quota: None }
+    }
+}
+
+/// What every answer to a call carries besides its own headers.
+pub struct Common<'a> {
+    pub request_id: &'a str,
+    /// The tightest request bucket, for an authenticated call.
+    pub quota: Option<Quota>,
+}
+
 /// Writes the worker's answer with its status and headers, an exact `Content-Length`, and
 /// the gateway's own headers: one write for head and body.
 pub async fn send_answer(
     session: &mut Session,
-    ctx: &RequestCtx,
-    worker: WorkerAnswer,
+    common: &Common<'_>,
+    answer: MeteredAnswer,
 ) -> pingora::Result<()> {
-    let mut header = worker.header;
+    let mut header = answer.header;
     for name in HOP_BY_HOP {
         header.remove_header(name);
     }
     header.insert_header(
         http::header::CONTENT_LENGTH,
-        HeaderValue::from(worker.body.len()),
+        HeaderValue::from(answer.body.len()),
     )?;
-    add_common_headers(&mut header, ctx)?;
-    write(session, header, worker.body).await
+    add_common_headers(&mut header, common)?;
+    write(session, header, answer.body).await
 }
 
 /// Writes `error` in the contract's shape. A body the client was still sending is left
 /// unread, so the connection is not reused.
 pub async fn send_error(
     session: &mut Session,
-    ctx: &RequestCtx,
+    common: &Common<'_>,
     error: &GatewayError,
 ) -> pingora::Result<()> {
-    let body = Bytes::from(error.body(&ctx.request_id));
+    let body = Bytes::from(error.body(common.request_id));
     let mut header = Box::new(ResponseHeader::build_no_case(error.status(), Some(6))?);
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     header.insert_header(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()))?;
     if let Some((name, value)) = error.extra_headers() {
         header.insert_header(name, value)?;
     }
-    add_common_headers(&mut header, ctx)?;
+    add_common_headers(&mut header, common)?;
     if !session.is_body_done() {
         session.set_keepalive(None);
     }
@@ -75,9 +97,9 @@ async fn write(
 }
 
 /// `X-Request-Id` always; `RateLimit-*` for an authenticated call with a request bucket.
-fn add_common_headers(header: &mut ResponseHeader, ctx: &RequestCtx) -> pingora::Result<()> {
-    header.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-    if let Some(quota) = ctx.quota {
+fn add_common_headers(header: &mut ResponseHeader, common: &Common) -> pingora::Result<()> {
+    header.insert_header(X_REQUEST_ID, common.request_id)?;
+    if let Some(quota) = common.quota {
         header.insert_header(RATELIMIT_LIMIT, HeaderValue::from(quota.limit))?;
         header.insert_header(RATELIMIT_REMAINING, HeaderValue::from(quota.remaining))?;
         header.insert_header(RATELIMIT_RESET, HeaderValue::from(quota.reset_secs))?;

@@ -4,7 +4,7 @@
 use sha2::{Digest, Sha256};
 use std::fmt;
 
-use crate::error::GatewayError;
+use crate::ids::random_id;
 
 /// Longest bearer token accepted; anything longer is garbled.
 const MAX_TOKEN_LEN: usize = 256;
@@ -71,12 +71,16 @@ impl KeyRecord {
     }
 }
 
+/// No `Authorization: Bearer <token>` a key could be read from: absent or garbled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoBearerToken;
+
 /// Extracts the token of `Authorization: Bearer <token>` (scheme case-insensitive, exactly
-/// one space, one token). Anything else is `missing_api_key`.
-pub fn bearer_token(header: Option<&[u8]>) -> Result<&str, GatewayError> {
-    let header = header.ok_or(GatewayError::MissingApiKey)?;
-    let text = std::str::from_utf8(header).map_err(|_| GatewayError::MissingApiKey)?;
-    let (scheme, token) = text.split_once(' ').ok_or(GatewayError::MissingApiKey)?;
+/// one space, one token).
+pub fn bearer_token(header: Option<&[u8]>) -> Result<&str, NoBearerToken> {
+    let header = header.ok_or(NoBearerToken)?;
+    let text = std::str::from_utf8(header).map_err(|_| NoBearerToken)?;
+    let (scheme, token) = text.split_once(' ').ok_or(NoBearerToken)?;
     let well_formed = scheme.eq_ignore_ascii_case("bearer")
         && !token.is_empty()
         && token.len() <= MAX_TOKEN_LEN
@@ -84,7 +88,7 @@ pub fn bearer_token(header: Option<&[u8]>) -> Result<&str, GatewayError> {
     if well_formed {
         Ok(token)
     } else {
-        Err(GatewayError::MissingApiKey)
+        Err(NoBearerToken)
     }
 }
 
@@ -127,7 +131,7 @@ fn checksum(random: &str) -> String {
 
 /// A new client key: `ak_`, 40 random base62 characters and their 6-character checksum.
 pub fn generate_key() -> String {
-    let random = crate::request::random_id("", KEY_RANDOM_CHARS);
+    let random = random_id("", KEY_RANDOM_CHARS);
     let check = checksum(&random);
     format!("ak_{random}{check}")
 }

@@ -1,13 +1,11 @@
 //! The client's request body: judged in full before anything is spent, and rewritten for
 //! the worker only where the gateway must add the `session_id` it created.
 
-use rand::distributions::Alphanumeric;
-use rand::Rng;
 use serde::Deserialize;
 use serde_json::Value;
+use std::fmt;
 
-use crate::error::GatewayError;
-use crate::routing::is_session_id;
+use crate::ids::{is_session_id, new_session_id};
 
 /// What the gateway needs from a valid chat request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +21,36 @@ struct ChatFields {
     message: Option<Value>,
     #[serde(default, deserialize_with = "present")]
     session_id: Option<Value>,
+}
+
+/// Why a chat body was refused (400 `invalid_request`); the message is the client's to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyProblem {
+    /// The body could not be read off the connection.
+    Unreadable,
+    NotAnObject,
+    /// The JSON parser's own account of what is wrong, and where.
+    NotJson(String),
+    MessageMissing,
+    MessageNotString,
+    MessageEmpty,
+    BadSessionId,
+}
+
+impl fmt::Display for BodyProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BodyProblem::Unreadable => f.write_str("Could not read the request body"),
+            BodyProblem::NotAnObject => f.write_str("Request body must be a JSON object"),
+            BodyProblem::NotJson(detail) => write!(f, "Request body is not valid JSON: {detail}"),
+            BodyProblem::MessageMissing => f.write_str("'message' is required"),
+            BodyProblem::MessageNotString => f.write_str("'message' must be a string"),
+            BodyProblem::MessageEmpty => f.write_str("'message' must not be empty"),
+            BodyProblem::BadSessionId => {
+                f.write_str("'session_id' must match ^[A-Za-z0-9_.:-]{1,128}$")
+            }
+        }
+    }
 }
 
 /// `Some` whenever the field is in the body, even as `null`, so `null` can be refused.
@@ -41,19 +69,17 @@ pub fn is_json_content_type(value: Option<&[u8]>) -> bool {
 
 /// Validates a chat body: a JSON object whose `message` is a non-empty string and whose
 /// optional `session_id` is well formed. Other fields are left alone.
-pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
-    let invalid = |message: &str| GatewayError::InvalidRequest(message.to_owned());
+pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, BodyProblem> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(invalid("Request body must be a JSON object"));
+        return Err(BodyProblem::NotAnObject);
     }
-    let fields: ChatFields = serde_json::from_slice(body).map_err(|e| {
-        GatewayError::InvalidRequest(format!("Request body is not valid JSON: {e}"))
-    })?;
+    let fields: ChatFields =
+        serde_json::from_slice(body).map_err(|e| BodyProblem::NotJson(e.to_string()))?;
     match fields.message {
         Some(Value::String(message)) if !message.is_empty() => {}
-        Some(Value::String(_)) => return Err(invalid("'message' must not be empty")),
-        Some(_) => return Err(invalid("'message' must be a string")),
-        None => return Err(invalid("'message' is required")),
+        Some(Value::String(_)) => return Err(BodyProblem::MessageEmpty),
+        Some(_) => return Err(BodyProblem::MessageNotString),
+        None => return Err(BodyProblem::MessageMissing),
     }
     match fields.session_id {
         None => Ok(ChatRequest {
@@ -64,7 +90,7 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
             session_id: id,
             session_created: false,
         }),
-        Some(_) => Err(invalid("'session_id' must match ^[A-Za-z0-9_.:-]{1,128}$")),
+        Some(_) => Err(BodyProblem::BadSessionId),
     }
 }
 
@@ -82,24 +108,6 @@ pub fn forwarded_body(body: &[u8], chat: &ChatRequest) -> Option<Vec<u8>> {
     out.extend_from_slice(b"\",");
     out.extend_from_slice(&body[open + 1..]);
     Some(out)
-}
-
-/// `sess_` and 24 random URL-safe characters.
-pub fn new_session_id() -> String {
-    random_id("sess_", 24)
-}
-
-/// `prefix` followed by `len` random alphanumeric characters.
-pub fn random_id(prefix: &str, len: usize) -> String {
-    let mut id = String::with_capacity(prefix.len() + len);
-    id.push_str(prefix);
-    id.extend(
-        rand::thread_rng()
-            .sample_iter(&Alphanumeric)
-            .take(len)
-            .map(char::from),
-    );
-    id
 }
 
 #[cfg(test)]
@@ -134,30 +142,33 @@ mod tests {
         assert!(ok(
             r#"{"message":"hi","session_id":"sess_1","extra":[1,{"a":2}]}"#
         ));
-        for bad in [
-            "",
-            "not json",
-            "[]",
-            r#"["message"]"#,
-            r#""message""#,
-            "{}",
-            r#"{"message":""}"#,
-            r#"{"message":5}"#,
-            r#"{"message":null}"#,
-            r#"{"message":"hi","session_id":"bad id"}"#,
-            r#"{"message":"hi","session_id":5}"#,
-            r#"{"message":"hi","session_id":null}"#,
-            &format!(r#"{{"message":"hi","session_id":"{}"}}"#, "a".repeat(129)),
-            r#"{"message":"hi"} trailing"#,
-            r#"{"message":"hi","message":"again"}"#,
-        ] {
-            assert!(
-                matches!(
-                    parse_chat(bad.as_bytes()),
-                    Err(GatewayError::InvalidRequest(_))
-                ),
-                "{bad}"
-            );
+        use BodyProblem::*;
+        let too_long = format!(r#"{{"message":"hi","session_id":"{}"}}"#, "a".repeat(129));
+        // The kind of problem each is; a `NotJson` carries the parser's own words.
+        let cases: &[(&str, BodyProblem)] = &[
+            ("", NotAnObject),
+            ("not json", NotAnObject),
+            ("[]", NotAnObject),
+            (r#"["message"]"#, NotAnObject),
+            (r#""message""#, NotAnObject),
+            ("{}", MessageMissing),
+            (r#"{"message":""}"#, MessageEmpty),
+            (r#"{"message":5}"#, MessageNotString),
+            (r#"{"message":null}"#, MessageNotString),
+            (r#"{"message":"hi","session_id":"bad id"}"#, BadSessionId),
+            (r#"{"message":"hi","session_id":5}"#, BadSessionId),
+            (r#"{"message":"hi","session_id":null}"#, BadSessionId),
+            (&too_long, BadSessionId),
+            (r#"{"message":"hi"} trailing"#, NotJson(String::new())),
+            (
+                r#"{"message":"hi","message":"again"}"#,
+                NotJson(String::new()),
+            ),
+        ];
+        for (bad, expected) in cases {
+            let problem = parse_chat(bad.as_bytes()).expect_err(bad);
+            let same_kind = std::mem::discriminant(&problem) == std::mem::discriminant(expected);
+            assert!(same_kind, "{bad}: {problem:?}, expected {expected:?}");
         }
     }
 
@@ -168,11 +179,11 @@ mod tests {
         assert_eq!(forwarded_body(b"{}", &kept), None);
         let created = parse_chat(br#"{"message":"hi"}"#).unwrap();
         assert!(created.session_id.starts_with("sess_") && created.session_id.len() == 29);
+        assert!(created.session_created);
         let body = forwarded_body(br#" {"message":"hi","n":1}"#, &created).unwrap();
         let value: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["session_id"], created.session_id.as_str());
         assert_eq!(value["message"], "hi");
         assert_eq!(value["n"], 1);
-        assert_ne!(new_session_id(), new_session_id());
     }
 }

@@ -1,0 +1,361 @@
+//! The config file's sections compiled into the types the gateway runs on. Every problem
+//! is reported, each once: a name whose definition is broken still counts as defined, so
+//! what refers to it is not reported as well.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use turnpike_core::billing::Pricing;
+use turnpike_core::ids::is_agent_id;
+use turnpike_core::keys::{KeyHash, KeyRecord};
+use turnpike_core::route::PathTemplate;
+use turnpike_core::units::parse_duration;
+
+use super::errors::Report;
+use super::policy::PolicySet;
+use super::spec::{
+    AccountSpec, AgentSpec, ConfigFile, KeySpec, LimitsSpec, OneOrMany, StoreSpec, UpstreamSpec,
+};
+use super::validate;
+use super::{
+    AccountSeed, Agent, CallConfig, Limits, PoolConfig, ProcessConfig, StoreConfig, StoreKind,
+    MAX_BODY_BYTES_CEILING,
+};
+
+/// Compiles the whole file against the policies already compiled from its directory.
+pub fn compile(
+    file: ConfigFile,
+    policies: PolicySet,
+    report: &mut Report,
+) -> (ProcessConfig, CallConfig) {
+    check_addr(report, "listen", &file.listen);
+    check_addr(report, "admin.listen", &file.admin.listen);
+    if file.tls.is_some() {
+        report.error("tls", "the TLS listener is not supported by this build yet; terminate TLS in front of Turnpike");
+    }
+    let limits = compile_limits(&file.limits, report);
+    let admin_token = file.admin.token_sha256.as_deref().and_then(|hex_digits| {
+        let hash = KeyHash::from_hex(hex_digits);
+        if hash.is_none() {
+            report.error(
+                "admin.token_sha256",
+                "must be 64 hex digits (the SHA-256 of the admin token)",
+            );
+        }
+        hash
+    });
+    let store = compile_store(file.store, report);
+    let pool_names: HashSet<String> = file.upstreams.keys().cloned().collect();
+    let pools: BTreeMap<String, PoolConfig> = file
+        .upstreams
+        .into_iter()
+        .filter_map(|(name, spec)| compile_pool(&name, spec, report).map(|p| (name, p)))
+        .collect();
+    let agents = compile_agents(file.agents, &pool_names, &policies, report);
+    let accounts = compile_accounts(file.accounts, report);
+    let keys = compile_keys(file.keys, &agents, &accounts, &policies, report);
+    let process = ProcessConfig {
+        listen: file.listen,
+        admin_listen: file.admin.listen,
+        threads: file
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        store,
+    };
+    let calls = CallConfig {
+        limits,
+        admin_token,
+        pools,
+        agents,
+        policies: policies.policies,
+        keys,
+        accounts,
+    };
+    (process, calls)
+}
+
+fn check_addr(report: &mut Report, key: &str, addr: &str) {
+    if addr.parse::<SocketAddr>().is_err() {
+        report.error(
+            key,
+            format!("'{addr}' is not an address such as 0.0.0.0:8080"),
+        );
+    }
+}
+
+fn compile_limits(spec: &LimitsSpec, report: &mut Report) -> Limits {
+    if spec.max_body_bytes == 0 || spec.max_body_bytes > MAX_BODY_BYTES_CEILING {
+        report.error(
+            "limits.max_body_bytes",
+            format!("must be between 1 and {MAX_BODY_BYTES_CEILING}"),
+        );
+    }
+    for (key, value) in [
+        ("limits.max_header_bytes", spec.max_header_bytes),
+        ("limits.max_response_bytes", spec.max_response_bytes),
+    ] {
+        if value == 0 {
+            report.error(key, "must be a positive integer");
+        }
+    }
+    Limits {
+        max_body_bytes: spec.max_body_bytes,
+        max_header_bytes: spec.max_header_bytes,
+        max_response_bytes: spec.max_response_bytes,
+    }
+}
+
+fn compile_store(spec: StoreSpec, report: &mut Report) -> StoreConfig {
+    let (urls, cluster) = match spec.url {
+        None => (Vec::new(), false),
+        Some(OneOrMany::One(url)) => (vec![url], false),
+        Some(OneOrMany::Many(urls)) => (urls, true),
+    };
+    if spec.kind == StoreKind::Redis {
+        if urls.is_empty() {
+            report.error(
+                "store.url",
+                "the Redis store needs a url (a list means Redis Cluster)",
+            );
+        }
+        for (i, url) in urls.iter().enumerate() {
+            if !url.starts_with("redis://") {
+                let at = if urls.len() > 1 {
+                    format!("store.url[{i}]")
+                } else {
+                    "store.url".into()
+                };
+                report.error(at, format!("'{url}' is not a redis:// URL"));
+            }
+        }
+    }
+    let mut duration = |field: &str, text: Option<String>, default_ms: u64| match text {
+        None => Duration::from_millis(default_ms),
+        Some(text) => parse_duration(&text).unwrap_or_else(|m| {
+            report.error(format!("store.{field}"), m);
+            Duration::from_millis(default_ms)
+        }),
+    };
+    let timeout = duration("timeout", spec.timeout, 100);
+    let key_cache_ttl = duration("key_cache_ttl", spec.key_cache_ttl, 1000);
+    if spec.settlement_queue == Some(0) {
+        report.error("store.settlement_queue", "must be a positive integer");
+    }
+    StoreConfig {
+        kind: spec.kind,
+        urls,
+        cluster,
+        on_unavailable: spec.on_unavailable,
+        timeout,
+        key_cache_ttl,
+        usage_stream_maxlen: spec.usage_stream_maxlen.unwrap_or(1_000_000),
+        settlement_queue: spec.settlement_queue.unwrap_or(100_000),
+    }
+}
+
+fn compile_pool(name: &str, spec: UpstreamSpec, report: &mut Report) -> Option<PoolConfig> {
+    let key = format!("upstreams.{name}");
+    let before = report.count();
+    if spec.endpoints.is_empty() {
+        report.error(format!("{key}.endpoints"), "needs at least one endpoint");
+    }
+    let endpoints: Vec<SocketAddr> = spec
+        .endpoints
+        .iter()
+        .enumerate()
+        .filter_map(|(i, endpoint)| {
+            let parsed = endpoint.parse().ok();
+            if parsed.is_none() {
+                let message = if endpoint.starts_with("https://") {
+                    "HTTPS endpoints are not supported by this build yet".to_owned()
+                } else {
+                    format!("'{endpoint}' is not an address such as 127.0.0.1:9001")
+                };
+                report.error(format!("{key}.endpoints[{i}]"), message);
+            }
+            parsed
+        })
+        .collect();
+    if spec.ca.is_some() {
+        report.error(
+            format!("{key}.ca"),
+            "only applies to HTTPS endpoints, which this build does not support yet",
+        );
+    }
+    let path = PathTemplate::parse(&spec.path)
+        .map_err(|m| report.error(format!("{key}.path"), m))
+        .ok();
+    let mut duration = |field: &str, text: &str| {
+        parse_duration(text)
+            .map_err(|m| report.error(format!("{key}.{field}"), m))
+            .ok()
+    };
+    let connect_timeout = duration("connect_timeout", &spec.connect_timeout);
+    let timeout = duration("timeout", &spec.timeout);
+    let mut headers = Vec::new();
+    for (header, value) in &spec.headers {
+        match (
+            http::HeaderName::try_from(header.as_str()),
+            http::HeaderValue::try_from(value.as_str()),
+        ) {
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            _ => report.error(
+                format!("{key}.headers.{header}"),
+                "not a valid HTTP header name and value",
+            ),
+        }
+    }
+    if report.count() != before {
+        return None;
+    }
+    Some(PoolConfig {
+        name: name.to_owned(),
+        endpoints,
+        balance: spec.balance,
+        path: path?,
+        connect_timeout: connect_timeout?,
+        timeout: timeout?,
+        headers,
+    })
+}
+
+fn compile_agents(
+    specs: Vec<AgentSpec>,
+    pool_names: &HashSet<String>,
+    policies: &PolicySet,
+    report: &mut Report,
+) -> HashMap<String, Arc<Agent>> {
+    let mut agents = HashMap::new();
+    for (i, spec) in specs.into_iter().enumerate() {
+        let key = format!("agents[{i}]");
+        if !is_agent_id(&spec.id) {
+            report.error(
+                format!("{key}.id"),
+                format!("'{}' does not match ^ag_[A-Za-z0-9_-]{{1,64}}$", spec.id),
+            );
+        }
+        if agents.contains_key(&spec.id) {
+            report.error(
+                format!("{key}.id"),
+                format!("agent '{}' defined twice", spec.id),
+            );
+        }
+        if !pool_names.contains(&spec.upstream) {
+            report.error(
+                format!("{key}.upstream"),
+                format!("no upstream named '{}'", spec.upstream),
+            );
+        }
+        let policy = spec.policy.as_ref().and_then(|name| {
+            if !policies.names.contains(name) {
+                report.error(format!("{key}.policy"), format!("no policy named '{name}'"));
+            }
+            policies.policies.get(name).cloned()
+        });
+        if let Some(pricing) = &spec.pricing {
+            if pricing.reserve < 0 {
+                report.error(format!("{key}.pricing.reserve"), "must not be negative");
+            }
+        }
+        let agent = Agent {
+            id: spec.id.clone(),
+            pool: spec.upstream,
+            policy,
+            pricing: spec.pricing.map(|p| Pricing {
+                input_per_mtok: p.input_per_mtok,
+                output_per_mtok: p.output_per_mtok,
+                reserve: p.reserve,
+            }),
+        };
+        agents.insert(spec.id, Arc::new(agent));
+    }
+    agents
+}
+
+fn compile_accounts(specs: Vec<AccountSpec>, report: &mut Report) -> Vec<AccountSeed> {
+    let mut seen = HashSet::new();
+    for (i, spec) in specs.iter().enumerate() {
+        if !seen.insert(spec.id.as_str()) {
+            report.error(
+                format!("accounts[{i}].id"),
+                format!("account '{}' defined twice", spec.id),
+            );
+        }
+    }
+    specs
+        .into_iter()
+        .map(|spec| AccountSeed {
+            id: spec.id,
+            balance: spec.balance,
+        })
+        .collect()
+}
+
+fn compile_keys(
+    specs: Vec<KeySpec>,
+    agents: &HashMap<String, Arc<Agent>>,
+    accounts: &[AccountSeed],
+    policies: &PolicySet,
+    report: &mut Report,
+) -> Vec<(KeyHash, KeyRecord)> {
+    let mut ids = HashSet::new();
+    let mut hashes = HashSet::new();
+    let mut keys = Vec::new();
+    for (i, spec) in specs.into_iter().enumerate() {
+        let key = format!("keys[{i}]");
+        if !ids.insert(spec.id.clone()) {
+            report.error(
+                format!("{key}.id"),
+                format!("key '{}' defined twice", spec.id),
+            );
+        }
+        let hash = KeyHash::from_hex(&spec.sha256);
+        match hash {
+            None => report.error(
+                format!("{key}.sha256"),
+                "must be 64 hex digits (the SHA-256 of the full ak_ key)",
+            ),
+            Some(hash) if !hashes.insert(hash) => {
+                report.error(format!("{key}.sha256"), "the same key hash is listed twice")
+            }
+            Some(_) => {}
+        }
+        if !accounts.iter().any(|a| a.id == spec.account) {
+            report.error(
+                format!("{key}.account"),
+                validate::KeyProblem::UnknownAccount(spec.account.clone()),
+            );
+        }
+        let (scope, unknown) = validate::agent_scope(spec.agents, |a| agents.contains_key(a));
+        for (at, problem) in unknown {
+            let field = match at {
+                Some(j) => format!("{key}.agents[{j}]"),
+                None => format!("{key}.agents"),
+            };
+            report.error(field, problem);
+        }
+        let policy = spec.policy.unwrap_or_default();
+        if let Err(problem) = validate::policy(&policy, |n| policies.names.contains(n)) {
+            report.error(format!("{key}.policy"), problem);
+        }
+        let expires_at = spec.expires_at.as_deref().and_then(|text| {
+            validate::expires_at(text)
+                .map_err(|problem| report.error(format!("{key}.expires_at"), problem))
+                .ok()
+        });
+        if let Some(hash) = hash {
+            let record = KeyRecord {
+                id: spec.id,
+                account: spec.account,
+                agents: scope,
+                policy,
+                expires_at,
+                revoked: false,
+            };
+            keys.push((hash, record));
+        }
+    }
+    keys
+}

@@ -1,0 +1,83 @@
+//! Reading config and policy files, and parsing their YAML with the parser's own position
+//! of a syntax or type error.
+
+use std::path::{Path, PathBuf};
+
+use super::errors::ConfigError;
+
+/// One file's path (as it is named in messages) and text.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    pub fn new(path: impl Into<PathBuf>, text: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            text: text.into(),
+        }
+    }
+
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::whole_file(path, None, format!("cannot read: {e}")))?;
+        Ok(Self::new(path, text))
+    }
+}
+
+/// Every `*.yaml`/`*.yml` file of a policy directory, in name order, and the problems
+/// reading them.
+pub fn read_policy_dir(dir: &Path) -> (Vec<Source>, Vec<ConfigError>) {
+    let listed = std::fs::read_dir(dir).map(|entries| {
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        files.sort();
+        files
+    });
+    let files = match listed {
+        Ok(files) => files,
+        Err(e) => {
+            let message = format!("cannot read policies directory: {e}");
+            return (
+                Vec::new(),
+                vec![ConfigError::whole_file(dir, None, message)],
+            );
+        }
+    };
+    let mut sources = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        match Source::read(&file) {
+            Ok(source) => sources.push(source),
+            Err(error) => errors.push(error),
+        }
+    }
+    (sources, errors)
+}
+
+/// The file's YAML as `T`, or one error at the parser's position.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(source: &Source) -> Result<T, ConfigError> {
+    serde_yaml_ng::from_str(&source.text).map_err(|typed| {
+        // The typed parser may trip over a wrong type before it reaches a syntax error
+        // further on; a file that is not YAML at all is reported as such.
+        let e = match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&source.text) {
+            Err(syntax) => syntax,
+            Ok(_) => typed,
+        };
+        let location = e.location().map(|l| (l.line(), l.column()));
+        ConfigError::whole_file(&source.path, location, without_location(e.to_string()))
+    })
+}
+
+/// A parser message without its trailing "at line L column C": the location is printed
+/// in front already.
+pub fn without_location(message: String) -> String {
+    match message.rfind(" at line ") {
+        Some(at) if message[at..].contains(" column ") => message[..at].to_owned(),
+        _ => message,
+    }
+}

@@ -1,0 +1,23 @@
+//! Turnpike's decision core: everything a call is judged by, as plain functions of plain
+//! data. No I/O, no clock reads (time is passed in), no Pingora, Tokio or Redis: the stores
+//! and the proxy depend on this crate, never the reverse, and every rule here is tested alone.
+//!
+//! - [`route`]: which route a request line names; upstream path templates.
+//! - [`ids`]: the shapes of agent, session and request ids, and new random ids.
+//! - [`keys`]: `Authorization` parsing, key hashing and checksums, what a key may call.
+//! - [`body`]: the chat request body, judged before anything is spent.
+//! - [`limits`]: token buckets in exact integer units.
+//! - [`admission`]: the admission and settlement decisions over buckets, slots and balance.
+//! - [`billing`]: prices, cost and the balance rule.
+//! - [`usage`]: reading and judging the `usage` a worker reports.
+//! - [`units`]: durations and times as operators write them.
+
+pub mod admission;
+pub mod billing;
+pub mod body;
+pub mod ids;
+pub mod keys;
+pub mod limits;
+pub mod route;
+pub mod units;
+pub mod usage;

@@ -1,0 +1,54 @@
+//! The end of every call, in Pingora's `logging` phase however the call ended: its metrics
+//! and its access-log line (which, with account, session, tokens and cost, is also the
+//! embedded store's usage log).
+
+use super::ctx::RequestCtx;
+use crate::metrics::Metrics;
+
+/// Counts the call and writes its access-log line; `status` is what the client was sent
+/// (0 when nothing could be sent).
+pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
+    let record = &ctx.record;
+    let status = http::StatusCode::from_u16(status).ok();
+    let status_label = status.as_ref().map_or("0", |s| s.as_str());
+    let agent = record.agent_label();
+    metrics
+        .requests
+        .with_label_values(&[agent, status_label])
+        .inc();
+    metrics
+        .request_duration
+        .observe(ctx.started.elapsed().as_secs_f64());
+    if let Some(started) = record.upstream_started {
+        metrics
+            .upstream_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+    if let Some(reason) = record
+        .refusal
+        .as_ref()
+        .and_then(|e| e.auth_failure_reason())
+    {
+        metrics.auth_failures.with_label_values(&[reason]).inc();
+    }
+    let (input, output) = record
+        .usage
+        .map_or((0, 0), |u| (u.input_tokens, u.output_tokens));
+    tracing::info!(
+        target: "access",
+        request_id = %ctx.request_id,
+        agent,
+        key_id = record.key.as_ref().map_or("", |k| k.id.as_str()),
+        account = record.key.as_ref().map_or("", |k| k.account.as_str()),
+        session_id = record.session_id.as_deref().unwrap_or(""),
+        status = status_label,
+        error = record.refusal.as_ref().map_or("", |e| e.code()),
+        duration_ms = ctx.started.elapsed().as_millis() as u64,
+        upstream_ms = record
+            .upstream_started
+            .map_or(0, |s| s.elapsed().as_millis() as u64),
+        input_tokens = input,
+        output_tokens = output,
+        cost = record.cost,
+    );
+}

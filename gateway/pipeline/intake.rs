@@ -1,0 +1,184 @@
+//! A call's way in, in the contract's order: route → authentication → agent and scope →
+//! body. Nothing here spends anything: the one store call that takes quota and balance is
+//! the next stage's (`admit`).
+
+use bytes::{Bytes, BytesMut};
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+use std::sync::Arc;
+
+use turnpike_core::body::{forwarded_body, is_json_content_type, parse_chat, BodyProblem};
+use turnpike_core::ids::{is_session_id, new_request_id};
+use turnpike_core::keys::{bearer_token, looks_like_key, KeyHash, KeyRecord};
+use turnpike_core::limits::Policy;
+use turnpike_core::route::match_route;
+
+use super::ctx::CallRecord;
+use crate::clock::unix_now;
+use crate::config::Limits;
+use crate::error::GatewayError;
+use crate::services::{Route, Services, Snapshot};
+
+/// An authenticated caller, and the configured agent its path names (if there is one).
+pub struct Authenticated<'s> {
+    pub key: Arc<KeyRecord>,
+    pub route: Option<&'s Route>,
+}
+
+/// A caller the key allows to call the agent it named.
+pub struct Caller<'s> {
+    pub key: Arc<KeyRecord>,
+    pub route: &'s Route,
+    pub key_policy: Option<Arc<Policy>>,
+}
+
+/// A valid chat request, as the worker will receive it.
+pub struct Chat {
+    pub session_id: String,
+    pub forward_body: Bytes,
+}
+
+/// The client's `X-Request-Id` when it is sane, else a new one.
+pub fn request_id(head: &RequestHeader) -> String {
+    head.headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| is_session_id(id))
+        .map_or_else(new_request_id, str::to_owned)
+}
+
+/// The head's size, the route and the bearer key: 431, 404/405, then 401. Records the key
+/// and the agent it named.
+pub async fn authenticate<'s>(
+    services: &Services,
+    snapshot: &'s Snapshot,
+    head: &RequestHeader,
+    record: &mut CallRecord,
+) -> Result<Authenticated<'s>, GatewayError> {
+    let limit = snapshot.config.limits.max_header_bytes;
+    if head_size(head) > limit {
+        return Err(GatewayError::HeadersTooLarge { limit });
+    }
+    let agent_id = match_route(head.method.as_str(), head.uri.path())?.agent_id;
+    let token = bearer_token(
+        head.headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    )?;
+    let key = live_key(services, token).await?;
+    let route = snapshot.route(agent_id);
+    record.agent = route.map(|r| Arc::clone(&r.agent));
+    record.key = Some(Arc::clone(&key));
+    Ok(Authenticated { key, route })
+}
+
+/// The live key a bearer token names; 401 for anything else, 503 when the store cannot say.
+async fn live_key(services: &Services, token: &str) -> Result<Arc<KeyRecord>, GatewayError> {
+    if !looks_like_key(token) {
+        return Err(GatewayError::InvalidApiKey);
+    }
+    match services.store.key(&KeyHash::of(token)).await {
+        Ok(Some(key)) if key.is_live(unix_now()) => Ok(key),
+        Ok(_) => Err(GatewayError::InvalidApiKey),
+        // The store counted the failure.
+        Err(_) => Err(GatewayError::StoreUnavailable),
+    }
+}
+
+/// Whether the key may call the agent (404 whether it is unknown or out of scope), and
+/// the key's policy.
+pub fn authorize<'s>(
+    snapshot: &Snapshot,
+    caller: &Authenticated<'s>,
+) -> Result<Caller<'s>, GatewayError> {
+    let key = &caller.key;
+    let route = caller
+        .route
+        .filter(|route| key.agents.allows(&route.agent.id))
+        .ok_or(GatewayError::AgentNotFound)?;
+    let key_policy = match key.policy.as_str() {
+        "" => None,
+        name => Some(snapshot.config.policies.get(name).cloned().ok_or_else(|| {
+            // Fail closed: a key must not lose its limits because its policy was removed.
+            tracing::warn!(key_id = %key.id, policy = name, "key names a policy that is not loaded");
+            GatewayError::InvalidApiKey
+        })?),
+    };
+    Ok(Caller {
+        key: Arc::clone(key),
+        route,
+        key_policy,
+    })
+}
+
+/// Reads and validates the body (413, 415, 400) and makes the body the worker receives.
+pub async fn read_chat(
+    session: &mut Session,
+    limits: &Limits,
+    record: &mut CallRecord,
+) -> Result<Chat, GatewayError> {
+    let body = read_body(session, limits.max_body_bytes).await?;
+    let chat = parse_chat(&body)?;
+    let forward_body = match forwarded_body(&body, &chat) {
+        Some(rewritten) => Bytes::from(rewritten),
+        None => body,
+    };
+    record.session_id = Some(chat.session_id.clone());
+    Ok(Chat {
+        session_id: chat.session_id,
+        forward_body,
+    })
+}
+
+/// The request head's size as received: request line and every header line.
+fn head_size(head: &RequestHeader) -> usize {
+    let target = head.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = head.method.as_str().len() + target + 12;
+    head.headers.iter().fold(line, |size, (name, value)| {
+        size + name.as_str().len() + value.len() + 4
+    })
+}
+
+/// Reads the whole body, up to `limit` bytes: 413 above it, then 415 unless it is JSON.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, GatewayError> {
+    let too_large = GatewayError::PayloadTooLarge { limit };
+    let headers = &session.req_header().headers;
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large);
+    }
+    let json = is_json_content_type(
+        headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.as_bytes()),
+    );
+    if !json && declared.is_some() {
+        // Known length and wrong type: refuse before reading a byte.
+        return Err(GatewayError::UnsupportedMediaType);
+    }
+    let expects_continue = headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        let _ = session.write_continue_response().await;
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
+    loop {
+        let chunk = session
+            .read_request_body()
+            .await
+            .map_err(|_| BodyProblem::Unreadable)?;
+        let Some(chunk) = chunk else { break };
+        if body.len() + chunk.len() > limit {
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if !json {
+        return Err(GatewayError::UnsupportedMediaType);
+    }
+    Ok(body.freeze())
+}

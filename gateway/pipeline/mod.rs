@@ -1,0 +1,163 @@
+//! One call, start to end, as a pipeline of values: each stage takes what the one before
+//! made and returns what the next needs, so a stage cannot run on a call that has not
+//! passed the ones before it.
+//!
+//! ```text
+//! intake::authenticate  head, route, key        -> Authenticated   (431, 404/405, 401)
+//! intake::authorize     agent and scope          -> Caller          (404)
+//! intake::read_chat     body                     -> Chat            (413, 415, 400)
+//! admit::admit          one store call           -> Admitted        (429, 402, 503)
+//!                                                   holding an OpenCall
+//! forward::forward      the worker exchange      -> WorkerAnswer    (502, 504)
+//! meter::meter          usage, session_id        -> MeteredAnswer
+//! OpenCall::settle      one store call           -> cost
+//! reply                 the client's answer
+//! ```
+//!
+//! The call is settled before the client is written to, so a slow or vanished client can
+//! neither delay nor lose its metering. [`ctx::RequestCtx`] only records what the end of the
+//! call reports (`finish`, in Pingora's `logging` phase).
+
+pub mod admit;
+pub mod ctx;
+pub mod finish;
+pub mod forward;
+pub mod intake;
+pub mod meter;
+pub mod open_call;
+pub mod reply;
+
+use pingora::proxy::Session;
+
+use turnpike_core::limits::Quota;
+use turnpike_core::usage::Usage;
+
+use self::admit::Admitted;
+use self::ctx::{CallRecord, RequestCtx};
+use self::intake::Authenticated;
+use self::meter::MeteredAnswer;
+use self::reply::{Common, Refused};
+use crate::metrics::Metrics;
+use crate::services::{Services, Snapshot};
+
+/// The worker's answer as the client gets it.
+struct Answered {
+    answer: MeteredAnswer,
+    quota: Option<Quota>,
+}
+
+/// Runs one call on the config in force and writes its answer. `Err` only when the client
+/// could not be written to.
+pub async fn serve(
+    services: &Services,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> pingora::Result<()> {
+    let snapshot = services.snapshot();
+    let outcome = run(
+        services,
+        &snapshot,
+        session,
+        &ctx.request_id,
+        &mut ctx.record,
+    )
+    .await;
+    match outcome {
+        Ok(Answered { answer, quota }) => {
+            let common = Common {
+                request_id: &ctx.request_id,
+                quota,
+            };
+            reply::send_answer(session, &common, answer).await
+        }
+        Err(Refused { error, quota }) => {
+            // Recorded first, so the access log has it even if the client is gone.
+            let error = ctx.record.refusal.insert(error);
+            let common = Common {
+                request_id: &ctx.request_id,
+                quota,
+            };
+            reply::send_error(session, &common, error).await
+        }
+    }
+}
+
+async fn run(
+    services: &Services,
+    snapshot: &Snapshot,
+    session: &mut Session,
+    request_id: &str,
+    record: &mut CallRecord,
+) -> Result<Answered, Refused> {
+    let caller = intake::authenticate(services, snapshot, session.req_header(), record)
+        .await
+        .map_err(Refused::plain)?;
+    // From here on the caller is known: every refusal carries its `RateLimit-*` numbers.
+    let admitted = match admit(services, snapshot, session, &caller, request_id, record).await {
+        Ok(admitted) => admitted,
+        Err(Refused { error, quota: None }) => {
+            let quota = admit::peek_quota(services, snapshot, &caller).await;
+            return Err(Refused { error, quota });
+        }
+        Err(refused) => return Err(refused),
+    };
+    let limits = &snapshot.config.limits;
+    let answer = forward::forward(services, session, &admitted, limits, request_id, record)
+        .await
+        .map(|answer| {
+            let agent = &admitted.caller.route.agent.id;
+            meter::meter(&services.metrics, agent, &admitted.chat.session_id, answer)
+        });
+    let (usage, status) = match &answer {
+        Ok(answer) => (answer.usage, answer.status()),
+        Err(_) => (None, 0),
+    };
+    let quota = admitted.quota;
+    settle(&services.metrics, admitted, usage, status, record).await;
+    match answer {
+        Ok(answer) => Ok(Answered { answer, quota }),
+        Err(error) => Err(Refused { error, quota }),
+    }
+}
+
+/// Everything up to and including the store's admission.
+async fn admit<'s>(
+    services: &Services,
+    snapshot: &'s Snapshot,
+    session: &mut Session,
+    caller: &Authenticated<'s>,
+    request_id: &str,
+    record: &mut CallRecord,
+) -> Result<Admitted<'s>, Refused> {
+    let caller = intake::authorize(snapshot, caller).map_err(Refused::plain)?;
+    let chat = intake::read_chat(session, &snapshot.config.limits, record)
+        .await
+        .map_err(Refused::plain)?;
+    admit::admit(services, caller, chat, request_id).await
+}
+
+/// Settles the call, charged for `usage` when it has one, and counts what it used.
+async fn settle(
+    metrics: &Metrics,
+    admitted: Admitted<'_>,
+    usage: Option<Usage>,
+    worker_status: u16,
+    record: &mut CallRecord,
+) {
+    let cost = admitted.open.settle(usage, worker_status).await;
+    let Some(usage) = usage else { return };
+    let agent = admitted.caller.route.agent.id.as_str();
+    metrics
+        .tokens
+        .with_label_values(&[agent, "input"])
+        .inc_by(usage.input_tokens);
+    metrics
+        .tokens
+        .with_label_values(&[agent, "output"])
+        .inc_by(usage.output_tokens);
+    if cost > 0 {
+        metrics.cost.with_label_values(&[agent]).inc_by(cost as u64);
+    }
+    record.usage = Some(usage);
+    record.cost = cost;
+}

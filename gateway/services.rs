@@ -1,0 +1,86 @@
+//! What every call and the admin API share: the config in force, the store, the metrics,
+//! the connections to workers and the clock.
+
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::config::{Agent, CallConfig};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::upstream::{build_pools, Pool, Upstreams};
+
+pub struct Services {
+    snapshot: ArcSwap<Snapshot>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Metrics,
+    pub upstreams: Upstreams,
+    pub clock: Clock,
+}
+
+impl Services {
+    pub fn new(snapshot: Snapshot, store: Arc<dyn Store>, metrics: Metrics) -> Self {
+        metrics.config_generation.set(snapshot.generation as i64);
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            store,
+            metrics,
+            upstreams: Upstreams::default(),
+            clock: Clock::start(),
+        }
+    }
+
+    /// The config in force now. A call takes it once and uses it to the end, so a reload
+    /// never changes the rules under a call in flight.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Puts a new config in force for every call that starts from now on.
+    pub fn put_in_force(&self, snapshot: Snapshot) {
+        self.metrics
+            .config_generation
+            .set(snapshot.generation as i64);
+        self.snapshot.store(Arc::new(snapshot));
+    }
+}
+
+/// One consistent view of the config and the pools built from it.
+pub struct Snapshot {
+    /// Counts the configs put in force since start, this one included.
+    pub generation: u64,
+    pub config: CallConfig,
+    routes: HashMap<String, Route>,
+}
+
+/// Where calls to one agent go: every configured agent has a pool, by construction.
+pub struct Route {
+    pub agent: Arc<Agent>,
+    pub pool: Arc<Pool>,
+}
+
+impl Snapshot {
+    /// Builds the pools of `config` and resolves each agent to its pool.
+    pub fn build(config: CallConfig, generation: u64) -> std::io::Result<Self> {
+        let pools = build_pools(&config.pools)?;
+        let mut routes = HashMap::with_capacity(config.agents.len());
+        for (id, agent) in &config.agents {
+            let pool = pools.get(&agent.pool).cloned().ok_or_else(|| {
+                std::io::Error::other(format!("agent {id}: no upstream named '{}'", agent.pool))
+            })?;
+            let agent = Arc::clone(agent);
+            routes.insert(id.clone(), Route { agent, pool });
+        }
+        Ok(Self {
+            generation,
+            config,
+            routes,
+        })
+    }
+
+    /// The route of a configured agent.
+    pub fn route(&self, agent_id: &str) -> Option<&Route> {
+        self.routes.get(agent_id)
+    }
+}

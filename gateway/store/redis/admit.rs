@@ -1,0 +1,164 @@
+//! Admission on Redis: one script per side (one on a single server), the sides' answers
+//! combined into one decision, and what a side took given back when the call is not admitted.
+
+use redis::Script;
+
+use turnpike_core::admission::{Admission, Admitted, Refusal, Reservation, Scope, Settlement};
+use turnpike_core::limits::Quota;
+
+use super::link::Op;
+use super::split::{self, Purpose, Side, SideOutcome, SideReply};
+use super::RedisStore;
+use crate::store::{StoreError, StoreErrorKind};
+
+/// What became of one side's script.
+enum SideAnswer {
+    Replied(SideReply),
+    /// No usable answer; `sent`: the script may have run (and taken something).
+    Lost {
+        sent: bool,
+        error: StoreError,
+    },
+}
+
+impl RedisStore {
+    pub(super) async fn admit_on_redis(
+        &self,
+        call: &Admission<'_>,
+    ) -> Result<Result<Admitted, Refusal>, StoreError> {
+        let sides = split::admit_sides(call, self.plan, false);
+        let answers = futures_util::future::join_all(
+            sides.iter().map(|side| self.ask(&self.admit_script, side)),
+        )
+        .await;
+        let sides: Vec<(Side, SideAnswer)> = sides.into_iter().zip(answers).collect();
+        let replies: Vec<SideReply> = sides
+            .iter()
+            .filter_map(|(_, answer)| match answer {
+                SideAnswer::Replied(reply) => Some(reply.clone()),
+                SideAnswer::Lost { .. } => None,
+            })
+            .collect();
+        if replies.len() == sides.len() {
+            let decision = split::combine(call, &replies);
+            if decision.is_err() {
+                for (side, answer) in &sides {
+                    self.undo(call, side, answer).await;
+                }
+            }
+            return Ok(decision);
+        }
+        // Some side's answer was lost: whatever its script may have taken is released, and
+        // whatever the other side took is given back.
+        for (side, answer) in &sides {
+            self.undo(call, side, answer).await;
+        }
+        // A refusal Redis did give stands, whatever happened to the other side.
+        if replies.iter().any(SideReply::refused) {
+            return Ok(split::combine(call, &replies));
+        }
+        let error = sides.into_iter().find_map(|(_, answer)| match answer {
+            SideAnswer::Lost { error, .. } => Some(error),
+            SideAnswer::Replied(_) => None,
+        });
+        let error = error.unwrap_or_else(|| {
+            StoreError::new(StoreErrorKind::Unanswered, "an admission answer was lost")
+        });
+        if self.fail_open.enabled {
+            self.fail_open.admit(call).await
+        } else {
+            Err(error)
+        }
+    }
+
+    pub(super) async fn quota_on_redis(
+        &self,
+        call: &Admission<'_>,
+    ) -> Result<Option<Quota>, StoreError> {
+        let mut replies = Vec::new();
+        for side in split::admit_sides(call, self.plan, true) {
+            let reply: Vec<i64> = self
+                .link
+                .invoke(Op::Quota, &self.admit_script, &side.invocation)
+                .await?;
+            replies.extend(split::decode_admit(&side, &reply));
+        }
+        Ok(split::tightest(&replies))
+    }
+
+    async fn ask(&self, script: &Script, side: &Side<'_>) -> SideAnswer {
+        match self
+            .link
+            .invoke::<Vec<i64>>(Op::Admit, script, &side.invocation)
+            .await
+        {
+            Ok(reply) => match split::decode_admit(side, &reply) {
+                Some(reply) => SideAnswer::Replied(reply),
+                None => SideAnswer::Lost {
+                    sent: true,
+                    error: StoreError::new(
+                        StoreErrorKind::Refused,
+                        format!("unexpected admission reply {reply:?}"),
+                    ),
+                },
+            },
+            Err(error) => SideAnswer::Lost {
+                sent: error.kind != StoreErrorKind::Unreachable,
+                error,
+            },
+        }
+    }
+
+    /// Undoes what one side of an admission took, or may have taken: a side that admitted
+    /// a call another side refused gives everything back; a side whose answer was lost
+    /// releases any reservation and slots its script may have taken.
+    async fn undo(&self, call: &Admission<'_>, side: &Side<'_>, answer: &SideAnswer) {
+        let (key_slot, agent_slot, purpose) = match answer {
+            SideAnswer::Replied(SideReply {
+                outcome:
+                    SideOutcome::Admitted {
+                        key_slot,
+                        agent_slot,
+                    },
+                ..
+            }) => (
+                *key_slot,
+                *agent_slot,
+                Purpose::Refund {
+                    key: side.judges(Scope::Key),
+                    agent: side.judges(Scope::Agent),
+                },
+            ),
+            SideAnswer::Replied(_) | SideAnswer::Lost { sent: false, .. } => return,
+            SideAnswer::Lost { sent: true, .. } => (
+                side.judges(Scope::Key),
+                side.judges(Scope::Agent),
+                Purpose::Release,
+            ),
+        };
+        let settlement = Settlement {
+            call_id: call.call_id,
+            key_id: call.key_id,
+            account: call.account,
+            agent: call.agent,
+            key_policy: call.key_policy,
+            agent_policy: call.agent_policy,
+            reservation: Reservation {
+                reserve: if side.priced() {
+                    call.pricing.map_or(0, |p| p.reserve)
+                } else {
+                    0
+                },
+                key_slot,
+                agent_slot,
+            },
+            usage: None,
+            cost: 0,
+            now_ms: call.now_ms,
+            request_id: "",
+            session_id: "",
+            status: 0,
+        };
+        self.write_or_hold(&settlement, purpose).await;
+    }
+}

@@ -1,0 +1,333 @@
+//! The connections to Redis and their health. Every call runs under a deadline; after a
+//! failure the link counts as down for a moment and fails fast instead of making each call
+//! wait for its deadline, until a probe (`ping`) finds Redis answering again.
+
+use prometheus::{Histogram, IntCounter};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Script, Value};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::protocol::Invocation;
+use crate::config::StoreConfig;
+use crate::metrics::Metrics;
+use crate::store::{StoreError, StoreErrorKind};
+
+/// How long the link fails fast after a failed call before trying Redis again.
+const DOWN_FOR_MS: u64 = 250;
+/// The deadline of admin and start-up calls, which may do more work than one script.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The operations timed and counted in metrics (`op` label).
+#[derive(Clone, Copy)]
+pub enum Op {
+    Key,
+    Admit,
+    Quota,
+    Settle,
+    Admin,
+}
+
+impl Op {
+    const ALL: [Op; 5] = [Op::Key, Op::Admit, Op::Quota, Op::Settle, Op::Admin];
+
+    fn label(self) -> &'static str {
+        match self {
+            Op::Key => "key",
+            Op::Admit => "admit",
+            Op::Quota => "quota",
+            Op::Settle => "settle",
+            Op::Admin => "admin",
+        }
+    }
+}
+
+/// Metric handles resolved once, so the hot path does no label lookups.
+struct OpMetrics {
+    duration: Histogram,
+    errors: IntCounter,
+}
+
+/// A call Redis did not answer within its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer within {0:?}")]
+struct NoAnswer(Duration);
+
+/// A call not sent because Redis counts as down.
+#[derive(Debug, thiserror::Error)]
+#[error("Redis is unreachable")]
+struct KnownDown;
+
+/// A connection to one server or to a Cluster; both reconnect by themselves.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How to open a connection; each runtime thread opens its own (see [`Link::conn`]).
+enum Connector {
+    Single(redis::Client, ConnectionManagerConfig),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+impl Connector {
+    fn new(config: &StoreConfig) -> RedisResult<Self> {
+        let connect_within = config.timeout.max(Duration::from_millis(500));
+        if config.cluster {
+            let client = redis::cluster::ClusterClient::builder(config.urls.clone())
+                .connection_timeout(connect_within)
+                .response_timeout(config.timeout)
+                .retries(1)
+                .build()?;
+            return Ok(Connector::Cluster(client));
+        }
+        let client = redis::Client::open(config.urls[0].as_str())?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_within))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        Ok(Connector::Single(client, manager))
+    }
+
+    async fn connect(&self) -> RedisResult<Conn> {
+        match self {
+            Connector::Single(client, config) => Ok(Conn::Single(
+                ConnectionManager::new_with_config(client.clone(), config.clone()).await?,
+            )),
+            Connector::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+        }
+    }
+}
+
+pub struct Link {
+    /// Tells this link's per-thread connections from another's.
+    id: usize,
+    /// Bumped when connections may have broken; older ones are replaced on next use.
+    generation: AtomicU64,
+    connector: Connector,
+    /// The deadline of every call on the hot path.
+    pub timeout: Duration,
+    /// Milliseconds since `epoch` until which Redis counts as down (0: up).
+    down_until_ms: AtomicU64,
+    epoch: Instant,
+    ops: [OpMetrics; 5],
+}
+
+impl Link {
+    /// Connects once, so a Redis that cannot be reached fails the start, not the first call.
+    pub async fn open(config: &StoreConfig, metrics: &Metrics) -> Result<Self, StoreError> {
+        let urls = config.urls.join(", ");
+        let unreachable = |message: String| StoreError::new(StoreErrorKind::Unreachable, message);
+        let connector =
+            Connector::new(config).map_err(|e| unreachable(format!("store.url: {e}")))?;
+        match tokio::time::timeout(ADMIN_TIMEOUT, connector.connect()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(unreachable(format!("Redis at {urls}: {e}"))),
+            Err(_) => return Err(unreachable(format!("Redis at {urls} did not answer"))),
+        }
+        static LINKS: AtomicUsize = AtomicUsize::new(0);
+        Ok(Self {
+            id: LINKS.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
+            connector,
+            timeout: config.timeout,
+            down_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            ops: Op::ALL.map(|op| OpMetrics {
+                duration: metrics.store_duration.with_label_values(&[op.label()]),
+                errors: metrics.store_errors.with_label_values(&[op.label()]),
+            }),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.now_ms() < self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn mark_down(&self, error: &StoreError) {
+        let until = self.now_ms() + DOWN_FOR_MS;
+        if self.down_until_ms.swap(until, Ordering::Relaxed) == 0 {
+            tracing::warn!(%error, "Redis is unreachable");
+        }
+    }
+
+    /// Redis answered a probe: calls go to it again, on fresh connections.
+    pub fn mark_up(&self) {
+        if self.down_until_ms.swap(0, Ordering::Relaxed) != 0 {
+            self.renew_connections();
+            tracing::info!("Redis is reachable again");
+        }
+    }
+
+    /// Every thread opens a new connection on its next call.
+    pub fn renew_connections(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs one Redis call under the deadline, timing it and counting its failure. While
+    /// Redis counts as down, fails at once.
+    async fn run<T>(
+        &self,
+        op: Op,
+        deadline: Duration,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let metrics = &self.ops[op as usize];
+        if self.is_down() {
+            metrics.errors.inc();
+            return Err(StoreError::new(StoreErrorKind::Unreachable, KnownDown));
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(deadline, call).await;
+        metrics.duration.observe(started.elapsed().as_secs_f64());
+        let error = match result {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) if is_reply_error(&error) => {
+                // Redis answered: it is up, the command was wrong.
+                metrics.errors.inc();
+                return Err(StoreError::new(StoreErrorKind::Refused, error));
+            }
+            Ok(Err(error)) if error.is_connection_refusal() => {
+                StoreError::new(StoreErrorKind::Unreachable, error)
+            }
+            Ok(Err(error)) => StoreError::new(StoreErrorKind::Unanswered, error),
+            Err(_) => StoreError::new(StoreErrorKind::Unanswered, NoAnswer(deadline)),
+        };
+        metrics.errors.inc();
+        self.mark_down(&error);
+        Err(error)
+    }
+
+    /// Runs a script with the hot path's deadline.
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        op: Op,
+        script: &Script,
+        invocation: &Invocation,
+    ) -> Result<T, StoreError> {
+        self.invoke_within(op, self.timeout, script, invocation)
+            .await
+    }
+
+    pub async fn invoke_within<T: FromRedisValue>(
+        &self,
+        op: Op,
+        deadline: Duration,
+        script: &Script,
+        invocation: &Invocation,
+    ) -> Result<T, StoreError> {
+        let mut call = script.prepare_invoke();
+        for key in &invocation.keys {
+            call.key(key);
+        }
+        for arg in &invocation.args {
+            call.arg(arg);
+        }
+        self.run(op, deadline, async move {
+            let mut conn = self.conn().await?;
+            call.invoke_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// One command under `deadline`.
+    pub async fn query<T: FromRedisValue>(
+        &self,
+        op: Op,
+        deadline: Duration,
+        cmd: &Cmd,
+    ) -> Result<T, StoreError> {
+        self.run(op, deadline, async move {
+            let mut conn = self.conn().await?;
+            cmd.query_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// One command with the admin deadline.
+    pub async fn admin<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        self.query(Op::Admin, ADMIN_TIMEOUT, cmd).await
+    }
+
+    /// Whether Redis answers `PING`, asked even while calls fail fast.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let ping = async {
+            let mut conn = self.conn().await?;
+            redis::cmd("PING").query_async::<Value>(&mut conn).await
+        };
+        match tokio::time::timeout(ADMIN_TIMEOUT, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(StoreError::new(StoreErrorKind::Unanswered, error)),
+            Err(_) => Err(StoreError::new(
+                StoreErrorKind::Unanswered,
+                NoAnswer(ADMIN_TIMEOUT),
+            )),
+        }
+    }
+
+    /// This thread's connection, made on first use. Each runtime thread has its own, so a
+    /// call's Redis I/O runs on the thread that awaits it: no cross-thread wake-ups.
+    /// A connection from before Redis was last unreachable is replaced, so no thread keeps
+    /// one that broke while it sat idle.
+    async fn conn(&self) -> RedisResult<Conn> {
+        thread_local! {
+            static CONNECTIONS: std::cell::RefCell<HashMap<usize, (u64, Conn)>> =
+                std::cell::RefCell::new(HashMap::new());
+        }
+        let generation = self.generation.load(Ordering::Relaxed);
+        let cached = CONNECTIONS.with(|c| c.borrow().get(&self.id).cloned());
+        if let Some((made_in, conn)) = cached {
+            if made_in == generation {
+                return Ok(conn);
+            }
+        }
+        let conn = self.connector.connect().await?;
+        CONNECTIONS.with(|c| c.borrow_mut().insert(self.id, (generation, conn.clone())));
+        Ok(conn)
+    }
+}
+
+/// Whether Redis itself answered with an error (so it is up).
+fn is_reply_error(error: &redis::RedisError) -> bool {
+    !(error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_unrecoverable_error())
+}

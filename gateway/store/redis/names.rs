@@ -1,0 +1,71 @@
+//! Where each piece of state lives in Redis. Everything an admission touches for a key lives
+//! under its account's hash tag (`turnpike:{account:acct_jane}:...`), so one script in one
+//! Cluster slot judges the key's buckets and the balance together; an agent's own buckets
+//! are shared by every account, so they live under the agent's tag.
+
+use turnpike_core::keys::KeyHash;
+
+/// The usage log billing pipelines read (SPEC §2).
+pub const USAGE_STREAM: &str = "turnpike:usage";
+/// Every account that has a key or a balance, for usage queries over all accounts.
+pub const ACCOUNTS: &str = "turnpike:accounts";
+/// Ids of the keys the config file seeded, so a key deleted from the file goes away.
+pub const CONFIG_KEYS: &str = "turnpike:config_keys";
+/// Pub/sub channel announcing a changed key (its hash in hex, or `*` for all).
+pub const KEY_EVENTS: &str = "turnpike:keys";
+
+/// How long a settled call's id is remembered, so a settlement retried later is not applied
+/// twice. Longer than any outage the settlement queue rides out in practice.
+pub const SETTLED_MARKER_MS: u64 = 3_600_000;
+
+/// Everything of one account shares this hash tag. The fixed `account:` inside the braces
+/// keeps the tag non-empty and apart from agents' whatever the id holds (even a `}`).
+pub fn account_tag(account: &str) -> String {
+    format!("turnpike:{{account:{account}}}")
+}
+
+pub fn agent_tag(agent: &str) -> String {
+    format!("turnpike:{{agent:{agent}}}")
+}
+
+/// `balance`, `reserved`, and `held:<call id>` for each reservation outstanding.
+pub fn account_hash(account: &str) -> String {
+    format!("{}:account", account_tag(account))
+}
+
+/// The account's reservations as leases, scored by when they expire.
+pub fn account_leases(account: &str) -> String {
+    format!("{}:leases", account_tag(account))
+}
+
+/// Per account: usage counters by key and agent, `<field>\x1f<key id>\x1f<agent>`.
+pub fn usage_hash(account: &str) -> String {
+    format!("{}:usage", account_tag(account))
+}
+
+pub fn key_record(hash: &KeyHash) -> String {
+    format!("turnpike:key:{}", hash.to_hex())
+}
+
+pub fn key_index(id: &str) -> String {
+    format!("turnpike:keyid:{id}")
+}
+
+/// Whose buckets and slots a script judges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limiter<'a> {
+    Key { account: &'a str, key_id: &'a str },
+    Agent(&'a str),
+}
+
+impl Limiter<'_> {
+    /// The limiter hash and the in-flight lease set.
+    pub fn keys(self) -> [String; 2] {
+        let base = match self {
+            Limiter::Key { account, key_id } => format!("{}:key:{key_id}", account_tag(account)),
+            Limiter::Agent(agent) => agent_tag(agent),
+        };
+        // Fixed, different endings: no key id can make one key's name another's.
+        [format!("{base}:limits"), format!("{base}:inflight")]
+    }
+}

@@ -1,0 +1,89 @@
+//! What a worker receives: the client's request head rewritten for it.
+
+use pingora::http::RequestHeader;
+use std::net::IpAddr;
+
+use crate::config::PoolConfig;
+use crate::headers::{
+    X_ACCOUNT_ID, X_AGENT_ID, X_FORWARDED_FOR, X_KEY_ID, X_REQUEST_ID, X_SESSION_ID,
+};
+
+/// Client headers a worker never sees: credentials, identities the gateway asserts itself,
+/// and hop-by-hop headers that belong to the client's connection.
+const DROPPED_HEADERS: [&str; 16] = [
+    "accept-encoding",
+    "authorization",
+    "x-request-id",
+    "x-agent-id",
+    "x-session-id",
+    "x-key-id",
+    "x-account-id",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// Who the gateway says is calling, for the worker's identity headers.
+pub struct Identity<'a> {
+    pub request_id: &'a str,
+    pub agent_id: &'a str,
+    pub session_id: &'a str,
+    pub key_id: &'a str,
+    pub account: &'a str,
+    pub client_ip: Option<IpAddr>,
+}
+
+/// The request head a worker receives: the rewritten path, the client's other headers, the
+/// gateway's identity headers, `X-Forwarded-For` with the client's address appended, the
+/// pool's configured headers, and the length of the body it will be sent. Fails only on a
+/// header value no HTTP head can carry.
+pub fn outgoing_head(
+    client: &RequestHeader,
+    who: &Identity,
+    body_len: usize,
+    pool: &PoolConfig,
+) -> pingora::Result<RequestHeader> {
+    let path = pool.path.render(who.agent_id);
+    let mut header = RequestHeader::build_no_case(
+        http::Method::POST,
+        path.as_bytes(),
+        Some(client.headers.len() + 8),
+    )?;
+    for (name, value) in &client.headers {
+        if !DROPPED_HEADERS.contains(&name.as_str()) && name != http::header::CONTENT_LENGTH {
+            header.append_header(name.clone(), value.clone())?;
+        }
+    }
+    if let Some(ip) = who.client_ip {
+        let forwarded_for = match client
+            .headers
+            .get(X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(earlier) => format!("{earlier}, {ip}"),
+            None => ip.to_string(),
+        };
+        header.insert_header(X_FORWARDED_FOR, forwarded_for)?;
+    }
+    // The answer's usage must be readable: no compression between gateway and worker.
+    header.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+    header.insert_header(X_REQUEST_ID, who.request_id)?;
+    header.insert_header(X_AGENT_ID, who.agent_id)?;
+    header.insert_header(X_SESSION_ID, who.session_id)?;
+    header.insert_header(X_KEY_ID, who.key_id)?;
+    header.insert_header(X_ACCOUNT_ID, who.account)?;
+    header.insert_header(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(body_len),
+    )?;
+    for (name, value) in &pool.headers {
+        header.insert_header(name.clone(), value.clone())?;
+    }
+    Ok(header)
+}

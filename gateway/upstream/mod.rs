@@ -1,0 +1,90 @@
+//! The worker side of a call. Pools pick a worker on Pingora's load balancers: round
+//! robin, or Ketama consistent hashing on `session_id` so a conversation stays on one worker
+//! while the pool is unchanged; a retry after a failed connect goes to an endpoint not tried
+//! yet. `head` writes what a worker receives; `exchange` sends it and reads the answer.
+
+pub mod exchange;
+pub mod head;
+
+pub use exchange::{AnswerBody, ExchangeFailure, Outgoing, Upstreams, WorkerAnswer};
+
+use pingora::lb::selection::{Consistent, RoundRobin};
+use pingora::lb::{Backend, LoadBalancer};
+use pingora::upstreams::peer::HttpPeer;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::{Balance, PoolConfig};
+
+/// Bound on the selection walk; pools are small.
+const MAX_SELECTION_STEPS: usize = 256;
+
+enum Selector {
+    RoundRobin(LoadBalancer<RoundRobin>),
+    Session(LoadBalancer<Consistent>),
+}
+
+pub struct Pool {
+    pub config: PoolConfig,
+    selector: Selector,
+}
+
+/// Every pool of one config, by name.
+pub fn build_pools(
+    configs: &BTreeMap<String, PoolConfig>,
+) -> std::io::Result<BTreeMap<String, Arc<Pool>>> {
+    configs
+        .iter()
+        .map(|(name, config)| Ok((name.clone(), Arc::new(Pool::new(config.clone())?))))
+        .collect()
+}
+
+impl Pool {
+    fn new(config: PoolConfig) -> std::io::Result<Self> {
+        let endpoints = config.endpoints.clone();
+        let selector = match config.balance {
+            Balance::RoundRobin => Selector::RoundRobin(LoadBalancer::try_from_iter(endpoints)?),
+            Balance::Session => Selector::Session(LoadBalancer::try_from_iter(endpoints)?),
+        };
+        Ok(Self { config, selector })
+    }
+
+    /// The next endpoint for a call, skipping those already `tried`; `None` when none is left.
+    pub fn select(&self, session_id: &str, tried: &[SocketAddr]) -> Option<SocketAddr> {
+        let fresh = |backend: &Backend, _healthy: bool| !tried.contains(&backend.addr_socket());
+        let backend = match &self.selector {
+            Selector::RoundRobin(lb) => lb.select_with(b"", MAX_SELECTION_STEPS, fresh),
+            Selector::Session(lb) => {
+                lb.select_with(session_id.as_bytes(), MAX_SELECTION_STEPS, fresh)
+            }
+        };
+        backend.map(|b| b.addr_socket())
+    }
+
+    /// A plain-HTTP peer for `addr` with the connect timeout. The answer timeout is one
+    /// deadline over the whole exchange (see `exchange`), not a timer per read.
+    pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(self.config.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.config.connect_timeout);
+
+        peer
+    }
+}
+
+trait BackendAddr {
+    fn addr_socket(&self) -> SocketAddr;
+}
+
+impl BackendAddr for Backend {
+    fn addr_socket(&self) -> SocketAddr {
+        match &self.addr {
+            pingora::protocols::l4::socket::SocketAddr::Inet(addr) => *addr,
+            // Pools are built from IP endpoints only.
+            pingora::protocols::l4::socket::SocketAddr::Unix(_) => {
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
+        }
+    }
+}
