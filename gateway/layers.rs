@@ -150,20 +150,27 @@ fn layers_point_one_way() {
     let rank = |name: &str| LAYERS.iter().position(|l| *l == name);
     let mut wrong = Vec::new();
     for (module, text) in modules() {
-        let own = rank(&module[0]).unwrap_or_else(|| {
-            panic!("module {} is not in LAYERS (gateway/layers.rs)", module[0])
-        });
+        let own = rank(&module[0])
+            .unwrap_or_else(|| panic!("module {} is not in LAYERS (gateway/layers.rs)", module[0]));
         let code = code(&text);
         for path in paths_after(&code, "crate::") {
             let Some(used) = path.first().and_then(|name| rank(name)) else {
                 continue;
             };
             if used >= own && path[0] != module[0] {
-                wrong.push(format!("{} uses crate::{}", module.join("::"), path.join("::")));
+                wrong.push(format!(
+                    "{} uses crate::{}",
+                    module.join("::"),
+                    path.join("::")
+                ));
             }
         }
     }
-    assert!(wrong.is_empty(), "uses against the layering:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "uses against the layering:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
@@ -229,7 +236,14 @@ fn the_core_crate_needs_no_io() {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway/core/Cargo.toml");
     let text = std::fs::read_to_string(manifest).unwrap();
     let dependencies = text.split("[dependencies]").nth(1).unwrap_or_default();
-    for forbidden in ["pingora", "tokio", "redis", "serde_yaml", "prometheus", "http"] {
+    for forbidden in [
+        "pingora",
+        "tokio",
+        "redis",
+        "serde_yaml",
+        "prometheus",
+        "http",
+    ] {
         assert!(
             !dependencies
                 .lines()

@@ -126,7 +126,8 @@ fn balances_can_be_read_added_to_and_set() {
         500,
         "only the named account changed"
     );
-    gw.chat(AGENT, gw.jane(), "usage 1 1").assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::usage(1, 1))
+        .assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, 39);
 }
 
@@ -222,7 +223,7 @@ fn secrets_never_appear_in_logs_metrics_or_admin_answers() {
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     gw.chat(OTHER_AGENT, gw.jane(), "hi")
         .error(404, "agent_not_found");
-    gw.chat(OTHER_AGENT, gw.bob(), "status 500")
+    gw.chat(OTHER_AGENT, gw.bob(), Script::status(500))
         .assert_status(500);
     gw.usage_after("", 1);
     let text = gw.metrics();

@@ -12,12 +12,14 @@ fn calls_are_debited_and_an_exhausted_account_gets_402() {
     let w = Worker::start("w1");
     let gw = TestGateway::builder().worker(&w).balance(5).start();
     // cost = ceil((2 × 1e6 + 1 × 2e6) / 1e6) = 4
-    gw.chat(AGENT, gw.jane(), "usage 2 1").assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::usage(2, 1))
+        .assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, 1);
-    gw.chat(AGENT, gw.jane(), "usage 2 1").assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::usage(2, 1))
+        .assert_status(200);
     // admitted with 1 ≥ reserve 1, cost 4: the balance may end below zero by cost − reserve
     assert_eq!(gw.settled_balance("acct_jane").balance, -3);
-    gw.chat(AGENT, gw.jane(), "usage 2 1")
+    gw.chat(AGENT, gw.jane(), Script::usage(2, 1))
         .error(402, "insufficient_balance");
     assert_eq!(w.count(), 2);
     assert_eq!(
@@ -29,7 +31,8 @@ fn calls_are_debited_and_an_exhausted_account_gets_402() {
     let r = gw.admin_post("/admin/accounts/acct_jane/balance", &json!({"add": 10}));
     r.assert_status(200);
     assert_eq!(r.json()["balance"], 7);
-    gw.chat(AGENT, gw.jane(), "usage 2 1").assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::usage(2, 1))
+        .assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, 3);
 }
 
@@ -42,13 +45,16 @@ fn cost_is_rounded_up_to_whole_units() {
         .pricing(json!({"input_per_mtok": 1_500_000, "output_per_mtok": 2_500_000}))
         .start();
     // ceil(1 × 1.5) = 2
-    gw.chat(AGENT, gw.jane(), "usage 1 0").assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::usage(1, 0))
+        .assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, 98);
     // ceil(3 × 1.5 + 1 × 2.5) = ceil(7.0) = 7
-    gw.chat(AGENT, gw.jane(), "usage 3 1").assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::usage(3, 1))
+        .assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, 91);
     // ceil(0 × 1.5 + 1 × 2.5) = 3
-    gw.chat(AGENT, gw.jane(), "usage 0 1").assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::usage(0, 1))
+        .assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, 88);
     assert_eq!(gw.usage("account=acct_jane").cost, 12);
 }
@@ -69,7 +75,8 @@ fn forty_concurrent_calls_never_overspend() {
             .map(|_| {
                 s.spawn(|| {
                     barrier.wait();
-                    gw.chat(AGENT, gw.jane(), "usage 100 0 hold").status
+                    gw.chat(AGENT, gw.jane(), Script::usage(100, 0).hold())
+                        .status
                 })
             })
             .collect();
@@ -103,7 +110,7 @@ fn a_reservation_is_held_while_the_call_is_in_flight() {
         .reserve(100)
         .start();
     std::thread::scope(|s| {
-        let slow = s.spawn(|| gw.chat(AGENT, gw.jane(), "sleep 1"));
+        let slow = s.spawn(|| gw.chat(AGENT, gw.jane(), Script::sleep(1.0)));
         wait_until(
             Duration::from_secs(5),
             "the slow call reaches the worker",
@@ -137,7 +144,7 @@ fn a_free_agent_needs_no_balance() {
     let w = Worker::start("w1");
     let gw = TestGateway::builder().worker(&w).balance(0).start();
     for _ in 0..3 {
-        gw.chat(OTHER_AGENT, gw.bob(), "usage 1000 1000")
+        gw.chat(OTHER_AGENT, gw.bob(), Script::usage(1000, 1000))
             .assert_status(200);
     }
     let u = gw.usage_after("account=acct_bob", 3);

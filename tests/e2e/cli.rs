@@ -150,7 +150,8 @@ fn the_operator_cli_round_trips_keys_balances_and_usage() {
         .expect("the secret is printed once")
         .to_string();
     let id = created["id"].as_str().expect("id").to_string();
-    gw.chat(OTHER_AGENT, &key, "usage 3 4").assert_status(200);
+    gw.chat(OTHER_AGENT, &key, Script::usage(3, 4))
+        .assert_status(200);
     assert_eq!(
         operator_json(&gw, &["keys", "show", &id])["agents"],
         json!([OTHER_AGENT])

@@ -422,9 +422,9 @@ fn refused_connection_is_502() {
 fn non_http_answer_is_502() {
     let w = Worker::start("w1");
     let gw = TestGateway::builder().worker(&w).start();
-    gw.chat(AGENT, gw.jane(), "garbage")
+    gw.chat(AGENT, gw.jane(), Script::garbage())
         .error(502, "upstream_unavailable");
-    gw.chat(AGENT, gw.jane(), "close")
+    gw.chat(AGENT, gw.jane(), Script::close())
         .error(502, "upstream_unavailable");
     assert!(w.count() >= 2);
 }
@@ -434,7 +434,7 @@ fn slow_worker_is_504_at_the_timeout() {
     let w = Worker::start("w1");
     let gw = TestGateway::builder().worker(&w).timeout("500ms").start();
     let started = Instant::now();
-    gw.chat(AGENT, gw.jane(), "sleep 2")
+    gw.chat(AGENT, gw.jane(), Script::sleep(2.0))
         .error(504, "upstream_timeout");
     let took = started.elapsed();
     assert!(

@@ -178,12 +178,12 @@ fn every_response_gets_a_fresh_request_id() {
 fn the_workers_status_and_body_come_back() {
     let w = Worker::start("w1");
     let gw = TestGateway::builder().worker(&w).start();
-    let r = gw.chat(AGENT, gw.jane(), "status 201");
+    let r = gw.chat(AGENT, gw.jane(), Script::status(201));
     r.assert_status(201);
     let body = r.json();
-    assert_eq!(body["response"], "w1: status 201");
+    assert_eq!(body["response"], format!("w1: {}", Script::status(201)));
     assert_eq!(body["usage"]["total_tokens"], 77);
-    let r = gw.chat(AGENT, gw.jane(), "usage 7 9");
+    let r = gw.chat(AGENT, gw.jane(), Script::usage(7, 9));
     r.assert_status(200);
     assert_eq!(
         r.json()["usage"],

@@ -5,6 +5,8 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
+use serde_json::json;
+
 use crate::support::*;
 
 fn usage(requests: i64, input: i64, output: i64, cost: i64) -> Usage {
@@ -32,8 +34,7 @@ fn usage_totals_and_token_metrics_equal_what_the_workers_reported() {
         (&bob, OTHER_AGENT, 2, 3),
     ];
     for (key, agent, i, o) in calls {
-        gw.chat(agent, key, &format!("usage {i} {o}"))
-            .assert_status(200);
+        gw.chat(agent, key, Script::usage(i, o)).assert_status(200);
     }
     assert_eq!(gw.usage_after("", 6), usage(6, 28, 33, 86));
     assert_eq!(gw.usage("account=acct_jane"), usage(3, 20, 24, 68));
@@ -98,11 +99,11 @@ fn usage_totals_and_token_metrics_equal_what_the_workers_reported() {
 fn invalid_usage_from_the_worker_is_not_credited() {
     let w = Worker::start("w1");
     let gw = TestGateway::builder().worker(&w).balance(1000).start();
-    for how in ["negative", "string", "missing"] {
-        let r = gw.chat(AGENT, gw.jane(), &format!("badusage {how}"));
+    for how in [BadUsage::Negative, BadUsage::Strings, BadUsage::Missing] {
+        let r = gw.chat(AGENT, gw.jane(), Script::bad_usage(how));
         assert!(
             r.status < 500 || r.status == 502,
-            "badusage {how}: {} {}",
+            "{how:?}: {} {}",
             r.status,
             r.body
         );
@@ -112,7 +113,8 @@ fn invalid_usage_from_the_worker_is_not_credited() {
     assert_eq!(gw.usage("account=acct_jane"), Usage::default());
     assert_eq!(gw.metric("turnpike_tokens_total", &[("agent", AGENT)]), 0.0);
     // A good answer afterwards is credited as usual.
-    gw.chat(AGENT, gw.jane(), "usage 5 5").assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::usage(5, 5))
+        .assert_status(200);
     assert_eq!(gw.usage_after("account=acct_jane", 1), usage(1, 5, 5, 15));
     assert_eq!(gw.settled_balance("acct_jane").balance, 985);
 }
@@ -121,7 +123,8 @@ fn invalid_usage_from_the_worker_is_not_credited() {
 fn a_client_that_hangs_up_is_still_metered_once_the_worker_answers() {
     let w = Worker::start("w1");
     let gw = TestGateway::builder().worker(&w).start();
-    let body = br#"{"message": "sleep 1"}"#;
+    let body = json!({"message": Script::sleep(1.0).to_string()}).to_string();
+    let body = body.as_bytes();
     let auth = format!("Bearer {}", gw.jane());
     let request = raw::request(
         "POST",
@@ -142,12 +145,7 @@ fn a_client_that_hangs_up_is_still_metered_once_the_worker_answers() {
         );
         std::thread::sleep(Duration::from_millis(200));
     } // hang up while the worker is still thinking
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    let mut got = gw.usage("account=acct_jane");
-    while got.requests == 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        got = gw.usage("account=acct_jane");
-    }
+    let got = gw.usage_after("account=acct_jane", 1);
     assert_eq!(
         got,
         usage(1, 45, 32, 109),

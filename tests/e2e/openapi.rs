@@ -249,8 +249,8 @@ fn every_answer_is_as_documented_and_every_operation_is_exercised() {
             br#"{"message":"hi"}"#,
         ),
     );
-    check("POST", &chat, gw.chat(AGENT, gw.jane(), "garbage"));
-    check("POST", &chat, gw.chat(AGENT, gw.jane(), "sleep 2"));
+    check("POST", &chat, gw.chat(AGENT, gw.jane(), Script::garbage()));
+    check("POST", &chat, gw.chat(AGENT, gw.jane(), Script::sleep(2.0)));
     let limited = gw.chat(AGENT, gw.jane(), "hi");
     assert_eq!(limited.status, 429, "{}", limited.body);
     check("POST", &chat, limited);

@@ -87,7 +87,8 @@ fn token_bucket_goes_negative_after_a_large_answer_and_refuses_the_next_call() {
         )
         .start();
     // 100 tokens in the bucket, the answer uses 150: the bucket ends at −50.
-    gw.chat(AGENT, gw.jane(), "usage 100 50").assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::usage(100, 50))
+        .assert_status(200);
     gw.usage_after("key=key_jane", 1);
     let r = gw.chat(AGENT, gw.jane(), "hi");
     r.error(429, "rate_limit_exceeded");
@@ -118,7 +119,7 @@ fn concurrency_limit_refuses_a_second_call_in_flight() {
         )
         .start();
     std::thread::scope(|s| {
-        let slow = s.spawn(|| gw.chat(AGENT, gw.jane(), "sleep 1"));
+        let slow = s.spawn(|| gw.chat(AGENT, gw.jane(), Script::sleep(1.0)));
         wait_until(
             Duration::from_secs(5),
             "the slow call reaches the worker",
@@ -164,7 +165,7 @@ fn two_overlapping_calls_with_concurrency_one_give_one_429() {
             .map(|_| {
                 s.spawn(|| {
                     barrier.wait();
-                    gw.chat(AGENT, gw.jane(), "sleep 1").status
+                    gw.chat(AGENT, gw.jane(), Script::sleep(1.0)).status
                 })
             })
             .collect();

@@ -67,16 +67,16 @@ fn the_session_is_inserted_when_the_worker_leaves_it_out() {
     let r = gw
         .call(AGENT)
         .key(gw.jane())
-        .message("nosession")
+        .message(Script::no_session())
         .session("sess_mine")
         .send();
     r.assert_status(200);
     let body = r.json();
     assert_eq!(body["session_id"], "sess_mine");
-    assert_eq!(body["response"], "w1: nosession");
+    assert_eq!(body["response"], format!("w1: {}", Script::no_session()));
     assert_eq!(body["usage"]["total_tokens"], 77);
 
-    let r = gw.chat(AGENT, gw.jane(), "nosession");
+    let r = gw.chat(AGENT, gw.jane(), Script::no_session());
     r.assert_status(200);
     let sid = r.json()["session_id"]
         .as_str()

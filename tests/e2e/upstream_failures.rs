@@ -27,11 +27,13 @@ fn a_worker_error_status_is_passed_on_and_costs_nothing() {
         .balance(1000)
         .reserve(100)
         .start();
-    let r = gw.chat(AGENT, gw.jane(), "status 500");
+    let r = gw.chat(AGENT, gw.jane(), Script::status(500));
     r.assert_status(500);
-    assert_eq!(r.json()["response"], "w1: status 500");
-    gw.chat(AGENT, gw.jane(), "status 503").assert_status(503);
-    gw.chat(AGENT, gw.jane(), "status 429").assert_status(429);
+    assert_eq!(r.json()["response"], format!("w1: {}", Script::status(500)));
+    gw.chat(AGENT, gw.jane(), Script::status(503))
+        .assert_status(503);
+    gw.chat(AGENT, gw.jane(), Script::status(429))
+        .assert_status(429);
     nothing_charged(&gw);
     assert_eq!(w.count(), 3);
 }
@@ -45,14 +47,16 @@ fn a_timed_out_call_costs_nothing_even_when_the_worker_answers_later() {
         .reserve(100)
         .timeout("500ms")
         .start();
-    gw.chat(AGENT, gw.jane(), "sleep 1.2")
+    gw.chat(AGENT, gw.jane(), Script::sleep(1.2))
         .error(504, "upstream_timeout");
     wait_until(
         Duration::from_secs(5),
         "the worker finished its late answer",
         || w.finished() == 1,
     );
-    std::thread::sleep(Duration::from_millis(200));
+    // The call has ended (it is counted after it settled) and the worker has nothing more
+    // to say: nothing can charge it any more.
+    gw.wait_metric("turnpike_requests_total", &[("status", "504")], 1.0);
     nothing_charged(&gw);
 }
 
@@ -78,13 +82,14 @@ fn a_broken_answer_costs_nothing() {
         .balance(1000)
         .reserve(100)
         .start();
-    gw.chat(AGENT, gw.jane(), "garbage")
+    gw.chat(AGENT, gw.jane(), Script::garbage())
         .error(502, "upstream_unavailable");
-    gw.chat(AGENT, gw.jane(), "close")
+    gw.chat(AGENT, gw.jane(), Script::close())
         .error(502, "upstream_unavailable");
     nothing_charged(&gw);
     // and the gateway still works
-    gw.chat(AGENT, gw.jane(), "usage 10 0").assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::usage(10, 0))
+        .assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, 990);
 }
 
@@ -97,10 +102,10 @@ fn an_answer_over_the_response_cap_is_502_and_costs_nothing() {
         .reserve(100)
         .max_response_bytes(4096)
         .start();
-    gw.chat(AGENT, gw.jane(), "big 10000")
+    gw.chat(AGENT, gw.jane(), Script::padding(10000))
         .error(502, "upstream_unavailable");
     nothing_charged(&gw);
-    let r = gw.chat(AGENT, gw.jane(), "big 1000");
+    let r = gw.chat(AGENT, gw.jane(), Script::padding(1000));
     r.assert_status(200);
     assert_eq!(r.json()["padding"].as_str().map(str::len), Some(1000));
 }

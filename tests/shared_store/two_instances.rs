@@ -1,5 +1,6 @@
 //! Two gateway processes on one Redis behave as one gateway.
 
+use std::fmt::Display;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,8 @@ fn pair(
 }
 
 /// Sends `n` calls at once, alternating between the gateways; returns their statuses.
-fn burst(gateways: [&TestGateway; 2], n: usize, message: &str) -> Vec<u16> {
+fn burst(gateways: [&TestGateway; 2], n: usize, message: impl Display + Sync) -> Vec<u16> {
+    let message = &message;
     let barrier = Barrier::new(n);
     std::thread::scope(|s| {
         let calls: Vec<_> = (0..n)
@@ -63,7 +65,7 @@ fn a_balance_covering_10_reservations_admits_exactly_10_and_ends_exact() {
     let (a, b, w) = pair(&redis, json!({}), |g| {
         g.reserve(1000).account_balance("acct_jane", 10_000)
     });
-    let statuses = burst([&a, &b], 30, "sleep 1");
+    let statuses = burst([&a, &b], 30, Script::sleep(1.0));
     let admitted = statuses.iter().filter(|s| **s == 200).count();
     let refused = statuses.iter().filter(|s| **s == 402).count();
     assert_eq!((admitted, refused), (10, 20), "{statuses:?}");
@@ -162,12 +164,13 @@ fn every_metered_call_is_appended_to_the_usage_stream() {
     let gw = on_redis(&w, json!(redis.url()), json!({})).start();
     gw.call(AGENT)
         .key(gw.jane())
-        .message("usage 7 5")
+        .message(Script::usage(7, 5))
         .session("sess-1")
         .header("X-Request-Id", "req-stream-1")
         .send()
         .assert_status(200);
-    gw.chat(AGENT, gw.bob(), "status 500").assert_status(500);
+    gw.chat(AGENT, gw.bob(), Script::status(500))
+        .assert_status(500);
     assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 1");
     let entry = redis.cli(&["XRANGE", "turnpike:usage", "-", "+"]);
     // redis-cli prints one `n) "value"` per line: the entry id, then field, value, ...

@@ -1,11 +1,15 @@
 //! The black-box harness: the real `turnpike` binary on free loopback ports, mock agent
 //! workers, plain HTTP. Everything here speaks only the public contract (SPEC.md).
 
+// Shared by two test binaries, each of which uses a part.
 #![allow(dead_code, unused_imports)]
 
+pub mod builder;
+pub mod client;
 pub mod gateway;
 pub mod raw;
 pub mod redis;
+pub mod script;
 pub mod worker;
 
 use std::collections::HashSet;
@@ -17,7 +21,9 @@ use rand::Rng;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-pub use gateway::{Balance, TestGateway, Usage};
+pub use client::{Balance, Usage};
+pub use gateway::TestGateway;
+pub use script::{BadUsage, Script};
 pub use worker::Worker;
 
 /// The priced agent every test gateway serves.

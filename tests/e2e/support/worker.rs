@@ -1,18 +1,9 @@
 //! A mock agent worker: HTTP/1.1 with keep-alive on a loopback port, a thread per connection.
 //!
-//! The request's JSON `message` steers it (words, as in the Python conformance harness):
-//! - `usage I O`: reports those token counts (default 45 / 32)
-//! - `sleep S`: waits S seconds (a float) before answering
-//! - `status N`: answers with status N (same JSON body)
-//! - `hold` anywhere: waits at least 0.3 s
-//! - `nosession` anywhere: leaves `session_id` out of the answer
-//! - `close`: drops the connection without answering
-//! - `garbage`: writes bytes that are not HTTP and closes
-//! - `badusage negative|string|missing`: usage with -5 tokens, with strings, or none at all
-//! - `big N`: pads the answer with N bytes
-//!
-//! It answers `{"response": "<name>: <message>", "session_id": ..., "usage": {...}}` and records
-//! every request it received.
+//! What it answers is steered by a typed [`Script`] in the request's `message` (see
+//! `script.rs`); any other message gets the default answer
+//! `{"response": "<name>: <message>", "session_id": ..., "usage": 45 / 32}`. It records every
+//! request it received.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -22,6 +13,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+
+use super::script::{BadUsage, Ending, Script};
 
 /// One request as the worker received it.
 #[derive(Debug, Clone)]
@@ -59,6 +52,8 @@ struct Shared {
     finished: AtomicUsize,
     stopping: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
+    /// Scripts the worker could not follow: each fails the test.
+    script_errors: Mutex<Vec<String>>,
 }
 
 pub struct Worker {
@@ -154,6 +149,13 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.stop();
+        let errors = self.shared.script_errors.lock().unwrap().clone();
+        if !errors.is_empty() && !std::thread::panicking() {
+            panic!(
+                "worker {} was sent scripts it cannot follow: {errors:?}",
+                self.name
+            );
+        }
     }
 }
 
@@ -230,7 +232,7 @@ fn serve_connection(stream: TcpStream, name: &str, shared: &Shared) {
             body: body.clone(),
             raw_body,
         });
-        let keep_going = answer(&mut out, name, &body);
+        let keep_going = answer(&mut out, name, &body, shared);
         shared.finished.fetch_add(1, Ordering::SeqCst);
         if !keep_going || closes {
             let _ = out.shutdown(Shutdown::Both);
@@ -239,67 +241,70 @@ fn serve_connection(stream: TcpStream, name: &str, shared: &Shared) {
     }
 }
 
-/// Writes the answer `body` asks for; false when the connection must end.
-fn answer(out: &mut TcpStream, name: &str, body: &Value) -> bool {
+/// Writes the answer the message's script asks for; false when the connection must end.
+fn answer(out: &mut TcpStream, name: &str, body: &Value, shared: &Shared) -> bool {
     let message = match &body["message"] {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
         other => other.to_string(),
     };
-    let words: Vec<&str> = message.split_whitespace().collect();
-    let first = words.first().copied().unwrap_or("");
-    let arg = |i: usize| words.get(i).copied().unwrap_or("");
-    let (mut input, mut output, mut status, mut sleep_s) = (45i64, 32i64, 200u16, 0f64);
-    match first {
-        "usage" => {
-            input = arg(1).parse().unwrap_or(input);
-            output = arg(2).parse().unwrap_or(output);
+    let script = match Script::parse(&message) {
+        Ok(script) => script.unwrap_or_default(),
+        Err(problem) => {
+            // The test wrote a script the worker cannot follow: fail it, loudly.
+            shared.script_errors.lock().unwrap().push(problem.clone());
+            return write_answer(out, 500, &json!({ "script_error": problem }));
         }
-        "sleep" => sleep_s = arg(1).parse().unwrap_or(0.0),
-        "status" => status = arg(1).parse().unwrap_or(200),
-        "close" => return false,
-        "garbage" => {
+    };
+    match script.ending {
+        Some(Ending::Close) => return false,
+        Some(Ending::Garbage) => {
             let _ = out.write_all(b"\x00\x01 not http at all\r\n\r\n");
             let _ = out.flush();
             return false;
         }
-        _ => {}
+        None => {}
     }
-    if words.contains(&"hold") {
+    let mut sleep_s = script.sleep.unwrap_or(0.0);
+    if script.hold {
         sleep_s = sleep_s.max(0.3);
     }
     if sleep_s > 0.0 {
         std::thread::sleep(Duration::from_secs_f64(sleep_s));
     }
+    let (input, output) = script.usage.unwrap_or((45, 32));
     let mut resp = json!({
         "response": format!("{name}: {message}"),
         "usage": {"input_tokens": input, "output_tokens": output, "total_tokens": input + output},
     });
-    if first == "badusage" {
-        match arg(1) {
-            "negative" => {
-                resp["usage"] = json!({"input_tokens": -5, "output_tokens": 3, "total_tokens": -2})
-            }
-            "string" => {
-                resp["usage"] =
-                    json!({"input_tokens": "12", "output_tokens": "3", "total_tokens": "15"})
-            }
-            _ => {
-                resp.as_object_mut().unwrap().remove("usage");
-            }
+    match script.bad_usage {
+        Some(BadUsage::Negative) => {
+            resp["usage"] = json!({"input_tokens": -5, "output_tokens": 3, "total_tokens": -2})
         }
+        Some(BadUsage::Strings) => {
+            resp["usage"] =
+                json!({"input_tokens": "12", "output_tokens": "3", "total_tokens": "15"})
+        }
+        Some(BadUsage::Missing) => {
+            resp.as_object_mut().unwrap().remove("usage");
+        }
+        None => {}
     }
-    if first == "big" {
-        let n: usize = arg(1).parse().unwrap_or(0);
-        resp["padding"] = Value::String("x".repeat(n));
+    if let Some(bytes) = script.padding {
+        resp["padding"] = Value::String("x".repeat(bytes));
     }
-    if !words.contains(&"nosession") {
+    if !script.no_session {
         resp["session_id"] = match &body["session_id"] {
             Value::String(s) if !s.is_empty() => Value::String(s.clone()),
             _ => Value::String("sess_worker_made".into()),
         };
     }
-    let data = serde_json::to_vec(&resp).unwrap();
+    write_answer(out, script.status.unwrap_or(200), &resp)
+}
+
+/// Writes one JSON answer; false when the connection broke.
+fn write_answer(out: &mut TcpStream, status: u16, body: &Value) -> bool {
+    let data = serde_json::to_vec(body).unwrap();
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         reason(status),
@@ -338,20 +343,47 @@ fn the_mock_worker_answers_as_its_message_says() {
             ),
         )
     };
-    let r = ask(r#"{"message": "usage 3 4", "session_id": "s1"}"#);
+    let message = |script: Script| json!({"message": script.to_string()}).to_string();
+    let r =
+        ask(&json!({"message": Script::usage(3, 4).to_string(), "session_id": "s1"}).to_string());
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json(),
-        json!({"response": "w7: usage 3 4", "session_id": "s1",
+        json!({"response": format!("w7: {}", Script::usage(3, 4)), "session_id": "s1",
                "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}})
     );
-    let r = ask(r#"{"message": "status 503 nosession"}"#);
+    let r = ask(&message(Script {
+        status: Some(503),
+        no_session: true,
+        ..Script::default()
+    }));
     assert_eq!(r.status, 503);
     assert!(r.json().get("session_id").is_none());
-    let r = ask(r#"{"message": "badusage missing"}"#);
+    let r = ask(&message(Script::bad_usage(BadUsage::Missing)));
     assert!(r.json().get("usage").is_none());
     assert_eq!(r.json()["session_id"], "sess_worker_made");
-    assert_eq!(w.count(), 3);
+    let r = ask(r#"{"message": "hi"}"#);
+    assert_eq!(r.json()["response"], "w7: hi");
+    assert_eq!(w.count(), 4);
     assert_eq!(w.last().path, "/x");
     assert_eq!(w.last().header("content-type"), Some("application/json"));
+}
+
+#[test]
+#[should_panic(expected = "scripts it cannot follow")]
+fn a_script_the_worker_cannot_follow_fails_the_test() {
+    let w = Worker::start("w8");
+    let port: u16 = w.addr().rsplit(':').next().unwrap().parse().unwrap();
+    let r = super::raw::send(
+        port,
+        &super::raw::request(
+            "POST",
+            "/x",
+            &[("Content-Type", "application/json")],
+            br#"{"message": "worker: sleeep 1"}"#,
+        ),
+    );
+    assert_eq!(r.status, 500, "the worker says what it could not follow");
+    assert!(r.body.contains("sleeep"), "{}", r.body);
+    drop(w);
 }
