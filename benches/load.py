@@ -6,9 +6,11 @@ with one worker thread, loaded in turn by wrk over keep-alive connections on loo
 Rounds are interleaved and the medians reported: throughput, latency percentiles, and CPU
 time per call of the proxy process (from /proc, so it does not depend on what else runs).
 
-Usage: benches/load.py [--seconds 10] [--connections 32] [--rounds 3] [--redis]
+Usage: benches/load.py [--seconds 10] [--connections 32] [--rounds 3] [--redis] [--compare BINARY]
 --redis adds Turnpike on the Redis store (its own redis-server on a free port, on core 1) and
 reports the Redis commands per call from INFO commandstats over its runs.
+--compare adds another turnpike binary (an earlier build, say) on the embedded store, so a
+change is measured against what it changes in the same run.
 Needs wrk and nginx (installed with apt-get when missing).
 """
 import argparse
@@ -169,6 +171,7 @@ def main():
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--redis", action="store_true", help="also run Turnpike on a Redis store")
+    ap.add_argument("--compare", metavar="BINARY", help="also run this turnpike binary on the embedded store")
     args = ap.parse_args()
     ensure_tools()
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "turnpike", "--example", "passthrough"],
@@ -176,6 +179,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="turnpike-load-")
     worker_port, nginx_port, pass_port, tp_port, admin_port = (free_port() for _ in range(5))
     redis_port, tpr_port, tpr_admin_port = (free_port() for _ in range(3))
+    cmp_port, cmp_admin_port, cmpr_port, cmpr_admin_port = (free_port() for _ in range(4))
     lua = post_lua(tmp)
     os.makedirs(os.path.join(tmp, "policies"))
     with open(os.path.join(tmp, "policies", "bench.yaml"), "w") as f:
@@ -196,6 +200,11 @@ keys:
     with open(os.path.join(tmp, "turnpike-redis.yaml"), "w") as f:
         f.write(config + f'listen: "127.0.0.1:{tpr_port}"\nadmin: {{listen: "127.0.0.1:{tpr_admin_port}"}}\n'
                 f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n')
+    with open(os.path.join(tmp, "turnpike-compare.yaml"), "w") as f:
+        f.write(config + f'listen: "127.0.0.1:{cmp_port}"\nadmin: {{listen: "127.0.0.1:{cmp_admin_port}"}}\n')
+    with open(os.path.join(tmp, "turnpike-compare-redis.yaml"), "w") as f:
+        f.write(config + f'listen: "127.0.0.1:{cmpr_port}"\nadmin: {{listen: "127.0.0.1:{cmpr_admin_port}"}}\n'
+                f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n')
     procs = [
         upstream(tmp, worker_port),
     ]
@@ -210,15 +219,25 @@ keys:
         "turnpike": (subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
                                        os.path.join(tmp, "turnpike.yaml")], stderr=subprocess.DEVNULL), tp_port),
     }
+    if args.compare:
+        targets["turnpike-compare"] = (
+            subprocess.Popen([*PROXY_CPU, os.path.abspath(args.compare), "serve", "--config",
+                              os.path.join(tmp, "turnpike-compare.yaml")], stderr=subprocess.DEVNULL), cmp_port)
     if args.redis:
         redis_dir = os.path.join(tmp, "redis")
         os.makedirs(redis_dir)
-        procs.append(subprocess.Popen([*LOAD_CPU, "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                                       "--save", "", "--dir", redis_dir], stdout=subprocess.DEVNULL))
+        redis = subprocess.Popen([*LOAD_CPU, "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                  "--save", "", "--dir", redis_dir], stdout=subprocess.DEVNULL)
+        procs.append(redis)
         wait_port(redis_port)
         targets["turnpike-redis"] = (
             subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
                               os.path.join(tmp, "turnpike-redis.yaml")], stderr=subprocess.DEVNULL), tpr_port)
+        if args.compare:
+            targets["turnpike-compare-redis"] = (
+                subprocess.Popen([*PROXY_CPU, os.path.abspath(args.compare), "serve", "--config",
+                                  os.path.join(tmp, "turnpike-compare-redis.yaml")], stderr=subprocess.DEVNULL),
+                cmpr_port)
     procs += [p for p, _ in targets.values()]
     path = f"/v1/agents/{AGENT}/chat"
     results = {name: [] for name in targets}
@@ -231,8 +250,12 @@ keys:
         for _ in range(args.rounds):
             for name, (proc, port) in targets.items():
                 before = cpu_seconds(proc.pid)
+                redis_before = cpu_seconds(redis.pid) if args.redis else 0
                 r = run_wrk(port, path, args.seconds, args.connections, lua)
-                r["cpu_us_per_call"] = (cpu_seconds(proc.pid) - before) / max(r["requests"], 1) * 1e6
+                calls = max(r["requests"], 1)
+                r["cpu_us_per_call"] = (cpu_seconds(proc.pid) - before) / calls * 1e6
+                if args.redis:
+                    r["redis_us_per_call"] = (cpu_seconds(redis.pid) - redis_before) / calls * 1e6
                 if r.get("non2xx"):
                     print(f"warning: {name} answered {r['non2xx']} non-2xx", file=sys.stderr)
                 results[name].append(r)
@@ -245,19 +268,30 @@ keys:
     print(f"\n{args.rounds} rounds x {args.seconds}s, wrk -t1 -c{args.connections}, one proxy thread each, "
           f"{pinning}; medians\n")
 
-    print(f"{'proxy':<22}{'req/s':>10}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'CPU us/call':>13}")
+    redis_column = f"{'Redis us/call':>15}" if args.redis else ""
+    print(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'CPU us/call':>13}{redis_column}")
     for name in targets:
-        print(f"{name:<22}{med(name, lambda r: r['rps']):>10.0f}{med(name, lambda r: r['latency']['50%']):>10.0f}"
+        redis_cpu = (f"{med(name, lambda r: r['redis_us_per_call']):>15.1f}" if "redis" in name else
+                     f"{'':>15}" if args.redis else "")
+        print(f"{name:<24}{med(name, lambda r: r['rps']):>10.0f}{med(name, lambda r: r['latency']['50%']):>10.0f}"
               f"{med(name, lambda r: r['latency']['90%']):>10.0f}{med(name, lambda r: r['latency']['99%']):>10.0f}"
-              f"{med(name, lambda r: r['cpu_us_per_call']):>13.1f}")
+              f"{med(name, lambda r: r['cpu_us_per_call']):>13.1f}{redis_cpu}")
     cpu = {name: med(name, lambda r: r["cpu_us_per_call"]) for name in targets}
     print(f"\nCPU per call: turnpike / passthrough = {cpu['turnpike'] / cpu['pingora-passthrough']:.2f}x, "
           f"passthrough / nginx = {cpu['pingora-passthrough'] / cpu['nginx']:.2f}x, "
           f"turnpike / nginx = {cpu['turnpike'] / cpu['nginx']:.2f}x")
+    if args.compare:
+        print(f"turnpike / {args.compare} = {cpu['turnpike'] / cpu['turnpike-compare']:.2f}x CPU per call, "
+              f"{med('turnpike', lambda r: r['rps']) / med('turnpike-compare', lambda r: r['rps']):.2f}x req/s")
+    if args.compare and args.redis:
+        print(f"on Redis: turnpike / {args.compare} = "
+              f"{cpu['turnpike-redis'] / cpu['turnpike-compare-redis']:.2f}x CPU per call, "
+              f"{med('turnpike-redis', lambda r: r['rps']) / med('turnpike-compare-redis', lambda r: r['rps']):.2f}x "
+              f"req/s, {med('turnpike-redis', lambda r: r['redis_us_per_call']) / med('turnpike-compare-redis', lambda r: r['redis_us_per_call']):.2f}x Redis CPU per call")
     if args.redis:
         print(f"turnpike on Redis / passthrough = {cpu['turnpike-redis'] / cpu['pingora-passthrough']:.2f}x "
               "(Turnpike's own CPU; Redis runs on core 1)")
-        calls = sum(r["requests"] for r in results["turnpike-redis"])
+        calls = sum(r["requests"] for name in results if "redis" in name for r in results[name])
         print(f"\nRedis commands per call over {calls} calls (INFO commandstats):")
         for cmd in sorted(stats_after):
             n = stats_after[cmd] - stats_before.get(cmd, 0)

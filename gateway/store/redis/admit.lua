@@ -3,28 +3,24 @@
 -- now, then everything is taken or nothing is. Time is this server's TIME, so gateway
 -- instances with skewed clocks agree. prelude.lua comes first.
 --
--- The calling convention; protocol.rs holds its own copy to these tables in a test.
-local ARGS = { 'mode', 'call_id', 'lease_ms', 'reserve', 'scope_count' }
-local SCOPE_ARGS = { 'enforce', 'requests_rate', 'requests_period', 'requests_burst',
-  'tokens_rate', 'tokens_period', 'tokens_burst', 'concurrency' }
-local REPLY = { 'outcome', 'slots', 'scope', 'bucket', 'retry_ms', 'has_quota', 'limit',
-  'remaining', 'reset', 'shadow_count' }
-local OUTCOME = { rate_limited = 0, admitted = 1, broke = 2, peeked = 3 }
-local BUCKET = { requests = 1, tokens = 2, concurrency = 3 }
--- ARGV: ARGS, then SCOPE_ARGS for each of scope_count scopes. reserve -1: unpriced; enforce
---   1 | 0 (shadow); a rate of 0: no such bucket; concurrency 0: no limit.
--- KEYS: [account hash, reservation leases] when priced, then per scope its limiter hash and
---   its in-flight lease set.
--- Reply: REPLY's fields in order (absent ones 0), then shadow_count pairs (scope, bucket).
---   slots: bitmask of the scopes holding a slot (admitted); scope (1-based), bucket and
---   retry_ms: the refusal (rate_limited).
+-- The calling convention, which protocol.rs holds to these lines in a test: the arguments,
+-- in order, then the same eight for each of scope_count scopes.
+local mode, call_id, lease_ms, reserve, scope_count = unpack(ARGV, 1, 5)
+local SCOPE_ARGS = 8
+-- reserve -1: unpriced; enforce 1 | 0 (shadow); a rate of 0: no such bucket; concurrency 0:
+-- no limit. KEYS: [account hash, reservation leases] when priced, then per scope its
+-- limiter hash and its in-flight lease set.
+-- Reply: the fields `reply` lists, in order, then shadow_count pairs (scope, bucket). slots:
+-- bitmask of the scopes holding a slot (admitted); scope (1-based), bucket and retry_ms: the
+-- refusal (rate limited).
+local RATE_LIMITED, ADMITTED, BROKE, PEEKED = 0, 1, 2, 3
+local REQUESTS, TOKENS, CONCURRENCY = 1, 2, 3
 local CONCURRENCY_RETRY_MS = 1000
 
-local arg = named(ARGS, 0)
-local mode, call_id = arg.mode, arg.call_id
-local lease_until = now + tonumber(arg.lease_ms)
-local reserve = tonumber(arg.reserve)
-local scope_count = tonumber(arg.scope_count)
+local lease_until = now + tonumber(lease_ms)
+local reserve_amount = reserve
+reserve = tonumber(reserve)
+scope_count = tonumber(scope_count)
 local priced = reserve >= 0
 local first_scope_key = priced and 3 or 1
 
@@ -49,14 +45,16 @@ local scopes = {}
 local refusal = nil
 local shadow = {}
 for i = 1, scope_count do
-  local a = named(SCOPE_ARGS, #ARGS + (i - 1) * #SCOPE_ARGS)
+  local at = 5 + (i - 1) * SCOPE_ARGS
+  local enforce, requests_rate, requests_period, requests_burst,
+    tokens_rate, tokens_period, tokens_burst, concurrency = unpack(ARGV, at + 1, at + SCOPE_ARGS)
   local s = {
     limiter = KEYS[first_scope_key + (i - 1) * 2],
     inflight = KEYS[first_scope_key + (i - 1) * 2 + 1],
-    enforce = a.enforce == '1',
-    requests = bucket_spec(a, 'requests'),
-    tokens = bucket_spec(a, 'tokens'),
-    concurrency = tonumber(a.concurrency),
+    enforce = enforce == '1',
+    requests = bucket_spec(requests_rate, requests_period, requests_burst),
+    tokens = bucket_spec(tokens_rate, tokens_period, tokens_burst),
+    concurrency = tonumber(concurrency),
   }
   scopes[i] = s
   local state = redis.call('HMGET', s.limiter, 'rl', 'ru', 'tl', 'tu')
@@ -64,17 +62,17 @@ for i = 1, scope_count do
   local wait
   if s.requests then
     s.rl, s.ru, wait = judged(state[1], state[2], s.requests)
-    if wait then denials[#denials + 1] = { BUCKET.requests, wait } end
+    if wait then denials[#denials + 1] = { REQUESTS, wait } end
   end
   if s.tokens then
     s.tl, s.tu, wait = judged(state[3], state[4], s.tokens)
-    if wait then denials[#denials + 1] = { BUCKET.tokens, wait } end
+    if wait then denials[#denials + 1] = { TOKENS, wait } end
   end
   if s.concurrency > 0 and mode == 'admit' then
     -- Slots are leases: one a crashed instance never gave back expires by itself.
     redis.call('ZREMRANGEBYSCORE', s.inflight, '-inf', now)
     if redis.call('ZCARD', s.inflight) >= s.concurrency then
-      denials[#denials + 1] = { BUCKET.concurrency, CONCURRENCY_RETRY_MS }
+      denials[#denials + 1] = { CONCURRENCY, CONCURRENCY_RETRY_MS }
     end
   end
   for _, d in ipairs(denials) do
@@ -86,23 +84,24 @@ for i = 1, scope_count do
   end
 end
 
--- The enforced request bucket with the fewest tokens left, for the RateLimit-* headers.
-local function tightest(fields)
+-- The enforced request bucket with the fewest tokens left, for the RateLimit-* headers:
+-- has_quota (1 | 0), limit, remaining, reset.
+local function tightest()
+  local best = nil
   for _, s in ipairs(scopes) do
     if s.enforce and s.requests then
       local limit, remaining, reset = quota(s.rl, s.requests)
-      if fields.has_quota ~= 1 or remaining < fields.remaining then
-        fields.has_quota, fields.limit, fields.remaining, fields.reset = 1, limit, remaining, reset
-      end
+      if best == nil or remaining < best[3] then best = { 1, limit, remaining, reset } end
     end
   end
+  if best == nil then return 0, 0, 0, 0 end
+  return best[1], best[2], best[3], best[4]
 end
 
-local function reply(fields)
-  tightest(fields)
-  fields.shadow_count = #shadow
-  local out = {}
-  for i, name in ipairs(REPLY) do out[i] = fields[name] or 0 end
+local function reply(outcome, slots, scope, bucket, retry_ms)
+  local has_quota, limit, remaining, reset = tightest()
+  local shadow_count = #shadow
+  local out = { outcome, slots, scope, bucket, retry_ms, has_quota, limit, remaining, reset, shadow_count }
   for _, hit in ipairs(shadow) do
     out[#out + 1] = hit[1]
     out[#out + 1] = hit[2]
@@ -110,7 +109,7 @@ local function reply(fields)
   return out
 end
 
-if mode == 'peek' then return reply({ outcome = OUTCOME.peeked }) end
+if mode == 'peek' then return reply(PEEKED, 0, 0, 0, 0) end
 
 -- The same call admitted before (a client library resending after a lost answer) takes
 -- nothing twice: its reservation or its slots are the sign.
@@ -122,11 +121,10 @@ for i, s in ipairs(scopes) do
     seen_before = true
   end
 end
-if seen_before then return reply({ outcome = OUTCOME.admitted, slots = slots_before }) end
+if seen_before then return reply(ADMITTED, slots_before, 0, 0, 0) end
 
 if refusal then
-  return reply({ outcome = OUTCOME.rate_limited, scope = refusal.scope,
-    bucket = refusal.bucket, retry_ms = math.min(refusal.retry_ms, EXACT) })
+  return reply(RATE_LIMITED, 0, refusal.scope, refusal.bucket, math.min(refusal.retry_ms, EXACT))
 end
 
 if priced then
@@ -138,10 +136,10 @@ if priced then
   end
   local balance = redis.call('HMGET', account, 'balance', 'reserved')
   local free = (tonumber(balance[1]) or 0) - (tonumber(balance[2]) or 0)
-  if free < reserve then return reply({ outcome = OUTCOME.broke }) end
+  if free < reserve then return reply(BROKE, 0, 0, 0, 0) end
   if reserve > 0 then
-    redis.call('HINCRBY', account, 'reserved', arg.reserve)
-    redis.call('HSET', account, 'held:' .. call_id, arg.reserve)
+    redis.call('HINCRBY', account, 'reserved', reserve_amount)
+    redis.call('HSET', account, 'held:' .. call_id, reserve_amount)
     redis.call('ZADD', leases, lease_until, call_id)
   end
 end
@@ -163,4 +161,4 @@ for i, s in ipairs(scopes) do
     slots = slots + 2 ^ (i - 1)
   end
 end
-return reply({ outcome = OUTCOME.admitted, slots = slots })
+return reply(ADMITTED, slots, 0, 0, 0)

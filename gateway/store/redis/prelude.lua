@@ -1,5 +1,5 @@
 -- Shared by admit.lua and settle.lua (prepended to each): the clock, the token-bucket
--- arithmetic of turnpike_core::limits, named arguments, and giving back a reservation. Levels
+-- arithmetic of turnpike_core::limits, bucket specs, and giving back a reservation. Levels
 -- are in units where one token is `period` units, so refill is an exact integer; doubles
 -- count exactly below 2^53.
 local t = redis.call('TIME')
@@ -22,20 +22,11 @@ local function refilled(level, updated, b)
   return math.min(level + elapsed * b.rate, capacity(b)), math.max(now, updated)
 end
 
--- The arguments `names` lists, by name, from ARGV[offset + 1] on: protocol.rs sends them in
--- that order.
-local function named(names, offset)
-  local args = {}
-  for i, name in ipairs(names) do args[name] = ARGV[offset + i] end
-  return args
-end
-
--- The `kind` bucket ('requests' or 'tokens') of a scope's named arguments; rate 0: none.
-local function bucket_spec(args, kind)
-  local rate = tonumber(args[kind .. '_rate'])
+-- A bucket spec from its rate, period and burst arguments; a rate of 0: no such bucket.
+local function bucket_spec(rate, period, burst)
+  rate = tonumber(rate)
   if rate == 0 then return nil end
-  return { rate = rate, period = tonumber(args[kind .. '_period']),
-    burst = tonumber(args[kind .. '_burst']) }
+  return { rate = rate, period = tonumber(period), burst = tonumber(burst) }
 end
 
 -- Gives back call `id`'s reservation, if it still holds one, and ends its lease. Amounts stay

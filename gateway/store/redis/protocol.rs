@@ -1,7 +1,7 @@
 //! How Rust and the Lua scripts talk: the scripts, their arguments by name and in order, and
-//! their replies decoded by name. Each script declares the same names in tables at its top
-//! (`ARGS`, `SCOPE_ARGS`, `REPLY`, ...) and reads its arguments through them; a test holds
-//! the two copies to each other, so a field added on one side only fails the build's tests.
+//! their replies decoded by name. Each script binds its arguments to locals of the same names
+//! in one `unpack(ARGV, ...)` at its top, and declares its reply and codes by the same names;
+//! a test holds the two copies to each other, so a field added on one side only fails it.
 
 use turnpike_core::limits::{BucketKind, BucketSpec, Quota};
 use turnpike_core::usage::Usage;
@@ -35,14 +35,14 @@ pub const ADMIT_REPLY: [&str; 10] = [
     "reset",
     "shadow_count",
 ];
-/// admit.lua's `OUTCOME` codes.
+/// admit.lua's outcome codes (`RATE_LIMITED`, ...).
 pub const OUTCOMES: [(&str, i64); 4] = [
     ("rate_limited", 0),
     ("admitted", 1),
     ("broke", 2),
     ("peeked", 3),
 ];
-/// admit.lua's `BUCKET` codes.
+/// admit.lua's bucket codes (`REQUESTS`, ...).
 pub const BUCKETS: [(&str, i64); 3] = [("requests", 1), ("tokens", 2), ("concurrency", 3)];
 
 /// settle.lua's arguments, then [`SETTLE_SCOPE_ARGS`] once per scope.
@@ -75,7 +75,7 @@ pub const SETTLE_SCOPE_ARGS: [&str; 7] = [
     "requests_period",
     "requests_burst",
 ];
-/// settle.lua's `SETTLED` codes: what its reply means.
+/// settle.lua's reply codes (`ALREADY`, `APPLIED`).
 pub const SETTLED: [(&str, i64); 2] = [("already", 0), ("applied", 1)];
 pub const SETTLED_APPLIED: i64 = SETTLED[1].1;
 

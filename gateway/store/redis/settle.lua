@@ -3,27 +3,22 @@
 -- Idempotent: the first run sets a marker for the call id; a second run changes nothing.
 -- prelude.lua comes first.
 --
--- The calling convention; protocol.rs holds its own copy to these tables in a test.
-local ARGS = { 'call_id', 'marker_ttl_ms', 'refund', 'account_side', 'cost', 'metered',
-  'input_tokens', 'output_tokens', 'total_tokens', 'key_id', 'agent', 'account', 'stream',
-  'stream_maxlen', 'request_id', 'session_id', 'status', 'scope_count' }
-local SCOPE_ARGS = { 'holds_slot', 'tokens_rate', 'tokens_period', 'tokens_burst',
-  'requests_rate', 'requests_period', 'requests_burst' }
-local SETTLED = { already = 0, applied = 1 }
--- ARGV: ARGS, then SCOPE_ARGS for each of scope_count scopes; flags are 1 | 0; the requests
---   bucket is sent only to refund a request token.
--- KEYS: marker; [account hash, reservation leases, usage hash] when account_side;
---   [usage stream] when stream; then per scope its limiter hash and in-flight set.
--- Reply: SETTLED.applied, or SETTLED.already when the marker was there.
-local arg = named(ARGS, 0)
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', arg.marker_ttl_ms) then
-  return SETTLED.already
-end
+-- The calling convention, which protocol.rs holds to these lines in a test: the arguments,
+-- in order, then the same seven for each of scope_count scopes. Flags are 1 | 0; the
+-- requests bucket is sent only to refund a request token. KEYS: marker; [account hash,
+-- reservation leases, usage hash] when account_side; [usage stream] when stream; then per
+-- scope its limiter hash and in-flight set.
+local call_id, marker_ttl_ms, refund, account_side, cost, metered, input_tokens,
+  output_tokens, total_tokens, key_id, agent, account, stream, stream_maxlen, request_id,
+  session_id, status, scope_count = unpack(ARGV, 1, 18)
+local SCOPE_ARGS = 7
+-- Reply: APPLIED, or ALREADY when the marker was there.
+local ALREADY, APPLIED = 0, 1
 
-local call_id = arg.call_id
-local cost = tonumber(arg.cost)
-local metered = arg.metered == '1'
-local total = tonumber(arg.total_tokens)
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', marker_ttl_ms) then return ALREADY end
+
+local charge = tonumber(cost)
+local total = tonumber(total_tokens)
 
 local next_key = 2
 local function take_key()
@@ -32,41 +27,44 @@ local function take_key()
   return k
 end
 
-if arg.account_side == '1' then
-  local account, leases, usage = take_key(), take_key(), take_key()
+if account_side == '1' then
+  local account_hash, leases, usage = take_key(), take_key(), take_key()
   -- The reservation is given back unless its lease already expired and gave it back.
-  release_held(account, leases, call_id)
-  if cost > 0 then redis.call('HINCRBY', account, 'balance', '-' .. arg.cost) end
-  if metered then
-    local row = '\31' .. arg.key_id .. '\31' .. arg.agent
+  release_held(account_hash, leases, call_id)
+  if charge > 0 then redis.call('HINCRBY', account_hash, 'balance', '-' .. cost) end
+  if metered == '1' then
+    local row = '\31' .. key_id .. '\31' .. agent
     redis.call('HINCRBY', usage, 'requests' .. row, 1)
-    redis.call('HINCRBY', usage, 'input_tokens' .. row, arg.input_tokens)
-    redis.call('HINCRBY', usage, 'output_tokens' .. row, arg.output_tokens)
-    redis.call('HINCRBY', usage, 'total_tokens' .. row, arg.total_tokens)
-    redis.call('HINCRBY', usage, 'cost' .. row, arg.cost)
+    redis.call('HINCRBY', usage, 'input_tokens' .. row, input_tokens)
+    redis.call('HINCRBY', usage, 'output_tokens' .. row, output_tokens)
+    redis.call('HINCRBY', usage, 'total_tokens' .. row, total_tokens)
+    redis.call('HINCRBY', usage, 'cost' .. row, cost)
   end
 end
 
-if arg.stream == '1' and metered then
-  redis.call('XADD', take_key(), 'MAXLEN', '~', arg.stream_maxlen, '*',
-    'request_id', arg.request_id, 'time_ms', int(now), 'account', arg.account,
-    'key_id', arg.key_id, 'agent', arg.agent, 'session_id', arg.session_id,
-    'status', arg.status, 'input_tokens', arg.input_tokens,
-    'output_tokens', arg.output_tokens, 'total_tokens', arg.total_tokens, 'cost', arg.cost)
+if stream == '1' and metered == '1' then
+  redis.call('XADD', take_key(), 'MAXLEN', '~', stream_maxlen, '*',
+    'request_id', request_id, 'time_ms', int(now), 'account', account,
+    'key_id', key_id, 'agent', agent, 'session_id', session_id,
+    'status', status, 'input_tokens', input_tokens,
+    'output_tokens', output_tokens, 'total_tokens', total_tokens, 'cost', cost)
 end
 
-for i = 1, tonumber(arg.scope_count) do
-  local a = named(SCOPE_ARGS, #ARGS + (i - 1) * #SCOPE_ARGS)
+for i = 1, tonumber(scope_count) do
+  local at = 18 + (i - 1) * SCOPE_ARGS
+  local holds_slot, tokens_rate, tokens_period, tokens_burst,
+    requests_rate, requests_period, requests_burst = unpack(ARGV, at + 1, at + SCOPE_ARGS)
   local limiter, inflight = take_key(), take_key()
-  if a.holds_slot == '1' then redis.call('ZREM', inflight, call_id) end
-  local tokens, requests = bucket_spec(a, 'tokens'), bucket_spec(a, 'requests')
-  if tokens and metered and total > 0 then
+  if holds_slot == '1' then redis.call('ZREM', inflight, call_id) end
+  local tokens = bucket_spec(tokens_rate, tokens_period, tokens_burst)
+  local requests = bucket_spec(requests_rate, requests_period, requests_burst)
+  if tokens and metered == '1' and total > 0 then
     local state = redis.call('HMGET', limiter, 'tl', 'tu')
     local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), tokens)
     level = math.max(level - total * tokens.period, -EXACT)
     redis.call('HSET', limiter, 'tl', int(level), 'tu', int(updated))
   end
-  if arg.refund == '1' and requests then
+  if refund == '1' and requests then
     -- Gives back the request token the refused admission took.
     local state = redis.call('HMGET', limiter, 'rl', 'ru')
     local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), requests)
@@ -74,4 +72,4 @@ for i = 1, tonumber(arg.scope_count) do
       'ru', int(updated))
   end
 end
-return SETTLED.applied
+return APPLIED

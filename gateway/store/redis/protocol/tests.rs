@@ -3,37 +3,40 @@
 use super::*;
 use std::collections::HashMap;
 
-/// The items of `local <name> = { ... }` in a script: quoted names, or `name = number`.
-fn lua_table(script: &str, name: &str) -> Vec<(String, Option<i64>)> {
-    let start = script
-        .find(&format!("local {name} = {{"))
-        .unwrap_or_else(|| panic!("no table {name}"));
-    let body = &script[start..];
-    let body = &body[body.find('{').unwrap() + 1..body.find('}').unwrap()];
-    body.split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-        .map(|item| match item.split_once('=') {
-            Some((key, value)) => (key.trim().to_owned(), value.trim().parse().ok()),
-            None => (item.trim_matches('\'').to_owned(), None),
-        })
-        .collect()
+/// The text of `script` from `start` to the first `end` after it, both included.
+fn statement<'a>(script: &'a str, start: &str, end: &str) -> &'a str {
+    let at = script
+        .find(start)
+        .unwrap_or_else(|| panic!("no `{start}` in the script"));
+    let rest = &script[at..];
+    &rest[..rest.find(end).expect("the statement's end") + end.len()]
 }
 
-fn names(script: &str, table: &str) -> Vec<String> {
-    lua_table(script, table)
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect()
-}
-
-fn codes(script: &str, table: &str) -> Vec<(String, i64)> {
-    let mut codes: Vec<(String, i64)> = lua_table(script, table)
-        .into_iter()
-        .map(|(n, c)| (n, c.expect("a code")))
+/// The names `local a, b, c = unpack(ARGV, FROM, TO)` binds, and its `FROM, TO`.
+fn unpacked(script: &str, first: &str) -> (Vec<String>, String) {
+    let text = statement(script, &format!("local {first}, "), ")");
+    let (names, call) = text.split_once('=').unwrap();
+    let names = names["local".len()..]
+        .split(',')
+        .map(|n| n.trim().to_owned())
         .collect();
-    codes.sort_by_key(|(_, c)| *c);
-    codes
+    let range = call
+        .trim()
+        .strip_prefix("unpack(ARGV, ")
+        .unwrap()
+        .trim_end_matches(')');
+    (names, range.to_owned())
+}
+
+/// `local A, B = 0, 1` as `[("a", 0), ("b", 1)]`.
+fn constants(script: &str, first: &str) -> Vec<(String, i64)> {
+    let text = statement(script, &format!("local {first}, "), "\n");
+    let (names, values) = text["local".len()..].split_once('=').unwrap();
+    names
+        .split(',')
+        .zip(values.split(','))
+        .map(|(n, v)| (n.trim().to_lowercase(), v.trim().parse().expect("a code")))
+        .collect()
 }
 
 fn owned<const N: usize>(names: [&str; N]) -> Vec<String> {
@@ -46,28 +49,59 @@ fn owned_codes<const N: usize>(codes: [(&str, i64); N]) -> Vec<(String, i64)> {
 
 #[test]
 fn the_scripts_declare_the_same_protocol_as_rust() {
-    assert_eq!(names(ADMIT_LUA, "ARGS"), owned(ADMIT_ARGS));
-    assert_eq!(names(ADMIT_LUA, "SCOPE_ARGS"), owned(ADMIT_SCOPE_ARGS));
-    assert_eq!(names(ADMIT_LUA, "REPLY"), owned(ADMIT_REPLY));
-    assert_eq!(codes(ADMIT_LUA, "OUTCOME"), owned_codes(OUTCOMES));
-    assert_eq!(codes(ADMIT_LUA, "BUCKET"), owned_codes(BUCKETS));
-    assert_eq!(names(SETTLE_LUA, "ARGS"), owned(SETTLE_ARGS));
-    assert_eq!(names(SETTLE_LUA, "SCOPE_ARGS"), owned(SETTLE_SCOPE_ARGS));
-    assert_eq!(codes(SETTLE_LUA, "SETTLED"), owned_codes(SETTLED));
+    let (names, range) = unpacked(ADMIT_LUA, "mode");
+    assert_eq!(
+        (names, range),
+        (owned(ADMIT_ARGS), format!("1, {}", ADMIT_ARGS.len()))
+    );
+    let (names, range) = unpacked(ADMIT_LUA, "enforce");
+    assert_eq!(
+        (names, range.as_str()),
+        (owned(ADMIT_SCOPE_ARGS), "at + 1, at + SCOPE_ARGS")
+    );
+    assert!(ADMIT_LUA.contains(&format!("local SCOPE_ARGS = {}\n", ADMIT_SCOPE_ARGS.len())));
+    assert!(ADMIT_LUA.contains(&format!(
+        "local at = {} + (i - 1) * SCOPE_ARGS",
+        ADMIT_ARGS.len()
+    )));
+    let reply = statement(ADMIT_LUA, "local out = {", "}");
+    let fields: Vec<String> = reply[reply.find('{').unwrap() + 1..reply.find('}').unwrap()]
+        .split(',')
+        .map(|f| f.trim().to_owned())
+        .collect();
+    assert_eq!(fields, owned(ADMIT_REPLY));
+    assert_eq!(constants(ADMIT_LUA, "RATE_LIMITED"), owned_codes(OUTCOMES));
+    assert_eq!(constants(ADMIT_LUA, "REQUESTS"), owned_codes(BUCKETS));
+
+    let (names, range) = unpacked(SETTLE_LUA, "call_id");
+    assert_eq!(
+        (names, range),
+        (owned(SETTLE_ARGS), format!("1, {}", SETTLE_ARGS.len()))
+    );
+    let (names, range) = unpacked(SETTLE_LUA, "holds_slot");
+    assert_eq!(
+        (names, range.as_str()),
+        (owned(SETTLE_SCOPE_ARGS), "at + 1, at + SCOPE_ARGS")
+    );
+    assert!(SETTLE_LUA.contains(&format!("local SCOPE_ARGS = {}\n", SETTLE_SCOPE_ARGS.len())));
+    assert!(SETTLE_LUA.contains(&format!(
+        "local at = {} + (i - 1) * SCOPE_ARGS",
+        SETTLE_ARGS.len()
+    )));
+    assert_eq!(constants(SETTLE_LUA, "ALREADY"), owned_codes(SETTLED));
     assert_eq!(code_name(&SETTLED, SETTLED_APPLIED), Some("applied"));
 }
 
 #[test]
-fn the_scripts_read_arguments_only_by_name() {
+fn the_scripts_read_arguments_only_through_their_named_locals() {
     for script in [ADMIT_LUA, SETTLE_LUA] {
-        let positional: Vec<&str> = script
+        let reads: Vec<&str> = script
             .lines()
-            .filter(|l| l.contains("ARGV[") && !l.trim_start().starts_with("--"))
+            .filter(|l| l.contains("ARGV") && !l.trim_start().starts_with("--"))
+            .map(|l| l.split("unpack(ARGV, ").nth(1).unwrap_or(l))
             .collect();
-        assert_eq!(
-            positional,
-            ["  for i, name in ipairs(names) do args[name] = ARGV[offset + i] end"]
-        );
+        assert_eq!(reads.len(), 2, "{reads:?}");
+        assert!(reads.iter().all(|r| !r.contains("ARGV")), "{reads:?}");
     }
 }
 
