@@ -141,7 +141,7 @@ fn decision_core(c: &mut Criterion) {
 
 fn response_side(c: &mut Criterion) {
     let answer = br#"{"response":"Our support team is available 9am-5pm, Monday to Friday.","session_id":"sess_customer_jane_001","usage":{"input_tokens":45,"output_tokens":32,"total_tokens":77}}"#;
-    c.bench_function("metering::read_answer", |b| {
+    c.bench_function("usage::read_answer", |b| {
         b.iter(|| read_answer(black_box(answer)))
     });
 }

@@ -116,7 +116,7 @@ fn a_connect_failure_is_retried_on_another_endpoint() {
     let dead = format!("127.0.0.1:{}", free_port());
     let gw = TestGateway::builder().endpoint(&dead).worker(&w).start();
     for i in 0..10 {
-        let r = gw.chat(AGENT, gw.jane(), &format!("call {i}"));
+        let r = gw.chat(AGENT, gw.jane(), format!("call {i}"));
         assert_eq!(r.status, 200, "call {i}: {}", r.body);
     }
     assert_eq!(w.count(), 10);
