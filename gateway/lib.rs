@@ -1,8 +1,9 @@
 //! Turnpike: an authenticating, rate-limiting, metering reverse proxy for agent backends.
 //!
 //! The decision core is its own crate, `turnpike_core` (plain Rust, no I/O). This crate is
-//! the rest, in layers that only ever use the ones above them in this list (a test,
-//! `layers_point_one_way`, holds every `use crate::...` to it):
+//! the rest, in layers. A module may use only the modules listed before it in `LAYERS`
+//! (`gateway/layers.rs`, the same order as here), and no modules, at any depth, name each
+//! other in a circle; the tests there hold every `crate::` and `super::` path to that:
 //!
 //! 1. `clock`, `headers`, `logging`, `metrics`, `policy_diff`: leaves.
 //! 2. `config`: the files operators write, compiled into runtime types.

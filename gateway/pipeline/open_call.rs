@@ -1,7 +1,8 @@
 //! An admitted call's hold on the store — its reservation and concurrency slots — until it
 //! is settled, exactly once. [`OpenCall::settle`] consumes it; an `OpenCall` dropped
-//! unsettled (a panic, a cancelled task) settles itself in the background, without a charge,
-//! so no slot or reservation is ever kept by a call that is gone.
+//! unsettled (a panic, a cancelled task) settles itself in the background: released without
+//! a charge, or, when its settlement had begun, with that settlement's charge. No slot or
+//! reservation is ever kept by a call that is gone, and no charge is lost by a cut-short one.
 
 use std::sync::Arc;
 
@@ -28,10 +29,19 @@ pub struct Hold {
     pub reservation: Reservation,
 }
 
+/// What a settlement under way charges, kept so that one cut short is finished the same way.
+#[derive(Clone, Copy, Default)]
+struct Charge {
+    usage: Option<Usage>,
+    cost: i64,
+    worker_status: u16,
+}
+
 pub struct OpenCall {
     store: Arc<dyn CallStore>,
     clock: Clock,
     hold: Hold,
+    charge: Charge,
     settled: bool,
 }
 
@@ -41,6 +51,7 @@ impl OpenCall {
             store,
             clock,
             hold,
+            charge: Charge::default(),
             settled: false,
         }
     }
@@ -48,28 +59,28 @@ impl OpenCall {
     /// Settles the call: charged for `usage` (a complete 2xx answer's valid usage) at the
     /// agent's prices, or, without usage, only released. Returns what it was charged.
     pub async fn settle(mut self, usage: Option<Usage>, worker_status: u16) -> i64 {
-        let hold = &self.hold;
-        let charge = match (usage, hold.agent.pricing.as_ref()) {
+        let cost = match (usage, self.hold.agent.pricing.as_ref()) {
             (Some(usage), Some(pricing)) => cost(&usage, pricing),
             _ => 0,
         };
-        let settlement = Settlement {
+        // Recorded first: were this future dropped while the store works, `drop` sends the
+        // same settlement again, and the store applies whichever arrives first, once.
+        self.charge = Charge {
             usage,
-            cost: charge,
-            status: worker_status,
-            ..hold.release(self.clock.now_ms())
+            cost,
+            worker_status,
         };
+        let settlement = self.hold.settlement(&self.charge, self.clock.now_ms());
         self.store.settle(&settlement).await;
-        // Only now: were this future dropped while the store worked, `drop` would still
-        // release (a settlement already applied makes the release a no-op).
         self.settled = true;
-        charge
+        cost
     }
 }
 
 impl Hold {
-    /// The settlement that gives back what admission took and charges nothing.
-    fn release(&self, now_ms: u64) -> Settlement<'_> {
+    /// The settlement of this call: it gives back what admission took and charges `charge`
+    /// (nothing, by default).
+    fn settlement(&self, charge: &Charge, now_ms: u64) -> Settlement<'_> {
         Settlement {
             call_id: &self.call_id,
             key_id: &self.key.id,
@@ -78,12 +89,12 @@ impl Hold {
             key_policy: self.key_policy.as_deref(),
             agent_policy: self.agent.policy.as_deref(),
             reservation: self.reservation,
-            usage: None,
-            cost: 0,
+            usage: charge.usage,
+            cost: charge.cost,
             now_ms,
             request_id: &self.request_id,
             session_id: &self.session_id,
-            status: 0,
+            status: charge.worker_status,
         }
     }
 }
@@ -96,10 +107,17 @@ impl Drop for OpenCall {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        tracing::warn!(request_id = %self.hold.request_id, "call ended unsettled; releasing its reservation");
-        let (store, clock, hold) = (Arc::clone(&self.store), self.clock, self.hold.clone());
+        tracing::warn!(request_id = %self.hold.request_id, "call ended unsettled; settling it in the background");
+        let (store, clock, hold, charge) = (
+            Arc::clone(&self.store),
+            self.clock,
+            self.hold.clone(),
+            self.charge,
+        );
         runtime.spawn(async move {
-            store.settle(&hold.release(clock.now_ms())).await;
+            store
+                .settle(&hold.settlement(&charge, clock.now_ms()))
+                .await;
         });
     }
 }
@@ -196,5 +214,129 @@ mod tests {
             "released, not charged"
         );
         assert!(admit("call_c").await.is_ok(), "the slot is free again");
+    }
+
+    /// The real store, except that the first settlement never finishes: as if the task
+    /// running it were cancelled while Redis worked.
+    struct FirstSettleStalls {
+        store: MemoryStore,
+        stalled: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl CallStore for FirstSettleStalls {
+        async fn key(
+            &self,
+            hash: &turnpike_core::keys::KeyHash,
+        ) -> Result<Option<Arc<KeyRecord>>, crate::store::StoreError> {
+            self.store.key(hash).await
+        }
+
+        async fn admit(
+            &self,
+            call: &Admission<'_>,
+        ) -> Result<
+            Result<turnpike_core::admission::Admitted, turnpike_core::admission::Refusal>,
+            crate::store::StoreError,
+        > {
+            self.store.admit(call).await
+        }
+
+        async fn quota(
+            &self,
+            call: &Admission<'_>,
+        ) -> Result<Option<turnpike_core::limits::Quota>, crate::store::StoreError> {
+            self.store.quota(call).await
+        }
+
+        async fn settle(&self, call: &Settlement<'_>) {
+            if !self.stalled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.store.settle(call).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_settlement_cut_short_is_finished_with_its_charge() {
+        let store = Arc::new(FirstSettleStalls {
+            store: MemoryStore::new(),
+            stalled: Default::default(),
+        });
+        let account = AccountSeed {
+            id: "acct".into(),
+            balance: 100,
+        };
+        store.store.seed(&[], &[account]).await.unwrap();
+        let pricing = Pricing {
+            input_per_mtok: 1_000_000,
+            output_per_mtok: 1_000_000,
+            reserve: 10,
+        };
+        let agent = Arc::new(Agent {
+            id: "ag_priced".into(),
+            pool: "pool".into(),
+            policy: None,
+            pricing: Some(pricing),
+        });
+        let key = Arc::new(KeyRecord {
+            id: "key_1".into(),
+            account: "acct".into(),
+            agents: AgentScope::All,
+            policy: String::new(),
+            expires_at: None,
+            revoked: false,
+        });
+        let admission = Admission {
+            call_id: "call_a",
+            key_id: &key.id,
+            account: &key.account,
+            agent: &agent.id,
+            key_policy: None,
+            agent_policy: None,
+            pricing: Some(&pricing),
+            now_ms: 0,
+            lease_ms: 60_000,
+        };
+        let admitted = store.admit(&admission).await.unwrap().unwrap();
+        let open = OpenCall::new(
+            store.clone(),
+            Clock::start(),
+            Hold {
+                call_id: "call_a".into(),
+                request_id: "req_a".into(),
+                session_id: "s".into(),
+                key: Arc::clone(&key),
+                agent: Arc::clone(&agent),
+                key_policy: None,
+                reservation: admitted.reservation,
+            },
+        );
+        let usage = Usage {
+            input_tokens: 3,
+            output_tokens: 4,
+            total_tokens: 7,
+        };
+        let cut_short = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            open.settle(Some(usage), 200),
+        )
+        .await;
+        assert!(cut_short.is_err(), "the first settlement stalls");
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let account = store.store.balance("acct").await.unwrap().unwrap();
+        assert_eq!(
+            (account.balance, account.reserved),
+            (93, 0),
+            "settled in the background with its charge"
+        );
+        let used = store
+            .store
+            .usage(&crate::store::UsageFilter::default())
+            .await
+            .unwrap();
+        assert_eq!((used.requests, used.total_tokens, used.cost), (1, 7, 7));
     }
 }
