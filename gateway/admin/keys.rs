@@ -69,11 +69,8 @@ async fn validate_new_key(services: &Services, request: NewKey) -> Result<KeyRec
     if let Some((_, problem)) = unknown.into_iter().next() {
         return Err(refused("agents", problem));
     }
-    if request.policy.is_empty() {
-        // A key made through the API always has a policy; only the config file may leave
-        // a key unlimited.
-        return Err(refused("policy", KeyProblem::UnknownPolicy(String::new())));
-    }
+    // A key made through the API always names a policy; only the config file may leave a
+    // key unlimited.
     validate::policy(&request.policy, |p| config.policies.contains_key(p))
         .map_err(|problem| refused("policy", problem))?;
     let account_known = services

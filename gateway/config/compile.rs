@@ -336,9 +336,12 @@ fn compile_keys(
             };
             report.error(field, problem);
         }
+        // A config key may name no policy: it is then not rate limited.
         let policy = spec.policy.unwrap_or_default();
-        if let Err(problem) = validate::policy(&policy, |n| policies.names.contains(n)) {
-            report.error(format!("{key}.policy"), problem);
+        if !policy.is_empty() {
+            if let Err(problem) = validate::policy(&policy, |n| policies.names.contains(n)) {
+                report.error(format!("{key}.policy"), problem);
+            }
         }
         let expires_at = spec.expires_at.as_deref().and_then(|text| {
             validate::expires_at(text)

@@ -61,9 +61,9 @@ pub fn agent_scope(
     }
 }
 
-/// A key's policy must be defined (an empty name means none).
+/// The policy a key names must be defined.
 pub fn policy(name: &str, policy_exists: impl Fn(&str) -> bool) -> Result<(), KeyProblem> {
-    if name.is_empty() || policy_exists(name) {
+    if policy_exists(name) {
         Ok(())
     } else {
         Err(KeyProblem::UnknownPolicy(name.to_owned()))

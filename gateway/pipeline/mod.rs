@@ -93,14 +93,15 @@ async fn run(
         .await
         .map_err(Refused::plain)?;
     // From here on the caller is known: every refusal carries its `RateLimit-*` numbers.
-    let admitted = match admit(services, snapshot, session, &caller, request_id, record).await {
-        Ok(admitted) => admitted,
-        Err(Refused { error, quota: None }) => {
-            let quota = admit::peek_quota(services, snapshot, &caller).await;
-            return Err(Refused { error, quota });
-        }
-        Err(refused) => return Err(refused),
-    };
+    let admitted =
+        match admit_caller(services, snapshot, session, &caller, request_id, record).await {
+            Ok(admitted) => admitted,
+            Err(Refused { error, quota: None }) => {
+                let quota = admit::peek_quota(services, snapshot, &caller).await;
+                return Err(Refused { error, quota });
+            }
+            Err(refused) => return Err(refused),
+        };
     let limits = &snapshot.config.limits;
     let answer = forward::forward(services, session, &admitted, limits, request_id, record)
         .await
@@ -121,7 +122,7 @@ async fn run(
 }
 
 /// Everything up to and including the store's admission.
-async fn admit<'s>(
+async fn admit_caller<'s>(
     services: &Services,
     snapshot: &'s Snapshot,
     session: &mut Session,

@@ -125,95 +125,119 @@ impl Drop for OpenCall {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use turnpike_core::admission::Admission;
+    use turnpike_core::admission::{Admission, Admitted, Refusal};
     use turnpike_core::billing::Pricing;
-    use turnpike_core::keys::AgentScope;
+    use turnpike_core::keys::{AgentScope, KeyHash};
+    use turnpike_core::limits::Quota;
 
     use crate::config::AccountSeed;
-    use crate::store::{AdminStore, MemoryStore};
+    use crate::store::{AdminStore, MemoryStore, StoreError, UsageFilter};
+
+    /// One key of account `acct` calling one priced agent, with or without a key policy.
+    struct Caller {
+        key: Arc<KeyRecord>,
+        agent: Arc<Agent>,
+        policy: Option<Arc<Policy>>,
+    }
+
+    impl Caller {
+        fn new(pricing: Pricing, policy: Option<Policy>) -> Self {
+            let policy = policy.map(Arc::new);
+            Self {
+                key: Arc::new(KeyRecord {
+                    id: "key_1".into(),
+                    account: "acct".into(),
+                    agents: AgentScope::All,
+                    policy: policy.as_ref().map_or(String::new(), |p| p.name.clone()),
+                    expires_at: None,
+                    revoked: false,
+                }),
+                agent: Arc::new(Agent {
+                    id: "ag_priced".into(),
+                    pool: "pool".into(),
+                    policy: None,
+                    pricing: Some(pricing),
+                }),
+                policy,
+            }
+        }
+
+        fn admission<'a>(&'a self, call_id: &'a str) -> Admission<'a> {
+            Admission {
+                call_id,
+                key_id: &self.key.id,
+                account: &self.key.account,
+                agent: &self.agent.id,
+                key_policy: self.policy.as_deref(),
+                agent_policy: None,
+                pricing: self.agent.pricing.as_ref(),
+                now_ms: 0,
+                lease_ms: 60_000,
+            }
+        }
+
+        /// Admits `call_id` on `store` and returns the call's open hold on it.
+        async fn open(&self, store: Arc<dyn CallStore>, call_id: &str) -> OpenCall {
+            let admitted = store.admit(&self.admission(call_id)).await.unwrap();
+            let hold = Hold {
+                call_id: call_id.into(),
+                request_id: "req_a".into(),
+                session_id: "s".into(),
+                key: Arc::clone(&self.key),
+                agent: Arc::clone(&self.agent),
+                key_policy: self.policy.clone(),
+                reservation: admitted.expect("admitted").reservation,
+            };
+            OpenCall::new(store, Clock::start(), hold)
+        }
+    }
+
+    async fn with_account(store: &MemoryStore, balance: i64) {
+        let account = AccountSeed {
+            id: "acct".into(),
+            balance,
+        };
+        store.seed(&[], &[account]).await.unwrap();
+    }
+
+    /// Lets the tasks a drop spawned run.
+    async fn let_background_work_run() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
 
     #[tokio::test]
     async fn a_call_dropped_while_admitted_gives_back_its_reservation_and_slot() {
         let store = Arc::new(MemoryStore::new());
-        let account = AccountSeed {
-            id: "acct".into(),
-            balance: 10,
-        };
-        store.seed(&[], &[account]).await.unwrap();
-        let policy = Arc::new(Policy {
+        with_account(&store, 10).await;
+        let one_at_a_time = Policy {
             name: "one_at_a_time".into(),
             requests: None,
             tokens: None,
             concurrency: Some(1),
             mode: Default::default(),
-        });
-        let agent = Arc::new(Agent {
-            id: "ag_priced".into(),
-            pool: "pool".into(),
-            policy: None,
-            pricing: Some(Pricing {
-                input_per_mtok: 1,
-                output_per_mtok: 1,
-                reserve: 10,
-            }),
-        });
-        let key = Arc::new(KeyRecord {
-            id: "key_1".into(),
-            account: "acct".into(),
-            agents: AgentScope::All,
-            policy: "one_at_a_time".into(),
-            expires_at: None,
-            revoked: false,
-        });
-        let admit = |call_id: &'static str| {
-            let (store, key, agent, policy) = (
-                Arc::clone(&store),
-                Arc::clone(&key),
-                Arc::clone(&agent),
-                Arc::clone(&policy),
-            );
-            async move {
-                let admission = Admission {
-                    call_id,
-                    key_id: &key.id,
-                    account: &key.account,
-                    agent: &agent.id,
-                    key_policy: Some(&policy),
-                    agent_policy: None,
-                    pricing: agent.pricing.as_ref(),
-                    now_ms: 0,
-                    lease_ms: 60_000,
-                };
-                store.admit(&admission).await.unwrap()
-            }
         };
-        let admitted = admit("call_a").await.expect("the first call is admitted");
-        assert!(admit("call_b").await.is_err(), "slot and balance are held");
+        let pricing = Pricing {
+            input_per_mtok: 1,
+            output_per_mtok: 1,
+            reserve: 10,
+        };
+        let caller = Caller::new(pricing, Some(one_at_a_time));
+        let open = caller.open(store.clone(), "call_a").await;
+        let refused = store.admit(&caller.admission("call_b")).await.unwrap();
+        assert!(refused.is_err(), "slot and balance are held");
 
-        let open = OpenCall::new(
-            store.clone(),
-            Clock::start(),
-            Hold {
-                call_id: "call_a".into(),
-                request_id: "req_a".into(),
-                session_id: "s".into(),
-                key: Arc::clone(&key),
-                agent: Arc::clone(&agent),
-                key_policy: Some(Arc::clone(&policy)),
-                reservation: admitted.reservation,
-            },
-        );
         drop(open);
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-        }
+        let_background_work_run().await;
         let account = store.balance("acct").await.unwrap().unwrap();
         assert_eq!(
             (account.balance, account.reserved),
             (10, 0),
             "released, not charged"
         );
-        assert!(admit("call_c").await.is_ok(), "the slot is free again");
+        let again = store.admit(&caller.admission("call_c")).await.unwrap();
+        assert!(again.is_ok(), "the slot is free again");
     }
 
     /// The real store, except that the first settlement never finishes: as if the task
@@ -225,27 +249,18 @@ mod tests {
 
     #[async_trait::async_trait]
     impl CallStore for FirstSettleStalls {
-        async fn key(
-            &self,
-            hash: &turnpike_core::keys::KeyHash,
-        ) -> Result<Option<Arc<KeyRecord>>, crate::store::StoreError> {
+        async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
             self.store.key(hash).await
         }
 
         async fn admit(
             &self,
             call: &Admission<'_>,
-        ) -> Result<
-            Result<turnpike_core::admission::Admitted, turnpike_core::admission::Refusal>,
-            crate::store::StoreError,
-        > {
+        ) -> Result<Result<Admitted, Refusal>, StoreError> {
             self.store.admit(call).await
         }
 
-        async fn quota(
-            &self,
-            call: &Admission<'_>,
-        ) -> Result<Option<turnpike_core::limits::Quota>, crate::store::StoreError> {
+        async fn quota(&self, call: &Admission<'_>) -> Result<Option<Quota>, StoreError> {
             self.store.quota(call).await
         }
 
@@ -263,55 +278,15 @@ mod tests {
             store: MemoryStore::new(),
             stalled: Default::default(),
         });
-        let account = AccountSeed {
-            id: "acct".into(),
-            balance: 100,
-        };
-        store.store.seed(&[], &[account]).await.unwrap();
+        with_account(&store.store, 100).await;
         let pricing = Pricing {
             input_per_mtok: 1_000_000,
             output_per_mtok: 1_000_000,
             reserve: 10,
         };
-        let agent = Arc::new(Agent {
-            id: "ag_priced".into(),
-            pool: "pool".into(),
-            policy: None,
-            pricing: Some(pricing),
-        });
-        let key = Arc::new(KeyRecord {
-            id: "key_1".into(),
-            account: "acct".into(),
-            agents: AgentScope::All,
-            policy: String::new(),
-            expires_at: None,
-            revoked: false,
-        });
-        let admission = Admission {
-            call_id: "call_a",
-            key_id: &key.id,
-            account: &key.account,
-            agent: &agent.id,
-            key_policy: None,
-            agent_policy: None,
-            pricing: Some(&pricing),
-            now_ms: 0,
-            lease_ms: 60_000,
-        };
-        let admitted = store.admit(&admission).await.unwrap().unwrap();
-        let open = OpenCall::new(
-            store.clone(),
-            Clock::start(),
-            Hold {
-                call_id: "call_a".into(),
-                request_id: "req_a".into(),
-                session_id: "s".into(),
-                key: Arc::clone(&key),
-                agent: Arc::clone(&agent),
-                key_policy: None,
-                reservation: admitted.reservation,
-            },
-        );
+        let open = Caller::new(pricing, None)
+            .open(store.clone(), "call_a")
+            .await;
         let usage = Usage {
             input_tokens: 3,
             output_tokens: 4,
@@ -323,20 +298,14 @@ mod tests {
         )
         .await;
         assert!(cut_short.is_err(), "the first settlement stalls");
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-        }
+        let_background_work_run().await;
         let account = store.store.balance("acct").await.unwrap().unwrap();
         assert_eq!(
             (account.balance, account.reserved),
             (93, 0),
             "settled in the background with its charge"
         );
-        let used = store
-            .store
-            .usage(&crate::store::UsageFilter::default())
-            .await
-            .unwrap();
+        let used = store.store.usage(&UsageFilter::default()).await.unwrap();
         assert_eq!((used.requests, used.total_tokens, used.cost), (1, 7, 7));
     }
 }
