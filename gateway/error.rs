@@ -70,6 +70,8 @@ pub enum AdminProblem {
     BadEscape(String),
     /// A balance change that is not exactly one of `add` and `set`.
     BalanceChange,
+    /// An `add` that would take the balance out of the 64-bit range.
+    BalanceOverflow,
     /// The JSON parser's own account of what is wrong with the body.
     NotJson(String),
     Unreadable,
@@ -83,6 +85,9 @@ impl fmt::Display for AdminProblem {
             AdminProblem::BalanceChange => {
                 f.write_str("Send exactly one of {\"add\": n} or {\"set\": n}")
             }
+            AdminProblem::BalanceOverflow => f.write_str(
+                "The balance would leave the range of a 64-bit integer; nothing was changed",
+            ),
             AdminProblem::NotJson(detail) => write!(f, "Invalid JSON body: {detail}"),
             AdminProblem::Unreadable => f.write_str("Could not read the request body"),
         }

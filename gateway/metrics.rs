@@ -24,6 +24,7 @@ pub struct Metrics {
     pub fail_open_admissions: IntCounter,
     pub settlements_queued: IntGauge,
     pub settlements_dropped: IntCounter,
+    pub store_state_lost: IntCounter,
     pub config_reloads: IntCounterVec,
     pub usage_rejected: IntCounterVec,
     pub inflight: IntGauge,
@@ -125,7 +126,13 @@ impl Metrics {
             ),
             settlements_dropped: counter(
                 "turnpike_store_settlements_dropped_total",
-                "Settlements lost: the queue was full, or Redis refused a held one",
+                "Settlements lost: the queue was full, or Redis refused a held one for good",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            store_state_lost: counter(
+                "turnpike_store_state_lost_total",
+                "Times Redis was found to have lost its state (an empty restart) and was seeded again",
                 &[],
             )
             .with_label_values(&[] as &[&str]),

@@ -34,7 +34,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        ctx.request_id = intake::request_id(session.req_header());
+        ctx.ids.request_id = intake::request_id(session.req_header());
         Ok(())
     }
 
@@ -77,7 +77,7 @@ impl ProxyHttp for Gateway {
         } else {
             let error = ctx.record.refusal.insert(GatewayError::UpstreamUnavailable);
             let common = Common {
-                request_id: &ctx.request_id,
+                request_id: &ctx.ids.request_id,
                 quota: None,
             };
             let _ = reply::send_error(session, &common, error).await;

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::reply::{json_ok, read_json, unavailable, Answer};
 use crate::error::{AdminProblem, GatewayError};
 use crate::services::Services;
-use crate::store::{BalanceChange, UsageFilter};
+use crate::store::{BalanceChange, BalanceOutcome, UsageFilter};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,10 +38,15 @@ pub async fn balance(
         Method::GET => store.balance(account).await.map_err(unavailable)?,
         Method::POST => {
             let change = read_json::<BalanceRequest>(session).await?.change()?;
-            store
+            match store
                 .change_balance(account, change)
                 .await
                 .map_err(unavailable)?
+            {
+                BalanceOutcome::Changed(state) => Some(state),
+                BalanceOutcome::NoSuchAccount => None,
+                BalanceOutcome::WouldOverflow => return Err(AdminProblem::BalanceOverflow.into()),
+            }
         }
         _ => return Err(GatewayError::MethodNotAllowed { allow: "GET, POST" }),
     };

@@ -83,7 +83,14 @@ impl AdminApp {
 
     async fn ready(&self) -> Answer {
         match self.services.store.ping().await {
-            Ok(()) => json_ok(json!({"status": "ready"})),
+            Ok(()) => {
+                let notes = self.services.store.notes();
+                if notes.is_empty() {
+                    json_ok(json!({"status": "ready"}))
+                } else {
+                    json_ok(json!({"status": "ready", "notes": notes}))
+                }
+            }
             Err(error) => json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"status": "not ready", "store": error.to_string()}),

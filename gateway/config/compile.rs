@@ -107,6 +107,10 @@ fn compile_limits(spec: &LimitsSpec, report: &mut Report) -> Limits {
     }
 }
 
+/// Long enough for a busy Redis on a loaded machine; with one resend of a lost answer, a call
+/// waits at most twice this before the store counts as unavailable.
+const DEFAULT_STORE_TIMEOUT_MS: u64 = 250;
+
 fn compile_store(spec: StoreSpec, report: &mut Report) -> StoreConfig {
     let (urls, cluster) = match spec.url {
         None => (Vec::new(), false),
@@ -138,7 +142,7 @@ fn compile_store(spec: StoreSpec, report: &mut Report) -> StoreConfig {
             Duration::from_millis(default_ms)
         }),
     };
-    let timeout = duration("timeout", spec.timeout, 100);
+    let timeout = duration("timeout", spec.timeout, DEFAULT_STORE_TIMEOUT_MS);
     let key_cache_ttl = duration("key_cache_ttl", spec.key_cache_ttl, 1000);
     if spec.settlement_queue == Some(0) {
         report.error("store.settlement_queue", "must be a positive integer");
@@ -152,6 +156,13 @@ fn compile_store(spec: StoreSpec, report: &mut Report) -> StoreConfig {
         key_cache_ttl,
         usage_stream_maxlen: spec.usage_stream_maxlen.unwrap_or(1_000_000),
         settlement_queue: spec.settlement_queue.unwrap_or(100_000),
+        journal_dir: spec.journal_dir.map(|dir| {
+            report
+                .file
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(dir)
+        }),
     }
 }
 

@@ -96,6 +96,8 @@ pub struct StoreConfig {
     pub key_cache_ttl: Duration,
     pub usage_stream_maxlen: u64,
     pub settlement_queue: usize,
+    /// Where held settlements are journalled, resolved against the config file's directory.
+    pub journal_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

@@ -84,7 +84,8 @@ pub struct StoreSpec {
     pub url: Option<OneOrMany>,
     #[serde(default)]
     pub on_unavailable: FailMode,
-    /// Redis only: the longest any one Redis call may take (default 100ms).
+    /// Redis only: the longest any one Redis call may take (default 250ms; a call whose
+    /// answer was lost is sent once more when that is safe).
     pub timeout: Option<String>,
     /// Redis only: how long a key lookup is cached per instance (default 1s).
     pub key_cache_ttl: Option<String>,
@@ -92,6 +93,9 @@ pub struct StoreSpec {
     pub usage_stream_maxlen: Option<u64>,
     /// Redis only: settlements held while Redis is unreachable before new ones are dropped.
     pub settlement_queue: Option<usize>,
+    /// Redis only: where held settlements are journalled on disk, relative to the config
+    /// file (default: not journalled).
+    pub journal_dir: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use turnpike_core::admission::{Admission, Refusal, ShadowHit};
-use turnpike_core::ids::new_call_id;
 use turnpike_core::limits::{retry_after_secs, Quota};
 
+use super::ctx::CallIds;
 use super::intake::{Authenticated, Caller, Chat};
 use super::open_call::{Hold, OpenCall};
 use super::reply::Refused;
@@ -33,12 +33,11 @@ pub async fn admit<'s>(
     services: &Services,
     caller: Caller<'s>,
     chat: Chat,
-    request_id: &str,
+    ids: &CallIds,
 ) -> Result<Admitted<'s>, Refused> {
-    let call_id = new_call_id();
     let agent = &caller.route.agent;
     let admission = Admission {
-        call_id: &call_id,
+        call_id: &ids.call_id,
         key_id: &caller.key.id,
         account: &caller.key.account,
         agent: &agent.id,
@@ -62,8 +61,8 @@ pub async fn admit<'s>(
             count_shadow(metrics, &agent.id, &admitted.shadow_hits);
             let store: Arc<dyn CallStore> = services.store.clone();
             let hold = Hold {
-                call_id,
-                request_id: request_id.to_owned(),
+                call_id: ids.call_id.clone(),
+                request_id: ids.request_id.clone(),
                 session_id: chat.session_id.clone(),
                 key: Arc::clone(&caller.key),
                 agent: Arc::clone(agent),

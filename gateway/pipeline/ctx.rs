@@ -6,6 +6,7 @@ use prometheus::IntGauge;
 use std::sync::Arc;
 use std::time::Instant;
 
+use turnpike_core::ids::new_call_id;
 use turnpike_core::keys::KeyRecord;
 use turnpike_core::usage::Usage;
 
@@ -15,10 +16,19 @@ use crate::metrics::NO_AGENT;
 
 pub struct RequestCtx {
     pub started: Instant,
-    /// Echoed to the client and sent to the worker; set as the head arrives.
-    pub request_id: String,
+    pub ids: CallIds,
     pub record: CallRecord,
     _inflight: Inflight,
+}
+
+/// A call's two ids. Both reach the worker and every usage record.
+pub struct CallIds {
+    /// The client's `X-Request-Id` (or one made up), for correlation: echoed to the client,
+    /// set as the head arrives. A client may send the same one twice.
+    pub request_id: String,
+    /// The gateway's own, unique per call: the store settles each once, the worker gets it
+    /// as `Idempotency-Key`, billing de-duplicates on it.
+    pub call_id: String,
 }
 
 /// What the end of a call reports, filled in by the stage that learns each part; a part no
@@ -45,7 +55,10 @@ impl RequestCtx {
     pub fn new(inflight: &IntGauge) -> Self {
         Self {
             started: Instant::now(),
-            request_id: String::new(),
+            ids: CallIds {
+                request_id: String::new(),
+                call_id: new_call_id(),
+            },
             record: CallRecord::default(),
             _inflight: Inflight::count(inflight),
         }

@@ -36,7 +36,8 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
         .map_or((0, 0), |u| (u.input_tokens, u.output_tokens));
     tracing::info!(
         target: "access",
-        request_id = %ctx.request_id,
+        call_id = %ctx.ids.call_id,
+        request_id = %ctx.ids.request_id,
         agent,
         key_id = record.key.as_ref().map_or("", |k| k.id.as_str()),
         account = record.key.as_ref().map_or("", |k| k.account.as_str()),

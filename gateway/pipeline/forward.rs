@@ -4,7 +4,7 @@ use pingora::proxy::Session;
 use std::time::Instant;
 
 use super::admit::Admitted;
-use super::ctx::CallRecord;
+use super::ctx::{CallIds, CallRecord};
 use crate::config::Limits;
 use crate::error::GatewayError;
 use crate::services::Services;
@@ -18,12 +18,13 @@ pub async fn forward(
     session: &Session,
     call: &Admitted<'_>,
     limits: &Limits,
-    request_id: &str,
+    ids: &CallIds,
     record: &mut CallRecord,
 ) -> Result<WorkerAnswer, GatewayError> {
     let (route, key) = (call.caller.route, &call.caller.key);
     let who = Identity {
-        request_id,
+        request_id: &ids.request_id,
+        call_id: &ids.call_id,
         agent_id: &route.agent.id,
         session_id: &call.chat.session_id,
         key_id: &key.id,
@@ -36,7 +37,7 @@ pub async fn forward(
     let body = &call.chat.forward_body;
     let header = outgoing_head(session.req_header(), &who, body.len(), &route.pool.config)
         .map_err(|error| {
-            tracing::error!(%request_id, %error, "cannot write the worker's request head");
+            tracing::error!(call_id = %ids.call_id, %error, "cannot write the worker's request head");
             GatewayError::UpstreamUnavailable
         })?;
     let outgoing = Outgoing {

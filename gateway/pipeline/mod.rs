@@ -33,7 +33,7 @@ use turnpike_core::limits::Quota;
 use turnpike_core::usage::Usage;
 
 use self::admit::Admitted;
-use self::ctx::{CallRecord, RequestCtx};
+use self::ctx::{CallIds, CallRecord, RequestCtx};
 use self::intake::Authenticated;
 use self::meter::MeteredAnswer;
 use self::reply::{Common, Refused};
@@ -54,18 +54,11 @@ pub async fn serve(
     ctx: &mut RequestCtx,
 ) -> pingora::Result<()> {
     let snapshot = services.snapshot();
-    let outcome = run(
-        services,
-        &snapshot,
-        session,
-        &ctx.request_id,
-        &mut ctx.record,
-    )
-    .await;
+    let outcome = run(services, &snapshot, session, &ctx.ids, &mut ctx.record).await;
     match outcome {
         Ok(Answered { answer, quota }) => {
             let common = Common {
-                request_id: &ctx.request_id,
+                request_id: &ctx.ids.request_id,
                 quota,
             };
             reply::send_answer(session, &common, answer).await
@@ -74,7 +67,7 @@ pub async fn serve(
             // Recorded first, so the access log has it even if the client is gone.
             let error = ctx.record.refusal.insert(error);
             let common = Common {
-                request_id: &ctx.request_id,
+                request_id: &ctx.ids.request_id,
                 quota,
             };
             reply::send_error(session, &common, error).await
@@ -86,24 +79,23 @@ async fn run(
     services: &Services,
     snapshot: &Snapshot,
     session: &mut Session,
-    request_id: &str,
+    ids: &CallIds,
     record: &mut CallRecord,
 ) -> Result<Answered, Refused> {
     let caller = intake::authenticate(services, snapshot, session.req_header(), record)
         .await
         .map_err(Refused::plain)?;
     // From here on the caller is known: every refusal carries its `RateLimit-*` numbers.
-    let admitted =
-        match admit_caller(services, snapshot, session, &caller, request_id, record).await {
-            Ok(admitted) => admitted,
-            Err(Refused { error, quota: None }) => {
-                let quota = admit::peek_quota(services, snapshot, &caller).await;
-                return Err(Refused { error, quota });
-            }
-            Err(refused) => return Err(refused),
-        };
+    let admitted = match admit_caller(services, snapshot, session, &caller, ids, record).await {
+        Ok(admitted) => admitted,
+        Err(Refused { error, quota: None }) => {
+            let quota = admit::peek_quota(services, snapshot, &caller).await;
+            return Err(Refused { error, quota });
+        }
+        Err(refused) => return Err(refused),
+    };
     let limits = &snapshot.config.limits;
-    let answer = forward::forward(services, session, &admitted, limits, request_id, record)
+    let answer = forward::forward(services, session, &admitted, limits, ids, record)
         .await
         .map(|answer| {
             let agent = &admitted.caller.route.agent.id;
@@ -127,14 +119,14 @@ async fn admit_caller<'s>(
     snapshot: &'s Snapshot,
     session: &mut Session,
     caller: &Authenticated<'s>,
-    request_id: &str,
+    ids: &CallIds,
     record: &mut CallRecord,
 ) -> Result<Admitted<'s>, Refused> {
     let caller = intake::authorize(snapshot, caller).map_err(Refused::plain)?;
     let chat = intake::read_chat(session, &snapshot.config.limits, record)
         .await
         .map_err(Refused::plain)?;
-    admit::admit(services, caller, chat, request_id).await
+    admit::admit(services, caller, chat, ids).await
 }
 
 /// Settles the call, charged for `usage` when it has one, and counts what it used.

@@ -13,7 +13,9 @@ use turnpike_core::billing::AccountState;
 use turnpike_core::keys::{KeyHash, KeyRecord};
 use turnpike_core::limits::Quota;
 
-use super::{AdminStore, BalanceChange, CallStore, StoreError, UsageFilter, UsageTotals};
+use super::{
+    AdminStore, BalanceChange, BalanceOutcome, CallStore, StoreError, UsageFilter, UsageTotals,
+};
 use crate::config::AccountSeed;
 
 /// Keys are read on every call and written rarely, so they sit in a copy-on-write map that
@@ -237,16 +239,19 @@ impl AdminStore for MemoryStore {
         &self,
         account: &str,
         change: BalanceChange,
-    ) -> Result<Option<AccountState>, StoreError> {
+    ) -> Result<BalanceOutcome, StoreError> {
         let mut ledger = self.ledger.lock();
         let Some(state) = ledger.accounts.get_mut(account) else {
-            return Ok(None);
+            return Ok(BalanceOutcome::NoSuchAccount);
         };
         state.balance = match change {
-            BalanceChange::Add(amount) => state.balance.saturating_add(amount),
+            BalanceChange::Add(amount) => match state.balance.checked_add(amount) {
+                Some(balance) => balance,
+                None => return Ok(BalanceOutcome::WouldOverflow),
+            },
             BalanceChange::Set(amount) => amount,
         };
-        Ok(Some(*state))
+        Ok(BalanceOutcome::Changed(*state))
     }
 
     async fn usage(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError> {

@@ -36,9 +36,28 @@ pub enum StoreErrorKind {
     /// Nothing was sent: the store is known to be down.
     #[error("store unreachable")]
     Unreachable,
-    /// The store answered with an error: it is up, and the operation was refused.
+    /// The store answered that it cannot do this now (out of memory, a read-only replica
+    /// after a failover, a cluster slot moving or down, loading, busy): nothing was applied,
+    /// and the same operation may succeed later.
+    #[error("store cannot do this now")]
+    Transient,
+    /// The store answered with an error that no retry can cure (a wrong type, a script
+    /// error): the operation was refused for good.
     #[error("store refused the operation")]
     Refused,
+}
+
+impl StoreErrorKind {
+    /// Whether the same operation may succeed if tried again later.
+    pub fn is_transient(self) -> bool {
+        self != StoreErrorKind::Refused
+    }
+
+    /// Whether the operation can have been applied, whole or in part (so what it took may
+    /// need giving back): a lost answer, or a script that failed half-way.
+    pub fn may_have_applied(self) -> bool {
+        matches!(self, StoreErrorKind::Unanswered | StoreErrorKind::Refused)
+    }
 }
 
 impl StoreError {
@@ -69,6 +88,15 @@ pub struct UsageFilter {
     pub account: Option<String>,
     pub key: Option<String>,
     pub agent: Option<String>,
+}
+
+/// What became of an operator's balance change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceOutcome {
+    Changed(AccountState),
+    NoSuchAccount,
+    /// The balance would leave the 64-bit range; nothing was changed.
+    WouldOverflow,
 }
 
 /// A change an operator makes to a balance.
@@ -123,17 +151,23 @@ pub trait AdminStore: Send + Sync {
     /// `None` when the account is unknown.
     async fn balance(&self, account: &str) -> Result<Option<AccountState>, StoreError>;
 
-    /// Applies `change`; `None` when the account is unknown.
+    /// Applies `change`, atomically, unless it would overflow.
     async fn change_balance(
         &self,
         account: &str,
         change: BalanceChange,
-    ) -> Result<Option<AccountState>, StoreError>;
+    ) -> Result<BalanceOutcome, StoreError>;
 
     async fn usage(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError>;
 
     /// Whether the store answers, for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// What an operator should know about the store's past, for `/readyz` (e.g. that it
+    /// lost its state and what went with it).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A whole store: what the server builds and hands to the proxy and the admin API, each of

@@ -5,14 +5,16 @@ use std::net::IpAddr;
 
 use crate::config::PoolConfig;
 use crate::headers::{
-    X_ACCOUNT_ID, X_AGENT_ID, X_FORWARDED_FOR, X_KEY_ID, X_REQUEST_ID, X_SESSION_ID,
+    IDEMPOTENCY_KEY, X_ACCOUNT_ID, X_AGENT_ID, X_FORWARDED_FOR, X_KEY_ID, X_REQUEST_ID,
+    X_SESSION_ID,
 };
 
 /// Client headers a worker never sees: credentials, identities the gateway asserts itself,
 /// and hop-by-hop headers that belong to the client's connection.
-const DROPPED_HEADERS: [&str; 16] = [
+const DROPPED_HEADERS: [&str; 17] = [
     "accept-encoding",
     "authorization",
+    "idempotency-key",
     "x-request-id",
     "x-agent-id",
     "x-session-id",
@@ -32,6 +34,8 @@ const DROPPED_HEADERS: [&str; 16] = [
 /// Who the gateway says is calling, for the worker's identity headers.
 pub struct Identity<'a> {
     pub request_id: &'a str,
+    /// Sent as `Idempotency-Key`: a worker that sees it twice is seeing one call twice.
+    pub call_id: &'a str,
     pub agent_id: &'a str,
     pub session_id: &'a str,
     pub key_id: &'a str,
@@ -74,6 +78,7 @@ pub fn outgoing_head(
     // The answer's usage must be readable: no compression between gateway and worker.
     header.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
     header.insert_header(X_REQUEST_ID, who.request_id)?;
+    header.insert_header(IDEMPOTENCY_KEY, who.call_id)?;
     header.insert_header(X_AGENT_ID, who.agent_id)?;
     header.insert_header(X_SESSION_ID, who.session_id)?;
     header.insert_header(X_KEY_ID, who.key_id)?;

@@ -160,3 +160,27 @@ fn a_free_agent_needs_no_balance() {
         }
     );
 }
+
+#[test]
+fn an_add_that_would_overflow_is_refused_and_changes_nothing() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).balance(5).start();
+    let r = gw.admin_post(
+        "/admin/accounts/acct_jane/balance",
+        &json!({"add": i64::MAX}),
+    );
+    let body = r.error(400, "invalid_request");
+    assert!(
+        body["message"].as_str().unwrap().contains("64-bit"),
+        "{body}"
+    );
+    assert_eq!(gw.balance("acct_jane").balance, 5);
+    // The largest balance there is can still be set, and added to by a negative amount.
+    gw.admin_post(
+        "/admin/accounts/acct_jane/balance",
+        &json!({"set": i64::MAX}),
+    )
+    .assert_status(200);
+    let r = gw.admin_post("/admin/accounts/acct_jane/balance", &json!({"add": -1}));
+    assert_eq!(r.json()["balance"], i64::MAX - 1);
+}

@@ -49,3 +49,28 @@ fn a_call_the_agent_limit_refuses_gives_the_key_its_token_back() {
     );
     holder(&format!("turnpike:{{agent:{AGENT}}}:limits"));
 }
+
+#[test]
+fn every_usage_entry_on_a_cluster_carries_its_own_call_id_once() {
+    let cluster = RedisCluster::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(cluster.urls()), json!({})).start();
+    for _ in 0..3 {
+        gw.call(AGENT)
+            .key(gw.jane())
+            .message("hi")
+            .header("X-Request-Id", "req-reused")
+            .send()
+            .assert_status(200);
+    }
+    assert_eq!(gw.usage_after("account=acct_jane", 3).requests, 3);
+    let entries = cluster
+        .nodes
+        .iter()
+        .map(|node| node.cli(&["XRANGE", "turnpike:usage", "-", "+"]))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let ids = crate::faults::call_ids(&entries);
+    assert_eq!(ids.len(), 3, "{entries}");
+    assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+}

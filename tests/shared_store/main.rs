@@ -9,6 +9,7 @@
 mod support;
 
 mod cluster;
+mod faults;
 mod mirror;
 mod outage;
 mod scripts;

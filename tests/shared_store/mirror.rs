@@ -285,6 +285,7 @@ fn connect(urls: Vec<String>, cluster: bool) -> (tokio::runtime::Runtime, Arc<Re
         key_cache_ttl: std::time::Duration::from_secs(1),
         usage_stream_maxlen: 1000,
         settlement_queue: 10,
+        journal_dir: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -182,3 +182,80 @@ fn a_warning_is_logged_when_redis_may_evict() {
     });
     assert!(gw.log().contains("allkeys-lru"), "{}", gw.log());
 }
+
+/// Two gateways on `redis` in `mode`; the second revokes `key_jane` once the first has
+/// served it and an admin-made key. Returns the first, the second, and the admin-made key.
+fn revoked_on_another_instance(
+    redis: &RedisServer,
+    w: &Worker,
+    mode: &str,
+) -> (TestGateway, TestGateway, String) {
+    let files = on_redis(
+        w,
+        json!(redis.url()),
+        json!({"on_unavailable": mode, "timeout": "200ms"}),
+    )
+    .write();
+    let second = files.sibling();
+    let (a, b) = (files.start(), second.start());
+    let made = a.admin_post(
+        "/admin/keys",
+        &json!({"account": "acct_jane", "agents": "*", "policy": "standard"}),
+    );
+    let made = made.json()["key"].as_str().unwrap().to_owned();
+    a.chat(AGENT, a.jane(), "hi").assert_status(200);
+    a.chat(AGENT, &made, "hi").assert_status(200);
+    let r = b.admin_delete("/admin/keys/key_jane");
+    assert!((200..300).contains(&r.status), "revoke: {}", r.status);
+    wait_until(
+        Duration::from_secs(1),
+        "the revocation reaches the first",
+        || a.chat(AGENT, a.jane(), "hi").status == 401,
+    );
+    (a, b, made)
+}
+
+#[test]
+fn under_fail_open_an_outage_keeps_revocations_and_the_keys_this_instance_knew() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let (a, b, made) = revoked_on_another_instance(&redis, &w, "fail_open");
+    redis.stop();
+    // Past the key table's freshness: everything below is served as last known.
+    std::thread::sleep(Duration::from_millis(1100));
+    for gw in [&a, &b] {
+        gw.chat(AGENT, gw.jane(), "hi")
+            .error(401, "invalid_api_key");
+    }
+    a.chat(AGENT, &made, "hi").assert_status(200);
+    a.chat(AGENT, a.bob(), "hi").assert_status(200);
+
+    redis.restart();
+    wait_until(Duration::from_secs(10), "Redis answers again", || {
+        a.open_get("/readyz").status == 200
+    });
+    a.chat(AGENT, &made, "hi").assert_status(200);
+    a.chat(AGENT, a.jane(), "hi").error(401, "invalid_api_key");
+    // The revocation outlives a restart of the instance too.
+    a.restart();
+    a.chat(AGENT, a.jane(), "hi").error(401, "invalid_api_key");
+}
+
+#[test]
+fn under_fail_closed_an_outage_serves_no_key_and_a_revoked_one_never() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let (a, _b, made) = revoked_on_another_instance(&redis, &w, "fail_closed");
+    let served = w.count();
+    redis.stop();
+    std::thread::sleep(Duration::from_millis(1100));
+    a.chat(AGENT, a.jane(), "hi")
+        .error(503, "store_unavailable");
+    a.chat(AGENT, &made, "hi").error(503, "store_unavailable");
+    assert_eq!(w.count(), served);
+    redis.restart();
+    wait_until(Duration::from_secs(10), "calls pass again", || {
+        a.chat(AGENT, &made, "hi").status == 200
+    });
+    a.chat(AGENT, a.jane(), "hi").error(401, "invalid_api_key");
+}

@@ -199,4 +199,10 @@ fn every_metered_call_is_appended_to_the_usage_stream() {
         assert_eq!(fields.get(field), Some(&value), "{field} in {entry}");
     }
     assert!(fields.contains_key("time_ms"), "{entry}");
+    assert!(
+        fields
+            .get("call_id")
+            .is_some_and(|id| id.starts_with("call_")),
+        "{entry}"
+    );
 }

@@ -8,7 +8,11 @@ use super::link::{Op, ADMIN_TIMEOUT};
 use super::names::{account_hash, usage_hash, ACCOUNTS};
 use super::protocol::Invocation;
 use super::RedisStore;
-use crate::store::{BalanceChange, StoreError, UsageFilter, UsageTotals};
+use crate::store::{BalanceChange, BalanceOutcome, StoreError, UsageFilter, UsageTotals};
+
+/// change_balance.lua's reply codes, ahead of the balance and reservation.
+const CHANGED: i64 = 1;
+const OVERFLOW: i64 = 2;
 
 impl RedisStore {
     pub(super) async fn read_balance(
@@ -31,7 +35,7 @@ impl RedisStore {
         &self,
         account: &str,
         change: BalanceChange,
-    ) -> Result<Option<AccountState>, StoreError> {
+    ) -> Result<BalanceOutcome, StoreError> {
         let (how, amount) = match change {
             BalanceChange::Add(n) => ("add", n),
             BalanceChange::Set(n) => ("set", n),
@@ -40,11 +44,18 @@ impl RedisStore {
             keys: vec![account_hash(account)],
             args: vec![how.to_owned(), amount.to_string()],
         };
-        let fields: Option<Vec<Option<i64>>> = self
+        let reply: Vec<Option<i64>> = self
             .link
             .invoke_within(Op::Admin, ADMIN_TIMEOUT, &self.balance_script, &invocation)
             .await?;
-        Ok(fields.as_deref().and_then(account_state))
+        Ok(match reply.split_first() {
+            Some((Some(CHANGED), fields)) => match account_state(fields) {
+                Some(state) => BalanceOutcome::Changed(state),
+                None => BalanceOutcome::NoSuchAccount,
+            },
+            Some((Some(OVERFLOW), _)) => BalanceOutcome::WouldOverflow,
+            _ => BalanceOutcome::NoSuchAccount,
+        })
     }
 
     pub(super) async fn sum_usage(&self, filter: &UsageFilter) -> Result<UsageTotals, StoreError> {

@@ -14,9 +14,10 @@ use crate::store::{StoreError, StoreErrorKind};
 /// What became of one side's script.
 enum SideAnswer {
     Replied(SideReply),
-    /// No usable answer; `sent`: the script may have run (and taken something).
+    /// No usable answer.
     Lost {
-        sent: bool,
+        /// The script may have run, whole or in part (and taken something).
+        may_have_run: bool,
         error: StoreError,
     },
 }
@@ -64,7 +65,9 @@ impl RedisStore {
         let error = error.unwrap_or_else(|| {
             StoreError::new(StoreErrorKind::Unanswered, "an admission answer was lost")
         });
-        if self.fail_open.enabled {
+        // Only a store that cannot answer now is worked around; one that refused the
+        // script for good (a bug or a damaged key) fails the call, whatever the mode.
+        if self.fail_open.enabled && error.kind.is_transient() {
             self.fail_open.admit(call).await
         } else {
             Err(error)
@@ -95,7 +98,7 @@ impl RedisStore {
             Ok(reply) => match split::decode_admit(side, &reply) {
                 Some(reply) => SideAnswer::Replied(reply),
                 None => SideAnswer::Lost {
-                    sent: true,
+                    may_have_run: true,
                     error: StoreError::new(
                         StoreErrorKind::Refused,
                         format!("unexpected admission reply {reply:?}"),
@@ -103,7 +106,7 @@ impl RedisStore {
                 },
             },
             Err(error) => SideAnswer::Lost {
-                sent: error.kind != StoreErrorKind::Unreachable,
+                may_have_run: error.kind.may_have_applied(),
                 error,
             },
         }
@@ -129,8 +132,14 @@ impl RedisStore {
                     agent: side.judges(Scope::Agent),
                 },
             ),
-            SideAnswer::Replied(_) | SideAnswer::Lost { sent: false, .. } => return,
-            SideAnswer::Lost { sent: true, .. } => (
+            SideAnswer::Replied(_)
+            | SideAnswer::Lost {
+                may_have_run: false,
+                ..
+            } => return,
+            SideAnswer::Lost {
+                may_have_run: true, ..
+            } => (
                 side.judges(Scope::Key),
                 side.judges(Scope::Agent),
                 Purpose::Release,

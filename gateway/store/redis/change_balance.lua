@@ -1,9 +1,14 @@
 -- An operator's change to a balance. KEYS[1]: the account hash; ARGV[1]: 'add' | 'set',
--- ARGV[2]: the amount. An unknown account: nil (nothing is created).
+-- ARGV[2]: the amount. Reply: CHANGED, balance, reserved; OVERFLOW when an add would leave
+-- the 64-bit range (Redis refuses it, and nothing changes); false for an unknown account
+-- (nothing is created).
+local CHANGED, OVERFLOW = 1, 2
 if redis.call('HEXISTS', KEYS[1], 'balance') == 0 then return false end
 if ARGV[1] == 'add' then
-  redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
+  local added = redis.pcall('HINCRBY', KEYS[1], 'balance', ARGV[2])
+  if type(added) == 'table' and added.err then return { OVERFLOW } end
 else
   redis.call('HSET', KEYS[1], 'balance', ARGV[2])
 end
-return redis.call('HMGET', KEYS[1], 'balance', 'reserved')
+local state = redis.call('HMGET', KEYS[1], 'balance', 'reserved')
+return { CHANGED, state[1], state[2] }

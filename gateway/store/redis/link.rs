@@ -43,6 +43,14 @@ impl Op {
             Op::Admin => "admin",
         }
     }
+
+    /// Whether sending the operation twice has the effect of sending it once: reads;
+    /// settlement, whose scripts mark each call id done; and admission, whose script takes
+    /// nothing twice for a call id that holds a reservation or a slot (a call that holds
+    /// neither may lose one more request token, never more). Not the operator's changes.
+    fn resend_safe(self) -> bool {
+        !matches!(self, Op::Admin)
+    }
 }
 
 /// Metric handles resolved once, so the hot path does no label lookups.
@@ -201,36 +209,47 @@ impl Link {
     }
 
     /// Runs one Redis call under the deadline, timing it and counting its failure. While
-    /// Redis counts as down, fails at once.
-    async fn run<T>(
+    /// Redis counts as down, fails at once. An operation safe to send twice ([`Op::resend_safe`])
+    /// whose answer was lost is sent once more before the failure counts: one slow reply or
+    /// one dropped connection does not fail a call.
+    async fn run<T, F>(
         &self,
         op: Op,
         deadline: Duration,
-        call: impl Future<Output = RedisResult<T>>,
-    ) -> Result<T, StoreError> {
+        call: impl Fn() -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = RedisResult<T>>,
+    {
         let metrics = &self.ops[op as usize];
         if self.is_down() {
             metrics.errors.inc();
             return Err(StoreError::new(StoreErrorKind::Unreachable, KnownDown));
         }
-        let started = Instant::now();
-        let result = tokio::time::timeout(deadline, call).await;
-        metrics.duration.observe(started.elapsed().as_secs_f64());
-        let error = match result {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(error)) if is_reply_error(&error) => {
-                // Redis answered: it is up, the command was wrong.
-                metrics.errors.inc();
-                return Err(StoreError::new(StoreErrorKind::Refused, error));
+        let attempts = if op.resend_safe() { 2 } else { 1 };
+        let mut attempt = 1;
+        let error = loop {
+            let started = Instant::now();
+            let result = tokio::time::timeout(deadline, call()).await;
+            metrics.duration.observe(started.elapsed().as_secs_f64());
+            let error = match result {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => StoreError::new(classify(&error), error),
+                Err(_) => StoreError::new(StoreErrorKind::Unanswered, NoAnswer(deadline)),
+            };
+            if error.kind != StoreErrorKind::Unanswered || attempt == attempts {
+                break error;
             }
-            Ok(Err(error)) if error.is_connection_refusal() => {
-                StoreError::new(StoreErrorKind::Unreachable, error)
-            }
-            Ok(Err(error)) => StoreError::new(StoreErrorKind::Unanswered, error),
-            Err(_) => StoreError::new(StoreErrorKind::Unanswered, NoAnswer(deadline)),
+            attempt += 1;
         };
         metrics.errors.inc();
-        self.mark_down(&error);
+        // Redis answering with an error is up; only silence counts it as down.
+        if matches!(
+            error.kind,
+            StoreErrorKind::Unanswered | StoreErrorKind::Unreachable
+        ) {
+            self.mark_down(&error);
+        }
         Err(error)
     }
 
@@ -259,7 +278,8 @@ impl Link {
         for arg in &invocation.args {
             call.arg(arg);
         }
-        self.run(op, deadline, async move {
+        let call = &call;
+        self.run(op, deadline, || async move {
             let mut conn = self.conn().await?;
             call.invoke_async(&mut conn).await
         })
@@ -273,7 +293,7 @@ impl Link {
         deadline: Duration,
         cmd: &Cmd,
     ) -> Result<T, StoreError> {
-        self.run(op, deadline, async move {
+        self.run(op, deadline, || async move {
             let mut conn = self.conn().await?;
             cmd.query_async(&mut conn).await
         })
@@ -323,11 +343,75 @@ impl Link {
     }
 }
 
-/// Whether Redis itself answered with an error (so it is up).
-fn is_reply_error(error: &redis::RedisError) -> bool {
-    !(error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || error.is_unrecoverable_error())
+/// The error codes of a Redis that cannot do something now but may soon: out of memory
+/// under `noeviction`, a replica after a failover, a cluster slot moving or down, a server
+/// loading its data, busy with a script, short of replicas, or failing to persist. Redis
+/// refuses these before a script starts, so nothing was applied.
+const TRANSIENT_CODES: [&str; 9] = [
+    "OOM",
+    "READONLY",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "LOADING",
+    "BUSY",
+    "NOREPLICAS",
+    "MISCONF",
+];
+
+/// What a failed Redis call says about the store: an error reply is transient or final by
+/// its code; a reply of the wrong shape is final; a refused connection sent nothing; any
+/// other failure (I/O, a dropped connection) may have come after Redis applied the call.
+fn classify(error: &redis::RedisError) -> StoreErrorKind {
+    if error.is_connection_refusal() {
+        return StoreErrorKind::Unreachable;
+    }
+    if let Some(code) = error.code() {
+        return reply_kind(code);
+    }
+    match error.kind() {
+        redis::ErrorKind::UnexpectedReturnType => StoreErrorKind::Refused,
+        redis::ErrorKind::ClusterConnectionNotFound => StoreErrorKind::Transient,
+        _ => StoreErrorKind::Unanswered,
+    }
+}
+
+/// An error reply's kind by its code (the reply's first word).
+fn reply_kind(code: &str) -> StoreErrorKind {
+    if TRANSIENT_CODES.contains(&code) {
+        StoreErrorKind::Transient
+    } else {
+        StoreErrorKind::Refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_replies_are_transient_or_final_by_their_code() {
+        for code in TRANSIENT_CODES {
+            assert_eq!(reply_kind(code), StoreErrorKind::Transient, "{code}");
+        }
+        for code in [
+            "ERR",
+            "WRONGTYPE",
+            "NOSCRIPT",
+            "CROSSSLOT",
+            "NOPERM",
+            "EXECABORT",
+        ] {
+            assert_eq!(reply_kind(code), StoreErrorKind::Refused, "{code}");
+        }
+    }
+
+    #[test]
+    fn failures_without_a_reply_may_have_been_applied() {
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(classify(&io), StoreErrorKind::Unanswered);
+        let refused =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(classify(&refused), StoreErrorKind::Unreachable);
+    }
 }

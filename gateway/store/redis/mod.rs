@@ -5,18 +5,22 @@
 //! - `link`: connections, deadlines, failing fast while Redis is down.
 //! - `protocol`: the scripts' arguments and replies, by name.
 //! - `names` and `split`: where state lives, and a call split into per-slot sides.
-//! - `admit`, `settle` (with `queue`), `fail_open`: the hot path and its outage behaviour.
-//! - `records` (with `cache`) and `accounts`: keys, balances and usage for the operator.
+//! - `admit`, `settle` (with `queue` and its `journal`), `fail_open`: the hot path and its
+//!   outage behaviour.
+//! - `records` (with `cache`, the last-known key table), `accounts`, and `seeding` (which
+//!   finds a Redis that lost its state and seeds it again): keys, balances and usage.
 
 mod accounts;
 mod admit;
 mod cache;
 mod fail_open;
+mod journal;
 mod link;
 mod names;
 mod protocol;
 mod queue;
 mod records;
+mod seeding;
 mod settle;
 mod split;
 
@@ -29,12 +33,16 @@ use turnpike_core::billing::AccountState;
 use turnpike_core::keys::{KeyHash, KeyRecord};
 use turnpike_core::limits::Quota;
 
-use self::cache::KeyCache;
+use self::cache::KnownKeys;
 use self::fail_open::FailOpen;
 use self::link::{Link, ADMIN_TIMEOUT};
 use self::queue::SettlementQueue;
+use self::seeding::Seeding;
 use self::split::Plan;
-use super::{AdminStore, BalanceChange, CallStore, StoreError, UsageFilter, UsageTotals};
+use super::{
+    AdminStore, BalanceChange, BalanceOutcome, CallStore, StoreError, StoreErrorKind, UsageFilter,
+    UsageTotals,
+};
 use crate::config::{AccountSeed, FailMode, StoreConfig};
 use crate::metrics::Metrics;
 
@@ -44,8 +52,11 @@ pub struct RedisStore {
     stream_maxlen: u64,
     admit_script: Script,
     settle_script: Script,
+    log_usage_script: Script,
     balance_script: Script,
-    keys: KeyCache,
+    seed_account_script: Script,
+    keys: KnownKeys,
+    seeding: Arc<Seeding>,
     fail_open: FailOpen,
     queue: SettlementQueue,
 }
@@ -60,6 +71,16 @@ impl RedisStore {
         runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Self>, StoreError> {
         let link = Link::open(config, metrics).await?;
+        let queue = SettlementQueue::open(
+            config.settlement_queue,
+            config.journal_dir.as_deref(),
+            metrics.settlements_queued.clone(),
+            metrics.settlements_dropped.clone(),
+        )
+        .map_err(|e| StoreError::new(StoreErrorKind::Refused, format!("store.journal_dir: {e}")))?;
+        if config.journal_dir.is_none() {
+            tracing::warn!("store.journal_dir is not set: settlements held while Redis is unreachable are lost if the gateway stops before it is back");
+        }
         let store = Arc::new(Self {
             link,
             plan: if config.cluster {
@@ -70,17 +91,16 @@ impl RedisStore {
             stream_maxlen: config.usage_stream_maxlen,
             admit_script: Script::new(protocol::ADMIT_LUA),
             settle_script: Script::new(protocol::SETTLE_LUA),
+            log_usage_script: Script::new(protocol::LOG_USAGE_LUA),
             balance_script: Script::new(protocol::CHANGE_BALANCE_LUA),
-            keys: KeyCache::new(config.key_cache_ttl),
+            seed_account_script: Script::new(protocol::SEED_ACCOUNT_LUA),
+            keys: KnownKeys::new(config.key_cache_ttl),
+            seeding: Arc::new(Seeding::new(metrics.store_state_lost.clone())),
             fail_open: FailOpen::new(
                 config.on_unavailable == FailMode::FailOpen,
                 metrics.fail_open_admissions.clone(),
             ),
-            queue: SettlementQueue::new(
-                config.settlement_queue,
-                metrics.settlements_queued.clone(),
-                metrics.settlements_dropped.clone(),
-            ),
+            queue,
         });
         for url in &config.urls {
             warn_if_evicting(url).await;
@@ -90,6 +110,10 @@ impl RedisStore {
             config.urls.clone(),
         ));
         runtime.spawn(settle::flush_held_settlements(Arc::downgrade(&store)));
+        runtime.spawn(seeding::watch_for_lost_state(
+            Arc::downgrade(&store),
+            Arc::clone(&store.seeding),
+        ));
         Ok(store)
     }
 }
@@ -143,7 +167,7 @@ impl AdminStore for RedisStore {
         &self,
         account: &str,
         change: BalanceChange,
-    ) -> Result<Option<AccountState>, StoreError> {
+    ) -> Result<BalanceOutcome, StoreError> {
         self.apply_balance_change(account, change).await
     }
 
@@ -153,6 +177,10 @@ impl AdminStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.link.ping().await
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.seeding.note().into_iter().collect()
     }
 }
 

@@ -11,7 +11,11 @@ pub const USAGE_STREAM: &str = "turnpike:usage";
 pub const ACCOUNTS: &str = "turnpike:accounts";
 /// Ids of the keys the config file seeded, so a key deleted from the file goes away.
 pub const CONFIG_KEYS: &str = "turnpike:config_keys";
-/// Pub/sub channel announcing a changed key (its hash in hex, or `*` for all).
+/// Hashes (hex) of every key revoked, so a re-seed after Redis lost its state keeps them revoked.
+pub const REVOKED_KEYS: &str = "turnpike:revoked_keys";
+/// Set by every seed, last: when it is gone, Redis lost its state (an empty restart).
+pub const SEEDED: &str = "turnpike:seeded";
+/// Pub/sub channel announcing changed keys (`records::KeyEvent`).
 pub const KEY_EVENTS: &str = "turnpike:keys";
 
 /// How long a settled call's id is remembered, so a settlement retried later is not applied
@@ -41,6 +45,12 @@ pub fn account_leases(account: &str) -> String {
 /// Per account: usage counters by key and agent, `<field>\x1f<key id>\x1f<agent>`.
 pub fn usage_hash(account: &str) -> String {
     format!("{}:usage", account_tag(account))
+}
+
+/// Marks a call's usage log entry written, in the stream's own slot (its hash tag is the
+/// stream's name), so a retried `XADD` on a Cluster appends nothing twice.
+pub fn usage_marker(call_id: &str) -> String {
+    format!("{{{USAGE_STREAM}}}:logged:{call_id}")
 }
 
 pub fn key_record(hash: &KeyHash) -> String {

@@ -9,6 +9,8 @@ use turnpike_core::usage::Usage;
 pub const ADMIT_LUA: &str = concat!(include_str!("prelude.lua"), include_str!("admit.lua"));
 pub const SETTLE_LUA: &str = concat!(include_str!("prelude.lua"), include_str!("settle.lua"));
 pub const CHANGE_BALANCE_LUA: &str = include_str!("change_balance.lua");
+pub const LOG_USAGE_LUA: &str = include_str!("log_usage.lua");
+pub const SEED_ACCOUNT_LUA: &str = include_str!("seed_account.lua");
 
 /// admit.lua's arguments, then [`ADMIT_SCOPE_ARGS`] once per scope.
 pub const ADMIT_ARGS: [&str; 5] = ["mode", "call_id", "lease_ms", "reserve", "scope_count"];
@@ -75,12 +77,31 @@ pub const SETTLE_SCOPE_ARGS: [&str; 7] = [
     "requests_period",
     "requests_burst",
 ];
-/// settle.lua's reply codes (`ALREADY`, `APPLIED`).
+/// settle.lua's and log_usage.lua's reply codes (`ALREADY`, `APPLIED`). Either way the write
+/// is done, so the gateway reads nothing from them; a test holds them to the scripts.
+#[cfg(test)]
 pub const SETTLED: [(&str, i64); 2] = [("already", 0), ("applied", 1)];
-pub const SETTLED_APPLIED: i64 = SETTLED[1].1;
 
-/// One script call: its keys and arguments.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// log_usage.lua's arguments, then the entry's [`USAGE_FIELDS`] as field and value pairs.
+pub const LOG_USAGE_ARGS: [&str; 3] = ["call_id", "marker_ttl_ms", "stream_maxlen"];
+/// A usage log entry's fields, in order, as settle.lua and log_usage.lua write them.
+pub const USAGE_FIELDS: [&str; 12] = [
+    "call_id",
+    "request_id",
+    "time_ms",
+    "account",
+    "key_id",
+    "agent",
+    "session_id",
+    "status",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost",
+];
+
+/// One script call: its keys and arguments. Held settlements are journalled as these.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Invocation {
     pub keys: Vec<String>,
     pub args: Vec<String>,
@@ -262,6 +283,27 @@ impl SettleArgs<'_> {
         }
         args
     }
+}
+
+/// log_usage.lua's arguments for one metered call: the fields' values in
+/// [`USAGE_FIELDS`] order, each after its name.
+pub fn log_usage_args(
+    call_id: &str,
+    marker_ttl_ms: u64,
+    stream_maxlen: u64,
+    values: [String; USAGE_FIELDS.len()],
+) -> Vec<String> {
+    let mut args = Vec::with_capacity(LOG_USAGE_ARGS.len() + 2 * USAGE_FIELDS.len());
+    args.extend([
+        call_id.to_owned(),
+        marker_ttl_ms.to_string(),
+        stream_maxlen.to_string(),
+    ]);
+    for (field, value) in USAGE_FIELDS.iter().zip(values) {
+        args.push((*field).to_owned());
+        args.push(value);
+    }
+    args
 }
 
 fn flag(on: bool) -> String {

@@ -1,80 +1,146 @@
-//! Settlements that could not be written because Redis was unreachable, held in order until
-//! it is back. Replaying one is safe: each script run is idempotent per call id.
+//! Settlements that could not be written yet, held in order until Redis takes them. Replaying
+//! one is safe: every write it owes is idempotent per call id. With `store.journal_dir` set,
+//! each held settlement is also appended to a journal on disk as it is held, and marked done
+//! once written, so a gateway stopped or killed during an outage replays, after its restart,
+//! exactly the settlements it still owed.
 
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
 use std::collections::VecDeque;
+use std::path::Path;
 
+use super::journal::Journal;
 use super::protocol::Invocation;
 use crate::store::StoreError;
 
-/// One write a settlement still owes.
-#[derive(Debug, Clone)]
-pub enum Step {
-    /// A settlement script run, then (on a Cluster) the usage log entry if it applied.
-    Script {
-        invocation: Invocation,
-        stream_after: Option<redis::Cmd>,
-    },
-    /// A usage log entry whose settlement already applied.
-    Stream(redis::Cmd),
+/// One write a settlement owes Redis.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Owed {
+    /// A settle.lua run: releases, charges, counts (and on one server logs the usage).
+    Settle(Invocation),
+    /// A log_usage.lua run: the usage log entry, on a Cluster.
+    LogUsage(Invocation),
+}
+
+/// A settlement waiting for Redis: the writes it still owes, in order.
+#[derive(Debug)]
+pub struct Held {
+    /// Its line in the journal (0 without one).
+    pub seq: u64,
+    pub owed: Vec<Owed>,
 }
 
 pub struct SettlementQueue {
-    items: Mutex<VecDeque<Vec<Step>>>,
+    items: Mutex<VecDeque<Held>>,
     capacity: usize,
+    journal: Option<Journal<Vec<Owed>>>,
     queued: IntGauge,
     dropped: IntCounter,
 }
 
 impl SettlementQueue {
-    pub fn new(capacity: usize, queued: IntGauge, dropped: IntCounter) -> Self {
-        Self {
-            items: Mutex::new(VecDeque::new()),
+    /// A queue of at most `capacity` settlements; with a journal directory, it starts with
+    /// what the journal there still owes from an earlier run.
+    pub fn open(
+        capacity: usize,
+        journal_dir: Option<&Path>,
+        queued: IntGauge,
+        dropped: IntCounter,
+    ) -> std::io::Result<Self> {
+        let (journal, owed) = match journal_dir {
+            Some(dir) => {
+                let (journal, owed) = Journal::open(dir)?;
+                (Some(journal), owed)
+            }
+            None => (None, Vec::new()),
+        };
+        if !owed.is_empty() {
+            tracing::warn!(
+                settlements = owed.len(),
+                "the settlement journal holds settlements an earlier run could not write; they are replayed once Redis answers"
+            );
+        }
+        let items: VecDeque<Held> = owed
+            .into_iter()
+            .map(|(seq, owed)| Held { seq, owed })
+            .collect();
+        queued.set(items.len() as i64);
+        Ok(Self {
+            items: Mutex::new(items),
             capacity,
+            journal,
             queued,
             dropped,
-        }
+        })
     }
 
-    /// Holds `steps`; when the queue is full they are dropped, counted and logged.
-    pub fn push(&self, steps: Vec<Step>) {
+    /// Holds a settlement's writes; when the queue is full they are dropped, counted, and
+    /// logged whole so they can be replayed by hand.
+    pub fn hold(&self, owed: Vec<Owed>) {
         let mut items = self.items.lock();
         if items.len() >= self.capacity {
             drop(items);
             self.dropped.inc();
             tracing::error!(
                 capacity = self.capacity,
+                settlement = %as_json(&owed),
                 "settlement queue full: a settlement was dropped"
             );
             return;
         }
-        items.push_back(steps);
+        let seq = match &self.journal {
+            Some(journal) => journal.append(&owed),
+            None => 0,
+        };
+        items.push_back(Held { seq, owed });
         self.queued.set(items.len() as i64);
-    }
-
-    /// Counts and logs a held settlement Redis refused, which is dropped.
-    pub fn give_up(&self, error: &StoreError) {
-        self.dropped.inc();
-        tracing::error!(%error, "Redis refused a held settlement; it was dropped");
     }
 
     /// The oldest held settlement, taken out.
-    pub fn pop(&self) -> Option<Vec<Step>> {
+    pub fn next(&self) -> Option<Held> {
         let mut items = self.items.lock();
-        let steps = items.pop_front();
+        let held = items.pop_front();
         self.queued.set(items.len() as i64);
-        steps
+        held
     }
 
     /// Puts back a settlement that still could not be written, first in line.
-    pub fn put_back(&self, steps: Vec<Step>) {
+    pub fn put_back(&self, held: Held) {
         let mut items = self.items.lock();
-        items.push_front(steps);
+        items.push_front(held);
         self.queued.set(items.len() as i64);
+    }
+
+    /// A held settlement is written: the journal forgets it.
+    pub fn written(&self, held: Held) {
+        self.finish(held);
+    }
+
+    /// Counts and logs, whole, a held settlement Redis refused for good; it is dropped.
+    pub fn give_up(&self, held: Held, error: &StoreError) {
+        self.dropped.inc();
+        tracing::error!(
+            %error,
+            settlement = %as_json(&held.owed),
+            "Redis refused a held settlement for good; it was dropped"
+        );
+        self.finish(held);
+    }
+
+    fn finish(&self, held: Held) {
+        if let Some(journal) = &self.journal {
+            let items = self.items.lock();
+            journal.done(held.seq, items.is_empty());
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.items.lock().is_empty()
     }
+}
+
+/// The writes as one JSON line, for a log an operator can replay from.
+fn as_json(owed: &[Owed]) -> String {
+    serde_json::to_string(owed).unwrap_or_default()
 }

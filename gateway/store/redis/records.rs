@@ -1,6 +1,6 @@
-//! Key records in Redis: looked up on the hot path through the per-instance cache, created,
-//! revoked and seeded by the operator, and every change announced on pub/sub so each
-//! instance drops its cached copy at once.
+//! Key records in Redis: looked up on the hot path through the instance's last-known key
+//! table, created, revoked and seeded by the operator, and every change announced on pub/sub
+//! so each instance re-reads its copy (a revocation arrives with the key it revokes).
 
 use futures_util::StreamExt;
 use redis::{RedisResult, Value};
@@ -10,35 +10,44 @@ use std::time::Duration;
 
 use turnpike_core::keys::{AgentScope, KeyHash, KeyRecord};
 
-use super::cache::Cached;
+use super::cache::{KnownKeys, Lookup};
 use super::link::{Op, ADMIN_TIMEOUT};
-use super::names::{account_hash, key_index, key_record, ACCOUNTS, CONFIG_KEYS, KEY_EVENTS};
+use super::names::{
+    account_hash, key_index, key_record, ACCOUNTS, CONFIG_KEYS, KEY_EVENTS, REVOKED_KEYS, SEEDED,
+};
+use super::protocol::Invocation;
 use super::RedisStore;
 use crate::config::AccountSeed;
 use crate::store::StoreError;
 
 impl RedisStore {
-    /// A key by hash: from the cache while fresh, else from Redis; under `fail_open` an
-    /// unanswered lookup falls back to the stale cached record, then to the config file's.
+    /// A key by hash: from the table while fresh, else from Redis. Under `fail_open`, a
+    /// lookup Redis cannot answer now falls back to the key as last known, then to the
+    /// config file's record; a revocation this instance learned holds either way.
     pub(super) async fn lookup_key(
         &self,
         hash: &KeyHash,
     ) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        let stale = match self.keys.get(hash) {
-            Cached::Fresh(record) => return Ok(record),
-            Cached::Stale(record) => Some(record),
-            Cached::Unknown => None,
+        let last_known = match self.keys.get(hash) {
+            Lookup::Fresh(record) => return Ok(record),
+            Lookup::LastKnown(record) => Some(record),
+            Lookup::Unknown => None,
         };
         let epoch = self.keys.epoch();
         match self.fetch_key(hash).await {
             Ok(record) => {
-                self.keys.put(*hash, record.clone(), epoch);
-                Ok(record)
+                if record.is_none() && self.fail_open.config_key(hash).is_some() {
+                    // Redis lost a key the config file seeds: it may have lost everything.
+                    self.seeding.check_soon();
+                }
+                Ok(self.keys.put(*hash, record, epoch))
             }
-            Err(error) if self.fail_open.enabled => match stale {
-                Some(record) => Ok(record),
-                None => self.fail_open.config_key(hash).map(Some).ok_or(error),
-            },
+            Err(error) if self.fail_open.enabled && error.kind.is_transient() => {
+                match last_known.or_else(|| self.fail_open.config_key(hash)) {
+                    Some(record) => Ok(Some(self.keys.as_known(hash, record))),
+                    None => Err(error),
+                }
+            }
             Err(error) => Err(error),
         }
     }
@@ -97,7 +106,7 @@ impl RedisStore {
             return Ok(false);
         }
         self.write_record(&hash, &record).await?;
-        self.announce(&hash.to_hex()).await;
+        self.announce(KeyEvent::Changed(hash)).await;
         Ok(true)
     }
 
@@ -113,7 +122,11 @@ impl RedisStore {
                     .arg("1"),
             )
             .await?;
-        self.announce(&hash.to_hex()).await;
+        // Kept apart too, so a re-seed after Redis lost its state revokes it again.
+        self.link
+            .admin::<Value>(redis::cmd("SADD").arg(REVOKED_KEYS).arg(hash.to_hex()))
+            .await?;
+        self.announce(KeyEvent::Revoked(hash)).await;
         Ok(true)
     }
 
@@ -122,10 +135,15 @@ impl RedisStore {
         keys: &[(KeyHash, KeyRecord)],
         accounts: &[AccountSeed],
     ) -> Result<(), StoreError> {
+        self.seeding.remember(keys, accounts);
         let listed: HashSet<&str> = keys.iter().map(|(_, r)| r.id.as_str()).collect();
         let seeded: Vec<String> = self
             .link
             .admin(redis::cmd("SMEMBERS").arg(CONFIG_KEYS))
+            .await?;
+        let revoked: HashSet<String> = self
+            .link
+            .admin(redis::cmd("SMEMBERS").arg(REVOKED_KEYS))
             .await?;
         for gone in seeded.iter().filter(|id| !listed.contains(id.as_str())) {
             self.remove_key(gone).await?;
@@ -139,8 +157,13 @@ impl RedisStore {
                 self.remove_key(&record.id).await?;
             }
             let mut fields = record_fields(record);
-            // A key revoked in the store stays revoked.
+            // A key revoked in the store stays revoked, even once Redis lost it.
             fields.retain(|(field, _)| *field != "revoked");
+            let revoked_before = if revoked.contains(&hash.to_hex()) {
+                "1"
+            } else {
+                "0"
+            };
             let mut cmd = redis::cmd("HSET");
             cmd.arg(key_record(hash));
             for (field, value) in fields {
@@ -151,7 +174,7 @@ impl RedisStore {
                 redis::cmd("HSETNX")
                     .arg(key_record(hash))
                     .arg("revoked")
-                    .arg("0")
+                    .arg(revoked_before)
                     .clone(),
                 redis::cmd("SET")
                     .arg(key_index(&record.id))
@@ -168,13 +191,18 @@ impl RedisStore {
             }
         }
         for account in accounts {
-            // An account that exists keeps its live balance: a restart resets nothing.
+            // An account that exists keeps its live balance: a restart resets nothing. One
+            // that lost it starts again from the file, less what was settled meanwhile.
+            let invocation = Invocation {
+                keys: vec![account_hash(&account.id)],
+                args: vec![account.balance.to_string()],
+            };
             self.link
-                .admin::<Value>(
-                    redis::cmd("HSETNX")
-                        .arg(account_hash(&account.id))
-                        .arg("balance")
-                        .arg(account.balance),
+                .invoke_within::<Value>(
+                    Op::Admin,
+                    ADMIN_TIMEOUT,
+                    &self.seed_account_script,
+                    &invocation,
                 )
                 .await?;
             self.link
@@ -182,19 +210,25 @@ impl RedisStore {
                 .await?;
         }
         self.fail_open.remember_config_keys(keys);
-        self.announce("*").await;
+        for (hash, _) in keys {
+            if revoked.contains(&hash.to_hex()) {
+                self.keys.revoke(hash);
+            }
+        }
+        // Last: its presence says everything above is in Redis.
+        self.link
+            .admin::<Value>(redis::cmd("SET").arg(SEEDED).arg("1"))
+            .await?;
+        self.announce(KeyEvent::AllChanged).await;
         Ok(())
     }
 
-    /// Tells every instance (this one included) that a key changed.
-    async fn announce(&self, what: &str) {
-        match KeyHash::from_hex(what) {
-            Some(hash) => self.keys.forget(&hash),
-            None => self.keys.forget_all(),
-        }
+    /// Tells every instance (this one included) that keys changed.
+    async fn announce(&self, event: KeyEvent) {
+        event.apply(&self.keys);
         let _ = self
             .link
-            .admin::<Value>(redis::cmd("PUBLISH").arg(KEY_EVENTS).arg(what))
+            .admin::<Value>(redis::cmd("PUBLISH").arg(KEY_EVENTS).arg(event.encode()))
             .await;
     }
 
@@ -269,9 +303,50 @@ fn parse_record(fields: &HashMap<String, String>) -> Option<KeyRecord> {
     })
 }
 
-/// Listens on the key-change channel and drops changed keys from the cache. While the
-/// subscription is down the cache's time limit bounds staleness; on every (re)subscription
-/// the whole cache is dropped, since messages may have been missed.
+/// A change to keys, as announced on [`KEY_EVENTS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyEvent {
+    /// The key was created or replaced: re-read it.
+    Changed(KeyHash),
+    /// The key was revoked: refuse it from now on.
+    Revoked(KeyHash),
+    /// Any key may have changed (a seed).
+    AllChanged,
+}
+
+impl KeyEvent {
+    /// `<hex>`, `revoked:<hex>`, or `*`.
+    fn encode(self) -> String {
+        match self {
+            KeyEvent::Changed(hash) => hash.to_hex(),
+            KeyEvent::Revoked(hash) => format!("revoked:{}", hash.to_hex()),
+            KeyEvent::AllChanged => "*".to_owned(),
+        }
+    }
+
+    /// Anything unreadable counts as every key changed.
+    fn decode(message: &str) -> Self {
+        let revoked = message.strip_prefix("revoked:").and_then(KeyHash::from_hex);
+        match (revoked, KeyHash::from_hex(message)) {
+            (Some(hash), _) => KeyEvent::Revoked(hash),
+            (None, Some(hash)) => KeyEvent::Changed(hash),
+            (None, None) => KeyEvent::AllChanged,
+        }
+    }
+
+    fn apply(self, keys: &KnownKeys) {
+        match self {
+            KeyEvent::Changed(hash) => keys.changed(&hash),
+            KeyEvent::Revoked(hash) => keys.revoke(&hash),
+            KeyEvent::AllChanged => keys.all_changed(),
+        }
+    }
+}
+
+/// Listens on the key-change channel and applies each change to the key table. While the
+/// subscription is down the table's time limit bounds staleness; on every (re)subscription
+/// and every drop, every entry is re-read before it is trusted again (messages may have
+/// been missed), but none is forgotten: an outage is when the table is needed.
 pub(super) async fn listen_for_key_changes(store: Weak<RedisStore>, urls: Vec<String>) {
     for url in urls.iter().cycle() {
         let subscription = async {
@@ -283,23 +358,16 @@ pub(super) async fn listen_for_key_changes(store: Weak<RedisStore>, urls: Vec<St
         if let Ok(Ok(pubsub)) = tokio::time::timeout(ADMIN_TIMEOUT, subscription).await {
             let mut messages = pubsub.into_on_message();
             let Some(live) = store.upgrade() else { return };
-            live.keys.forget_all();
+            live.keys.all_changed();
             drop(live);
             while let Some(message) = messages.next().await {
                 let Some(live) = store.upgrade() else { return };
-                match message
-                    .get_payload::<String>()
-                    .ok()
-                    .as_deref()
-                    .and_then(KeyHash::from_hex)
-                {
-                    Some(hash) => live.keys.forget(&hash),
-                    None => live.keys.forget_all(),
-                }
+                let payload = message.get_payload::<String>().unwrap_or_default();
+                KeyEvent::decode(&payload).apply(&live.keys);
             }
         }
         let Some(live) = store.upgrade() else { return };
-        live.keys.forget_all();
+        live.keys.all_changed();
         // The subscription broke: so may every idle connection to the same server.
         live.link.renew_connections();
         drop(live);

@@ -31,7 +31,15 @@ if account_side == '1' then
   local account_hash, leases, usage = take_key(), take_key(), take_key()
   -- The reservation is given back unless its lease already expired and gave it back.
   release_held(account_hash, leases, call_id)
-  if charge > 0 then redis.call('HINCRBY', account_hash, 'balance', '-' .. cost) end
+  if charge > 0 then
+    if redis.call('HEXISTS', account_hash, 'balance') == 1 then
+      redis.call('HINCRBY', account_hash, 'balance', '-' .. cost)
+    else
+      -- No balance to charge (Redis restarted empty and is not seeded yet): the charge
+      -- waits for the seed, which takes it off the starting balance (seed_account.lua).
+      redis.call('HINCRBY', account_hash, 'debit_before_seed', cost)
+    end
+  end
   if metered == '1' then
     local row = '\31' .. key_id .. '\31' .. agent
     redis.call('HINCRBY', usage, 'requests' .. row, 1)
@@ -44,7 +52,7 @@ end
 
 if stream == '1' and metered == '1' then
   redis.call('XADD', take_key(), 'MAXLEN', '~', stream_maxlen, '*',
-    'request_id', request_id, 'time_ms', int(now), 'account', account,
+    'call_id', call_id, 'request_id', request_id, 'time_ms', int(now), 'account', account,
     'key_id', key_id, 'agent', agent, 'session_id', session_id,
     'status', status, 'input_tokens', input_tokens,
     'output_tokens', output_tokens, 'total_tokens', total_tokens, 'cost', cost)

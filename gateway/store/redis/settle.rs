@@ -1,23 +1,26 @@
-//! Settlement on Redis: the sides' scripts (and, on a Cluster, the usage log entry after
-//! them), written now or held in the queue until Redis answers again, each exactly once.
+//! Settlement on Redis: the writes a settlement owes (the sides' settle.lua runs and, on a
+//! Cluster, its usage log entry), written now or held in the queue until Redis takes them.
+//! Every write is idempotent per call id, so a held one is retried until it is written, and
+//! only a write Redis refuses for good is dropped (counted, and logged whole).
 
-use redis::Value;
 use std::sync::Weak;
 use std::time::Duration;
 
 use turnpike_core::admission::Settlement;
 
 use super::link::Op;
-use super::names::USAGE_STREAM;
-use super::protocol::SETTLED_APPLIED;
-use super::queue::Step;
+use super::names::{usage_marker, SETTLED_MARKER_MS, USAGE_STREAM};
+use super::protocol::{log_usage_args, Invocation};
+use super::queue::Owed;
 use super::split::{self, Purpose};
 use super::RedisStore;
 use crate::clock::unix_ms;
-use crate::store::{StoreError, StoreErrorKind};
+use crate::store::StoreError;
 
-/// How often held settlements are retried.
+/// How often held settlements are retried while Redis takes them.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// The longest wait between retries while Redis keeps failing them.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl RedisStore {
     pub(super) async fn settle_on_redis(&self, call: &Settlement<'_>) {
@@ -25,136 +28,139 @@ impl RedisStore {
         self.write_or_hold(call, Purpose::Settle).await;
     }
 
-    /// Writes the settlement's steps, or holds what could not be written: the call's usage
-    /// is not lost while Redis is away.
+    /// Writes what the settlement owes, or holds what could not be written: the call's
+    /// usage is not lost while Redis is away.
     pub(super) async fn write_or_hold(&self, call: &Settlement<'_>, purpose: Purpose) {
-        let mut steps = self.settle_steps(call, purpose);
-        if self.write(&mut steps).await.is_err() {
-            self.queue.push(steps);
+        let mut owed = self.owed_by(call, purpose);
+        if self.write(&mut owed).await.is_err() {
+            self.queue.hold(owed);
         }
     }
 
-    fn settle_steps(&self, call: &Settlement, purpose: Purpose) -> Vec<Step> {
-        split::settle_sides(call, self.plan, self.stream_maxlen, purpose)
-            .into_iter()
-            .map(|side| Step::Script {
-                stream_after: (side.account_side && !side.writes_stream && call.usage.is_some())
-                    .then(|| stream_entry(call, self.stream_maxlen, unix_ms())),
-                invocation: side.invocation,
-            })
-            .collect()
-    }
-
-    /// Writes the steps of one settlement in order; what could not be written is left in
-    /// `steps`.
-    async fn write(&self, steps: &mut Vec<Step>) -> Result<(), StoreError> {
-        let mut outcome = Ok(());
-        let mut left = Vec::new();
-        for step in steps.drain(..) {
-            if outcome.is_err() {
-                left.push(step);
-                continue;
+    fn owed_by(&self, call: &Settlement, purpose: Purpose) -> Vec<Owed> {
+        let mut owed = Vec::new();
+        for side in split::settle_sides(call, self.plan, self.stream_maxlen, purpose) {
+            owed.push(Owed::Settle(side.invocation));
+            if side.account_side && !side.writes_stream && call.usage.is_some() {
+                owed.push(Owed::LogUsage(self.usage_entry(call, unix_ms())));
             }
-            let (failed, error) = match step {
-                Step::Script {
-                    invocation,
-                    stream_after,
-                } => match self
-                    .link
-                    .invoke::<i64>(Op::Settle, &self.settle_script, &invocation)
-                    .await
-                {
-                    Ok(applied) => match stream_after.filter(|_| applied == SETTLED_APPLIED) {
-                        Some(entry) => match self.append(&entry).await {
-                            Ok(()) => continue,
-                            Err(error) => (Step::Stream(entry), error),
-                        },
-                        None => continue,
-                    },
-                    Err(error) => (
-                        Step::Script {
-                            invocation,
-                            stream_after,
-                        },
-                        error,
-                    ),
-                },
-                Step::Stream(entry) => match self.append(&entry).await {
-                    Ok(()) => continue,
-                    Err(error) => (Step::Stream(entry), error),
-                },
-            };
-            left.push(failed);
-            outcome = Err(error);
         }
-        *steps = left;
+        owed
+    }
+
+    /// log_usage.lua's run for a metered call, for a Cluster, where the stream lives in its
+    /// own slot.
+    fn usage_entry(&self, call: &Settlement, time_ms: u64) -> Invocation {
+        let usage = call.usage.unwrap_or_default();
+        let values = [
+            call.call_id.to_owned(),
+            call.request_id.to_owned(),
+            time_ms.to_string(),
+            call.account.to_owned(),
+            call.key_id.to_owned(),
+            call.agent.to_owned(),
+            call.session_id.to_owned(),
+            call.status.to_string(),
+            usage.input_tokens.to_string(),
+            usage.output_tokens.to_string(),
+            usage.total_tokens.to_string(),
+            call.cost.to_string(),
+        ];
+        Invocation {
+            keys: vec![usage_marker(call.call_id), USAGE_STREAM.to_owned()],
+            args: log_usage_args(call.call_id, SETTLED_MARKER_MS, self.stream_maxlen, values),
+        }
+    }
+
+    /// Writes the owed writes in order; what could not be written is left in `owed`.
+    async fn write(&self, owed: &mut Vec<Owed>) -> Result<(), StoreError> {
+        let mut written = 0;
+        let mut outcome = Ok(());
+        for write in owed.iter() {
+            let (script, invocation) = match write {
+                Owed::Settle(invocation) => (&self.settle_script, invocation),
+                Owed::LogUsage(invocation) => (&self.log_usage_script, invocation),
+            };
+            // The reply (applied, or already applied) changes nothing here: either way
+            // this write is done.
+            if let Err(error) = self
+                .link
+                .invoke::<i64>(Op::Settle, script, invocation)
+                .await
+            {
+                outcome = Err(error);
+                break;
+            }
+            written += 1;
+        }
+        owed.drain(..written);
         outcome
     }
 
-    async fn append(&self, entry: &redis::Cmd) -> Result<(), StoreError> {
-        self.link
-            .query::<Value>(Op::Settle, self.link.timeout, entry)
-            .await
-            .map(drop)
-    }
-}
-
-/// The `XADD` of a metered call, for a Cluster where the stream lives in its own slot.
-fn stream_entry(call: &Settlement, stream_maxlen: u64, time_ms: u64) -> redis::Cmd {
-    let usage = call.usage.unwrap_or_default();
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(USAGE_STREAM)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(stream_maxlen)
-        .arg("*")
-        .arg("request_id")
-        .arg(call.request_id)
-        .arg("time_ms")
-        .arg(time_ms)
-        .arg("account")
-        .arg(call.account)
-        .arg("key_id")
-        .arg(call.key_id)
-        .arg("agent")
-        .arg(call.agent)
-        .arg("session_id")
-        .arg(call.session_id)
-        .arg("status")
-        .arg(call.status)
-        .arg("input_tokens")
-        .arg(usage.input_tokens)
-        .arg("output_tokens")
-        .arg(usage.output_tokens)
-        .arg("total_tokens")
-        .arg(usage.total_tokens)
-        .arg("cost")
-        .arg(call.cost);
-    cmd
-}
-
-/// Writes held settlements, oldest first, whenever Redis answers; brings the link back up.
-pub(super) async fn flush_held_settlements(store: Weak<RedisStore>) {
-    loop {
-        tokio::time::sleep(FLUSH_EVERY).await;
-        let Some(store) = store.upgrade() else { return };
-        if store.link.is_down() || !store.queue.is_empty() {
-            if store.link.ping().await.is_err() {
-                continue;
-            }
-            store.link.mark_up();
-        }
-        while let Some(mut steps) = store.queue.pop() {
-            match store.write(&mut steps).await {
-                Ok(()) => {}
-                // Redis answered with an error: retrying cannot help, and must not hold up
+    /// Writes the held settlements, oldest first, until one fails: `Ok` once every one was
+    /// written or dropped.
+    async fn flush(&self) -> Result<(), StoreError> {
+        while let Some(mut held) = self.queue.next() {
+            match self.write(&mut held.owed).await {
+                Ok(()) => self.queue.written(held),
+                // Redis refused it for good: retrying cannot help, and must not hold up
                 // everything queued behind it.
-                Err(error) if error.kind == StoreErrorKind::Refused => store.queue.give_up(&error),
-                Err(_) => {
-                    store.queue.put_back(steps);
-                    break;
+                Err(error) if !error.kind.is_transient() => self.queue.give_up(held, &error),
+                Err(error) => {
+                    self.queue.put_back(held);
+                    return Err(error);
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// Writes held settlements whenever Redis takes them, backing off while it does not; brings
+/// the link back up when Redis answers again.
+pub(super) async fn flush_held_settlements(store: Weak<RedisStore>) {
+    let mut wait = FLUSH_EVERY;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(store) = store.upgrade() else { return };
+        if !store.link.is_down() && store.queue.is_empty() {
+            wait = FLUSH_EVERY;
+            continue;
+        }
+        let answered = store.link.ping().await;
+        if answered.is_ok() {
+            store.link.mark_up();
+        }
+        match answered.and(store.flush().await) {
+            Ok(()) => wait = FLUSH_EVERY,
+            Err(error) => {
+                wait = (wait * 2).min(MAX_BACKOFF);
+                tracing::debug!(%error, retry_in = ?wait, "held settlements wait for Redis");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the journal holds and a dropped settlement's log line shows: an operator can
+    /// replay each write by hand (`EVALSHA`, its keys, its arguments).
+    #[test]
+    fn a_held_settlement_reads_back_as_it_was_written() {
+        let owed = vec![
+            Owed::Settle(Invocation {
+                keys: vec!["turnpike:{account:a}:settled:call_1".into()],
+                args: vec!["call_1".into()],
+            }),
+            Owed::LogUsage(Invocation {
+                keys: vec![usage_marker("call_1"), USAGE_STREAM.into()],
+                args: vec!["call_1".into()],
+            }),
+        ];
+        let text = serde_json::to_string(&owed).unwrap();
+        assert!(text.starts_with(r#"[{"settle":{"keys":["#), "{text}");
+        assert_eq!(serde_json::from_str::<Vec<Owed>>(&text).unwrap(), owed);
     }
 }

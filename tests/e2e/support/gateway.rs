@@ -228,7 +228,15 @@ impl TestGateway {
         log[start..].to_string()
     }
 
-    /// Kills the gateway and starts it again on the same files and ports.
+    /// Kills the gateway (SIGKILL: nothing of its own shutdown runs).
+    pub fn kill(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the gateway if it runs, and starts it again on the same files and ports.
     pub fn restart(&self) {
         if let Some(mut child) = self.child.lock().unwrap().take() {
             let _ = child.kill();

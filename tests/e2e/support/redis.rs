@@ -133,6 +133,21 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// Starts it again on the same port with nothing: its files are gone, as after a restart
+    /// of a Redis that does not persist.
+    pub fn restart_empty(&self) {
+        self.stop();
+        for entry in fs::read_dir(&self.dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                fs::remove_dir_all(&path).unwrap();
+            } else {
+                fs::remove_file(&path).unwrap();
+            }
+        }
+        self.spawn();
+    }
+
     /// `kill -STOP` / `kill -CONT`: a server that holds connections open and answers nothing.
     pub fn signal(&self, name: &str) {
         let pid = self.child.lock().unwrap().as_ref().expect("running").id();

@@ -89,19 +89,59 @@ fn the_scripts_declare_the_same_protocol_as_rust() {
         SETTLE_ARGS.len()
     )));
     assert_eq!(constants(SETTLE_LUA, "ALREADY"), owned_codes(SETTLED));
-    assert_eq!(code_name(&SETTLED, SETTLED_APPLIED), Some("applied"));
+
+    let (names, range) = unpacked(LOG_USAGE_LUA, "call_id");
+    assert_eq!(
+        (names, range),
+        (
+            owned(LOG_USAGE_ARGS),
+            format!("1, {}", LOG_USAGE_ARGS.len())
+        )
+    );
+    assert!(LOG_USAGE_LUA.contains(&format!("local FIELDS_AT = {}\n", LOG_USAGE_ARGS.len() + 1)));
+    assert_eq!(constants(LOG_USAGE_LUA, "ALREADY"), owned_codes(SETTLED));
+}
+
+#[test]
+fn both_scripts_that_log_usage_write_the_same_fields_in_the_same_order() {
+    let xadd = statement(SETTLE_LUA, "redis.call('XADD'", "'cost', cost)");
+    let fields: Vec<String> = xadd
+        .split(',')
+        .skip(6) // 'XADD', the stream, MAXLEN, ~, the length, *
+        .step_by(2)
+        .map(|f| f.trim().trim_matches('\'').to_owned())
+        .collect();
+    assert_eq!(fields, owned(USAGE_FIELDS));
+    let values = USAGE_FIELDS.map(|f| format!("<{f}>"));
+    let args = log_usage_args("call_1", 9, 7, values);
+    let pairs: Vec<(String, String)> = args[LOG_USAGE_ARGS.len()..]
+        .chunks(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .collect();
+    assert_eq!(
+        pairs,
+        USAGE_FIELDS
+            .map(|f| (f.to_owned(), format!("<{f}>")))
+            .to_vec()
+    );
 }
 
 #[test]
 fn the_scripts_read_arguments_only_through_their_named_locals() {
-    for script in [ADMIT_LUA, SETTLE_LUA] {
+    for script in [ADMIT_LUA, SETTLE_LUA, LOG_USAGE_LUA] {
         let reads: Vec<&str> = script
             .lines()
             .filter(|l| l.contains("ARGV") && !l.trim_start().starts_with("--"))
             .map(|l| l.split("unpack(ARGV, ").nth(1).unwrap_or(l))
             .collect();
         assert_eq!(reads.len(), 2, "{reads:?}");
-        assert!(reads.iter().all(|r| !r.contains("ARGV")), "{reads:?}");
+        // `#ARGV`: log_usage.lua's field and value pairs run to the end.
+        assert!(
+            reads
+                .iter()
+                .all(|r| !r.replace("#ARGV", "").contains("ARGV")),
+            "{reads:?}"
+        );
     }
 }
 

@@ -1,0 +1,330 @@
+//! The faults Redis really has, each on a `redis-server` the test owns, with a call in flight
+//! when it strikes: out of memory, a replica's READONLY after a failover, connections
+//! killed, a hung server, an empty restart, and a gateway killed while it holds settlements.
+//! Every call is charged exactly once, every reservation given back, nothing dropped.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::on_redis;
+use crate::support::redis::RedisServer;
+use crate::support::*;
+
+/// What one call costs at the test config's prices: 45 input and 32 output tokens at 1 and
+/// 2 units per token.
+const COST: i64 = 45 + 2 * 32;
+/// Long enough for any held settlement to be retried after Redis recovers (the retry backs
+/// off to at most 5 s while Redis fails) on a busy machine.
+const RECOVERY: Duration = Duration::from_secs(20);
+
+/// Runs `during` while a call that holds its worker for `hold_secs` is in flight (admitted,
+/// and at the worker), then returns the call's reply.
+fn with_a_call_in_flight(
+    gw: &TestGateway,
+    w: &Worker,
+    hold_secs: f64,
+    during: impl FnOnce(),
+) -> Reply {
+    let seen = w.count();
+    std::thread::scope(|s| {
+        let call = s.spawn(|| gw.chat(AGENT, gw.jane(), Script::sleep(hold_secs)));
+        wait_until(Duration::from_secs(10), "the worker has the call", || {
+            w.count() > seen
+        });
+        during();
+        call.join().unwrap()
+    })
+}
+
+/// Waits until `account`'s balance is `balance` with nothing reserved; returns how long.
+/// The admin API answers 503 while Redis counts as down: that is asked again.
+fn wait_for_balance(gw: &TestGateway, account: &str, balance: i64) -> Duration {
+    let started = Instant::now();
+    wait_until(RECOVERY, "the held settlement is written", || {
+        let now = gw.admin_get(&format!("/admin/accounts/{account}/balance"));
+        now.status == 200 && now.json()["balance"] == balance && now.json()["reserved"] == 0
+    });
+    started.elapsed()
+}
+
+fn dropped(gw: &TestGateway) -> f64 {
+    gw.metric("turnpike_store_settlements_dropped_total", &[])
+}
+
+#[test]
+fn out_of_memory_holds_the_settlement_until_memory_frees_and_charges_it_once() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(redis.url()), json!({}))
+        .reserve(1000)
+        .start();
+    let start = gw.balance("acct_jane").balance;
+
+    let reply = with_a_call_in_flight(&gw, &w, 1.0, || {
+        redis.cli(&["CONFIG", "SET", "maxmemory", "1"]);
+        // Redis refuses the admission's writes: fail_closed refuses the call, and nothing
+        // is admitted locally.
+        gw.chat(AGENT, gw.jane(), "hi")
+            .error(503, "store_unavailable");
+    });
+    reply.assert_status(200);
+    // The settlement is held, its reservation still taken, while Redis stays full.
+    gw.wait_metric("turnpike_store_settlements_queued", &[], 1.0);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(gw.balance("acct_jane").reserved, 1000);
+    assert_eq!(
+        dropped(&gw),
+        0.0,
+        "a full Redis is waited for, not given up on"
+    );
+    assert_eq!(
+        gw.metric("turnpike_store_fail_open_admissions_total", &[]),
+        0.0
+    );
+
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    let took = wait_for_balance(&gw, "acct_jane", start - COST);
+    eprintln!("OOM: held settlement written {took:?} after memory freed");
+    assert_eq!(gw.usage("account=acct_jane").requests, 1);
+    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 1");
+    assert_eq!(dropped(&gw), 0.0);
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+}
+
+#[test]
+fn out_of_memory_under_fail_open_admits_on_local_limits() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(
+        &w,
+        json!(redis.url()),
+        json!({"on_unavailable": "fail_open"}),
+    )
+    .start();
+    let start = gw.balance("acct_jane").balance;
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]);
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    assert_eq!(
+        gw.metric("turnpike_store_fail_open_admissions_total", &[]),
+        1.0
+    );
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    wait_for_balance(&gw, "acct_jane", start - COST);
+    assert_eq!(gw.usage("account=acct_jane").requests, 1);
+    assert_eq!(dropped(&gw), 0.0);
+}
+
+#[test]
+fn a_failover_that_leaves_redis_read_only_holds_the_settlement_until_it_is_primary_again() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(redis.url()), json!({}))
+        .reserve(1000)
+        .start();
+    let start = gw.balance("acct_jane").balance;
+    // A primary that nothing answers on: Redis keeps its data, and refuses writes.
+    let nowhere = free_port().to_string();
+
+    let reply = with_a_call_in_flight(&gw, &w, 1.0, || {
+        redis.cli(&["REPLICAOF", "127.0.0.1", &nowhere]);
+        gw.chat(AGENT, gw.jane(), "hi")
+            .error(503, "store_unavailable");
+    });
+    reply.assert_status(200);
+    gw.wait_metric("turnpike_store_settlements_queued", &[], 1.0);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(dropped(&gw), 0.0, "READONLY is waited for, not given up on");
+    assert_eq!(gw.balance("acct_jane").reserved, 1000);
+
+    redis.cli(&["REPLICAOF", "NO", "ONE"]);
+    let took = wait_for_balance(&gw, "acct_jane", start - COST);
+    eprintln!("READONLY: held settlement written {took:?} after promotion");
+    assert_eq!(gw.usage("account=acct_jane").requests, 1);
+    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 1");
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+}
+
+#[test]
+fn connections_killed_mid_call_lose_nothing_and_fail_no_call() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(redis.url()), json!({}))
+        .reserve(1000)
+        .start();
+    let start = gw.balance("acct_jane").balance;
+    let reply = with_a_call_in_flight(&gw, &w, 0.5, || {
+        redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    });
+    reply.assert_status(200);
+    // The next calls find their connections gone; each is sent again on a new one.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    for _ in 0..3 {
+        gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    }
+    let took = wait_for_balance(&gw, "acct_jane", start - 4 * COST);
+    eprintln!("CLIENT KILL: all four settled {took:?} after the last call");
+    assert_eq!(gw.usage("account=acct_jane").requests, 4);
+    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 4");
+    assert_eq!(dropped(&gw), 0.0);
+}
+
+#[test]
+fn a_hung_redis_fails_calls_fast_and_its_late_writes_count_once() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(redis.url()), json!({"timeout": "200ms"}))
+        .reserve(1000)
+        .start();
+    let start = gw.balance("acct_jane").balance;
+    let reply = std::thread::scope(|s| {
+        let reply = with_a_call_in_flight(&gw, &w, 0.3, || {
+            s.spawn(|| redis.cli(&["DEBUG", "SLEEP", "2"]));
+            std::thread::sleep(Duration::from_millis(100));
+        });
+        // Redis still sleeps: a new call is refused within its two tries' deadlines.
+        let asked = Instant::now();
+        gw.chat(AGENT, gw.jane(), "hi")
+            .error(503, "store_unavailable");
+        assert!(asked.elapsed() < Duration::from_millis(1500));
+        reply
+    });
+    reply.assert_status(200);
+    // The settlement sent before the deadline ran out is applied when Redis wakes, and the
+    // held copy of it then changes nothing.
+    let took = wait_for_balance(&gw, "acct_jane", start - COST);
+    eprintln!("DEBUG SLEEP: settled {took:?} after Redis woke");
+    assert_eq!(gw.usage("account=acct_jane").requests, 1);
+    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 1");
+    assert_eq!(dropped(&gw), 0.0);
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+}
+
+#[test]
+fn an_empty_restart_is_seeded_again_and_the_held_charge_comes_off_the_starting_balance() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(
+        &w,
+        json!(redis.url()),
+        json!({"on_unavailable": "fail_open", "timeout": "200ms"}),
+    )
+    .start();
+    let starting = gw.balance("acct_jane").balance;
+    redis.stop();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+
+    redis.restart_empty();
+    let restarted = Instant::now();
+    wait_until(RECOVERY, "Redis is seeded again", || {
+        gw.metric("turnpike_store_state_lost_total", &[]) >= 1.0
+    });
+    let took = wait_for_balance(&gw, "acct_jane", starting - COST);
+    eprintln!(
+        "empty restart: seeded and settled {:?} after Redis came back",
+        restarted.elapsed().max(took)
+    );
+    wait_until(Duration::from_secs(5), "the loss is logged", || {
+        gw.log().contains("lost its state")
+    });
+    let ready = gw.open_get("/readyz");
+    ready.assert_status(200);
+    assert!(
+        ready.json()["notes"][0]
+            .as_str()
+            .is_some_and(|n| n.contains("lost its state") && n.contains("admin-made keys")),
+        "{}",
+        ready.body
+    );
+    // Config keys work again without a reload, and the account is not locked.
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.chat(AGENT, gw.bob(), "hi").assert_status(200);
+    assert_eq!(gw.settled_balance("acct_jane").balance, starting - 2 * COST);
+    assert_eq!(gw.usage("account=acct_jane").requests, 2);
+    assert_eq!(dropped(&gw), 0.0);
+}
+
+#[test]
+fn a_gateway_killed_with_held_settlements_replays_each_exactly_once_after_its_restart() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(
+        &w,
+        json!(redis.url()),
+        json!({"on_unavailable": "fail_open", "timeout": "200ms", "journal_dir": "journal"}),
+    )
+    .start();
+    let start = gw.balance("acct_jane").balance;
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    redis.stop();
+    for _ in 0..3 {
+        gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    }
+    assert!(gw.metric("turnpike_store_settlements_queued", &[]) >= 3.0);
+    gw.kill();
+
+    redis.restart();
+    gw.restart();
+    let took = wait_for_balance(&gw, "acct_jane", start - 4 * COST);
+    eprintln!("SIGKILL: 3 journalled settlements replayed {took:?} after the gateway restarted");
+    assert_eq!(gw.usage("account=acct_jane").requests, 4);
+    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 4");
+    wait_until(Duration::from_secs(5), "the replay is logged", || {
+        gw.log().contains("settlement journal holds")
+    });
+
+    // Written means done: another restart replays nothing.
+    gw.restart();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    assert_eq!(gw.settled_balance("acct_jane").balance, start - 5 * COST);
+    assert_eq!(gw.usage("account=acct_jane").requests, 5);
+    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 5");
+}
+
+#[test]
+fn two_calls_with_one_request_id_are_two_records_with_their_own_call_ids() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(redis.url()), json!({})).start();
+    for _ in 0..2 {
+        gw.call(AGENT)
+            .key(gw.jane())
+            .message("hi")
+            .header("X-Request-Id", "req-reused")
+            .send()
+            .assert_status(200);
+    }
+    let entries = redis.cli(&["XRANGE", "turnpike:usage", "-", "+"]);
+    assert_eq!(entries.matches("req-reused").count(), 2, "{entries}");
+    let stream_ids = call_ids(&entries);
+    assert_eq!(stream_ids.len(), 2, "{entries}");
+    assert_ne!(stream_ids[0], stream_ids[1]);
+    // The worker saw the same ids as `Idempotency-Key`, and so does the access log.
+    let sent: Vec<String> = w
+        .seen()
+        .iter()
+        .map(|s| s.header("idempotency-key").unwrap().to_owned())
+        .collect();
+    assert_eq!(sent, stream_ids);
+    // The access line is written as the call ends, just after its answer.
+    wait_until(Duration::from_secs(5), "both calls' access lines", || {
+        let log = gw.log();
+        stream_ids
+            .iter()
+            .all(|id| log.contains(&format!("call_id={id}")))
+    });
+}
+
+/// The gateway's call ids (`call_` and 20 characters) in `text`, in order.
+pub fn call_ids(text: &str) -> Vec<String> {
+    text.match_indices("call_")
+        .map(|(at, _)| &text[at..])
+        .filter_map(|rest| {
+            let id: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            (id.len() == "call_".len() + 20).then_some(id)
+        })
+        .collect()
+}
