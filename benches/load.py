@@ -54,6 +54,11 @@ def wait_port(port, timeout=20):
     raise RuntimeError(f"nothing listening on {port}")
 
 
+def logged(tmp, name):
+    """Popen arguments sending a target's output to a file, shown if it fails to start."""
+    return {"stdout": open(os.path.join(tmp, f"{name}.log"), "w"), "stderr": subprocess.STDOUT}
+
+
 def ensure_tools():
     missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx-light")) if not shutil.which(tool)]
     if missing:
@@ -215,14 +220,14 @@ keys:
                   nginx_port),
         "pingora-passthrough": (subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/examples/passthrough"),
                                                   f"127.0.0.1:{pass_port}", f"127.0.0.1:{worker_port}", "1"],
-                                                 stderr=subprocess.DEVNULL), pass_port),
+                                                 **logged(tmp, "pingora-passthrough")), pass_port),
         "turnpike": (subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
-                                       os.path.join(tmp, "turnpike.yaml")], stderr=subprocess.DEVNULL), tp_port),
+                                       os.path.join(tmp, "turnpike.yaml")], **logged(tmp, "turnpike")), tp_port),
     }
     if args.compare:
         targets["turnpike-compare"] = (
             subprocess.Popen([*PROXY_CPU, os.path.abspath(args.compare), "serve", "--config",
-                              os.path.join(tmp, "turnpike-compare.yaml")], stderr=subprocess.DEVNULL), cmp_port)
+                              os.path.join(tmp, "turnpike-compare.yaml")], **logged(tmp, "turnpike-compare")), cmp_port)
     if args.redis:
         redis_dir = os.path.join(tmp, "redis")
         os.makedirs(redis_dir)
@@ -232,18 +237,24 @@ keys:
         wait_port(redis_port)
         targets["turnpike-redis"] = (
             subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
-                              os.path.join(tmp, "turnpike-redis.yaml")], stderr=subprocess.DEVNULL), tpr_port)
+                              os.path.join(tmp, "turnpike-redis.yaml")], **logged(tmp, "turnpike-redis")), tpr_port)
         if args.compare:
             targets["turnpike-compare-redis"] = (
                 subprocess.Popen([*PROXY_CPU, os.path.abspath(args.compare), "serve", "--config",
-                                  os.path.join(tmp, "turnpike-compare-redis.yaml")], stderr=subprocess.DEVNULL),
+                                  os.path.join(tmp, "turnpike-compare-redis.yaml")],
+                                 **logged(tmp, "turnpike-compare-redis")),
                 cmpr_port)
     procs += [p for p, _ in targets.values()]
     path = f"/v1/agents/{AGENT}/chat"
     results = {name: [] for name in targets}
     try:
-        for port in [worker_port] + [p for _, p in targets.values()]:
-            wait_port(port)
+        for name, (_, port) in [("upstream", (None, worker_port))] + list(targets.items()):
+            try:
+                wait_port(port)
+            except RuntimeError:
+                log = os.path.join(tmp, f"{name}.log")
+                text = open(log).read() if os.path.exists(log) else "(no log)"
+                sys.exit(f"{name} did not start listening on {port}; its log:\n{text[-3000:]}")
         for name, (_, port) in targets.items():
             run_wrk(port, path, 2, args.connections, lua)  # warm-up: pools, caches, allocators
         stats_before = commandstats(redis_port) if args.redis else {}

@@ -48,6 +48,18 @@ fn wait_for_balance(gw: &TestGateway, account: &str, balance: i64) -> Duration {
     started.elapsed()
 }
 
+/// Whether Redis answers a `PING` within 50 ms.
+fn answers_ping(redis: &RedisServer) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = std::net::TcpStream::connect(redis.addr()) else {
+        return false;
+    };
+    conn.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut reply = [0u8; 7];
+    conn.write_all(b"PING\r\n").is_ok() && conn.read_exact(&mut reply).is_ok()
+}
+
 fn dropped(gw: &TestGateway) -> f64 {
     gw.metric("turnpike_store_settlements_dropped_total", &[])
 }
@@ -178,9 +190,11 @@ fn a_hung_redis_fails_calls_fast_and_its_late_writes_count_once() {
         .start();
     let start = gw.balance("acct_jane").balance;
     let reply = std::thread::scope(|s| {
-        let reply = with_a_call_in_flight(&gw, &w, 0.3, || {
-            s.spawn(|| redis.cli(&["DEBUG", "SLEEP", "2"]));
-            std::thread::sleep(Duration::from_millis(100));
+        let reply = with_a_call_in_flight(&gw, &w, 1.0, || {
+            s.spawn(|| redis.cli(&["DEBUG", "SLEEP", "3"]));
+            wait_until(Duration::from_secs(5), "Redis sleeps", || {
+                !answers_ping(&redis)
+            });
         });
         // Redis still sleeps: a new call is refused within its two tries' deadlines.
         let asked = Instant::now();
@@ -192,6 +206,7 @@ fn a_hung_redis_fails_calls_fast_and_its_late_writes_count_once() {
     reply.assert_status(200);
     // The settlement sent before the deadline ran out is applied when Redis wakes, and the
     // held copy of it then changes nothing.
+    assert!(gw.metric("turnpike_store_errors_total", &[("op", "settle")]) >= 1.0);
     let took = wait_for_balance(&gw, "acct_jane", start - COST);
     eprintln!("DEBUG SLEEP: settled {took:?} after Redis woke");
     assert_eq!(gw.usage("account=acct_jane").requests, 1);
@@ -273,7 +288,9 @@ fn a_gateway_killed_with_held_settlements_replays_each_exactly_once_after_its_re
         gw.log().contains("settlement journal holds")
     });
 
-    // Written means done: another restart replays nothing.
+    // Written means done: the journal is empty, and another restart replays nothing.
+    let journal = gw.files.dir.path().join("journal/settlements.journal");
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "{journal:?}");
     gw.restart();
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, start - 5 * COST);

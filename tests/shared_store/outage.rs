@@ -208,7 +208,8 @@ fn revoked_on_another_instance(
     let r = b.admin_delete("/admin/keys/key_jane");
     assert!((200..300).contains(&r.status), "revoke: {}", r.status);
     wait_until(
-        Duration::from_secs(1),
+        // Within 1 s as a rule (two_instances holds it to that); slack for a busy machine.
+        Duration::from_secs(5),
         "the revocation reaches the first",
         || a.chat(AGENT, a.jane(), "hi").status == 401,
     );

@@ -157,6 +157,11 @@ impl KnownKeys {
         }
     }
 
+    /// Whether this instance learned that `hash` was revoked.
+    pub fn is_revoked(&self, hash: &KeyHash) -> bool {
+        self.table.read().revoked.contains(hash)
+    }
+
     /// `record` as this instance knows it: revoked if it learned so.
     pub fn as_known(&self, hash: &KeyHash, record: Arc<KeyRecord>) -> Arc<KeyRecord> {
         if !record.revoked && self.table.read().revoked.contains(hash) {

@@ -49,7 +49,11 @@ impl Op {
     /// nothing twice for a call id that holds a reservation or a slot (a call that holds
     /// neither may lose one more request token, never more). Not the operator's changes.
     fn resend_safe(self) -> bool {
-        !matches!(self, Op::Admin)
+        !self.is_admin()
+    }
+
+    fn is_admin(self) -> bool {
+        matches!(self, Op::Admin)
     }
 }
 
@@ -63,6 +67,12 @@ struct OpMetrics {
 #[derive(Debug, thiserror::Error)]
 #[error("no answer within {0:?}")]
 struct NoAnswer(Duration);
+
+/// How a Redis call failed: before anything was sent (no connection), or after.
+enum Failure {
+    Connect(redis::RedisError),
+    Call(redis::RedisError),
+}
 
 /// A call not sent because Redis counts as down.
 #[derive(Debug, thiserror::Error)]
@@ -105,21 +115,35 @@ impl ConnectionLike for Conn {
 }
 
 /// How to open a connection; each runtime thread opens its own (see [`Link::conn`]).
+#[allow(clippy::large_enum_variant)] // one per store, made once
 enum Connector {
     Single(redis::Client, ConnectionManagerConfig),
-    Cluster(redis::cluster::ClusterClient),
+    /// The Cluster client resends a command whose answer was lost by itself, which the hot
+    /// path's idempotent scripts allow; the operator's changes go through a second client
+    /// that never resends, with the admin deadline.
+    Cluster(ClusterClients),
+}
+
+struct ClusterClients {
+    calls: redis::cluster::ClusterClient,
+    admin: redis::cluster::ClusterClient,
 }
 
 impl Connector {
     fn new(config: &StoreConfig) -> RedisResult<Self> {
         let connect_within = config.timeout.max(Duration::from_millis(500));
         if config.cluster {
-            let client = redis::cluster::ClusterClient::builder(config.urls.clone())
-                .connection_timeout(connect_within)
-                .response_timeout(config.timeout)
-                .retries(1)
-                .build()?;
-            return Ok(Connector::Cluster(client));
+            let client = |response_timeout, retries| {
+                redis::cluster::ClusterClient::builder(config.urls.clone())
+                    .connection_timeout(connect_within)
+                    .response_timeout(response_timeout)
+                    .retries(retries)
+                    .build()
+            };
+            return Ok(Connector::Cluster(ClusterClients {
+                calls: client(config.timeout, 1)?,
+                admin: client(ADMIN_TIMEOUT, 0)?,
+            }));
         }
         let client = redis::Client::open(config.urls[0].as_str())?;
         let manager = ConnectionManagerConfig::new()
@@ -129,12 +153,19 @@ impl Connector {
         Ok(Connector::Single(client, manager))
     }
 
-    async fn connect(&self) -> RedisResult<Conn> {
+    async fn connect(&self, op: Op) -> RedisResult<Conn> {
         match self {
             Connector::Single(client, config) => Ok(Conn::Single(
                 ConnectionManager::new_with_config(client.clone(), config.clone()).await?,
             )),
-            Connector::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+            Connector::Cluster(clients) => {
+                let client = if op.is_admin() {
+                    &clients.admin
+                } else {
+                    &clients.calls
+                };
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
         }
     }
 }
@@ -160,7 +191,7 @@ impl Link {
         let unreachable = |message: String| StoreError::new(StoreErrorKind::Unreachable, message);
         let connector =
             Connector::new(config).map_err(|e| unreachable(format!("store.url: {e}")))?;
-        match tokio::time::timeout(ADMIN_TIMEOUT, connector.connect()).await {
+        match tokio::time::timeout(ADMIN_TIMEOUT, connector.connect(Op::Key)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(unreachable(format!("Redis at {urls}: {e}"))),
             Err(_) => return Err(unreachable(format!("Redis at {urls} did not answer"))),
@@ -219,7 +250,7 @@ impl Link {
         call: impl Fn() -> F,
     ) -> Result<T, StoreError>
     where
-        F: Future<Output = RedisResult<T>>,
+        F: Future<Output = Result<T, Failure>>,
     {
         let metrics = &self.ops[op as usize];
         if self.is_down() {
@@ -234,11 +265,21 @@ impl Link {
             metrics.duration.observe(started.elapsed().as_secs_f64());
             let error = match result {
                 Ok(Ok(value)) => return Ok(value),
-                Ok(Err(error)) => StoreError::new(classify(&error), error),
+                Ok(Err(Failure::Connect(error))) => {
+                    StoreError::new(StoreErrorKind::Unreachable, error)
+                }
+                Ok(Err(Failure::Call(error))) => StoreError::new(classify(&error), error),
                 Err(_) => StoreError::new(StoreErrorKind::Unanswered, NoAnswer(deadline)),
             };
             if error.kind != StoreErrorKind::Unanswered || attempt == attempts {
-                break error;
+                // A resend that failed another way does not undo that the first send may
+                // have been applied.
+                break match error.kind {
+                    StoreErrorKind::Transient | StoreErrorKind::Unreachable if attempt > 1 => {
+                        StoreError::new(StoreErrorKind::Unanswered, error)
+                    }
+                    _ => error,
+                };
             }
             attempt += 1;
         };
@@ -280,8 +321,8 @@ impl Link {
         }
         let call = &call;
         self.run(op, deadline, || async move {
-            let mut conn = self.conn().await?;
-            call.invoke_async(&mut conn).await
+            let mut conn = self.conn(op).await.map_err(Failure::Connect)?;
+            call.invoke_async(&mut conn).await.map_err(Failure::Call)
         })
         .await
     }
@@ -294,8 +335,8 @@ impl Link {
         cmd: &Cmd,
     ) -> Result<T, StoreError> {
         self.run(op, deadline, || async move {
-            let mut conn = self.conn().await?;
-            cmd.query_async(&mut conn).await
+            let mut conn = self.conn(op).await.map_err(Failure::Connect)?;
+            cmd.query_async(&mut conn).await.map_err(Failure::Call)
         })
         .await
     }
@@ -308,7 +349,7 @@ impl Link {
     /// Whether Redis answers `PING`, asked even while calls fail fast.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let ping = async {
-            let mut conn = self.conn().await?;
+            let mut conn = self.conn(Op::Admin).await?;
             redis::cmd("PING").query_async::<Value>(&mut conn).await
         };
         match tokio::time::timeout(ADMIN_TIMEOUT, ping).await {
@@ -324,21 +365,22 @@ impl Link {
     /// This thread's connection, made on first use. Each runtime thread has its own, so a
     /// call's Redis I/O runs on the thread that awaits it: no cross-thread wake-ups.
     /// A connection from before Redis was last unreachable is replaced, so no thread keeps
-    /// one that broke while it sat idle.
-    async fn conn(&self) -> RedisResult<Conn> {
+    /// one that broke while it sat idle. The operator's calls have their own on a Cluster.
+    async fn conn(&self, op: Op) -> RedisResult<Conn> {
         thread_local! {
-            static CONNECTIONS: std::cell::RefCell<HashMap<usize, (u64, Conn)>> =
+            static CONNECTIONS: std::cell::RefCell<HashMap<(usize, bool), (u64, Conn)>> =
                 std::cell::RefCell::new(HashMap::new());
         }
+        let which = (self.id, op.is_admin());
         let generation = self.generation.load(Ordering::Relaxed);
-        let cached = CONNECTIONS.with(|c| c.borrow().get(&self.id).cloned());
+        let cached = CONNECTIONS.with(|c| c.borrow().get(&which).cloned());
         if let Some((made_in, conn)) = cached {
             if made_in == generation {
                 return Ok(conn);
             }
         }
-        let conn = self.connector.connect().await?;
-        CONNECTIONS.with(|c| c.borrow_mut().insert(self.id, (generation, conn.clone())));
+        let conn = self.connector.connect(op).await?;
+        CONNECTIONS.with(|c| c.borrow_mut().insert(which, (generation, conn.clone())));
         Ok(conn)
     }
 }
@@ -359,6 +401,11 @@ const TRANSIENT_CODES: [&str; 9] = [
     "MISCONF",
 ];
 
+/// Error replies about the operation itself, which no retry can cure: a key of the wrong
+/// type, keys in different Cluster slots. A script that failed at run time is final too
+/// (its error names the script, whatever the code).
+const FINAL_CODES: [&str; 2] = ["WRONGTYPE", "CROSSSLOT"];
+
 /// What a failed Redis call says about the store: an error reply is transient or final by
 /// its code; a reply of the wrong shape is final; a refused connection sent nothing; any
 /// other failure (I/O, a dropped connection) may have come after Redis applied the call.
@@ -367,7 +414,7 @@ fn classify(error: &redis::RedisError) -> StoreErrorKind {
         return StoreErrorKind::Unreachable;
     }
     if let Some(code) = error.code() {
-        return reply_kind(code);
+        return reply_kind(code, error.detail().unwrap_or(""));
     }
     match error.kind() {
         redis::ErrorKind::UnexpectedReturnType => StoreErrorKind::Refused,
@@ -376,12 +423,17 @@ fn classify(error: &redis::RedisError) -> StoreErrorKind {
     }
 }
 
-/// An error reply's kind by its code (the reply's first word).
-fn reply_kind(code: &str) -> StoreErrorKind {
+/// An error reply's kind by its code (the reply's first word) and the rest of its text.
+/// Anything not known to be final counts as transient (`ERR max number of clients`,
+/// `NOAUTH`, an ACL refusal an operator can fix): a held settlement waits rather than
+/// being dropped.
+fn reply_kind(code: &str, detail: &str) -> StoreErrorKind {
     if TRANSIENT_CODES.contains(&code) {
         StoreErrorKind::Transient
-    } else {
+    } else if FINAL_CODES.contains(&code) || detail.contains("script") {
         StoreErrorKind::Refused
+    } else {
+        StoreErrorKind::Transient
     }
 }
 
@@ -392,17 +444,31 @@ mod tests {
     #[test]
     fn error_replies_are_transient_or_final_by_their_code() {
         for code in TRANSIENT_CODES {
-            assert_eq!(reply_kind(code), StoreErrorKind::Transient, "{code}");
+            let detail = "command not allowed when used memory > 'maxmemory'. script: 9f3c";
+            assert_eq!(
+                reply_kind(code, detail),
+                StoreErrorKind::Transient,
+                "{code}"
+            );
         }
-        for code in [
-            "ERR",
-            "WRONGTYPE",
-            "NOSCRIPT",
-            "CROSSSLOT",
-            "NOPERM",
-            "EXECABORT",
+        for code in FINAL_CODES {
+            assert_eq!(reply_kind(code, ""), StoreErrorKind::Refused, "{code}");
+        }
+        let script_failed = "user_script:12: attempt to index a number value script: 9f3c";
+        assert_eq!(reply_kind("ERR", script_failed), StoreErrorKind::Refused);
+        for (code, detail) in [
+            ("ERR", "max number of clients reached"),
+            ("NOAUTH", "Authentication required."),
+            (
+                "NOPERM",
+                "this user has no permissions to run the 'evalsha' command",
+            ),
         ] {
-            assert_eq!(reply_kind(code), StoreErrorKind::Refused, "{code}");
+            assert_eq!(
+                reply_kind(code, detail),
+                StoreErrorKind::Transient,
+                "{code}"
+            );
         }
     }
 

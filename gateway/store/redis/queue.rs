@@ -112,27 +112,24 @@ impl SettlementQueue {
         self.queued.set(items.len() as i64);
     }
 
-    /// A held settlement is written: the journal forgets it.
+    /// A held settlement is written (or what Redis refused of it given up): the journal
+    /// forgets it.
     pub fn written(&self, held: Held) {
-        self.finish(held);
-    }
-
-    /// Counts and logs, whole, a held settlement Redis refused for good; it is dropped.
-    pub fn give_up(&self, held: Held, error: &StoreError) {
-        self.dropped.inc();
-        tracing::error!(
-            %error,
-            settlement = %as_json(&held.owed),
-            "Redis refused a held settlement for good; it was dropped"
-        );
-        self.finish(held);
-    }
-
-    fn finish(&self, held: Held) {
         if let Some(journal) = &self.journal {
             let items = self.items.lock();
             journal.done(held.seq, items.is_empty());
         }
+    }
+
+    /// Counts and logs, whole, one write of a held settlement that Redis refused for good;
+    /// it is dropped.
+    pub fn give_up(&self, write: &Owed, error: &StoreError) {
+        self.dropped.inc();
+        tracing::error!(
+            %error,
+            write = %serde_json::to_string(write).unwrap_or_default(),
+            "Redis refused a held settlement's write for good; it was dropped"
+        );
     }
 
     pub fn is_empty(&self) -> bool {

@@ -135,16 +135,25 @@ impl RedisStore {
         keys: &[(KeyHash, KeyRecord)],
         accounts: &[AccountSeed],
     ) -> Result<(), StoreError> {
-        self.seeding.remember(keys, accounts);
+        // One seed at a time: a reload and a re-seed after lost state must not interleave.
+        let _one_at_a_time = self.seeding.lock().await;
         let listed: HashSet<&str> = keys.iter().map(|(_, r)| r.id.as_str()).collect();
         let seeded: Vec<String> = self
             .link
             .admin(redis::cmd("SMEMBERS").arg(CONFIG_KEYS))
             .await?;
-        let revoked: HashSet<String> = self
+        let mut revoked: HashSet<String> = self
             .link
             .admin(redis::cmd("SMEMBERS").arg(REVOKED_KEYS))
             .await?;
+        // A revocation this instance learned outlives a Redis that lost it.
+        for (hash, _) in keys {
+            if self.keys.is_revoked(hash) && revoked.insert(hash.to_hex()) {
+                self.link
+                    .admin::<Value>(redis::cmd("SADD").arg(REVOKED_KEYS).arg(hash.to_hex()))
+                    .await?;
+            }
+        }
         for gone in seeded.iter().filter(|id| !listed.contains(id.as_str())) {
             self.remove_key(gone).await?;
             self.link
@@ -215,10 +224,12 @@ impl RedisStore {
                 self.keys.revoke(hash);
             }
         }
-        // Last: its presence says everything above is in Redis.
+        // Last: its presence says everything above is in Redis; from now on its absence
+        // means Redis lost it.
         self.link
             .admin::<Value>(redis::cmd("SET").arg(SEEDED).arg("1"))
             .await?;
+        self.seeding.remember(keys, accounts);
         self.announce(KeyEvent::AllChanged).await;
         Ok(())
     }

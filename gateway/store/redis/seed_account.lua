@@ -7,7 +7,7 @@ if redis.call('HEXISTS', KEYS[1], 'balance') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'balance', ARGV[1])
 local debit = redis.call('HGET', KEYS[1], 'debit_before_seed')
 if debit then
-  redis.pcall('HINCRBY', KEYS[1], 'balance', '-' .. debit)
+  redis.call('HINCRBY', KEYS[1], 'balance', '-' .. debit)
   redis.call('HDEL', KEYS[1], 'debit_before_seed')
 end
 return 1

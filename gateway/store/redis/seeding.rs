@@ -26,7 +26,10 @@ const LOST: &str = "admin-made keys, balance changes, usage totals and the usage
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Seeding {
+    /// The last seed that completed: until one has, there is no marker to miss.
     last: Mutex<Option<Arc<Seed>>>,
+    /// Held by each seed while it runs.
+    running: tokio::sync::Mutex<()>,
     wake: Notify,
     lost: IntCounter,
     /// When Redis was last found to have lost its state (Unix ms; 0: never).
@@ -43,6 +46,7 @@ impl Seeding {
     pub fn new(lost: IntCounter) -> Self {
         Self {
             last: Mutex::new(None),
+            running: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             lost,
             lost_at_ms: AtomicU64::new(0),
@@ -66,6 +70,11 @@ impl Seeding {
             keys: keys.to_vec(),
             accounts: accounts.to_vec(),
         }));
+    }
+
+    /// Taken by a seed for as long as it runs.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.running.lock().await
     }
 
     /// Looks for the marker now rather than at the next tick.

@@ -101,16 +101,22 @@ impl RedisStore {
     /// written or dropped.
     async fn flush(&self) -> Result<(), StoreError> {
         while let Some(mut held) = self.queue.next() {
-            match self.write(&mut held.owed).await {
-                Ok(()) => self.queue.written(held),
-                // Redis refused it for good: retrying cannot help, and must not hold up
-                // everything queued behind it.
-                Err(error) if !error.kind.is_transient() => self.queue.give_up(held, &error),
-                Err(error) => {
-                    self.queue.put_back(held);
-                    return Err(error);
+            loop {
+                match self.write(&mut held.owed).await {
+                    Ok(()) => break,
+                    // Redis refused this write for good: retrying cannot help, and must not
+                    // hold up the settlement's other writes or those queued behind it.
+                    Err(error) if !error.kind.is_transient() => {
+                        let refused = held.owed.remove(0);
+                        self.queue.give_up(&refused, &error);
+                    }
+                    Err(error) => {
+                        self.queue.put_back(held);
+                        return Err(error);
+                    }
                 }
             }
+            self.queue.written(held);
         }
         Ok(())
     }
@@ -127,11 +133,14 @@ pub(super) async fn flush_held_settlements(store: Weak<RedisStore>) {
             wait = FLUSH_EVERY;
             continue;
         }
-        let answered = store.link.ping().await;
-        if answered.is_ok() {
-            store.link.mark_up();
-        }
-        match answered.and(store.flush().await) {
+        let flushed = match store.link.ping().await {
+            Ok(()) => {
+                store.link.mark_up();
+                store.flush().await
+            }
+            Err(error) => Err(error),
+        };
+        match flushed {
             Ok(()) => wait = FLUSH_EVERY,
             Err(error) => {
                 wait = (wait * 2).min(MAX_BACKOFF);
