@@ -11,7 +11,7 @@ use turnpike_core::body::{forwarded_body, is_json_content_type, parse_chat, Body
 use turnpike_core::ids::{is_session_id, new_request_id};
 use turnpike_core::keys::{bearer_token, looks_like_key, KeyHash, KeyRecord};
 use turnpike_core::limits::Policy;
-use turnpike_core::route::match_route;
+use turnpike_core::route::{match_route, request_line_target, target_path};
 
 use super::ctx::CallRecord;
 use crate::clock::unix_now;
@@ -52,24 +52,36 @@ pub fn request_id(head: &RequestHeader) -> String {
 pub async fn authenticate<'s>(
     services: &Services,
     snapshot: &'s Snapshot,
-    head: &RequestHeader,
+    session: &Session,
     record: &mut CallRecord,
 ) -> Result<Authenticated<'s>, GatewayError> {
+    let head = session.req_header();
     let limit = snapshot.config.limits.max_header_bytes;
     if head_size(head) > limit {
         return Err(GatewayError::HeadersTooLarge { limit });
     }
-    let agent_id = match_route(head.method.as_str(), head.uri.path())?.agent_id;
-    let token = bearer_token(
-        head.headers
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-    )?;
+    // The target as the client sent it, not as the parser kept it: a fragment the parser
+    // dropped must not leave the rest to match.
+    let raw_head = session.as_downstream().to_h1_raw();
+    let path = target_path(request_line_target(&raw_head))?;
+    let agent_id = match_route(head.method.as_str(), path)?.agent_id;
+    let token = bearer_token(only_authorization(head)?)?;
     let key = live_key(services, token).await?;
     let route = snapshot.route(agent_id);
     record.agent = route.map(|r| Arc::clone(&r.agent));
     record.key = Some(Arc::clone(&key));
     Ok(Authenticated { key, route })
+}
+
+/// The one `Authorization` header's value; two are malformed (which one would a server
+/// behind believe?).
+fn only_authorization(head: &RequestHeader) -> Result<Option<&[u8]>, GatewayError> {
+    let mut values = head.headers.get_all(http::header::AUTHORIZATION).iter();
+    let first = values.next().map(|v| v.as_bytes());
+    match values.next() {
+        Some(_) => Err(GatewayError::MissingApiKey),
+        None => Ok(first),
+    }
 }
 
 /// The live key a bearer token names; 401 for anything else, 503 when the store cannot say.

@@ -82,7 +82,7 @@ async fn run(
     ids: &CallIds,
     record: &mut CallRecord,
 ) -> Result<Answered, Refused> {
-    let caller = intake::authenticate(services, snapshot, session.req_header(), record)
+    let caller = intake::authenticate(services, snapshot, session, record)
         .await
         .map_err(Refused::plain)?;
     // From here on the caller is known: every refusal carries its `RateLimit-*` numbers.

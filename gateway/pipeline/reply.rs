@@ -9,7 +9,9 @@ use turnpike_core::limits::Quota;
 
 use super::meter::MeteredAnswer;
 use crate::error::GatewayError;
-use crate::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, X_REQUEST_ID};
+use crate::headers::{
+    connection_options, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, X_REQUEST_ID,
+};
 
 /// Worker headers that describe the worker's connection or framing, not the answer.
 const HOP_BY_HOP: [&str; 7] = [
@@ -51,6 +53,9 @@ pub async fn send_answer(
     answer: MeteredAnswer,
 ) -> pingora::Result<()> {
     let mut header = answer.header;
+    for name in connection_options(&header.headers) {
+        header.remove_header(name.as_str());
+    }
     for name in HOP_BY_HOP {
         header.remove_header(name);
     }

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use crate::config::PoolConfig;
 use crate::headers::{
-    IDEMPOTENCY_KEY, X_ACCOUNT_ID, X_AGENT_ID, X_FORWARDED_FOR, X_KEY_ID, X_REQUEST_ID,
-    X_SESSION_ID,
+    connection_options, IDEMPOTENCY_KEY, X_ACCOUNT_ID, X_AGENT_ID, X_FORWARDED_FOR, X_KEY_ID,
+    X_REQUEST_ID, X_SESSION_ID,
 };
 
 /// Client headers a worker never sees: credentials, identities the gateway asserts itself,
@@ -30,6 +30,20 @@ const DROPPED_HEADERS: [&str; 17] = [
     "upgrade",
     "expect",
 ];
+
+/// Whether a client header is kept from the worker. A name with `_` counts as the one it
+/// folds to (`X_Account_Id` is `x-account-id` to a CGI or WSGI worker), so no spelling of
+/// an identity header gets past.
+fn is_dropped(name: &str) -> bool {
+    if DROPPED_HEADERS.contains(&name) {
+        return true;
+    }
+    if !name.contains('_') {
+        return false;
+    }
+    let folded = name.replace('_', "-");
+    DROPPED_HEADERS.contains(&folded.as_str()) || folded == X_FORWARDED_FOR.as_str()
+}
 
 /// Who the gateway says is calling, for the worker's identity headers.
 pub struct Identity<'a> {
@@ -59,8 +73,13 @@ pub fn outgoing_head(
         path.as_bytes(),
         Some(client.headers.len() + 8),
     )?;
+    let connection_options = connection_options(&client.headers);
     for (name, value) in &client.headers {
-        if !DROPPED_HEADERS.contains(&name.as_str()) && name != http::header::CONTENT_LENGTH {
+        let name_str = name.as_str();
+        if !is_dropped(name_str)
+            && name != http::header::CONTENT_LENGTH
+            && !connection_options.iter().any(|o| o == name_str)
+        {
             header.append_header(name.clone(), value.clone())?;
         }
     }

@@ -446,3 +446,29 @@ fn slow_worker_is_504_at_the_timeout() {
         "answered after {took:?}, before the timeout"
     );
 }
+
+#[test]
+fn two_authorization_headers_are_401_whichever_comes_first() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let body = br#"{"message":"hi"}"#;
+    let good = format!("Bearer {}", gw.jane());
+    for pair in [
+        [good.as_str(), "Bearer garbage"],
+        ["Bearer garbage", good.as_str()],
+        [good.as_str(), good.as_str()],
+    ] {
+        let r = gw.raw_request(
+            "POST",
+            &chat_path(AGENT),
+            &[
+                ("Authorization", pair[0]),
+                ("Authorization", pair[1]),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        );
+        r.error(401, "missing_api_key");
+    }
+    assert_eq!(w.count(), 0);
+}

@@ -309,3 +309,57 @@ fn expect_100_continue_is_answered_before_the_body_is_sent() {
     assert_eq!(r.json()["response"], "w1: continued");
     assert_eq!(w.last().body["message"], "continued");
 }
+
+#[test]
+fn identity_headers_spelt_with_underscores_and_connection_named_headers_stay_behind() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let body = br#"{"message":"hi"}"#;
+    let key = format!("Bearer {}", gw.jane());
+    gw.raw_request(
+        "POST",
+        &chat_path(AGENT),
+        &[
+            ("Authorization", key.as_str()),
+            ("Content-Type", "application/json"),
+            ("X_Account_Id", "acct_evil"),
+            ("X_Key_Id", "key_evil"),
+            ("x_forwarded_for", "10.6.6.6"),
+            ("Idempotency_Key", "mine"),
+            ("Connection", "X-Hop-Secret, x-other-hop"),
+            ("X-Hop-Secret", "s"),
+            ("X-Other-Hop", "o"),
+            ("X-Plain_Underscore", "kept"),
+        ],
+        body,
+    )
+    .assert_status(200);
+    let seen = w.last();
+    for gone in [
+        "x_account_id",
+        "x_key_id",
+        "x_forwarded_for",
+        "idempotency_key",
+        "x-hop-secret",
+        "x-other-hop",
+    ] {
+        assert_eq!(seen.header(gone), None, "{gone} reached the worker");
+    }
+    assert_eq!(seen.header_values("x-account-id"), vec!["acct_jane"]);
+    assert_eq!(seen.header_values("x-forwarded-for"), vec!["127.0.0.1"]);
+    assert!(seen
+        .header("idempotency-key")
+        .is_some_and(|k| k.starts_with("call_")));
+    // An underscore name that is no gateway header passes.
+    assert_eq!(seen.header("x-plain_underscore"), Some("kept"));
+}
+
+#[test]
+fn headers_the_worker_names_in_connection_stay_behind() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let r = gw.chat(AGENT, gw.jane(), Script::hop_header());
+    r.assert_status(200);
+    assert_eq!(r.header("x-worker-hop"), None);
+    assert_eq!(r.header("x-worker-kept"), Some("yes"));
+}

@@ -52,6 +52,10 @@ fn path_tricks_are_404_and_reach_no_worker() {
         format!("/v1/agents/ag_{}/chat", "a".repeat(65)),
         "/v1/agents/ag_/chat".to_string(),
         "/v1/agents/ag_bad.dot/chat".to_string(),
+        // A fragment never goes on the wire; a parser that drops it would match the rest.
+        format!("/v1/agents/{a}/chat#/../../admin"),
+        format!("/v1/agents/{a}/chat#"),
+        format!("/v1/agents/{a}/chat?x=1#y"),
     ];
     for target in &tricks {
         let r = chat_over_raw(&gw, target);

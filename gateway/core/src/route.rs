@@ -24,6 +24,26 @@ pub enum RouteMiss {
     MethodNotAllowed { allow: &'static str },
 }
 
+/// The request target of a raw HTTP/1 head (`POST <target> HTTP/1.1`), byte for byte, before
+/// any parser tidied it (Pingora drops a fragment, for one).
+pub fn request_line_target(head: &[u8]) -> &[u8] {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let mut parts = line.split(|b| *b == b' ').filter(|p| !p.is_empty());
+    parts.next();
+    parts.next().unwrap_or_default()
+}
+
+/// The path of a request target exactly as it came on the wire: everything before `?`.
+/// A target with a fragment (`#`, which no client sends on the wire and which a parser
+/// would silently drop) or bytes that are not UTF-8 names no path.
+pub fn target_path(target: &[u8]) -> Result<&str, RouteMiss> {
+    let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+    if target.contains(&b'#') {
+        return Err(RouteMiss::NotFound);
+    }
+    std::str::from_utf8(path).map_err(|_| RouteMiss::NotFound)
+}
+
 /// Matches `POST /v1/agents/{agent_id}/chat`; `path` excludes the query string.
 /// A well-formed chat path with another method is a [`RouteMiss::MethodNotAllowed`].
 pub fn match_route<'a>(method: &str, path: &'a str) -> Result<ChatRoute<'a>, RouteMiss> {
@@ -151,6 +171,32 @@ mod tests {
             let got = match_route(method, path).map(|r| r.agent_id);
             assert_eq!(&got, expected, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn the_target_is_read_off_the_request_line() {
+        let head = b"POST /v1/agents/ag_x/chat#frag HTTP/1.1\r\nHost: h\r\n\r\n";
+        assert_eq!(request_line_target(head), b"/v1/agents/ag_x/chat#frag");
+        assert_eq!(request_line_target(b""), b"");
+    }
+
+    #[test]
+    fn the_target_is_taken_as_sent() {
+        let chat = "/v1/agents/ag_x/chat";
+        assert_eq!(target_path(chat.as_bytes()), Ok(chat));
+        assert_eq!(
+            target_path(b"/v1/agents/ag_x/chat?a=1#b"),
+            Err(RouteMiss::NotFound)
+        );
+        assert_eq!(target_path(b"/v1/agents/ag_x/chat?a=1"), Ok(chat));
+        assert_eq!(
+            target_path(b"/v1/agents/ag_x/chat#/../../admin"),
+            Err(RouteMiss::NotFound)
+        );
+        assert_eq!(
+            target_path(b"/v1/agents/ag_\xff/chat"),
+            Err(RouteMiss::NotFound)
+        );
     }
 
     #[test]

@@ -46,7 +46,12 @@ impl RedisStore {
         };
         let reply: Vec<Option<i64>> = self
             .link
-            .invoke_within(Op::Admin, ADMIN_TIMEOUT, &self.balance_script, &invocation)
+            .invoke_within(
+                Op::AdminOnce,
+                ADMIN_TIMEOUT,
+                &self.balance_script,
+                &invocation,
+            )
             .await?;
         Ok(match reply.split_first() {
             Some((Some(CHANGED), fields)) => match account_state(fields) {

@@ -28,11 +28,21 @@ pub enum Op {
     Admit,
     Quota,
     Settle,
+    /// The operator's reads and idempotent writes (`SET`, `HSET`, `SADD`, `DEL`).
     Admin,
+    /// The operator's changes that must not be sent twice (a balance `add`, a `SET NX`).
+    AdminOnce,
 }
 
 impl Op {
-    const ALL: [Op; 5] = [Op::Key, Op::Admit, Op::Quota, Op::Settle, Op::Admin];
+    const ALL: [Op; 6] = [
+        Op::Key,
+        Op::Admit,
+        Op::Quota,
+        Op::Settle,
+        Op::Admin,
+        Op::AdminOnce,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -40,20 +50,20 @@ impl Op {
             Op::Admit => "admit",
             Op::Quota => "quota",
             Op::Settle => "settle",
-            Op::Admin => "admin",
+            Op::Admin | Op::AdminOnce => "admin",
         }
     }
 
-    /// Whether sending the operation twice has the effect of sending it once: reads;
-    /// settlement, whose scripts mark each call id done; and admission, whose script takes
-    /// nothing twice for a call id that holds a reservation or a slot (a call that holds
-    /// neither may lose one more request token, never more). Not the operator's changes.
+    /// Whether sending the operation twice has the effect of sending it once: reads and
+    /// idempotent writes; settlement, whose scripts mark each call id done; and admission,
+    /// whose script takes nothing twice for a call id that holds a reservation or a slot (a
+    /// call that holds neither may lose one more request token, never more).
     fn resend_safe(self) -> bool {
-        !self.is_admin()
+        !matches!(self, Op::AdminOnce)
     }
 
     fn is_admin(self) -> bool {
-        matches!(self, Op::Admin)
+        matches!(self, Op::Admin | Op::AdminOnce)
     }
 }
 
@@ -181,7 +191,7 @@ pub struct Link {
     /// Milliseconds since `epoch` until which Redis counts as down (0: up).
     down_until_ms: AtomicU64,
     epoch: Instant,
-    ops: [OpMetrics; 5],
+    ops: [OpMetrics; 6],
 }
 
 impl Link {
@@ -344,6 +354,11 @@ impl Link {
     /// One command with the admin deadline.
     pub async fn admin<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
         self.query(Op::Admin, ADMIN_TIMEOUT, cmd).await
+    }
+
+    /// One command with the admin deadline, never sent twice.
+    pub async fn admin_once<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        self.query(Op::AdminOnce, ADMIN_TIMEOUT, cmd).await
     }
 
     /// Whether Redis answers `PING`, asked even while calls fail fast.

@@ -85,7 +85,7 @@ impl RedisStore {
     ) -> Result<bool, StoreError> {
         let claimed: Option<String> = self
             .link
-            .admin(
+            .admin_once(
                 redis::cmd("SET")
                     .arg(key_index(&record.id))
                     .arg(hash.to_hex())

@@ -42,6 +42,8 @@ pub struct Script {
     pub no_session: bool,
     /// Pads the answer with this many bytes.
     pub padding: Option<usize>,
+    /// Answers with `Connection: X-Worker-Hop`, `X-Worker-Hop` and `X-Worker-Kept`.
+    pub hop_header: bool,
     pub ending: Option<Ending>,
 }
 
@@ -81,6 +83,13 @@ impl Script {
     pub fn padding(bytes: usize) -> Self {
         Self {
             padding: Some(bytes),
+            ..Self::default()
+        }
+    }
+
+    pub fn hop_header() -> Self {
+        Self {
+            hop_header: true,
             ..Self::default()
         }
     }
@@ -134,6 +143,7 @@ impl Script {
                 "padding" => script.padding = Some(number(&mut words, "padding")? as usize),
                 "hold" => script.hold = true,
                 "nosession" => script.no_session = true,
+                "hopheader" => script.hop_header = true,
                 "close" => script.ending = Some(Ending::Close),
                 "garbage" => script.ending = Some(Ending::Garbage),
                 "badusage" => {
@@ -181,6 +191,9 @@ impl fmt::Display for Script {
         if let Some(bytes) = self.padding {
             write!(f, " padding {bytes}")?;
         }
+        if self.hop_header {
+            f.write_str(" hopheader")?;
+        }
         match self.ending {
             Some(Ending::Close) => f.write_str(" close"),
             Some(Ending::Garbage) => f.write_str(" garbage"),
@@ -198,6 +211,7 @@ fn scripts_read_back_as_written_and_unknown_words_are_refused() {
         Script::bad_usage(BadUsage::Strings),
         Script::no_session(),
         Script::padding(1000),
+        Script::hop_header(),
         Script::close(),
         Script::garbage(),
         Script::default(),

@@ -253,7 +253,7 @@ fn answer(out: &mut TcpStream, name: &str, body: &Value, shared: &Shared) -> boo
         Err(problem) => {
             // The test wrote a script the worker cannot follow: fail it, loudly.
             shared.script_errors.lock().unwrap().push(problem.clone());
-            return write_answer(out, 500, &json!({ "script_error": problem }));
+            return write_answer(out, 500, &json!({ "script_error": problem }), "");
         }
     };
     match script.ending {
@@ -299,14 +299,20 @@ fn answer(out: &mut TcpStream, name: &str, body: &Value, shared: &Shared) -> boo
             _ => Value::String("sess_worker_made".into()),
         };
     }
-    write_answer(out, script.status.unwrap_or(200), &resp)
+    let extra = if script.hop_header {
+        "Connection: X-Worker-Hop\r\nX-Worker-Hop: secret\r\nX-Worker-Kept: yes\r\n"
+    } else {
+        ""
+    };
+    write_answer(out, script.status.unwrap_or(200), &resp, extra)
 }
 
 /// Writes one JSON answer; false when the connection broke.
-fn write_answer(out: &mut TcpStream, status: u16, body: &Value) -> bool {
+/// `extra`: more header lines, each ending in CRLF.
+fn write_answer(out: &mut TcpStream, status: u16, body: &Value, extra: &str) -> bool {
     let data = serde_json::to_vec(body).unwrap();
     let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n",
         reason(status),
         data.len()
     );
