@@ -4,9 +4,9 @@
 use serde_json::json;
 use std::time::Duration;
 
-use crate::on_redis;
 use crate::support::redis::RedisCluster;
 use crate::support::*;
+use crate::{call_ids, calls_with_request_id, on_redis};
 
 #[test]
 fn a_call_the_agent_limit_refuses_gives_the_key_its_token_back() {
@@ -55,14 +55,7 @@ fn every_usage_entry_on_a_cluster_carries_its_own_call_id_once() {
     let cluster = RedisCluster::start();
     let w = Worker::start("w1");
     let gw = on_redis(&w, json!(cluster.urls()), json!({})).start();
-    for _ in 0..3 {
-        gw.call(AGENT)
-            .key(gw.jane())
-            .message("hi")
-            .header("X-Request-Id", "req-reused")
-            .send()
-            .assert_status(200);
-    }
+    calls_with_request_id(&gw, 3, "req-reused");
     assert_eq!(gw.usage_after("account=acct_jane", 3).requests, 3);
     let entries = cluster
         .nodes
@@ -70,7 +63,7 @@ fn every_usage_entry_on_a_cluster_carries_its_own_call_id_once() {
         .map(|node| node.cli(&["XRANGE", "turnpike:usage", "-", "+"]))
         .collect::<Vec<_>>()
         .join("\n");
-    let ids = crate::faults::call_ids(&entries);
+    let ids = call_ids(&entries);
     assert_eq!(ids.len(), 3, "{entries}");
     assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
 }

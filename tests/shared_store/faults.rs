@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::on_redis;
 use crate::support::redis::RedisServer;
 use crate::support::*;
+use crate::{call_ids, calls_with_request_id, on_redis};
 
 /// What one call costs at the test config's prices: 45 input and 32 output tokens at 1 and
 /// 2 units per token.
@@ -60,6 +60,16 @@ fn answers_ping(redis: &RedisServer) -> bool {
     conn.write_all(b"PING\r\n").is_ok() && conn.read_exact(&mut reply).is_ok()
 }
 
+/// `calls` metered calls are recorded once each: in the usage totals and the usage stream,
+/// and nothing was dropped.
+#[track_caller]
+fn assert_recorded_once(gw: &TestGateway, redis: &RedisServer, calls: u64) {
+    assert_eq!(gw.usage("account=acct_jane").requests, calls as i64);
+    let entries = format!("(integer) {calls}");
+    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), entries);
+    assert_eq!(dropped(gw), 0.0);
+}
+
 fn dropped(gw: &TestGateway) -> f64 {
     gw.metric("turnpike_store_settlements_dropped_total", &[])
 }
@@ -98,9 +108,7 @@ fn out_of_memory_holds_the_settlement_until_memory_frees_and_charges_it_once() {
     redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
     let took = wait_for_balance(&gw, "acct_jane", start - COST);
     eprintln!("OOM: held settlement written {took:?} after memory freed");
-    assert_eq!(gw.usage("account=acct_jane").requests, 1);
-    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 1");
-    assert_eq!(dropped(&gw), 0.0);
+    assert_recorded_once(&gw, &redis, 1);
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
 }
 
@@ -152,8 +160,7 @@ fn a_failover_that_leaves_redis_read_only_holds_the_settlement_until_it_is_prima
     redis.cli(&["REPLICAOF", "NO", "ONE"]);
     let took = wait_for_balance(&gw, "acct_jane", start - COST);
     eprintln!("READONLY: held settlement written {took:?} after promotion");
-    assert_eq!(gw.usage("account=acct_jane").requests, 1);
-    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 1");
+    assert_recorded_once(&gw, &redis, 1);
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
 }
 
@@ -176,9 +183,7 @@ fn connections_killed_mid_call_lose_nothing_and_fail_no_call() {
     }
     let took = wait_for_balance(&gw, "acct_jane", start - 4 * COST);
     eprintln!("CLIENT KILL: all four settled {took:?} after the last call");
-    assert_eq!(gw.usage("account=acct_jane").requests, 4);
-    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 4");
-    assert_eq!(dropped(&gw), 0.0);
+    assert_recorded_once(&gw, &redis, 4);
 }
 
 #[test]
@@ -209,9 +214,7 @@ fn a_hung_redis_fails_calls_fast_and_its_late_writes_count_once() {
     assert!(gw.metric("turnpike_store_errors_total", &[("op", "settle")]) >= 1.0);
     let took = wait_for_balance(&gw, "acct_jane", start - COST);
     eprintln!("DEBUG SLEEP: settled {took:?} after Redis woke");
-    assert_eq!(gw.usage("account=acct_jane").requests, 1);
-    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 1");
-    assert_eq!(dropped(&gw), 0.0);
+    assert_recorded_once(&gw, &redis, 1);
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
 }
 
@@ -219,12 +222,7 @@ fn a_hung_redis_fails_calls_fast_and_its_late_writes_count_once() {
 fn an_empty_restart_is_seeded_again_and_the_held_charge_comes_off_the_starting_balance() {
     let redis = RedisServer::start();
     let w = Worker::start("w1");
-    let gw = on_redis(
-        &w,
-        json!(redis.url()),
-        json!({"on_unavailable": "fail_open", "timeout": "200ms"}),
-    )
-    .start();
+    let gw = crate::outage::gateway(&redis, &w, "fail_open");
     let starting = gw.balance("acct_jane").balance;
     redis.stop();
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
@@ -282,8 +280,7 @@ fn a_gateway_killed_with_held_settlements_replays_each_exactly_once_after_its_re
     gw.restart();
     let took = wait_for_balance(&gw, "acct_jane", start - 4 * COST);
     eprintln!("SIGKILL: 3 journalled settlements replayed {took:?} after the gateway restarted");
-    assert_eq!(gw.usage("account=acct_jane").requests, 4);
-    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 4");
+    assert_recorded_once(&gw, &redis, 4);
     wait_until(Duration::from_secs(5), "the replay is logged", || {
         gw.log().contains("settlement journal holds")
     });
@@ -294,8 +291,7 @@ fn a_gateway_killed_with_held_settlements_replays_each_exactly_once_after_its_re
     gw.restart();
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, start - 5 * COST);
-    assert_eq!(gw.usage("account=acct_jane").requests, 5);
-    assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), "(integer) 5");
+    assert_recorded_once(&gw, &redis, 5);
 }
 
 #[test]
@@ -303,14 +299,7 @@ fn two_calls_with_one_request_id_are_two_records_with_their_own_call_ids() {
     let redis = RedisServer::start();
     let w = Worker::start("w1");
     let gw = on_redis(&w, json!(redis.url()), json!({})).start();
-    for _ in 0..2 {
-        gw.call(AGENT)
-            .key(gw.jane())
-            .message("hi")
-            .header("X-Request-Id", "req-reused")
-            .send()
-            .assert_status(200);
-    }
+    calls_with_request_id(&gw, 2, "req-reused");
     let entries = redis.cli(&["XRANGE", "turnpike:usage", "-", "+"]);
     assert_eq!(entries.matches("req-reused").count(), 2, "{entries}");
     let stream_ids = call_ids(&entries);
@@ -330,18 +319,4 @@ fn two_calls_with_one_request_id_are_two_records_with_their_own_call_ids() {
             .iter()
             .all(|id| log.contains(&format!("call_id={id}")))
     });
-}
-
-/// The gateway's call ids (`call_` and 20 characters) in `text`, in order.
-pub fn call_ids(text: &str) -> Vec<String> {
-    text.match_indices("call_")
-        .map(|(at, _)| &text[at..])
-        .filter_map(|rest| {
-            let id: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            (id.len() == "call_".len() + 20).then_some(id)
-        })
-        .collect()
 }

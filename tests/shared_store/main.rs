@@ -29,3 +29,29 @@ pub fn on_redis(worker: &Worker, url: Value, extra: Value) -> GatewayBuilder {
     }
     TestGateway::builder().worker(worker).store(store)
 }
+
+/// Sends `n` chat calls that all carry the client request id `request_id`.
+pub fn calls_with_request_id(gw: &TestGateway, n: usize, request_id: &str) {
+    for _ in 0..n {
+        gw.call(support::AGENT)
+            .key(gw.jane())
+            .message("hi")
+            .header("X-Request-Id", request_id)
+            .send()
+            .assert_status(200);
+    }
+}
+
+/// The gateway's call ids (`call_` and 20 characters) in `text`, in order.
+pub fn call_ids(text: &str) -> Vec<String> {
+    text.match_indices("call_")
+        .map(|(at, _)| &text[at..])
+        .filter_map(|rest| {
+            let id: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            (id.len() == "call_".len() + 20).then_some(id)
+        })
+        .collect()
+}

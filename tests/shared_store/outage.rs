@@ -13,7 +13,8 @@ use crate::support::*;
 /// deadline is 200 ms here, plus the worker's answer and a loaded machine's slack.
 const PROMPT: Duration = Duration::from_millis(1500);
 
-fn gateway(redis: &RedisServer, w: &Worker, mode: &str) -> TestGateway {
+/// A gateway on `redis` in `mode` with a 200 ms deadline.
+pub fn gateway(redis: &RedisServer, w: &Worker, mode: &str) -> TestGateway {
     on_redis(
         w,
         json!(redis.url()),
