@@ -29,9 +29,11 @@ pub enum GatewayError {
     AgentNotFound,
     #[error("Not found")]
     NotFound,
-    #[error("Method not allowed; use POST")]
+    #[error("Method not allowed; use {allow}")]
     /// `allow`: the methods the path takes, for the `Allow` header.
     MethodNotAllowed { allow: &'static str },
+    #[error("The request body did not arrive in time (limits.body_timeout)")]
+    RequestTimeout,
     #[error("Request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("Content-Type must be application/json")]
@@ -46,6 +48,9 @@ pub enum GatewayError {
     HeadersTooLarge { limit: usize },
     #[error("Upstream unavailable")]
     UpstreamUnavailable,
+    /// The worker answered 2xx with a `usage` that is there but wrong (`on_invalid_usage: reject`).
+    #[error("The agent's worker reported invalid usage; the call was not charged")]
+    UpstreamInvalidUsage,
     #[error("State store unavailable")]
     StoreUnavailable,
     #[error("Upstream timed out")]
@@ -132,11 +137,12 @@ impl GatewayError {
             GatewayError::InsufficientBalance => 402,
             GatewayError::AgentNotFound | GatewayError::NotFound => 404,
             GatewayError::MethodNotAllowed { .. } => 405,
+            GatewayError::RequestTimeout => 408,
             GatewayError::PayloadTooLarge { .. } => 413,
             GatewayError::UnsupportedMediaType => 415,
             GatewayError::RateLimited { .. } => 429,
             GatewayError::HeadersTooLarge { .. } => 431,
-            GatewayError::UpstreamUnavailable => 502,
+            GatewayError::UpstreamUnavailable | GatewayError::UpstreamInvalidUsage => 502,
             GatewayError::StoreUnavailable => 503,
             GatewayError::UpstreamTimeout => 504,
         }
@@ -156,11 +162,13 @@ impl GatewayError {
             GatewayError::AgentNotFound => "agent_not_found",
             GatewayError::NotFound => "not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
+            GatewayError::RequestTimeout => "request_timeout",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
             GatewayError::UnsupportedMediaType => "unsupported_media_type",
             GatewayError::RateLimited { .. } => "rate_limit_exceeded",
             GatewayError::HeadersTooLarge { .. } => "headers_too_large",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
+            GatewayError::UpstreamInvalidUsage => "upstream_invalid_usage",
             GatewayError::StoreUnavailable => "store_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
         }
@@ -178,11 +186,13 @@ impl GatewayError {
             | GatewayError::AgentNotFound
             | GatewayError::NotFound
             | GatewayError::MethodNotAllowed { .. }
+            | GatewayError::RequestTimeout
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::UnsupportedMediaType
             | GatewayError::RateLimited { .. }
             | GatewayError::HeadersTooLarge { .. }
             | GatewayError::UpstreamUnavailable
+            | GatewayError::UpstreamInvalidUsage
             | GatewayError::StoreUnavailable
             | GatewayError::UpstreamTimeout
             | GatewayError::Conflict { .. }
@@ -205,10 +215,12 @@ impl GatewayError {
             | GatewayError::InsufficientBalance
             | GatewayError::AgentNotFound
             | GatewayError::NotFound
+            | GatewayError::RequestTimeout
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::UnsupportedMediaType
             | GatewayError::HeadersTooLarge { .. }
             | GatewayError::UpstreamUnavailable
+            | GatewayError::UpstreamInvalidUsage
             | GatewayError::StoreUnavailable
             | GatewayError::UpstreamTimeout
             | GatewayError::Conflict { .. }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The top-level modules, each allowed to use only those before it.
-const LAYERS: [&str; 17] = [
+const LAYERS: [&str; 18] = [
     "clock",
     "headers",
     "logging",
@@ -19,6 +19,7 @@ const LAYERS: [&str; 17] = [
     "services",
     "pipeline",
     "proxy",
+    "edge",
     "reload",
     "admin",
     "demo",

@@ -11,7 +11,8 @@
 //! 4. `store`: shared state behind the `Store` traits (embedded, Redis).
 //! 5. `upstream`: pools, the worker's request head, the worker exchange.
 //! 6. `services`: what every call shares (the config snapshot, the store, metrics).
-//! 7. `pipeline`: one call as a pipeline of values; `proxy`: the Pingora glue over it.
+//! 7. `pipeline`: one call as a pipeline of values; `proxy`: the Pingora glue over it;
+//!    `edge`: the HTTP/1 front door that reads each head before Pingora parses it.
 //! 8. `reload`, `admin`: config reloads and the admin API.
 //! 9. `demo`, `server`, `cli`: the demo worker, the server's assembly, the command line.
 //!
@@ -33,6 +34,7 @@ pub mod upstream;
 
 pub mod services;
 
+pub mod edge;
 pub mod pipeline;
 pub mod proxy;
 

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub store_state_lost: IntCounter,
     pub config_reloads: IntCounterVec,
     pub usage_rejected: IntCounterVec,
+    pub invalid_usage: IntCounterVec,
     pub inflight: IntGauge,
     pub config_generation: IntGauge,
     pub config_last_success: IntGauge,
@@ -141,6 +142,12 @@ impl Metrics {
                 "turnpike_usage_rejected_total",
                 "2xx answers whose usage was not credited",
                 &["agent", "reason"],
+            ),
+            invalid_usage: counter(
+                "turnpike_invalid_usage_total",
+                "2xx answers whose usage was present but invalid, by what the gateway did \
+                 (action=rejected: 502 upstream_invalid_usage; charged_reserve: passed, reservation charged)",
+                &["agent", "action"],
             ),
             inflight: gauge("turnpike_inflight_requests", "Calls being processed now"),
             config_generation: gauge(

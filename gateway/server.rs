@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::admin::AdminApp;
 use crate::clock::unix_now;
 use crate::config::{ConfigErrors, ProcessConfig, Runtime, StoreKind};
+use crate::edge::Edge;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::reload::{Reloader, Watcher};
@@ -99,12 +100,14 @@ pub fn run(
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service(
-        &server.configuration,
-        Gateway {
-            services: Arc::clone(&services),
-        },
+    let gateway = Gateway {
+        services: Arc::clone(&services),
+    };
+    let edge = Edge::new(
+        pingora::proxy::http_proxy(&server.configuration, gateway),
+        Arc::clone(&services),
     );
+    let mut proxy = Service::new("turnpike".to_owned(), edge);
     proxy.add_tcp(&process.listen);
     let watcher = background_service(
         "config watcher",

@@ -73,6 +73,10 @@ impl AdminApp {
                 self.services.metrics.render(),
                 "text/plain; version=0.0.4",
             )),
+            // The open paths take GET only: another method is refused as on every other path.
+            (_, "/healthz" | "/readyz" | "/metrics") => {
+                Err(GatewayError::MethodNotAllowed { allow: "GET" })
+            }
             (_, p) if p.starts_with("/admin/") => {
                 self.authorize(session)?;
                 self.admin(session, &method, p, &query).await

@@ -21,7 +21,7 @@ use super::spec::{
 use super::validate;
 use super::{
     AccountSeed, Agent, CallConfig, Limits, PoolConfig, ProcessConfig, StoreConfig, StoreKind,
-    MAX_BODY_BYTES_CEILING,
+    MAX_BODY_BYTES_CEILING, MAX_HEADER_BYTES_CEILING,
 };
 
 /// Compiles the whole file against the policies already compiled from its directory.
@@ -92,18 +92,32 @@ fn compile_limits(spec: &LimitsSpec, report: &mut Report) -> Limits {
             format!("must be between 1 and {MAX_BODY_BYTES_CEILING}"),
         );
     }
-    for (key, value) in [
-        ("limits.max_header_bytes", spec.max_header_bytes),
-        ("limits.max_response_bytes", spec.max_response_bytes),
-    ] {
-        if value == 0 {
-            report.error(key, "must be a positive integer");
-        }
+    if spec.max_header_bytes == 0 || spec.max_header_bytes > MAX_HEADER_BYTES_CEILING {
+        report.error(
+            "limits.max_header_bytes",
+            format!("must be between 1 and {MAX_HEADER_BYTES_CEILING}"),
+        );
     }
+    if spec.max_response_bytes == 0 {
+        report.error("limits.max_response_bytes", "must be a positive integer");
+    }
+    let mut timeout = |field: &str, text: &str| match parse_duration(text) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            report.error(format!("limits.{field}"), "must be longer than zero");
+            Duration::ZERO
+        }
+        Err(m) => {
+            report.error(format!("limits.{field}"), m);
+            Duration::ZERO
+        }
+    };
     Limits {
         max_body_bytes: spec.max_body_bytes,
         max_header_bytes: spec.max_header_bytes,
         max_response_bytes: spec.max_response_bytes,
+        header_timeout: timeout("header_timeout", &spec.header_timeout),
+        body_timeout: timeout("body_timeout", &spec.body_timeout),
     }
 }
 
@@ -229,6 +243,7 @@ fn compile_pool(name: &str, spec: UpstreamSpec, report: &mut Report) -> Option<P
         connect_timeout: connect_timeout?,
         timeout: timeout?,
         headers,
+        on_invalid_usage: spec.on_invalid_usage,
     })
 }
 

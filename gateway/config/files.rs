@@ -61,16 +61,47 @@ pub fn read_policy_dir(dir: &Path) -> (Vec<Source>, Vec<ConfigError>) {
 
 /// The file's YAML as `T`, or one error at the parser's position.
 pub fn parse_yaml<T: serde::de::DeserializeOwned>(source: &Source) -> Result<T, ConfigError> {
-    serde_yaml_ng::from_str(&source.text).map_err(|typed| {
-        // The typed parser may trip over a wrong type before it reaches a syntax error
-        // further on; a file that is not YAML at all is reported as such.
-        let e = match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&source.text) {
-            Err(syntax) => syntax,
-            Ok(_) => typed,
-        };
-        let location = e.location().map(|l| (l.line(), l.column()));
-        ConfigError::whole_file(&source.path, location, without_location(e.to_string()))
-    })
+    serde_yaml_ng::from_str(&source.text).map_err(|typed| yaml_error(source, typed))
+}
+
+/// The file's YAML as `T`, and the key path (`agents[0].upstrem`) of every field `T` has no
+/// place for: the caller reports those with the file's other problems, so one unknown field
+/// does not hide the rest.
+pub fn parse_yaml_and_unknown_keys<T: serde::de::DeserializeOwned>(
+    source: &Source,
+) -> Result<(T, Vec<String>), ConfigError> {
+    let mut unknown = Vec::new();
+    let document = serde_yaml_ng::Deserializer::from_str(&source.text);
+    serde_ignored::deserialize(document, |path| unknown.push(key_path(&path)))
+        .map(|parsed| (parsed, unknown))
+        .map_err(|typed| yaml_error(source, typed))
+}
+
+fn yaml_error(source: &Source, typed: serde_yaml_ng::Error) -> ConfigError {
+    // The typed parser may trip over a wrong type before it reaches a syntax error further
+    // on; a file that is not YAML at all is reported as such.
+    let e = match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&source.text) {
+        Err(syntax) => syntax,
+        Ok(_) => typed,
+    };
+    let location = e.location().map(|l| (l.line(), l.column()));
+    ConfigError::whole_file(&source.path, location, without_location(e.to_string()))
+}
+
+/// A path as the rest of the config errors name keys: `upstreams.pool.headers`, `keys[2].id`.
+fn key_path(path: &serde_ignored::Path) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", key_path(parent)),
+        Path::Map { parent, key } => match key_path(parent) {
+            parent if parent.is_empty() => key.clone(),
+            parent => format!("{parent}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => key_path(parent),
+    }
 }
 
 /// A parser message without its trailing "at line L column C": the location is printed

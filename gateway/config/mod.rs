@@ -17,7 +17,7 @@ pub mod validate;
 
 pub use errors::{ConfigError, ConfigErrors};
 pub use files::Source;
-pub use spec::{AgentsSpec, BalanceSpec as Balance, FailMode, StoreKind};
+pub use spec::{AgentsSpec, BalanceSpec as Balance, FailMode, InvalidUsageRule, StoreKind};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -36,6 +36,10 @@ use spec::ConfigFile;
 /// The largest request body a call may carry: each call holds its body in memory until the
 /// worker has it, so the bound keeps a burst of large calls from exhausting memory.
 pub const MAX_BODY_BYTES_CEILING: usize = 16 * 1024 * 1024;
+
+/// The largest request head a call may carry: Pingora's HTTP/1 parser refuses any head over
+/// 1 MiB with a bare 400, so the gateway's own 431 must come first.
+pub const MAX_HEADER_BYTES_CEILING: usize = 1024 * 1024 - 1;
 
 /// Everything the gateway runs on, compiled from one config file and its policies.
 #[derive(Debug)]
@@ -82,6 +86,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
     pub max_response_bytes: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +115,7 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub on_invalid_usage: InvalidUsageRule,
 }
 
 #[derive(Debug)]
@@ -140,20 +147,20 @@ pub fn load_with_policies(path: &Path, policies_dir: &Path) -> Result<Runtime, C
 /// Validates a config text and policy texts already in memory: what `load` does after
 /// reading the files.
 pub fn parse(config: &Source, policies: &[Source]) -> Result<Runtime, ConfigErrors> {
-    let file: ConfigFile = files::parse_yaml(config).map_err(ConfigErrors::one)?;
+    let (file, unknown) = files::parse_yaml_and_unknown_keys(config).map_err(ConfigErrors::one)?;
     let policies_dir = own_policies_dir(&config.path, &file);
-    build(config, file, policies_dir, policies, Vec::new())
+    build(config, file, &unknown, policies_dir, policies, Vec::new())
 }
 
 fn load_with(path: &Path, policies_dir: Option<&Path>) -> Result<Runtime, ConfigErrors> {
     let source = Source::read(path).map_err(ConfigErrors::one)?;
-    let file: ConfigFile = files::parse_yaml(&source).map_err(ConfigErrors::one)?;
+    let (file, unknown) = files::parse_yaml_and_unknown_keys(&source).map_err(ConfigErrors::one)?;
     let policies_dir = match policies_dir {
         Some(dir) => dir.to_path_buf(),
         None => own_policies_dir(path, &file),
     };
     let (policies, errors) = files::read_policy_dir(&policies_dir);
-    build(&source, file, policies_dir, &policies, errors)
+    build(&source, file, &unknown, policies_dir, &policies, errors)
 }
 
 /// `policies_dir`, relative to the config file.
@@ -164,9 +171,12 @@ fn own_policies_dir(config: &Path, file: &ConfigFile) -> PathBuf {
         .join(&file.policies_dir)
 }
 
+/// Compiles the file and its policies; `unknown_keys` are the file's fields the format has
+/// no place for, reported with everything else found wrong.
 fn build(
     source: &Source,
     file: ConfigFile,
+    unknown_keys: &[String],
     policies_dir: PathBuf,
     policy_files: &[Source],
     mut errors: Vec<ConfigError>,
@@ -177,6 +187,9 @@ fn build(
         text: &source.text,
         errors: &mut errors,
     };
+    for key in unknown_keys {
+        report.error(key.as_str(), "unknown field");
+    }
     let (process, calls) = compile::compile(file, policies, &mut report);
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -239,5 +252,81 @@ mod tests {
         );
         let agent = &runtime.calls.agents["ag_one"];
         assert_eq!(agent.policy.as_ref().unwrap().concurrency, Some(2));
+    }
+
+    /// A valid config, line by line, for the properties below to break.
+    const VALID: &str = concat!(
+        "listen: \"127.0.0.1:8080\"\n",
+        "limits:\n",
+        "  max_body_bytes: 1024\n",
+        "  header_timeout: 2s\n",
+        "upstreams:\n",
+        "  pool:\n",
+        "    endpoints: [\"127.0.0.1:9001\"]\n",
+        "    timeout: 3s\n",
+        "    on_invalid_usage: reject\n",
+        "agents:\n",
+        "  - id: ag_one\n",
+        "    upstream: pool\n",
+        "    pricing: {input_per_mtok: 1, output_per_mtok: 2}\n",
+        "accounts:\n",
+        "  - {id: acct_a, balance: 10}\n",
+        "keys:\n",
+        "  - id: key_a\n",
+        "    sha256: \"c7b8b1e1d1e9f3a6a6f4b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2\"\n",
+        "    account: acct_a\n",
+        "    agents: \"*\"\n",
+    );
+
+    fn load_text(text: &str) -> Result<Runtime, ConfigErrors> {
+        parse(&Source::new("turnpike.yaml", text), &[])
+    }
+
+    #[test]
+    fn the_valid_config_loads() {
+        load_text(VALID).unwrap();
+    }
+
+    proptest::proptest! {
+        /// No text panics the loader, and a refusal always says what is wrong.
+        #[test]
+        fn no_text_panics_the_loader(text in "[ -~\n\t]{0,300}") {
+            if let Err(errors) = load_text(&text) {
+                proptest::prop_assert!(!errors.0.is_empty());
+                proptest::prop_assert!(errors.0.iter().all(|e| !e.message.is_empty()));
+            }
+        }
+
+        /// A valid file with one line cut short, doubled, dropped or with a byte changed never
+        /// panics the loader; a refusal names at least one problem.
+        #[test]
+        fn a_broken_line_never_panics_the_loader(
+            line in 0usize..20,
+            how in 0u8..4,
+            at in 0usize..40,
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let mut lines: Vec<String> = VALID.lines().map(str::to_owned).collect();
+            let line = line % lines.len();
+            match how {
+                0 => {
+                    let keep = at.min(lines[line].len());
+                    lines[line].truncate(keep)
+                }
+                1 => { let copy = lines[line].clone(); lines.insert(line, copy) }
+                2 => { lines.remove(line); }
+                _ => {
+                    let mut bytes = lines[line].clone().into_bytes();
+                    if !bytes.is_empty() {
+                        let at = at % bytes.len();
+                        bytes[at] = byte;
+                    }
+                    lines[line] = String::from_utf8_lossy(&bytes).into_owned();
+                }
+            }
+            if let Err(errors) = load_text(&lines.join("\n")) {
+                proptest::prop_assert!(!errors.0.is_empty());
+            }
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! The file formats, exactly as operators write them. Nothing here is validated beyond
-//! its shape: [`super::compile`] turns these into the types the gateway runs on.
+//! its shape: [`super::compile`] turns these into the types the gateway runs on. The config
+//! file's fields nobody knows are collected while parsing (`files::parse_yaml_and_unknown_keys`)
+//! and reported with its other errors; a policy file refuses them at once.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     #[serde(default = "default_listen")]
     pub listen: String,
@@ -30,7 +31,6 @@ pub struct ConfigFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LimitsSpec {
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
@@ -38,6 +38,13 @@ pub struct LimitsSpec {
     pub max_header_bytes: usize,
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// The whole request head, from the connection's start (or a kept-alive connection's
+    /// first byte); the connection is closed after it.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: String,
+    /// The whole request body, from the end of its head; 408 after it.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout: String,
 }
 
 impl Default for LimitsSpec {
@@ -46,12 +53,13 @@ impl Default for LimitsSpec {
             max_body_bytes: default_max_body_bytes(),
             max_header_bytes: default_max_header_bytes(),
             max_response_bytes: default_max_response_bytes(),
+            header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
         }
     }
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 #[allow(dead_code)] // parsed so the format is complete; `compile` refuses it until TLS lands
 pub struct TlsSpec {
     pub listen: String,
@@ -60,7 +68,6 @@ pub struct TlsSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AdminSpec {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
@@ -77,7 +84,6 @@ impl Default for AdminSpec {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StoreSpec {
     #[serde(default)]
     pub kind: StoreKind,
@@ -122,7 +128,6 @@ pub enum OneOrMany {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UpstreamSpec {
     pub endpoints: Vec<String>,
     #[serde(default)]
@@ -136,6 +141,19 @@ pub struct UpstreamSpec {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     pub ca: Option<String>,
+    #[serde(default)]
+    pub on_invalid_usage: InvalidUsageRule,
+}
+
+/// What a 2xx answer whose `usage` is present but wrong gets: never a free call.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidUsageRule {
+    /// 502 `upstream_invalid_usage` to the client, nothing charged.
+    #[default]
+    Reject,
+    /// The answer passes and the call is charged its agent's reservation.
+    ChargeReserve,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -147,7 +165,6 @@ pub enum BalanceSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AgentSpec {
     pub id: String,
     pub upstream: String,
@@ -156,7 +173,6 @@ pub struct AgentSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PricingSpec {
     pub input_per_mtok: u64,
     pub output_per_mtok: u64,
@@ -165,7 +181,6 @@ pub struct PricingSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AccountSpec {
     pub id: String,
     #[serde(default)]
@@ -173,7 +188,6 @@ pub struct AccountSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KeySpec {
     pub id: String,
     pub sha256: String,
@@ -242,6 +256,12 @@ fn default_max_header_bytes() -> usize {
 }
 fn default_max_response_bytes() -> usize {
     8 * 1024 * 1024
+}
+fn default_header_timeout() -> String {
+    "10s".into()
+}
+fn default_body_timeout() -> String {
+    "30s".into()
 }
 fn default_upstream_path() -> String {
     "/chat".into()

@@ -3,7 +3,8 @@
 //! embedded store's usage log).
 
 use super::ctx::RequestCtx;
-use crate::metrics::Metrics;
+use crate::error::GatewayError;
+use crate::metrics::{Metrics, NO_AGENT};
 
 /// Counts the call and writes its access-log line; `status` is what the client was sent
 /// (0 when nothing could be sent).
@@ -51,5 +52,21 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
         input_tokens = input,
         output_tokens = output,
         cost = record.cost,
+    );
+}
+
+/// Counts and logs a request the edge refused before it became a call (a head too large).
+pub fn refused_at_the_edge(metrics: &Metrics, request_id: &str, error: &GatewayError) {
+    let status = error.status().to_string();
+    metrics
+        .requests
+        .with_label_values(&[NO_AGENT, status.as_str()])
+        .inc();
+    tracing::info!(
+        target: "access",
+        request_id,
+        agent = NO_AGENT,
+        status = status.as_str(),
+        error = error.code(),
     );
 }

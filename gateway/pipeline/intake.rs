@@ -6,8 +6,10 @@ use bytes::{Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use std::sync::Arc;
+use tokio::time::Instant;
 
 use turnpike_core::body::{forwarded_body, is_json_content_type, parse_chat, BodyProblem};
+use turnpike_core::head::names_both_framings;
 use turnpike_core::ids::{is_session_id, new_request_id};
 use turnpike_core::keys::{bearer_token, looks_like_key, KeyHash, KeyRecord};
 use turnpike_core::limits::Policy;
@@ -47,19 +49,15 @@ pub fn request_id(head: &RequestHeader) -> String {
         .map_or_else(new_request_id, str::to_owned)
 }
 
-/// The head's size, the route and the bearer key: 431, 404/405, then 401. Records the key
-/// and the agent it named.
+/// The route and the bearer key: 404/405, then 401. Records the key and the agent it named.
 pub async fn authenticate<'s>(
     services: &Services,
     snapshot: &'s Snapshot,
     session: &Session,
     record: &mut CallRecord,
 ) -> Result<Authenticated<'s>, GatewayError> {
+    // The head's size (431) was judged at the edge, before Pingora parsed it.
     let head = session.req_header();
-    let limit = snapshot.config.limits.max_header_bytes;
-    if head_size(head) > limit {
-        return Err(GatewayError::HeadersTooLarge { limit });
-    }
     // The target as the client sent it, not as the parser kept it: a fragment the parser
     // dropped must not leave the rest to match.
     let raw_head = session.as_downstream().to_h1_raw();
@@ -123,13 +121,17 @@ pub fn authorize<'s>(
     })
 }
 
-/// Reads and validates the body (413, 415, 400) and makes the body the worker receives.
+/// Reads and validates the body (413, 415, 400; 408 when it takes longer than
+/// `limits.body_timeout`) and makes the body the worker receives.
 pub async fn read_chat(
     session: &mut Session,
     limits: &Limits,
     record: &mut CallRecord,
 ) -> Result<Chat, GatewayError> {
-    let body = read_body(session, limits.max_body_bytes).await?;
+    let deadline = Instant::now() + limits.body_timeout;
+    let body = tokio::time::timeout_at(deadline, read_body(session, limits.max_body_bytes))
+        .await
+        .map_err(|_| GatewayError::RequestTimeout)??;
     let chat = parse_chat(&body)?;
     let forward_body = match forwarded_body(&body, &chat) {
         Some(rewritten) => Bytes::from(rewritten),
@@ -142,18 +144,13 @@ pub async fn read_chat(
     })
 }
 
-/// The request head's size as received: request line and every header line.
-fn head_size(head: &RequestHeader) -> usize {
-    let target = head.uri.path_and_query().map_or(1, |p| p.as_str().len());
-    let line = head.method.as_str().len() + target + 12;
-    head.headers.iter().fold(line, |size, (name, value)| {
-        size + name.as_str().len() + value.len() + 4
-    })
-}
-
 /// Reads the whole body, up to `limit` bytes: 413 above it, then 415 unless it is JSON.
 async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, GatewayError> {
     let too_large = GatewayError::PayloadTooLarge { limit };
+    // Judged on the head as sent: Pingora keeps only Transfer-Encoding of the two.
+    if names_both_framings(&session.as_downstream().to_h1_raw()) {
+        return Err(BodyProblem::ConflictingFraming.into());
+    }
     let headers = &session.req_header().headers;
     let declared = headers
         .get(http::header::CONTENT_LENGTH)

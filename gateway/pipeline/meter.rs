@@ -4,17 +4,19 @@
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 
-use turnpike_core::usage::{read_answer, with_session_id, Usage};
+use turnpike_core::usage::{client_body, read_answer};
 
+use super::open_call::Bill;
+use crate::config::InvalidUsageRule;
+use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::upstream::{AnswerBody, WorkerAnswer};
 
-/// A worker's answer as the client will get it, and the usage it is charged for.
+/// A worker's answer as the client will get it, and what the call is charged for.
 pub struct MeteredAnswer {
     pub header: Box<ResponseHeader>,
     pub body: Bytes,
-    /// A complete 2xx answer's valid usage; `None` charges nothing.
-    pub usage: Option<Usage>,
+    pub bill: Bill,
 }
 
 impl MeteredAnswer {
@@ -24,41 +26,49 @@ impl MeteredAnswer {
 }
 
 /// Reads the usage of a 2xx answer (counting why it was not credited, when it is not) and
-/// makes sure the client's body names the session.
+/// makes sure the client's body names the session. A usage that is there but wrong is never
+/// a free call: `rule` refuses the answer (502, nothing charged) or charges the reservation.
 pub fn meter(
     metrics: &Metrics,
     agent_id: &str,
     session_id: &str,
+    rule: InvalidUsageRule,
     answer: WorkerAnswer,
-) -> MeteredAnswer {
+) -> Result<MeteredAnswer, GatewayError> {
     let AnswerBody::Buffered(body) = answer.body;
     let header = answer.header;
     if !header.status.is_success() {
-        return MeteredAnswer {
+        return Ok(MeteredAnswer {
             header,
             body,
-            usage: None,
-        };
+            bill: Bill::Nothing,
+        });
     }
     let reading = read_answer(&body);
-    let usage = match reading.usage {
-        Ok(usage) => Some(usage),
+    let bill = match reading.usage {
+        Ok(usage) => Bill::Usage(usage),
         Err(problem) => {
             metrics
                 .usage_rejected
                 .with_label_values(&[agent_id, problem.label()])
                 .inc();
-            None
+            if problem.is_invalid() {
+                let (action, outcome) = match rule {
+                    InvalidUsageRule::Reject => {
+                        ("rejected", Err(GatewayError::UpstreamInvalidUsage))
+                    }
+                    InvalidUsageRule::ChargeReserve => ("charged_reserve", Ok(Bill::Reserve)),
+                };
+                metrics
+                    .invalid_usage
+                    .with_label_values(&[agent_id, action])
+                    .inc();
+                outcome?
+            } else {
+                Bill::Nothing
+            }
         }
     };
-    let body = if reading.is_object && !reading.has_session_id {
-        Bytes::from(with_session_id(&body, session_id))
-    } else {
-        body
-    };
-    MeteredAnswer {
-        header,
-        body,
-        usage,
-    }
+    let body = client_body(&body, &reading, session_id).map_or(body, Bytes::from);
+    Ok(MeteredAnswer { header, body, bill })
 }

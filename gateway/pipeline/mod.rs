@@ -3,13 +3,14 @@
 //! passed the ones before it.
 //!
 //! ```text
-//! intake::authenticate  head, route, key        -> Authenticated   (431, 404/405, 401)
+//! edge                  the head, before Pingora parses it              (431, or closed)
+//! intake::authenticate  route, key               -> Authenticated   (404/405, 401)
 //! intake::authorize     agent and scope          -> Caller          (404)
-//! intake::read_chat     body                     -> Chat            (413, 415, 400)
+//! intake::read_chat     body                     -> Chat            (408, 413, 415, 400)
 //! admit::admit          one store call           -> Admitted        (429, 402, 503)
 //!                                                   holding an OpenCall
 //! forward::forward      the worker exchange      -> WorkerAnswer    (502, 504)
-//! meter::meter          usage, session_id        -> MeteredAnswer
+//! meter::meter          usage, session_id        -> MeteredAnswer   (502 invalid usage)
 //! OpenCall::settle      one store call           -> cost
 //! reply                 the client's answer
 //! ```
@@ -29,16 +30,15 @@ pub mod reply;
 
 use pingora::proxy::Session;
 
-use turnpike_core::limits::Quota;
-use turnpike_core::usage::Usage;
-
 use self::admit::Admitted;
 use self::ctx::{CallIds, CallRecord, RequestCtx};
 use self::intake::Authenticated;
 use self::meter::MeteredAnswer;
+use self::open_call::Bill;
 use self::reply::{Common, Refused};
 use crate::metrics::Metrics;
 use crate::services::{Services, Snapshot};
+use turnpike_core::limits::Quota;
 
 /// The worker's answer as the client gets it.
 struct Answered {
@@ -95,18 +95,20 @@ async fn run(
         Err(refused) => return Err(refused),
     };
     let limits = &snapshot.config.limits;
+    let route = admitted.caller.route;
     let answer = forward::forward(services, session, &admitted, limits, ids, record)
         .await
-        .map(|answer| {
-            let agent = &admitted.caller.route.agent.id;
-            meter::meter(&services.metrics, agent, &admitted.chat.session_id, answer)
+        .and_then(|answer| {
+            let rule = route.pool.config.on_invalid_usage;
+            let session_id = &admitted.chat.session_id;
+            meter::meter(&services.metrics, &route.agent.id, session_id, rule, answer)
         });
-    let (usage, status) = match &answer {
-        Ok(answer) => (answer.usage, answer.status()),
-        Err(_) => (None, 0),
+    let (bill, status) = match &answer {
+        Ok(answer) => (answer.bill, answer.status()),
+        Err(_) => (Bill::Nothing, 0),
     };
     let quota = admitted.quota;
-    settle(&services.metrics, admitted, usage, status, record).await;
+    settle(&services.metrics, admitted, bill, status, record).await;
     match answer {
         Ok(answer) => Ok(Answered { answer, quota }),
         Err(error) => Err(Refused { error, quota }),
@@ -129,15 +131,15 @@ async fn admit_caller<'s>(
     admit::admit(services, caller, chat, ids).await
 }
 
-/// Settles the call, charged for `usage` when it has one, and counts what it used.
+/// Settles the call as `bill` says, and counts what it used.
 async fn settle(
     metrics: &Metrics,
     admitted: Admitted<'_>,
-    usage: Option<Usage>,
+    bill: Bill,
     worker_status: u16,
     record: &mut CallRecord,
 ) {
-    let cost = admitted.open.settle(usage, worker_status).await;
+    let (usage, cost) = admitted.open.settle(bill, worker_status).await;
     let Some(usage) = usage else { return };
     let agent = admitted.caller.route.agent.id.as_str();
     metrics

@@ -29,6 +29,19 @@ pub struct Hold {
     pub reservation: Reservation,
 }
 
+/// What a finished call is charged for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Bill {
+    /// No usage (an error, a timeout, an answer without `usage`): released, nothing charged.
+    #[default]
+    Nothing,
+    /// A complete 2xx answer's valid usage, at the agent's prices.
+    Usage(Usage),
+    /// An invalid usage let through by `on_invalid_usage: charge_reserve`: the agent's
+    /// reservation, recorded with zero tokens since the worker's counts cannot be trusted.
+    Reserve,
+}
+
 /// What a settlement under way charges, kept so that one cut short is finished the same way.
 #[derive(Clone, Copy, Default)]
 struct Charge {
@@ -56,12 +69,14 @@ impl OpenCall {
         }
     }
 
-    /// Settles the call: charged for `usage` (a complete 2xx answer's valid usage) at the
-    /// agent's prices, or, without usage, only released. Returns what it was charged.
-    pub async fn settle(mut self, usage: Option<Usage>, worker_status: u16) -> i64 {
-        let cost = match (usage, self.hold.agent.pricing.as_ref()) {
-            (Some(usage), Some(pricing)) => cost(&usage, pricing),
-            _ => 0,
+    /// Settles the call as `bill` says, or, with nothing to bill, only releases it. Returns
+    /// the usage recorded and what it was charged.
+    pub async fn settle(mut self, bill: Bill, worker_status: u16) -> (Option<Usage>, i64) {
+        let pricing = self.hold.agent.pricing.as_ref();
+        let (usage, cost) = match bill {
+            Bill::Nothing => (None, 0),
+            Bill::Usage(usage) => (Some(usage), pricing.map_or(0, |p| cost(&usage, p))),
+            Bill::Reserve => (Some(Usage::default()), pricing.map_or(0, |p| p.reserve)),
         };
         // Recorded first: were this future dropped while the store works, `drop` sends the
         // same settlement again, and the store applies whichever arrives first, once.
@@ -73,7 +88,7 @@ impl OpenCall {
         let settlement = self.hold.settlement(&self.charge, self.clock.now_ms());
         self.store.settle(&settlement).await;
         self.settled = true;
-        cost
+        (usage, cost)
     }
 }
 
@@ -294,7 +309,7 @@ mod tests {
         };
         let cut_short = tokio::time::timeout(
             std::time::Duration::from_millis(20),
-            open.settle(Some(usage), 200),
+            open.settle(Bill::Usage(usage), 200),
         )
         .await;
         assert!(cut_short.is_err(), "the first settlement stalls");

@@ -73,7 +73,8 @@ pub struct Outgoing<'a> {
 enum Failure {
     /// Nothing was sent on a fresh connection: another endpoint may take the call.
     Connect,
-    /// A pooled connection the worker had already closed: safe to send again.
+    /// A pooled connection that broke while the request was still being written: the
+    /// worker cannot have run a request it never got whole, so it is safe to send again.
     Stale,
     Timeout,
     TooLarge,
@@ -128,9 +129,12 @@ impl Upstreams {
             .get_http_session(peer)
             .await
             .map_err(|_| Failure::Connect)?;
-        let sent = send(&mut session, call).await;
-        let answer = match sent {
+        let answer = match send(&mut session, call).await {
             Ok(()) => receive(&mut session, call.max_answer_bytes).await,
+            // As Go's client does for a request that is not idempotent: resent only when the
+            // worker cannot have had all of it. Once written whole, a worker that did the
+            // work and dropped the connection must not run it twice.
+            Err(Failure::Broken) if reused => Err(Failure::Stale),
             Err(e) => Err(e),
         };
         match answer {
@@ -142,12 +146,7 @@ impl Upstreams {
             }
             Err(failure) => {
                 session.shutdown().await;
-                match failure {
-                    Failure::Broken if reused && session.response_header().is_none() => {
-                        Err(Failure::Stale)
-                    }
-                    other => Err(other),
-                }
+                Err(failure)
             }
         }
     }

@@ -8,12 +8,14 @@ use std::process::Command;
 
 use crate::support::gateway::BINARY;
 
+/// The config fixtures: every directory of `tests/fixtures` with a `turnpike.yaml` (`http/`
+/// is the raw HTTP corpus).
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
         .expect("tests/fixtures")
         .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
+        .filter(|p| p.join("turnpike.yaml").is_file())
         .collect();
     dirs.sort();
     dirs

@@ -11,6 +11,8 @@ mod balance;
 mod check;
 mod check_order;
 mod cli;
+mod corpus;
+mod edge;
 mod errors;
 mod forwarding;
 mod metering;

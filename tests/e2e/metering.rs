@@ -96,27 +96,84 @@ fn usage_totals_and_token_metrics_equal_what_the_workers_reported() {
 }
 
 #[test]
-fn invalid_usage_from_the_worker_is_not_credited() {
+fn an_answer_without_usage_costs_nothing() {
     let w = Worker::start("w1");
-    let gw = TestGateway::builder().worker(&w).balance(1000).start();
-    for how in [BadUsage::Negative, BadUsage::Strings, BadUsage::Missing] {
-        let r = gw.chat(AGENT, gw.jane(), Script::bad_usage(how));
-        assert!(
-            r.status < 500 || r.status == 502,
-            "{how:?}: {} {}",
-            r.status,
-            r.body
-        );
-    }
-    assert_eq!(w.count(), 3);
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .balance(1000)
+        .reserve(100)
+        .start();
+    gw.chat(AGENT, gw.jane(), Script::bad_usage(BadUsage::Missing))
+        .assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, 1000);
     assert_eq!(gw.usage("account=acct_jane"), Usage::default());
-    assert_eq!(gw.metric("turnpike_tokens_total", &[("agent", AGENT)]), 0.0);
+    assert_eq!(gw.metric("turnpike_invalid_usage_total", &[]), 0.0);
     // A good answer afterwards is credited as usual.
     gw.chat(AGENT, gw.jane(), Script::usage(5, 5))
         .assert_status(200);
     assert_eq!(gw.usage_after("account=acct_jane", 1), usage(1, 5, 5, 15));
     assert_eq!(gw.settled_balance("acct_jane").balance, 985);
+}
+
+/// SPEC §2: a usage that is there but wrong is never a free call. By default it is refused.
+#[test]
+fn invalid_usage_is_refused_and_costs_nothing() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .balance(1000)
+        .reserve(100)
+        .start();
+    for how in BadUsage::INVALID {
+        let r = gw.chat(AGENT, gw.jane(), Script::bad_usage(how));
+        r.error(502, "upstream_invalid_usage");
+        assert!(r.header("x-request-id").is_some(), "{how:?}");
+    }
+    assert_eq!(w.count(), 4);
+    assert_eq!(
+        gw.settled_balance("acct_jane"),
+        Balance {
+            balance: 1000,
+            reserved: 0
+        }
+    );
+    assert_eq!(gw.usage("account=acct_jane"), Usage::default());
+    assert_eq!(gw.metric("turnpike_tokens_total", &[("agent", AGENT)]), 0.0);
+    let rejected = [("agent", AGENT), ("action", "rejected")];
+    gw.wait_metric("turnpike_invalid_usage_total", &rejected, 4.0);
+    for reason in ["not_an_integer", "absurd", "inconsistent"] {
+        let labels = [("agent", AGENT), ("reason", reason)];
+        assert!(
+            gw.metric("turnpike_usage_rejected_total", &labels) >= 1.0,
+            "{reason}"
+        );
+    }
+}
+
+/// `on_invalid_usage: charge_reserve`: the answer passes and the reservation is charged.
+#[test]
+fn invalid_usage_can_be_charged_the_reservation_instead() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .balance(1000)
+        .reserve(100)
+        .config(|c| c["upstreams"]["pool"]["on_invalid_usage"] = json!("charge_reserve"))
+        .start();
+    for how in BadUsage::INVALID {
+        gw.chat(AGENT, gw.jane(), Script::bad_usage(how))
+            .assert_status(200);
+    }
+    assert_eq!(
+        gw.settled_balance("acct_jane"),
+        Balance {
+            balance: 600,
+            reserved: 0
+        }
+    );
+    assert_eq!(gw.usage_after("account=acct_jane", 4), usage(4, 0, 0, 400));
+    let charged = [("agent", AGENT), ("action", "charged_reserve")];
+    gw.wait_metric("turnpike_invalid_usage_total", &charged, 4.0);
 }
 
 #[test]

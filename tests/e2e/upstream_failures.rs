@@ -93,6 +93,31 @@ fn a_broken_answer_costs_nothing() {
     assert_eq!(gw.settled_balance("acct_jane").balance, 990);
 }
 
+/// A request the worker got whole is never sent again, even on a reused connection: a worker
+/// that did the work and then dropped the connection would run it twice, billed once.
+#[test]
+fn a_call_the_worker_dropped_after_reading_it_is_not_sent_again() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .balance(1000)
+        .reserve(100)
+        .start();
+    // Leaves a kept-alive connection in the gateway's pool for the next call to reuse.
+    gw.chat(AGENT, gw.jane(), Script::usage(10, 0))
+        .assert_status(200);
+    gw.chat(AGENT, gw.jane(), Script::close())
+        .error(502, "upstream_unavailable");
+    assert_eq!(w.count(), 2, "the dropped call reached the worker once");
+    let r = gw.chat(AGENT, gw.jane(), Script::usage(10, 0));
+    r.assert_status(200);
+    assert_eq!(
+        r.json()["response"],
+        format!("w1: {}", Script::usage(10, 0))
+    );
+    assert_eq!(gw.settled_balance("acct_jane").balance, 980);
+}
+
 #[test]
 fn an_answer_over_the_response_cap_is_502_and_costs_nothing() {
     let w = Worker::start("w1");

@@ -28,6 +28,9 @@ struct ChatFields {
 pub enum BodyProblem {
     /// The body could not be read off the connection.
     Unreadable,
+    /// Both `Content-Length` and `Transfer-Encoding`: two framings a server behind could read
+    /// differently (request smuggling), so neither is trusted.
+    ConflictingFraming,
     NotAnObject,
     /// The JSON parser's own account of what is wrong, and where.
     NotJson(String),
@@ -41,6 +44,9 @@ impl fmt::Display for BodyProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BodyProblem::Unreadable => f.write_str("Could not read the request body"),
+            BodyProblem::ConflictingFraming => {
+                f.write_str("Send Content-Length or Transfer-Encoding, not both")
+            }
             BodyProblem::NotAnObject => f.write_str("Request body must be a JSON object"),
             BodyProblem::NotJson(detail) => write!(f, "Request body is not valid JSON: {detail}"),
             BodyProblem::MessageMissing => f.write_str("'message' is required"),

@@ -2,6 +2,7 @@
 //! data. No I/O, no clock reads (time is passed in), no Pingora, Tokio or Redis: the stores
 //! and the proxy depend on this crate, never the reverse, and every rule here is tested alone.
 //!
+//! - [`head`]: where an HTTP/1 request head ends, and whether it is too large.
 //! - [`route`]: which route a request line names; upstream path templates.
 //! - [`ids`]: the shapes of agent, session and request ids, and new random ids.
 //! - [`keys`]: `Authorization` parsing, key hashing and checksums, what a key may call.
@@ -15,6 +16,7 @@
 pub mod admission;
 pub mod billing;
 pub mod body;
+pub mod head;
 pub mod ids;
 pub mod keys;
 pub mod limits;

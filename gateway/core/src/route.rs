@@ -27,7 +27,15 @@ pub enum RouteMiss {
 /// The request target of a raw HTTP/1 head (`POST <target> HTTP/1.1`), byte for byte, before
 /// any parser tidied it (Pingora drops a fragment, for one).
 pub fn request_line_target(head: &[u8]) -> &[u8] {
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    // Empty lines may come before the request line (RFC 9112 §2.2); parsers skip them.
+    let start = head
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(head.len());
+    let line = head[start..]
+        .split(|b| *b == b'\n')
+        .next()
+        .unwrap_or_default();
     let mut parts = line.split(|b| *b == b' ').filter(|p| !p.is_empty());
     parts.next();
     parts.next().unwrap_or_default()

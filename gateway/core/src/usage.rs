@@ -2,8 +2,9 @@
 //!
 //! A worker is trusted for its answer, not for its arithmetic: a missing, negative,
 //! fractional, inconsistent or absurd `usage` is never credited, and the reason is counted.
+//! An answer with no `usage` costs nothing (the contract's rule); one whose `usage` is there
+//! but wrong is *invalid*, and the gateway never lets it pass for free.
 
-use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -22,7 +23,10 @@ pub struct Usage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UsageProblem {
     NotJson,
+    /// No `usage` field (or `null`).
     Missing,
+    /// `usage` is not an object, or lacks `input_tokens` / `output_tokens`.
+    Malformed,
     NotAnInteger,
     Absurd,
     Inconsistent,
@@ -33,10 +37,17 @@ impl UsageProblem {
         match self {
             UsageProblem::NotJson => "not_json",
             UsageProblem::Missing => "missing",
+            UsageProblem::Malformed => "malformed",
             UsageProblem::NotAnInteger => "not_an_integer",
             UsageProblem::Absurd => "absurd",
             UsageProblem::Inconsistent => "inconsistent",
         }
+    }
+
+    /// A `usage` the worker did send, but wrong: never a free call. An answer that is not a
+    /// JSON object or has no `usage` simply carries none.
+    pub fn is_invalid(self) -> bool {
+        !matches!(self, UsageProblem::NotJson | UsageProblem::Missing)
     }
 }
 
@@ -44,15 +55,30 @@ impl UsageProblem {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnswerReading {
     pub usage: Result<Usage, UsageProblem>,
-    /// Whether the answer is a JSON object that already carries `session_id`.
-    pub has_session_id: bool,
+    pub session: SessionField,
     pub is_object: bool,
+}
+
+/// The answer's `session_id` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionField {
+    /// A string: the worker named the session.
+    Named,
+    Absent,
+    /// There, but `null` or not a string: the gateway puts the session's id in its place.
+    NotAString,
 }
 
 #[derive(Deserialize)]
 struct AnswerFields {
     usage: Option<Value>,
-    session_id: Option<IgnoredAny>,
+    /// `Some(Value::Null)` for an explicit `null`, `None` when the field is absent.
+    #[serde(default, deserialize_with = "present")]
+    session_id: Option<Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// Reads `usage` and `session_id` from a worker's answer body without copying the rest.
@@ -60,7 +86,7 @@ pub fn read_answer(body: &[u8]) -> AnswerReading {
     let is_object = first_non_space(body) == Some(b'{');
     let not_json = AnswerReading {
         usage: Err(UsageProblem::NotJson),
-        has_session_id: false,
+        session: SessionField::Absent,
         is_object: false,
     };
     if !is_object {
@@ -70,12 +96,34 @@ pub fn read_answer(body: &[u8]) -> AnswerReading {
         return not_json;
     };
     AnswerReading {
-        usage: fields
-            .usage
-            .as_ref()
-            .map_or(Err(UsageProblem::Missing), parse_usage),
-        has_session_id: fields.session_id.is_some(),
+        usage: match &fields.usage {
+            None | Some(Value::Null) => Err(UsageProblem::Missing),
+            Some(usage) => parse_usage(usage),
+        },
+        session: match fields.session_id {
+            None => SessionField::Absent,
+            Some(Value::String(_)) => SessionField::Named,
+            Some(_) => SessionField::NotAString,
+        },
         is_object: true,
+    }
+}
+
+/// The body the client gets, when it differs from the worker's: a JSON object always names
+/// its session, exactly once. `None`: the worker's body as it is.
+pub fn client_body(body: &[u8], reading: &AnswerReading, session_id: &str) -> Option<Vec<u8>> {
+    if !reading.is_object {
+        return None;
+    }
+    match reading.session {
+        SessionField::Named => None,
+        SessionField::Absent => Some(with_session_id(body, session_id)),
+        // Rare enough to rewrite whole: the field must be replaced, not named twice.
+        SessionField::NotAString => {
+            let mut object: serde_json::Map<String, Value> = serde_json::from_slice(body).ok()?;
+            object.insert("session_id".into(), Value::String(session_id.into()));
+            serde_json::to_vec(&object).ok()
+        }
     }
 }
 
@@ -83,7 +131,7 @@ pub fn read_answer(body: &[u8]) -> AnswerReading {
 /// present it must equal input + output, since it drives the token bucket.
 pub fn parse_usage(usage: &Value) -> Result<Usage, UsageProblem> {
     let Value::Object(fields) = usage else {
-        return Err(UsageProblem::Missing);
+        return Err(UsageProblem::Malformed);
     };
     let count = |name: &str| -> Result<Option<u64>, UsageProblem> {
         match fields.get(name) {
@@ -99,10 +147,15 @@ pub fn parse_usage(usage: &Value) -> Result<Usage, UsageProblem> {
     let (Some(input_tokens), Some(output_tokens)) =
         (count("input_tokens")?, count("output_tokens")?)
     else {
-        return Err(UsageProblem::Missing);
+        return Err(UsageProblem::Malformed);
     };
+    let total = count("total_tokens")?;
     let sum = input_tokens + output_tokens;
-    match count("total_tokens")? {
+    // The same cap whether or not the worker wrote the total out.
+    if sum > MAX_TOKENS_PER_CALL {
+        return Err(UsageProblem::Absurd);
+    }
+    match total {
         Some(total) if total != sum => Err(UsageProblem::Inconsistent),
         _ => Ok(Usage {
             input_tokens,
@@ -169,8 +222,9 @@ mod tests {
             ),
             (r#"{"response":"hi"}"#, Err(Missing)),
             (r#"{"usage":null}"#, Err(Missing)),
-            (r#"{"usage":[1,2]}"#, Err(Missing)),
-            (r#"{"usage":{"input_tokens":45}}"#, Err(Missing)),
+            (r#"{"usage":[1,2]}"#, Err(Malformed)),
+            (r#"{"usage":"77"}"#, Err(Malformed)),
+            (r#"{"usage":{"input_tokens":45}}"#, Err(Malformed)),
             (
                 r#"{"usage":{"input_tokens":-5,"output_tokens":3}}"#,
                 Err(NotAnInteger),
@@ -212,8 +266,25 @@ mod tests {
 
     #[test]
     fn session_presence() {
-        assert!(read_answer(br#"{"session_id":"s","usage":{}}"#).has_session_id);
-        assert!(!read_answer(br#"{"usage":{}}"#).has_session_id);
+        let session = |body: &str| read_answer(body.as_bytes()).session;
+        assert_eq!(
+            session(r#"{"session_id":"s","usage":{}}"#),
+            SessionField::Named
+        );
+        assert_eq!(session(r#"{"usage":{}}"#), SessionField::Absent);
+        assert_eq!(session(r#"{"session_id":null}"#), SessionField::NotAString);
+        assert_eq!(session(r#"{"session_id":7}"#), SessionField::NotAString);
+    }
+
+    #[test]
+    fn a_session_id_that_is_not_a_string_is_replaced_not_repeated() {
+        let body = br#"{"response":"hi","session_id":null}"#;
+        let out = client_body(body, &read_answer(body), "sess_1").unwrap();
+        let parsed: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            parsed,
+            serde_json::json!({"response": "hi", "session_id": "sess_1"})
+        );
     }
 
     #[test]

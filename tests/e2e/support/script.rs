@@ -15,8 +15,32 @@ pub enum BadUsage {
     Negative,
     /// Counts as strings.
     Strings,
+    /// 200,000,000 input tokens: over the gateway's cap.
+    Absurd,
+    /// `total_tokens` one more than input + output.
+    Inconsistent,
     /// No `usage` at all.
     Missing,
+}
+
+impl BadUsage {
+    /// The ways a usage can be there but wrong (not counting [`BadUsage::Missing`]).
+    pub const INVALID: [BadUsage; 4] = [
+        BadUsage::Negative,
+        BadUsage::Strings,
+        BadUsage::Absurd,
+        BadUsage::Inconsistent,
+    ];
+
+    fn word(self) -> &'static str {
+        match self {
+            BadUsage::Negative => "negative",
+            BadUsage::Strings => "strings",
+            BadUsage::Absurd => "absurd",
+            BadUsage::Inconsistent => "inconsistent",
+            BadUsage::Missing => "missing",
+        }
+    }
 }
 
 /// How the worker ends the exchange instead of answering.
@@ -147,12 +171,12 @@ impl Script {
                 "close" => script.ending = Some(Ending::Close),
                 "garbage" => script.ending = Some(Ending::Garbage),
                 "badusage" => {
-                    script.bad_usage = Some(match words.next() {
-                        Some("negative") => BadUsage::Negative,
-                        Some("strings") => BadUsage::Strings,
-                        Some("missing") => BadUsage::Missing,
-                        other => return Err(format!("badusage: unknown kind {other:?}")),
-                    })
+                    let word = words.next();
+                    let how = [BadUsage::Missing]
+                        .into_iter()
+                        .chain(BadUsage::INVALID)
+                        .find(|how| Some(how.word()) == word);
+                    script.bad_usage = Some(how.ok_or(format!("badusage: unknown kind {word:?}"))?);
                 }
                 unknown => return Err(format!("unknown word '{unknown}' in {message:?}")),
             }
@@ -169,12 +193,7 @@ impl fmt::Display for Script {
             write!(f, " usage {input} {output}")?;
         }
         if let Some(how) = self.bad_usage {
-            let how = match how {
-                BadUsage::Negative => "negative",
-                BadUsage::Strings => "strings",
-                BadUsage::Missing => "missing",
-            };
-            write!(f, " badusage {how}")?;
+            write!(f, " badusage {}", how.word())?;
         }
         if let Some(seconds) = self.sleep {
             write!(f, " sleep {seconds}")?;

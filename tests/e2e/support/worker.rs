@@ -285,6 +285,12 @@ fn answer(out: &mut TcpStream, name: &str, body: &Value, shared: &Shared) -> boo
             resp["usage"] =
                 json!({"input_tokens": "12", "output_tokens": "3", "total_tokens": "15"})
         }
+        Some(BadUsage::Absurd) => {
+            resp["usage"] = json!({"input_tokens": 200_000_000, "output_tokens": 3, "total_tokens": 200_000_003})
+        }
+        Some(BadUsage::Inconsistent) => {
+            resp["usage"] = json!({"input_tokens": 10, "output_tokens": 3, "total_tokens": 14})
+        }
         Some(BadUsage::Missing) => {
             resp.as_object_mut().unwrap().remove("usage");
         }

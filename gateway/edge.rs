@@ -1,0 +1,307 @@
+//! The HTTP/1 front door, in front of Pingora's parser: each request head is read here first,
+//! under `limits.header_timeout` and `limits.max_header_bytes`, then handed to Pingora as if
+//! it had just arrived.
+//!
+//! Pingora's only bounds on a head are a 60 s timeout per read (a client sending a byte a
+//! minute holds its task for ever) and its parser's 1 MiB and 256 header lines, refused with
+//! a bare 400. Here a head that takes too long closes the connection, and one too large gets
+//! the contract's 431, for every head on every kept-alive connection.
+
+use async_trait::async_trait;
+use bytes::{Buf, BytesMut};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType,
+};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+
+use turnpike_core::head::{HeadScan, HeadScanner};
+use turnpike_core::ids::new_request_id;
+
+use crate::error::GatewayError;
+use crate::pipeline::finish;
+use crate::proxy::Gateway;
+use crate::services::Services;
+
+/// How long a kept-alive connection may sit idle before its next request: Pingora's default.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// How long, and how much, a refused client's unread bytes are drained before the connection
+/// closes, so its kernel does not reset the connection under the 431 it has not read yet.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+const DRAIN_BYTES: usize = 4 << 20;
+
+/// The public listener's app: heads read here, calls served by Pingora's proxy.
+pub struct Edge {
+    proxy: Arc<HttpProxy<Gateway>>,
+    services: Arc<Services>,
+}
+
+impl Edge {
+    pub fn new(proxy: HttpProxy<Gateway>, services: Arc<Services>) -> Self {
+        Self {
+            proxy: Arc::new(proxy),
+            services,
+        }
+    }
+}
+
+/// How reading a head ended.
+enum Head {
+    /// Whole, and within the limits: Pingora takes it from here.
+    Ready,
+    TooLarge {
+        limit: usize,
+    },
+    /// Closed by the client, timed out, or the gateway is shutting down: nothing to answer.
+    Gone,
+}
+
+#[async_trait]
+impl ServerApp for Edge {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut conn = Box::new(ReadAhead {
+            inner: stream,
+            ahead: BytesMut::new(),
+        });
+        // What Pingora keeps from one request to the next on a kept-alive connection.
+        let mut kept: Option<HttpPersistentSettings> = None;
+        let mut reused = false;
+        loop {
+            let limits = self.services.snapshot().config.limits;
+            // A new connection's head is timed from the start; a kept-alive one's from its
+            // first byte, after an idle wait.
+            let timed_from_start = !reused;
+            let head = conn
+                .read_head(
+                    limits.max_header_bytes,
+                    limits.header_timeout,
+                    timed_from_start,
+                    shutdown,
+                )
+                .await;
+            match head {
+                Head::Ready => {}
+                Head::TooLarge { limit } => {
+                    conn.refuse(&self.services, &GatewayError::HeadersTooLarge { limit })
+                        .await;
+                    return None;
+                }
+                Head::Gone => return None,
+            }
+            let mut session = ServerSession::new_http1(conn);
+            session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
+            if let Some(settings) = kept.take() {
+                settings.apply_to_session(&mut session);
+            }
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            let reused_stream = self.proxy.process_new_http(session, shutdown).await?;
+            let (stream, settings) = reused_stream.consume();
+            conn = stream.into_any().downcast::<ReadAhead>().ok()?;
+            kept = settings;
+            reused = true;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
+
+/// A client connection whose next head was read ahead: those bytes are served again, first,
+/// to whoever reads the connection next (Pingora's parser).
+#[derive(Debug)]
+struct ReadAhead {
+    inner: Stream,
+    ahead: BytesMut,
+}
+
+impl ReadAhead {
+    /// Reads until the head in `ahead` is whole, too large, or out of time.
+    async fn read_head(
+        &mut self,
+        max_bytes: usize,
+        header_timeout: Duration,
+        timed_from_start: bool,
+        shutdown: &ShutdownWatch,
+    ) -> Head {
+        let mut shutdown = shutdown.clone();
+        let mut scanner = HeadScanner::default();
+        let mut deadline = timed_from_start.then(|| Instant::now() + header_timeout);
+        loop {
+            match scanner.scan(&self.ahead, max_bytes) {
+                HeadScan::Complete(_) => return Head::Ready,
+                HeadScan::TooLarge => return Head::TooLarge { limit: max_bytes },
+                HeadScan::Incomplete => {}
+            }
+            if *shutdown.borrow() && self.ahead.is_empty() {
+                return Head::Gone;
+            }
+            let wait_until = deadline.unwrap_or_else(|| Instant::now() + KEEPALIVE_IDLE);
+            self.ahead.reserve(4096);
+            let read = tokio::select! {
+                read = tokio::time::timeout_at(wait_until, self.inner.read_buf(&mut self.ahead)) => read,
+                // Between requests only: a head already begun is finished (or timed out).
+                _ = shutdown.changed(), if self.ahead.is_empty() => return Head::Gone,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Head::Gone,
+                Ok(Ok(_)) => {
+                    deadline.get_or_insert_with(|| Instant::now() + header_timeout);
+                }
+            }
+        }
+    }
+
+    /// Answers `error` in the contract's shape, then closes after draining what the client
+    /// was still sending.
+    async fn refuse(&mut self, services: &Services, error: &GatewayError) {
+        let request_id = new_request_id();
+        let body = error.body(&request_id);
+        let head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n\r\n",
+            error.status(),
+            http::StatusCode::from_u16(error.status())
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or(""),
+            body.len(),
+        );
+        finish::refused_at_the_edge(&services.metrics, &request_id, error);
+        let written = async {
+            self.inner.write_all(head.as_bytes()).await?;
+            self.inner.write_all(&body).await?;
+            self.inner.flush().await
+        };
+        if written.await.is_err() {
+            return;
+        }
+        let _ = AsyncWriteExt::shutdown(&mut self.inner).await;
+        let mut drained = 0;
+        let mut scratch = vec![0; 16 * 1024];
+        let drain = async {
+            while drained < DRAIN_BYTES {
+                match self.inner.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    }
+}
+
+impl AsyncRead for ReadAhead {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.ahead.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.ahead.len().min(buf.remaining());
+        buf.put_slice(&self.ahead[..n]);
+        self.ahead.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ReadAhead {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// The rest of Pingora's `IO` is the socket's own.
+
+#[async_trait]
+impl Shutdown for ReadAhead {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl UniqueID for ReadAhead {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for ReadAhead {
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for ReadAhead {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for ReadAhead {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for ReadAhead {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+#[async_trait]
+impl Peek for ReadAhead {}
