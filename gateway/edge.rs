@@ -39,6 +39,10 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// closes, so its kernel does not reset the connection under the 431 it has not read yet.
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 const DRAIN_BYTES: usize = 4 << 20;
+/// How often a connection idle between requests looks at whether the gateway is stopping.
+const SHUTDOWN_CHECK: Duration = Duration::from_secs(1);
+/// A read-ahead buffer larger than this (after a large head) is not kept between requests.
+const KEPT_BUFFER_BYTES: usize = 64 << 10;
 
 /// The public listener's app: heads read here, calls served by Pingora's proxy.
 pub struct Edge {
@@ -104,8 +108,14 @@ impl ServerApp for Edge {
             }
             let mut session = ServerSession::new_http1(conn);
             session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
-            if let Some(settings) = kept.take() {
-                settings.apply_to_session(&mut session);
+            match kept.take() {
+                Some(settings) => settings.apply_to_session(&mut session),
+                // As Pingora's own accept path does for a new connection.
+                None => session.set_keepalive_reuses_remaining(
+                    self.proxy
+                        .server_options()
+                        .and_then(|o| o.keepalive_request_limit),
+                ),
             }
             if *shutdown.borrow() {
                 session.set_keepalive(None);
@@ -113,6 +123,9 @@ impl ServerApp for Edge {
             let reused_stream = self.proxy.process_new_http(session, shutdown).await?;
             let (stream, settings) = reused_stream.consume();
             conn = stream.into_any().downcast::<ReadAhead>().ok()?;
+            if conn.ahead.is_empty() && conn.ahead.capacity() > KEPT_BUFFER_BYTES {
+                conn.ahead = BytesMut::new();
+            }
             kept = settings;
             reused = true;
         }
@@ -132,7 +145,10 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    /// Reads until the head in `ahead` is whole, too large, or out of time.
+    /// Reads until the head in `ahead` is whole, too large, or out of time. Timers are
+    /// Pingora's shared, lazily armed ones (none when the bytes are already there), and
+    /// shutdown is looked at between reads rather than waited on, so a request costs no
+    /// registration on a channel every connection shares.
     async fn read_head(
         &mut self,
         max_bytes: usize,
@@ -140,30 +156,37 @@ impl ReadAhead {
         timed_from_start: bool,
         shutdown: &ShutdownWatch,
     ) -> Head {
-        let mut shutdown = shutdown.clone();
         let mut scanner = HeadScanner::default();
         let mut deadline = timed_from_start.then(|| Instant::now() + header_timeout);
+        let idle_until = Instant::now() + KEEPALIVE_IDLE;
         loop {
             match scanner.scan(&self.ahead, max_bytes) {
                 HeadScan::Complete(_) => return Head::Ready,
                 HeadScan::TooLarge => return Head::TooLarge { limit: max_bytes },
                 HeadScan::Incomplete => {}
             }
-            if *shutdown.borrow() && self.ahead.is_empty() {
+            // Between requests only: a head already begun is finished (or timed out).
+            if self.ahead.is_empty() && *shutdown.borrow() {
                 return Head::Gone;
             }
-            let wait_until = deadline.unwrap_or_else(|| Instant::now() + KEEPALIVE_IDLE);
-            self.ahead.reserve(4096);
-            let read = tokio::select! {
-                read = tokio::time::timeout_at(wait_until, self.inner.read_buf(&mut self.ahead)) => read,
-                // Between requests only: a head already begun is finished (or timed out).
-                _ = shutdown.changed(), if self.ahead.is_empty() => return Head::Gone,
+            let until = deadline.unwrap_or(idle_until);
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Head::Gone;
+            }
+            // An idle connection wakes each second to see whether the gateway is stopping.
+            let slice = if deadline.is_none() {
+                left.min(SHUTDOWN_CHECK)
+            } else {
+                left
             };
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Head::Gone,
+            self.ahead.reserve(4096);
+            match pingora::time::timeout(slice, self.inner.read_buf(&mut self.ahead)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Head::Gone,
                 Ok(Ok(_)) => {
                     deadline.get_or_insert_with(|| Instant::now() + header_timeout);
                 }
+                Err(_) => {}
             }
         }
     }

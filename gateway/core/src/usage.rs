@@ -93,6 +93,14 @@ pub fn read_answer(body: &[u8]) -> AnswerReading {
         return not_json;
     }
     let Ok(fields) = serde_json::from_slice::<AnswerFields>(body) else {
+        // An object that names `usage` but does not parse (cut short, `usage` twice) carries
+        // a usage that is wrong, not none: never a free call.
+        if contains(body, b"\"usage\"") {
+            return AnswerReading {
+                usage: Err(UsageProblem::Malformed),
+                ..not_json
+            };
+        }
         return not_json;
     };
     AnswerReading {
@@ -188,6 +196,10 @@ pub fn with_session_id(body: &[u8], session_id: &str) -> Vec<u8> {
     out
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 fn first_non_space(body: &[u8]) -> Option<u8> {
     body.iter().copied().find(|b| !b.is_ascii_whitespace())
 }
@@ -255,8 +267,13 @@ mod tests {
             ),
             (
                 r#"{"usage":{"input_tokens":1,"output_tokens":3}"#,
-                Err(NotJson),
+                Err(Malformed),
             ),
+            (
+                r#"{"usage":{"input_tokens":1,"output_tokens":3},"usage":{}}"#,
+                Err(Malformed),
+            ),
+            (r#"{"response":"cut sh"#, Err(NotJson)),
             ("", Err(NotJson)),
         ];
         for (body, expected) in cases {
