@@ -174,11 +174,5 @@ fn a_body_that_trickles_is_408_and_reaches_no_worker() {
     assert!(r.header("x-request-id").is_some());
     trickle.join().unwrap();
     assert_eq!(w.count(), 0);
-    assert_eq!(
-        gw.settled_balance("acct_jane"),
-        Balance {
-            balance: 1000,
-            reserved: 0
-        }
-    );
+    gw.assert_jane_charged_nothing(1000);
 }

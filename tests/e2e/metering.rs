@@ -105,8 +105,7 @@ fn an_answer_without_usage_costs_nothing() {
         .start();
     gw.chat(AGENT, gw.jane(), Script::bad_usage(BadUsage::Missing))
         .assert_status(200);
-    assert_eq!(gw.settled_balance("acct_jane").balance, 1000);
-    assert_eq!(gw.usage("account=acct_jane"), Usage::default());
+    gw.assert_jane_charged_nothing(1000);
     assert_eq!(gw.metric("turnpike_invalid_usage_total", &[]), 0.0);
     // A good answer afterwards is credited as usual.
     gw.chat(AGENT, gw.jane(), Script::usage(5, 5))
@@ -130,15 +129,7 @@ fn invalid_usage_is_refused_and_costs_nothing() {
         assert!(r.header("x-request-id").is_some(), "{how:?}");
     }
     assert_eq!(w.count(), 4);
-    assert_eq!(
-        gw.settled_balance("acct_jane"),
-        Balance {
-            balance: 1000,
-            reserved: 0
-        }
-    );
-    assert_eq!(gw.usage("account=acct_jane"), Usage::default());
-    assert_eq!(gw.metric("turnpike_tokens_total", &[("agent", AGENT)]), 0.0);
+    gw.assert_jane_charged_nothing(1000);
     let rejected = [("agent", AGENT), ("action", "rejected")];
     gw.wait_metric("turnpike_invalid_usage_total", &rejected, 4.0);
     for reason in ["not_an_integer", "absurd", "inconsistent"] {

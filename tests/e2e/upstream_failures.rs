@@ -6,19 +6,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// Asserts that nothing was metered or charged for `acct_jane`.
-fn nothing_charged(gw: &TestGateway) {
-    assert_eq!(
-        gw.settled_balance("acct_jane"),
-        Balance {
-            balance: 1000,
-            reserved: 0
-        }
-    );
-    assert_eq!(gw.usage("account=acct_jane"), Usage::default());
-    assert_eq!(gw.metric("turnpike_tokens_total", &[("agent", AGENT)]), 0.0);
-}
-
 #[test]
 fn a_worker_error_status_is_passed_on_and_costs_nothing() {
     let w = Worker::start("w1");
@@ -34,7 +21,7 @@ fn a_worker_error_status_is_passed_on_and_costs_nothing() {
         .assert_status(503);
     gw.chat(AGENT, gw.jane(), Script::status(429))
         .assert_status(429);
-    nothing_charged(&gw);
+    gw.assert_jane_charged_nothing(1000);
     assert_eq!(w.count(), 3);
 }
 
@@ -57,7 +44,7 @@ fn a_timed_out_call_costs_nothing_even_when_the_worker_answers_later() {
     // The call has ended (it is counted after it settled) and the worker has nothing more
     // to say: nothing can charge it any more.
     gw.wait_metric("turnpike_requests_total", &[("status", "504")], 1.0);
-    nothing_charged(&gw);
+    gw.assert_jane_charged_nothing(1000);
 }
 
 #[test]
@@ -71,7 +58,7 @@ fn a_refused_connection_costs_nothing() {
         gw.chat(AGENT, gw.jane(), "hi")
             .error(502, "upstream_unavailable");
     }
-    nothing_charged(&gw);
+    gw.assert_jane_charged_nothing(1000);
 }
 
 #[test]
@@ -86,7 +73,7 @@ fn a_broken_answer_costs_nothing() {
         .error(502, "upstream_unavailable");
     gw.chat(AGENT, gw.jane(), Script::close())
         .error(502, "upstream_unavailable");
-    nothing_charged(&gw);
+    gw.assert_jane_charged_nothing(1000);
     // and the gateway still works
     gw.chat(AGENT, gw.jane(), Script::usage(10, 0))
         .assert_status(200);
@@ -129,7 +116,7 @@ fn an_answer_over_the_response_cap_is_502_and_costs_nothing() {
         .start();
     gw.chat(AGENT, gw.jane(), Script::padding(10000))
         .error(502, "upstream_unavailable");
-    nothing_charged(&gw);
+    gw.assert_jane_charged_nothing(1000);
     let r = gw.chat(AGENT, gw.jane(), Script::padding(1000));
     r.assert_status(200);
     assert_eq!(r.json()["padding"].as_str().map(str::len), Some(1000));

@@ -6,6 +6,7 @@
 //! but wrong is *invalid*, and the gateway never lets it pass for free.
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// More tokens than any single call could plausibly use.
@@ -70,15 +71,16 @@ pub enum SessionField {
 }
 
 #[derive(Deserialize)]
-struct AnswerFields {
+struct AnswerFields<'a> {
     usage: Option<Value>,
-    /// `Some(Value::Null)` for an explicit `null`, `None` when the field is absent.
-    #[serde(default, deserialize_with = "present")]
-    session_id: Option<Value>,
+    /// Borrowed, not copied: only whether it is a string matters. `Some("null")` for an
+    /// explicit `null`, `None` when the field is absent.
+    #[serde(borrow, default, deserialize_with = "present")]
+    session_id: Option<&'a RawValue>,
 }
 
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Reads `usage` and `session_id` from a worker's answer body without copying the rest.
@@ -110,7 +112,7 @@ pub fn read_answer(body: &[u8]) -> AnswerReading {
         },
         session: match fields.session_id {
             None => SessionField::Absent,
-            Some(Value::String(_)) => SessionField::Named,
+            Some(raw) if raw.get().starts_with('"') => SessionField::Named,
             Some(_) => SessionField::NotAString,
         },
         is_object: true,
@@ -286,6 +288,10 @@ mod tests {
         let session = |body: &str| read_answer(body.as_bytes()).session;
         assert_eq!(
             session(r#"{"session_id":"s","usage":{}}"#),
+            SessionField::Named
+        );
+        assert_eq!(
+            session("{ \"session_id\" :\n  \"s\" }"),
             SessionField::Named
         );
         assert_eq!(session(r#"{"usage":{}}"#), SessionField::Absent);

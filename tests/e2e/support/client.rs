@@ -244,6 +244,23 @@ impl TestGateway {
         last
     }
 
+    /// Asserts that `acct_jane` still has `balance`, nothing reserved, and nothing metered.
+    #[track_caller]
+    pub fn assert_jane_charged_nothing(&self, balance: i64) {
+        assert_eq!(
+            self.settled_balance("acct_jane"),
+            Balance {
+                balance,
+                reserved: 0
+            }
+        );
+        assert_eq!(self.usage("account=acct_jane"), Usage::default());
+        assert_eq!(
+            self.metric("turnpike_tokens_total", &[("agent", super::AGENT)]),
+            0.0
+        );
+    }
+
     /// `GET /admin/usage?<query>` (e.g. `account=acct_jane&agent=...`, or empty).
     pub fn usage(&self, query: &str) -> Usage {
         let path = if query.is_empty() {
