@@ -29,6 +29,7 @@ use turnpike_core::head::{HeadScan, HeadScanner};
 use turnpike_core::ids::new_request_id;
 
 use crate::error::GatewayError;
+use crate::lifecycle::{Lifecycle, RequestInFlight};
 use crate::pipeline::finish;
 use crate::proxy::Gateway;
 use crate::services::Services;
@@ -89,12 +90,16 @@ impl ServerApp for Edge {
             // A new connection's head is timed from the start; a kept-alive one's from its
             // first byte, after an idle wait.
             let timed_from_start = !reused;
+            // Counted in flight from its first byte to the end of its answer, so a drain
+            // waits for it.
+            let mut in_flight = None;
             let head = conn
                 .read_head(
                     limits.max_header_bytes,
                     limits.header_timeout,
                     timed_from_start,
                     shutdown,
+                    (&self.services.lifecycle, &mut in_flight),
                 )
                 .await;
             match head {
@@ -128,6 +133,7 @@ impl ServerApp for Edge {
             }
             kept = settings;
             reused = true;
+            drop(in_flight);
         }
     }
 
@@ -155,11 +161,15 @@ impl ReadAhead {
         header_timeout: Duration,
         timed_from_start: bool,
         shutdown: &ShutdownWatch,
+        (lifecycle, in_flight): (&Lifecycle, &mut Option<RequestInFlight>),
     ) -> Head {
         let mut scanner = HeadScanner::default();
         let mut deadline = timed_from_start.then(|| Instant::now() + header_timeout);
         let idle_until = Instant::now() + KEEPALIVE_IDLE;
         loop {
+            if in_flight.is_none() && !self.ahead.is_empty() {
+                *in_flight = Some(lifecycle.request_begins());
+            }
             match scanner.scan(&self.ahead, max_bytes) {
                 HeadScan::Complete(_) => return Head::Ready,
                 HeadScan::TooLarge => return Head::TooLarge { limit: max_bytes },

@@ -6,9 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The top-level modules, each allowed to use only those before it.
-const LAYERS: [&str; 18] = [
+const LAYERS: [&str; 20] = [
     "clock",
     "headers",
+    "lifecycle",
     "logging",
     "metrics",
     "policy_diff",
@@ -23,6 +24,7 @@ const LAYERS: [&str; 18] = [
     "reload",
     "admin",
     "demo",
+    "drain",
     "server",
     "cli",
 ];

@@ -5,7 +5,7 @@
 //! (`gateway/layers.rs`, the same order as here), and no modules, at any depth, name each
 //! other in a circle; the tests there hold every `crate::` and `super::` path to that:
 //!
-//! 1. `clock`, `headers`, `logging`, `metrics`, `policy_diff`: leaves.
+//! 1. `clock`, `headers`, `lifecycle`, `logging`, `metrics`, `policy_diff`: leaves.
 //! 2. `config`: the files operators write, compiled into runtime types.
 //! 3. `error`: every error a client can see, rendered one way.
 //! 4. `store`: shared state behind the `Store` traits (embedded, Redis).
@@ -14,12 +14,14 @@
 //! 7. `pipeline`: one call as a pipeline of values; `proxy`: the Pingora glue over it;
 //!    `edge`: the HTTP/1 front door that reads each head before Pingora parses it.
 //! 8. `reload`, `admin`: config reloads and the admin API.
-//! 9. `demo`, `server`, `cli`: the demo worker, the server's assembly, the command line.
+//! 9. `demo`, `drain`, `server`, `cli`: the demo worker, the drain on a stop signal, the
+//!    server's assembly, the command line.
 //!
 //! `docs/architecture.md` walks one call through them.
 
 pub mod clock;
 pub mod headers;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod policy_diff;
@@ -43,6 +45,7 @@ pub mod reload;
 
 pub mod cli;
 pub mod demo;
+pub mod drain;
 pub mod server;
 
 #[cfg(test)]

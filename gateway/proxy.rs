@@ -23,9 +23,9 @@ pub struct Gateway {
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
-    /// Runs first for every request: the call is counted in flight from here.
+    /// Runs first for every request, once its head is read.
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(&self.services.metrics.inflight)
+        RequestCtx::start()
     }
 
     /// The request head has been read: the call gets its request id.

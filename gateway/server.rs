@@ -2,7 +2,7 @@
 //! watcher, and anything extra (the demo worker), on one store and one config snapshot.
 
 use pingora::server::configuration::ServerConf;
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use pingora::services::ServiceWithDependents;
@@ -11,15 +11,13 @@ use std::sync::Arc;
 use crate::admin::AdminApp;
 use crate::clock::unix_now;
 use crate::config::{ConfigErrors, ProcessConfig, Runtime, StoreKind};
+use crate::drain::{self, Signals};
 use crate::edge::Edge;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::reload::{Reloader, Watcher};
 use crate::services::{Services, Snapshot};
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
-
-/// Seconds in-flight calls get to finish after SIGTERM before the process exits.
-const SHUTDOWN_GRACE_SECONDS: u64 = 5;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,12 +35,13 @@ pub enum StartError {
 }
 
 /// Builds the store and seeds it with the config's keys and accounts. The store gets a
-/// runtime of its own for its connections and background tasks, alive as long as the process.
+/// runtime of its own for its connections and background tasks, alive as long as the process
+/// (returned, for the drain's last writes).
 fn open_store(
     process: &ProcessConfig,
     snapshot: &Snapshot,
     metrics: &Metrics,
-) -> Result<Arc<dyn Store>, StartError> {
+) -> Result<(Arc<dyn Store>, tokio::runtime::Handle), StartError> {
     let store_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("turnpike-store")
@@ -61,10 +60,11 @@ fn open_store(
     handle
         .block_on(store.seed(&config.keys, &config.accounts))
         .map_err(StartError::Seed)?;
-    Ok(store)
+    Ok((store, handle))
 }
 
-/// Runs the gateway until a signal stops it; never returns on success.
+/// Runs the gateway until a signal stops it. SIGTERM and SIGQUIT drain and end the process
+/// from `drain`; after SIGINT this returns, once the store has written what it owes.
 pub fn run(
     runtime: Runtime,
     extras: Vec<Box<dyn ServiceWithDependents>>,
@@ -76,7 +76,7 @@ pub fn run(
     } = runtime;
     let metrics = Metrics::new();
     let snapshot = Snapshot::build(calls, 1).map_err(StartError::Pools)?;
-    let store = open_store(&process, &snapshot, &metrics)?;
+    let (store, store_runtime) = open_store(&process, &snapshot, &metrics)?;
     metrics.config_reloads.with_label_values(&["success"]).inc();
     metrics.config_last_success.set(unix_now());
     let services = Arc::new(Services::new(snapshot, store, metrics));
@@ -91,10 +91,11 @@ pub fn run(
     unsafe {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
+    // The drain ends the process before Pingora's grace period does (see `drain`).
     let conf = ServerConf {
         threads: process.threads,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(SHUTDOWN_GRACE_SECONDS),
+        grace_period_seconds: Some(process.shutdown.pingora_backstop_seconds()),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -115,7 +116,18 @@ pub fn run(
             reloader: Arc::clone(&reloader),
         },
     );
-    let mut admin = Service::new("turnpike admin".to_owned(), AdminApp { services, reloader });
+    let signals = Signals {
+        services: Arc::clone(&services),
+        store_runtime: store_runtime.clone(),
+        shutdown: process.shutdown,
+    };
+    let mut admin = Service::new(
+        "turnpike admin".to_owned(),
+        AdminApp {
+            services: Arc::clone(&services),
+            reloader,
+        },
+    );
     admin.add_tcp(&process.admin_listen);
     server.add_service(proxy);
     server.add_service(admin);
@@ -124,5 +136,9 @@ pub fn run(
         server.add_boxed_service(extra);
     }
     tracing::info!(listen = %process.listen, admin = %process.admin_listen, threads = process.threads, "turnpike listening");
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+    drain::flush_store(&services, &store_runtime);
+    Ok(())
 }

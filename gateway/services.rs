@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::config::{Agent, CallConfig};
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::upstream::{build_pools, Pool, Upstreams};
@@ -17,6 +18,8 @@ pub struct Services {
     pub metrics: Metrics,
     pub upstreams: Upstreams,
     pub clock: Clock,
+    /// Whether the gateway is draining, and what is in flight.
+    pub lifecycle: Lifecycle,
 }
 
 impl Services {
@@ -25,6 +28,7 @@ impl Services {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             store,
+            lifecycle: Lifecycle::new(metrics.inflight.clone()),
             metrics,
             upstreams: Upstreams::default(),
             clock: Clock::start(),

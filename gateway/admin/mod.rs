@@ -86,6 +86,13 @@ impl AdminApp {
     }
 
     async fn ready(&self) -> Answer {
+        // Load balancers take a draining instance out of rotation before it stops accepting.
+        if self.services.lifecycle.is_draining() {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "draining"}),
+            );
+        }
         match self.services.store.ping().await {
             Ok(()) => {
                 let notes = self.services.store.notes();

@@ -13,6 +13,8 @@ use turnpike_core::keys::{KeyHash, KeyRecord};
 use turnpike_core::route::PathTemplate;
 use turnpike_core::units::parse_duration;
 
+use crate::lifecycle::Shutdown;
+
 use super::errors::Report;
 use super::policy::PolicySet;
 use super::spec::{
@@ -47,6 +49,7 @@ pub fn compile(
         hash
     });
     let store = compile_store(file.store, report);
+    let shutdown = compile_shutdown(&file.shutdown_grace, &file.shutdown_delay, report);
     let pool_names: HashSet<String> = file.upstreams.keys().cloned().collect();
     let pools: BTreeMap<String, PoolConfig> = file
         .upstreams
@@ -63,6 +66,7 @@ pub fn compile(
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         store,
+        shutdown,
     };
     let calls = CallConfig {
         limits,
@@ -82,6 +86,21 @@ fn check_addr(report: &mut Report, key: &str, addr: &str) {
             key,
             format!("'{addr}' is not an address such as 0.0.0.0:8080"),
         );
+    }
+}
+
+fn compile_shutdown(grace: &str, delay: &str, report: &mut Report) -> Shutdown {
+    // Zero means something here (no delay, no grace), unlike the durations elsewhere.
+    let mut duration = |key: &str, text: &str| match text {
+        "0" | "0s" | "0ms" => Duration::ZERO,
+        text => parse_duration(text).unwrap_or_else(|m| {
+            report.error(key, m);
+            Duration::ZERO
+        }),
+    };
+    Shutdown {
+        grace: duration("shutdown_grace", grace),
+        delay: duration("shutdown_delay", delay),
     }
 }
 

@@ -30,6 +30,8 @@ use turnpike_core::keys::{KeyHash, KeyRecord};
 use turnpike_core::limits::Policy;
 use turnpike_core::route::PathTemplate;
 
+use crate::lifecycle::Shutdown;
+
 use errors::Report;
 use spec::ConfigFile;
 
@@ -65,6 +67,8 @@ pub struct ProcessConfig {
     pub admin_listen: String,
     pub threads: usize,
     pub store: StoreConfig,
+    /// What SIGTERM's drain waits for (`shutdown_delay`, `shutdown_grace`).
+    pub shutdown: Shutdown,
 }
 
 /// What every call is judged and routed by; a reload replaces it whole.

@@ -13,6 +13,12 @@ pub struct ConfigFile {
     pub threads: Option<usize>,
     #[serde(default)]
     pub limits: LimitsSpec,
+    /// On SIGTERM: how long calls in flight get to finish once the listeners stop accepting.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: String,
+    /// On SIGTERM: how long `/readyz` fails before the listeners stop accepting.
+    #[serde(default = "default_shutdown_delay")]
+    pub shutdown_delay: String,
     pub tls: Option<TlsSpec>,
     #[serde(default)]
     pub admin: AdminSpec,
@@ -262,6 +268,12 @@ fn default_header_timeout() -> String {
 }
 fn default_body_timeout() -> String {
     "30s".into()
+}
+fn default_shutdown_grace() -> String {
+    "30s".into()
+}
+fn default_shutdown_delay() -> String {
+    "0s".into()
 }
 fn default_upstream_path() -> String {
     "/chat".into()

@@ -2,7 +2,6 @@
 //! the call reports (metrics and the access log): the call's own state travels as values
 //! from stage to stage (see [`super`]), never through here.
 
-use prometheus::IntGauge;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,7 +17,6 @@ pub struct RequestCtx {
     pub started: Instant,
     pub ids: CallIds,
     pub record: CallRecord,
-    _inflight: Inflight,
 }
 
 /// A call's two ids. Both reach the worker and every usage record.
@@ -50,9 +48,8 @@ pub struct CallRecord {
 }
 
 impl RequestCtx {
-    /// A new call: counted in `turnpike_inflight_requests` until its context is dropped,
-    /// after Pingora's `logging` phase.
-    pub fn new(inflight: &IntGauge) -> Self {
+    /// A new call, its head just read (the edge counts it in flight).
+    pub fn start() -> Self {
         Self {
             started: Instant::now(),
             ids: CallIds {
@@ -60,7 +57,6 @@ impl RequestCtx {
                 call_id: new_call_id(),
             },
             record: CallRecord::default(),
-            _inflight: Inflight::count(inflight),
         }
     }
 }
@@ -69,21 +65,5 @@ impl CallRecord {
     /// The agent label for metrics: a configured agent id, or a placeholder.
     pub fn agent_label(&self) -> &str {
         self.agent.as_ref().map_or(NO_AGENT, |a| a.id.as_str())
-    }
-}
-
-/// One call in flight, counted while it lives.
-struct Inflight(IntGauge);
-
-impl Inflight {
-    fn count(gauge: &IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for Inflight {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }

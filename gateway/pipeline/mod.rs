@@ -55,6 +55,10 @@ pub async fn serve(
 ) -> pingora::Result<()> {
     let snapshot = services.snapshot();
     let outcome = run(services, &snapshot, session, &ctx.ids, &mut ctx.record).await;
+    // A draining gateway sends each client elsewhere for its next call.
+    if services.lifecycle.is_draining() {
+        session.set_keepalive(None);
+    }
     match outcome {
         Ok(Answered { answer, quota }) => {
             let common = Common {

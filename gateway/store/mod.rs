@@ -125,6 +125,13 @@ pub trait CallStore: Send + Sync {
     /// Never fails from the caller's side: a store that cannot write it now holds it, and
     /// counts and logs what it could not keep.
     async fn settle(&self, call: &Settlement<'_>);
+
+    /// Before the process exits, once no call is in flight: writes what the store still
+    /// owes (settlements held while it was unreachable). Returns how many it could not
+    /// write, which the store has logged (or kept in its journal). Nothing, by default.
+    async fn write_owed(&self) -> usize {
+        0
+    }
 }
 
 /// What the operator (admin API, start-up and reload) asks of the store.

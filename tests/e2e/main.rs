@@ -21,4 +21,5 @@ mod path_tricks;
 mod rate_limits;
 mod reload;
 mod sessions;
+mod shutdown;
 mod upstream_failures;

@@ -135,6 +135,10 @@ impl CallStore for RedisStore {
     async fn settle(&self, call: &Settlement<'_>) {
         self.settle_on_redis(call).await
     }
+
+    async fn write_owed(&self) -> usize {
+        self.write_held_before_exit().await
+    }
 }
 
 #[async_trait]

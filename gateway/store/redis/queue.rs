@@ -135,6 +135,30 @@ impl SettlementQueue {
     pub fn is_empty(&self) -> bool {
         self.items.lock().is_empty()
     }
+
+    /// The process is exiting with settlements still held: with a journal they stay in it,
+    /// for the next start to replay; without one each is counted as dropped and logged whole,
+    /// to be replayed by hand. Returns how many were held.
+    pub fn leave_behind(&self) -> usize {
+        let items = self.items.lock();
+        if self.journal.is_some() {
+            if !items.is_empty() {
+                tracing::warn!(
+                    settlements = items.len(),
+                    "exiting with settlements Redis has not taken; the journal keeps them for the next start"
+                );
+            }
+            return items.len();
+        }
+        for held in items.iter() {
+            self.dropped.inc();
+            tracing::error!(
+                settlement = %as_json(&held.owed),
+                "exiting with a settlement Redis has not taken and no journal: it is lost"
+            );
+        }
+        items.len()
+    }
 }
 
 /// The writes as one JSON line, for a log an operator can replay from.

@@ -122,6 +122,28 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Before the process exits: one last try at the held settlements; returns how many
+    /// are still held (left in the journal, or logged as lost without one).
+    pub(super) async fn write_held_before_exit(&self) -> usize {
+        if self.queue.is_empty() {
+            return 0;
+        }
+        // As the flusher does: a link marked down fails fast until a ping brings it back.
+        let flushed = match self.link.ping().await {
+            Ok(()) => {
+                self.link.mark_up();
+                self.flush().await
+            }
+            Err(error) => Err(error),
+        };
+        if let Err(error) = flushed {
+            tracing::warn!(%error, "Redis did not take every held settlement before exit");
+        }
+        self.queue.leave_behind()
+    }
+}
+
 /// Writes held settlements whenever Redis takes them, backing off while it does not; brings
 /// the link back up when Redis answers again.
 pub(super) async fn flush_held_settlements(store: Weak<RedisStore>) {

@@ -1,0 +1,200 @@
+//! SIGTERM drains (every rolling deploy sends one): `/readyz` fails first, answers close their
+//! connections, the listener stops accepting, calls in flight finish within `shutdown_grace`
+//! and are settled, then the process exits by itself. Runs on every store; on Redis the books
+//! are checked again by a gateway started after the drain.
+
+use serde_json::json;
+use std::io::{BufReader, ErrorKind, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::support::raw::read_response;
+use crate::support::redis::StoreUnderTest;
+use crate::support::{chat_path, wait_until, Reply, Script, TestGateway, Worker, AGENT};
+
+/// A gateway in front of `w` that drains with this delay and grace.
+fn draining_gateway(w: &Worker, delay: &str, grace: &str) -> TestGateway {
+    let (delay, grace) = (delay.to_owned(), grace.to_owned());
+    TestGateway::builder()
+        .worker(w)
+        .timeout("20s")
+        .config(move |c| {
+            c["shutdown_delay"] = json!(delay);
+            c["shutdown_grace"] = json!(grace);
+        })
+        .start()
+}
+
+/// Waits for the gateway process to end by itself, successfully.
+fn wait_for_exit(gw: &TestGateway, within: Duration) {
+    wait_until(within, "the gateway exits after draining", || {
+        gw.exited().is_some()
+    });
+    let status = gw.exited().expect("exited");
+    assert!(status.success(), "exit status {status}; log:\n{}", gw.log());
+}
+
+/// One keep-alive client: chat calls on one connection, a new one whenever an answer says
+/// `Connection: close`, until a connection is refused. Every call sent must be answered 200:
+/// a call cut by the shutdown panics in `read_response`. Returns how many were answered.
+fn keep_calling(gw: &TestGateway, key: &str, stop_sending: &AtomicBool) -> u64 {
+    let body = json!({"message": Script::sleep(0.05).to_string()}).to_string();
+    let request = format!(
+        "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        chat_path(AGENT),
+        body.len()
+    );
+    let mut answered = 0;
+    'connections: loop {
+        let stream = match TcpStream::connect(("127.0.0.1", gw.port())) {
+            Ok(stream) => stream,
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return answered,
+            Err(e) => panic!("connect: {e}"),
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        loop {
+            if stop_sending.load(Ordering::Relaxed) {
+                return answered;
+            }
+            writer.write_all(request.as_bytes()).unwrap();
+            let reply: Reply = read_response(&mut reader, format!("call {answered}"));
+            reply.assert_status(200);
+            answered += 1;
+            if reply
+                .header("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+            {
+                continue 'connections;
+            }
+        }
+    }
+}
+
+#[test]
+fn sigterm_fails_readyz_first_then_lets_calls_in_flight_finish() {
+    let w = Worker::start("w1");
+    let gw = draining_gateway(&w, "1s", "20s");
+    let started_balance = gw.balance("acct_jane").balance;
+    std::thread::scope(|s| {
+        let slow: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| gw.chat(AGENT, gw.jane(), Script::sleep(2.5))))
+            .collect();
+        wait_until(Duration::from_secs(10), "six calls at the worker", || {
+            w.count() == 6
+        });
+        gw.signal("TERM");
+        // During the delay: not ready, but still serving, each answer closing its connection.
+        wait_until(Duration::from_secs(2), "/readyz fails", || {
+            gw.open_get("/readyz").status == 503
+        });
+        assert_eq!(gw.open_get("/readyz").json()["status"], "draining");
+        let during = gw.chat(AGENT, gw.jane(), "hi");
+        during.assert_status(200);
+        assert_eq!(during.header("connection"), Some("close"));
+        // After it: no new connection is accepted, and the calls in flight still finish.
+        std::thread::sleep(Duration::from_millis(1500));
+        let refused = TcpStream::connect(("127.0.0.1", gw.port()));
+        assert!(
+            refused.is_err(),
+            "a new connection was accepted after the delay"
+        );
+        for call in slow {
+            let r = call.join().unwrap();
+            r.assert_status(200);
+            assert!(r.json()["usage"]["total_tokens"].as_i64().unwrap() > 0);
+        }
+    });
+    wait_for_exit(&gw, Duration::from_secs(15));
+    assert!(gw.log().contains("drained"), "log:\n{}", gw.log());
+    // Seven calls answered and metered: on Redis, a gateway started after the drain finds
+    // them all settled.
+    if StoreUnderTest::from_env() != StoreUnderTest::Memory {
+        gw.restart();
+        assert_eq!(gw.usage_after("account=acct_jane", 7).requests, 7);
+        let after = gw.settled_balance("acct_jane");
+        assert!(after.balance < started_balance);
+    }
+}
+
+#[test]
+fn sigterm_under_load_cuts_no_call_and_loses_no_settlement() {
+    let w = Worker::start("w1");
+    let gw = draining_gateway(&w, "500ms", "20s");
+    let stop_sending = AtomicBool::new(false);
+    let answered: u64 = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| keep_calling(&gw, gw.jane(), &stop_sending)))
+            .collect();
+        wait_until(Duration::from_secs(10), "traffic flows", || w.count() >= 20);
+        gw.signal("TERM");
+        // A client that never meets a refused connection (one kept open by the delay) stops
+        // sending once the drain must be over.
+        std::thread::sleep(Duration::from_secs(5));
+        stop_sending.store(true, Ordering::Relaxed);
+        clients.into_iter().map(|c| c.join().unwrap()).sum()
+    });
+    wait_for_exit(&gw, Duration::from_secs(15));
+    assert_eq!(
+        answered,
+        w.count() as u64,
+        "every call the worker saw was answered"
+    );
+    if StoreUnderTest::from_env() != StoreUnderTest::Memory {
+        gw.restart();
+        let usage = gw.usage_after("account=acct_jane", answered as i64);
+        assert_eq!(usage.requests, answered as i64);
+        assert_eq!(gw.settled_balance("acct_jane").reserved, 0);
+    }
+}
+
+#[test]
+fn a_call_longer_than_the_grace_is_cut_when_the_grace_ends() {
+    let w = Worker::start("w1");
+    let gw = draining_gateway(&w, "0s", "1s");
+    std::thread::scope(|s| {
+        let endless = s.spawn(|| {
+            let stream = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
+            let body = json!({"message": Script::sleep(60.0).to_string()}).to_string();
+            let request = format!(
+                "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                chat_path(AGENT),
+                gw.jane(),
+                body.len()
+            );
+            (&stream).write_all(request.as_bytes()).unwrap();
+            stream
+        });
+        wait_until(
+            Duration::from_secs(10),
+            "the call reaches the worker",
+            || w.count() == 1,
+        );
+        gw.signal("TERM");
+        // Well before the worker's 60 s: the grace, not the call, ends the drain.
+        wait_for_exit(&gw, Duration::from_secs(10));
+        drop(endless.join().unwrap());
+    });
+    assert!(
+        gw.log().contains("calls still in flight are cut"),
+        "log:\n{}",
+        gw.log()
+    );
+}
+
+#[test]
+fn an_idle_gateway_exits_promptly_on_sigterm_and_at_once_on_sigint() {
+    let w = Worker::start("w1");
+    let gw = draining_gateway(&w, "0s", "30s");
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.signal("TERM");
+    wait_for_exit(&gw, Duration::from_secs(10));
+
+    let gw = draining_gateway(&w, "0s", "30s");
+    gw.signal("INT");
+    wait_for_exit(&gw, Duration::from_secs(10));
+}
