@@ -246,6 +246,22 @@ impl GatewayError {
 mod tests {
     use super::*;
 
+    /// Every auth failure reason's series is exported at zero from the start.
+    #[test]
+    fn every_auth_failure_reason_is_in_the_metrics_fixed_set() {
+        for error in [
+            GatewayError::MissingApiKey,
+            GatewayError::InvalidApiKey,
+            GatewayError::AdminUnauthorized,
+        ] {
+            let reason = error.auth_failure_reason().expect("an auth failure");
+            assert!(
+                crate::metrics::AUTH_FAILURE_REASONS.contains(&reason),
+                "{reason}"
+            );
+        }
+    }
+
     #[test]
     fn body_has_the_contract_shape() {
         let err = GatewayError::RateLimited {

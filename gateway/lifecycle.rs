@@ -19,14 +19,17 @@ pub const STORE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 /// Whether the gateway is draining, and how many requests are in flight.
 pub struct Lifecycle {
     draining: AtomicBool,
+    /// `turnpike_draining`.
+    draining_gauge: IntGauge,
     /// `turnpike_inflight_requests`: requests from their first byte to their answer's end.
     requests: IntGauge,
 }
 
 impl Lifecycle {
-    pub fn new(requests: IntGauge) -> Self {
+    pub fn new(requests: IntGauge, draining_gauge: IntGauge) -> Self {
         Self {
             draining: AtomicBool::new(false),
+            draining_gauge,
             requests,
         }
     }
@@ -44,6 +47,7 @@ impl Lifecycle {
 
     /// Marks the gateway as draining; returns false if it already was.
     pub fn start_draining(&self) -> bool {
+        self.draining_gauge.set(1);
         !self.draining.swap(true, Ordering::Relaxed)
     }
 

@@ -1,13 +1,54 @@
-//! Every Prometheus handle in one struct. Label values come from config (agent ids) or from
-//! fixed sets (status codes, bucket kinds), never from raw request input.
+//! Every Prometheus handle in one struct. Label values come from config (agent ids, pool
+//! endpoints) or from fixed sets (status codes, bucket kinds, store operations), never from
+//! raw request input. Counters over those sets are exported at zero from the start (and for
+//! an agent or endpoint as soon as a config names it), so dashboards show 0 rather than "no
+//! data" and `rate()` sees the first event.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use turnpike_core::admission::Scope;
+use turnpike_core::limits::BucketKind;
+use turnpike_core::usage::UsageProblem;
 
 /// The agent label for a call that never reached a known agent.
 pub const NO_AGENT: &str = "-";
+
+/// Seconds, for a gateway: 100 µs (an answer from the edge) to 2 min (the longest agent
+/// call a pool's `timeout` usually allows).
+const DURATION_BUCKETS: [f64; 19] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Seconds, for one store round trip: 50 µs to 5 s.
+const STORE_BUCKETS: [f64; 15] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    5.0,
+];
+
+/// Statuses a call to a configured agent is answered with most: exported at zero per agent.
+const AGENT_STATUSES: [&str; 8] = ["200", "400", "402", "429", "500", "502", "503", "504"];
+/// Statuses the gateway answers before a call has an agent (`agent="-"`).
+const NO_AGENT_STATUSES: [&str; 9] = [
+    "400", "401", "404", "405", "408", "413", "415", "431", "503",
+];
+/// `turnpike_auth_failures_total`'s reasons (`GatewayError::auth_failure_reason`).
+pub const AUTH_FAILURE_REASONS: [&str; 3] = ["missing", "invalid", "admin"];
+/// `turnpike_store_*{op}`: the Redis store's operations (the embedded store never fails).
+pub const STORE_OPS: [&str; 6] = ["key", "admit", "quota", "settle", "admin", "admin_once"];
+/// `turnpike_upstream_attempts_total`'s outcomes (`exchange`).
+pub const ATTEMPT_OUTCOMES: [&str; 5] = [
+    "answered",
+    "connect_failed",
+    "broken",
+    "timed_out",
+    "too_large",
+];
+/// Above this many configured agents, per-agent series appear on first use instead, to keep
+/// `/metrics` small (about 25 series per agent).
+pub const ZERO_AGENTS_MAX: usize = 1000;
 
 pub struct Metrics {
     registry: Registry,
@@ -28,7 +69,10 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub usage_rejected: IntCounterVec,
     pub invalid_usage: IntCounterVec,
+    pub upstream_attempts: IntCounterVec,
+    pub upstream_endpoint_up: IntGaugeVec,
     pub inflight: IntGauge,
+    pub draining: IntGauge,
     pub config_generation: IntGauge,
     pub config_last_success: IntGauge,
 }
@@ -44,9 +88,8 @@ impl Metrics {
             vec
         };
         let histogram = |name: &str, help: &str| {
-            let buckets = exponential_buckets(0.0005, 2.0, 18).expect("valid buckets");
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("valid metric");
+            let opts = HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec());
+            let h = Histogram::with_opts(opts).expect("valid metric");
             registry
                 .register(Box::new(h.clone()))
                 .expect("registered once");
@@ -59,56 +102,56 @@ impl Metrics {
                 .expect("registered once");
             g
         };
-        Self {
+        let metrics = Self {
             requests: counter(
                 "turnpike_requests_total",
-                "Calls answered, by agent and status",
+                "Requests answered, by agent (\"-\" before one is known) and HTTP status (0: the client was gone)",
                 &["agent", "status"],
             ),
             request_duration: histogram(
                 "turnpike_request_duration_seconds",
-                "Time from request to the end of the response",
+                "Seconds from a request's head to the end of its answer",
             ),
             upstream_duration: histogram(
                 "turnpike_upstream_duration_seconds",
-                "Time from choosing a worker to the end of its answer",
+                "Seconds from choosing a worker to the end of its answer",
             ),
             tokens: counter(
                 "turnpike_tokens_total",
-                "Usage tokens metered",
+                "Usage tokens metered from workers' answers, by agent and kind (input, output)",
                 &["agent", "kind"],
             ),
             cost: counter(
                 "turnpike_cost_total",
-                "Cost debited, in the operator's unit",
+                "Cost debited from balances, in the operator's balance unit, by agent",
                 &["agent"],
             ),
             rate_limited: counter(
                 "turnpike_rate_limited_total",
-                "Calls a rate limit refused (shadow=true: would have refused)",
+                "Calls a rate limit refused (shadow=\"true\": would have refused), by agent, bucket and scope",
                 &["agent", "bucket", "scope", "shadow"],
             ),
             auth_failures: counter(
                 "turnpike_auth_failures_total",
-                "Refused credentials",
+                "Refused credentials, by reason (missing, invalid, admin)",
                 &["reason"],
             ),
             insufficient_balance: counter(
                 "turnpike_insufficient_balance_total",
-                "Calls refused for balance",
+                "Calls refused with 402 for balance, by agent",
                 &["agent"],
             ),
             store_errors: counter(
                 "turnpike_store_errors_total",
-                "Failed store operations",
+                "Store operations that failed (timed out, refused, unreachable), by operation",
                 &["op"],
             ),
             store_duration: {
                 let opts = HistogramOpts::new(
                     "turnpike_store_duration_seconds",
-                    "Time a store operation took, by operation",
+                    "Seconds one store round trip took, by operation",
                 )
-                .buckets(exponential_buckets(0.0001, 2.0, 14).expect("valid buckets"));
+                .buckets(STORE_BUCKETS.to_vec());
                 let h = HistogramVec::new(opts, &["op"]).expect("valid metric");
                 registry
                     .register(Box::new(h.clone()))
@@ -123,11 +166,11 @@ impl Metrics {
             .with_label_values(&[] as &[&str]),
             settlements_queued: gauge(
                 "turnpike_store_settlements_queued",
-                "Settlements waiting for the store to come back",
+                "Settlements held until the store takes them",
             ),
             settlements_dropped: counter(
                 "turnpike_store_settlements_dropped_total",
-                "Settlements lost: the queue was full, or Redis refused a held one for good",
+                "Settlements lost: the queue was full, Redis refused a held one for good, or the process exited holding one without a journal",
                 &[],
             )
             .with_label_values(&[] as &[&str]),
@@ -137,10 +180,14 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]),
-            config_reloads: counter("turnpike_config_reloads_total", "Config loads", &["result"]),
+            config_reloads: counter(
+                "turnpike_config_reloads_total",
+                "Config loads, by result (success, error: refused, the old config stays)",
+                &["result"],
+            ),
             usage_rejected: counter(
                 "turnpike_usage_rejected_total",
-                "2xx answers whose usage was not credited",
+                "2xx answers whose usage was not credited, by agent and reason",
                 &["agent", "reason"],
             ),
             invalid_usage: counter(
@@ -149,7 +196,33 @@ impl Metrics {
                  (action=rejected: 502 upstream_invalid_usage; charged_reserve: passed, reservation charged)",
                 &["agent", "action"],
             ),
-            inflight: gauge("turnpike_inflight_requests", "Calls being processed now"),
+            upstream_attempts: counter(
+                "turnpike_upstream_attempts_total",
+                "Attempts to reach a worker, by pool, endpoint and outcome (answered, connect_failed, broken, timed_out, too_large)",
+                &["pool", "endpoint", "outcome"],
+            ),
+            upstream_endpoint_up: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "turnpike_upstream_endpoint_up",
+                        "Whether the endpoint's last attempt reached it (1) or its connect failed (0); 1 until tried",
+                    ),
+                    &["pool", "endpoint"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("registered once");
+                g
+            },
+            inflight: gauge(
+                "turnpike_inflight_requests",
+                "Requests from their first byte to the end of their answer",
+            ),
+            draining: gauge(
+                "turnpike_draining",
+                "1 from a stop signal on: /readyz fails and calls in flight are finishing",
+            ),
             config_generation: gauge(
                 "turnpike_config_generation",
                 "Configurations put in force since start",
@@ -159,6 +232,88 @@ impl Metrics {
                 "Unix time of the last configuration put in force",
             ),
             registry,
+        };
+        metrics.register_process_metrics();
+        metrics.zero_fixed_sets();
+        metrics
+    }
+
+    /// The process's CPU seconds, resident memory, open file descriptors and start time
+    /// (`process_*`), read from `/proc` at each scrape.
+    fn register_process_metrics(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            let collector = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = self.registry.register(Box::new(collector));
+        }
+    }
+
+    /// The series whose labels are fixed sets, at zero.
+    fn zero_fixed_sets(&self) {
+        for status in NO_AGENT_STATUSES {
+            self.requests.with_label_values(&[NO_AGENT, status]);
+        }
+        for reason in AUTH_FAILURE_REASONS {
+            self.auth_failures.with_label_values(&[reason]);
+        }
+        for op in STORE_OPS {
+            self.store_errors.with_label_values(&[op]);
+        }
+        for result in ["success", "error"] {
+            self.config_reloads.with_label_values(&[result]);
+        }
+    }
+
+    /// An agent a config names: its series at zero. `invalid_usage_action` is what its
+    /// pool does with invalid usage (`rejected` or `charged_reserve`).
+    pub fn zero_agent(&self, agent: &str, invalid_usage_action: &str) {
+        for status in AGENT_STATUSES {
+            self.requests.with_label_values(&[agent, status]);
+        }
+        for kind in ["input", "output"] {
+            self.tokens.with_label_values(&[agent, kind]);
+        }
+        self.cost.with_label_values(&[agent]);
+        self.insufficient_balance.with_label_values(&[agent]);
+        for bucket in BucketKind::ALL {
+            for scope in Scope::ALL {
+                self.rate_limited.with_label_values(&[
+                    agent,
+                    bucket.label(),
+                    scope.label(),
+                    "false",
+                ]);
+            }
+        }
+        for problem in UsageProblem::ALL {
+            self.usage_rejected
+                .with_label_values(&[agent, problem.label()]);
+        }
+        self.invalid_usage
+            .with_label_values(&[agent, invalid_usage_action]);
+    }
+
+    /// A pool endpoint's series: every outcome at zero, and up until an attempt says not.
+    /// Returns the handles a call uses, so none is looked up per call.
+    pub fn endpoint(&self, pool: &str, endpoint: &str) -> EndpointMetrics {
+        let attempt = |outcome: &str| {
+            self.upstream_attempts
+                .with_label_values(&[pool, endpoint, outcome])
+        };
+        let up = self
+            .upstream_endpoint_up
+            .with_label_values(&[pool, endpoint]);
+        // A gauge already known keeps its value across a reload.
+        if attempt("answered").get() == 0 && attempt("connect_failed").get() == 0 {
+            up.set(1);
+        }
+        EndpointMetrics {
+            answered: attempt("answered"),
+            connect_failed: attempt("connect_failed"),
+            broken: attempt("broken"),
+            timed_out: attempt("timed_out"),
+            too_large: attempt("too_large"),
+            up,
         }
     }
 
@@ -168,6 +323,18 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+/// One endpoint's handles, resolved when its pool is built.
+#[derive(Clone)]
+pub struct EndpointMetrics {
+    pub answered: IntCounter,
+    pub connect_failed: IntCounter,
+    pub broken: IntCounter,
+    pub timed_out: IntCounter,
+    pub too_large: IntCounter,
+    /// Passive health: 1 after an answer, 0 after a failed connect.
+    pub up: IntGauge,
 }
 
 impl Default for Metrics {

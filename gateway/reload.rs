@@ -95,7 +95,7 @@ impl Reloader {
         let path = &sources.config;
         let runtime = config::load(path)?;
         let generation = self.services.snapshot().generation + 1;
-        let snapshot = Snapshot::build(runtime.calls, generation)
+        let snapshot = Snapshot::build(runtime.calls, generation, &self.services.metrics)
             .map_err(|e| one_error(path, format!("building upstream pools: {e}")))?;
         self.services
             .store

@@ -75,7 +75,7 @@ pub fn run(
         calls,
     } = runtime;
     let metrics = Metrics::new();
-    let snapshot = Snapshot::build(calls, 1).map_err(StartError::Pools)?;
+    let snapshot = Snapshot::build(calls, 1, &metrics).map_err(StartError::Pools)?;
     let (store, store_runtime) = open_store(&process, &snapshot, &metrics)?;
     metrics.config_reloads.with_label_values(&["success"]).inc();
     metrics.config_last_success.set(unix_now());

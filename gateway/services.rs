@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::clock::Clock;
-use crate::config::{Agent, CallConfig};
+use crate::config::{Agent, CallConfig, InvalidUsageRule};
 use crate::lifecycle::Lifecycle;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ZERO_AGENTS_MAX};
 use crate::store::Store;
 use crate::upstream::{build_pools, Pool, Upstreams};
 
@@ -25,10 +25,11 @@ pub struct Services {
 impl Services {
     pub fn new(snapshot: Snapshot, store: Arc<dyn Store>, metrics: Metrics) -> Self {
         metrics.config_generation.set(snapshot.generation as i64);
+        zero_agents(&metrics, &snapshot.config);
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             store,
-            lifecycle: Lifecycle::new(metrics.inflight.clone()),
+            lifecycle: Lifecycle::new(metrics.inflight.clone(), metrics.draining.clone()),
             metrics,
             upstreams: Upstreams::default(),
             clock: Clock::start(),
@@ -46,7 +47,23 @@ impl Services {
         self.metrics
             .config_generation
             .set(snapshot.generation as i64);
+        zero_agents(&self.metrics, &snapshot.config);
         self.snapshot.store(Arc::new(snapshot));
+    }
+}
+
+/// The configured agents' series at zero, unless there are too many for that to be cheap.
+fn zero_agents(metrics: &Metrics, config: &CallConfig) {
+    if config.agents.len() > ZERO_AGENTS_MAX {
+        return;
+    }
+    for agent in config.agents.values() {
+        let rule = config.pools.get(&agent.pool).map(|p| p.on_invalid_usage);
+        let action = match rule.unwrap_or_default() {
+            InvalidUsageRule::Reject => "rejected",
+            InvalidUsageRule::ChargeReserve => "charged_reserve",
+        };
+        metrics.zero_agent(&agent.id, action);
     }
 }
 
@@ -66,8 +83,8 @@ pub struct Route {
 
 impl Snapshot {
     /// Builds the pools of `config` and resolves each agent to its pool.
-    pub fn build(config: CallConfig, generation: u64) -> std::io::Result<Self> {
-        let pools = build_pools(&config.pools)?;
+    pub fn build(config: CallConfig, generation: u64, metrics: &Metrics) -> std::io::Result<Self> {
+        let pools = build_pools(&config.pools, metrics)?;
         let mut routes = HashMap::with_capacity(config.agents.len());
         for (id, agent) in &config.agents {
             let pool = pools.get(&agent.pool).cloned().ok_or_else(|| {

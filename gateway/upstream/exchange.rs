@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use super::Pool;
 use crate::error::GatewayError;
+use crate::metrics::EndpointMetrics;
 
 /// Idle keep-alive connections kept to workers, across all pools.
 const KEEPALIVE_POOL_SIZE: usize = 1024;
@@ -105,6 +106,9 @@ impl Upstreams {
             tried.push(addr);
             let peer = pool.peer(addr);
             let attempt = tokio::time::timeout_at(deadline, self.attempt(&peer, &call)).await;
+            if let Some(metrics) = pool.endpoint_metrics(addr) {
+                count_attempt(metrics, &attempt);
+            }
             match attempt {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(Failure::Stale)) if !resent_after_stale => {
@@ -149,6 +153,27 @@ impl Upstreams {
                 Err(failure)
             }
         }
+    }
+}
+
+/// One attempt in the endpoint's counters, and its passive health: a connect that failed
+/// marks it down, any answer up.
+fn count_attempt(
+    metrics: &EndpointMetrics,
+    attempt: &Result<Result<WorkerAnswer, Failure>, tokio::time::error::Elapsed>,
+) {
+    match attempt {
+        Ok(Ok(_)) => {
+            metrics.answered.inc();
+            metrics.up.set(1);
+        }
+        Ok(Err(Failure::Connect)) => {
+            metrics.connect_failed.inc();
+            metrics.up.set(0);
+        }
+        Ok(Err(Failure::Stale | Failure::Broken)) => metrics.broken.inc(),
+        Ok(Err(Failure::TooLarge)) => metrics.too_large.inc(),
+        Ok(Err(Failure::Timeout)) | Err(_) => metrics.timed_out.inc(),
     }
 }
 

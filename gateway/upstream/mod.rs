@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::{Balance, PoolConfig};
+use crate::metrics::{EndpointMetrics, Metrics};
 
 /// Bound on the selection walk; pools are small.
 const MAX_SELECTION_STEPS: usize = 256;
@@ -28,26 +29,48 @@ enum Selector {
 pub struct Pool {
     pub config: PoolConfig,
     selector: Selector,
+    /// Each endpoint's attempt counters and passive health, in `config.endpoints` order.
+    endpoint_metrics: Vec<(SocketAddr, EndpointMetrics)>,
 }
 
-/// Every pool of one config, by name.
+/// Every pool of one config, by name, with their endpoints' metrics.
 pub fn build_pools(
     configs: &BTreeMap<String, PoolConfig>,
+    metrics: &Metrics,
 ) -> std::io::Result<BTreeMap<String, Arc<Pool>>> {
     configs
         .iter()
-        .map(|(name, config)| Ok((name.clone(), Arc::new(Pool::new(config.clone())?))))
+        .map(|(name, config)| {
+            let pool = Pool::new(name, config.clone(), metrics)?;
+            Ok((name.clone(), Arc::new(pool)))
+        })
         .collect()
 }
 
 impl Pool {
-    fn new(config: PoolConfig) -> std::io::Result<Self> {
+    fn new(name: &str, config: PoolConfig, metrics: &Metrics) -> std::io::Result<Self> {
         let endpoints = config.endpoints.clone();
+        let endpoint_metrics = endpoints
+            .iter()
+            .map(|addr| (*addr, metrics.endpoint(name, &addr.to_string())))
+            .collect();
         let selector = match config.balance {
             Balance::RoundRobin => Selector::RoundRobin(LoadBalancer::try_from_iter(endpoints)?),
             Balance::Session => Selector::Session(LoadBalancer::try_from_iter(endpoints)?),
         };
-        Ok(Self { config, selector })
+        Ok(Self {
+            config,
+            selector,
+            endpoint_metrics,
+        })
+    }
+
+    /// The metrics of the endpoint at `addr` (one of this pool's).
+    pub fn endpoint_metrics(&self, addr: SocketAddr) -> Option<&EndpointMetrics> {
+        self.endpoint_metrics
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, m)| m)
     }
 
     /// The next endpoint for a call, skipping those already `tried`; `None` when none is left.

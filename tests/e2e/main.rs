@@ -16,6 +16,7 @@ mod edge;
 mod errors;
 mod forwarding;
 mod metering;
+mod metrics;
 mod openapi;
 mod path_tricks;
 mod rate_limits;

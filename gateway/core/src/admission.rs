@@ -23,6 +23,8 @@ pub enum Scope {
 }
 
 impl Scope {
+    pub const ALL: [Scope; 2] = [Scope::Key, Scope::Agent];
+
     pub fn label(self) -> &'static str {
         match self {
             Scope::Key => "key",

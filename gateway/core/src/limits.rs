@@ -37,6 +37,12 @@ pub enum BucketKind {
 }
 
 impl BucketKind {
+    pub const ALL: [BucketKind; 3] = [
+        BucketKind::Requests,
+        BucketKind::Tokens,
+        BucketKind::Concurrency,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             BucketKind::Requests => "requests",

@@ -34,6 +34,15 @@ pub enum UsageProblem {
 }
 
 impl UsageProblem {
+    pub const ALL: [UsageProblem; 6] = [
+        UsageProblem::NotJson,
+        UsageProblem::Missing,
+        UsageProblem::Malformed,
+        UsageProblem::NotAnInteger,
+        UsageProblem::Absurd,
+        UsageProblem::Inconsistent,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             UsageProblem::NotJson => "not_json",

@@ -456,6 +456,19 @@ fn reply_kind(code: &str, detail: &str) -> StoreErrorKind {
 mod tests {
     use super::*;
 
+    /// Every operation's series is exported at zero from the start, on either store.
+    #[test]
+    fn every_operation_is_in_the_metrics_fixed_set() {
+        for op in Op::ALL {
+            assert!(
+                crate::metrics::STORE_OPS.contains(&op.label()),
+                "{}",
+                op.label()
+            );
+        }
+        assert_eq!(Op::ALL.len(), crate::metrics::STORE_OPS.len());
+    }
+
     #[test]
     fn error_replies_are_transient_or_final_by_their_code() {
         for code in TRANSIENT_CODES {

@@ -1,0 +1,197 @@
+//! `/metrics` as a dashboard and an alert see it (SPEC §4): counters over known label sets
+//! at zero from the start, per-endpoint health, process metrics, and text that Prometheus's
+//! own checker accepts.
+
+use serde_json::json;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::support::*;
+
+/// The samples of `name` whose labels include `labels`: empty when the series is absent,
+/// which a dashboard shows as "no data" and `rate()` cannot count from.
+fn samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            let (series, _) = line.rsplit_once(' ').unwrap_or((line, ""));
+            let sample_name = series.split('{').next().unwrap_or_default();
+            sample_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse().ok())
+        .collect()
+}
+
+#[track_caller]
+fn assert_zero(text: &str, name: &str, labels: &[(&str, &str)]) {
+    let found = samples(text, name, labels);
+    assert!(
+        !found.is_empty() && found.iter().all(|v| *v == 0.0),
+        "{name}{labels:?}: expected series at 0, found {found:?}"
+    );
+}
+
+#[test]
+fn counters_over_known_label_sets_are_exported_at_zero_from_the_start() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let text = gw.metrics();
+    for agent in [AGENT, OTHER_AGENT] {
+        assert_zero(
+            &text,
+            "turnpike_insufficient_balance_total",
+            &[("agent", agent)],
+        );
+        assert_zero(&text, "turnpike_cost_total", &[("agent", agent)]);
+        for status in ["200", "402", "429", "502", "503", "504"] {
+            let labels = [("agent", agent), ("status", status)];
+            assert_zero(&text, "turnpike_requests_total", &labels);
+        }
+        for kind in ["input", "output"] {
+            assert_zero(
+                &text,
+                "turnpike_tokens_total",
+                &[("agent", agent), ("kind", kind)],
+            );
+        }
+        for bucket in ["requests", "tokens", "concurrency"] {
+            let labels = [("agent", agent), ("bucket", bucket), ("shadow", "false")];
+            assert_zero(&text, "turnpike_rate_limited_total", &labels);
+        }
+        let labels = [("agent", agent), ("action", "rejected")];
+        assert_zero(&text, "turnpike_invalid_usage_total", &labels);
+    }
+    for status in ["401", "404", "431"] {
+        let labels = [("agent", "-"), ("status", status)];
+        assert_zero(&text, "turnpike_requests_total", &labels);
+    }
+    for reason in ["missing", "invalid", "admin"] {
+        assert_zero(&text, "turnpike_auth_failures_total", &[("reason", reason)]);
+    }
+    for op in ["key", "admit", "settle"] {
+        assert_zero(&text, "turnpike_store_errors_total", &[("op", op)]);
+    }
+    assert_zero(
+        &text,
+        "turnpike_config_reloads_total",
+        &[("result", "error")],
+    );
+    assert_zero(&text, "turnpike_store_settlements_dropped_total", &[]);
+    assert_zero(&text, "turnpike_draining", &[]);
+    let endpoint = w.addr();
+    for outcome in ["answered", "connect_failed", "timed_out"] {
+        let labels = [
+            ("pool", "pool"),
+            ("endpoint", endpoint.as_str()),
+            ("outcome", outcome),
+        ];
+        assert_zero(&text, "turnpike_upstream_attempts_total", &labels);
+    }
+    assert_eq!(
+        samples(
+            &text,
+            "turnpike_upstream_endpoint_up",
+            &[("endpoint", &endpoint)]
+        ),
+        vec![1.0]
+    );
+    let rss = samples(&text, "process_resident_memory_bytes", &[]);
+    assert!(
+        rss.iter().any(|v| *v > 1e6),
+        "process_resident_memory_bytes {rss:?}"
+    );
+    // A first refusal then counts from 0 to 1, which `rate()` sees.
+    gw.chat(AGENT, "ak_wrong", "hi").assert_status(401);
+    gw.wait_metric(
+        "turnpike_auth_failures_total",
+        &[("reason", "invalid")],
+        1.0,
+    );
+}
+
+#[test]
+fn an_agent_a_reload_adds_is_exported_at_zero_at_once() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let mut config = gw.files.config.clone();
+    config["agents"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": "ag_added_by_reload", "upstream": "pool"}));
+    gw.files.write_config(&config);
+    gw.admin_post("/admin/reload", &json!({}))
+        .assert_status(200);
+    let text = gw.metrics();
+    let labels = [("agent", "ag_added_by_reload"), ("status", "429")];
+    assert_zero(&text, "turnpike_requests_total", &labels);
+}
+
+#[test]
+fn an_endpoint_that_refuses_connections_is_counted_and_shown_down() {
+    let w = Worker::start("w1");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let gw = TestGateway::builder().worker(&w).endpoint(&dead).start();
+    // Round robin: within a few calls one is tried on the dead endpoint first, and is then
+    // answered by the live one.
+    for _ in 0..4 {
+        gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    }
+    let text = gw.metrics();
+    let dead_labels = [("endpoint", dead.as_str()), ("outcome", "connect_failed")];
+    let failed: f64 = samples(&text, "turnpike_upstream_attempts_total", &dead_labels)
+        .iter()
+        .sum();
+    assert!(failed >= 1.0, "connect_failed on {dead}: {failed}");
+    assert_eq!(
+        samples(
+            &text,
+            "turnpike_upstream_endpoint_up",
+            &[("endpoint", &dead)]
+        ),
+        vec![0.0]
+    );
+    let live = w.addr();
+    assert_eq!(
+        samples(
+            &text,
+            "turnpike_upstream_endpoint_up",
+            &[("endpoint", &live)]
+        ),
+        vec![1.0]
+    );
+}
+
+/// `promtool check metrics` (Prometheus's own linter: names, help, types, units) on a live
+/// `/metrics` after some traffic. scripts/test installs promtool (Debian's `prometheus`).
+#[test]
+fn promtool_accepts_the_live_metrics() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.chat(AGENT, "ak_wrong", "hi").assert_status(401);
+    let text = gw.metrics();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's `prometheus` package; scripts/test installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
