@@ -19,6 +19,7 @@ mod metering;
 mod metrics;
 mod openapi;
 mod path_tricks;
+mod prometheus;
 mod rate_limits;
 mod reload;
 mod sessions;

@@ -7,6 +7,7 @@
 pub mod builder;
 pub mod client;
 pub mod gateway;
+pub mod prometheus;
 pub mod raw;
 pub mod redis;
 pub mod script;
