@@ -6,6 +6,7 @@
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -18,7 +19,7 @@ use crate::services::{Services, Snapshot};
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
 /// Name, size and modification time of every file a load reads.
-pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>, u64)>;
 
 pub struct Reloader {
     services: Arc<Services>,
@@ -173,7 +174,9 @@ impl BackgroundService for Watcher {
     }
 }
 
-/// Name, size and modification time of every file a load of `sources` reads.
+/// Name, size, modification time and inode of every file a load of `sources` reads,
+/// through symlinks: a Kubernetes ConfigMap update swaps a `..data` link to new files,
+/// which the inode tells apart even when size and time match.
 fn fingerprint(sources: &Sources) -> Fingerprint {
     let mut files = vec![sources.config.clone()];
     if let Ok(entries) = std::fs::read_dir(&sources.policies_dir) {
@@ -185,8 +188,9 @@ fn fingerprint(sources: &Sources) -> Fingerprint {
         .map(|path| {
             let meta = std::fs::metadata(&path).ok();
             let size = meta.as_ref().map_or(0, |m| m.len());
+            let inode = meta.as_ref().map_or(0, |m| m.ino());
             let modified = meta.and_then(|m| m.modified().ok());
-            (path, size, modified)
+            (path, size, modified, inode)
         })
         .collect()
 }

@@ -251,3 +251,64 @@ fn a_key_deleted_from_the_config_file_is_refused_after_a_reload() {
     gw.admin_get("/admin/keys/key_jane").assert_status(404);
     gw.chat(OTHER_AGENT, gw.bob(), "hi").assert_status(200);
 }
+
+/// Lays `dir/<name>` out as Kubernetes mounts a ConfigMap: the file lives in a timestamped
+/// directory, `..data` links to that directory, and `<name>` links through `..data`.
+fn as_configmap(dir: &std::path::Path, name: &str) {
+    let version = dir.join("..2026_12_03_00_00_00.1");
+    std::fs::create_dir(&version).unwrap();
+    std::fs::rename(dir.join(name), version.join(name)).unwrap();
+    std::os::unix::fs::symlink("..2026_12_03_00_00_00.1", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+}
+
+/// What the kubelet does when the ConfigMap changes: writes a new timestamped directory,
+/// swaps `..data` to it in one rename, and removes the old one.
+fn swap_configmap(dir: &std::path::Path, name: &str, text: &str) {
+    let old = std::fs::read_link(dir.join("..data")).unwrap();
+    let version = "..2026_12_03_00_05_00.2";
+    std::fs::create_dir(dir.join(version)).unwrap();
+    std::fs::write(dir.join(version).join(name), text).unwrap();
+    std::os::unix::fs::symlink(version, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join(old)).unwrap();
+}
+
+#[test]
+fn a_configmap_update_by_symlink_swap_is_picked_up() {
+    let w = Worker::start("w1");
+    let files = TestGateway::builder().worker(&w).write();
+    let policies = files.dir.path().join("policies");
+    as_configmap(&policies, "policies.yaml");
+    as_configmap(files.dir.path(), "turnpike.yaml");
+    let gw = files.start();
+    let r = gw.chat(AGENT, gw.jane(), "hi");
+    assert_eq!(r.header("ratelimit-limit"), Some("1000"));
+    // The same length as before: only the swap (a new file, a new inode) tells them apart.
+    let text = serde_yaml_ng::to_string(&json!({
+        "policies": {"standard": {"requests": {"rate": 2000, "per": "1s"}}},
+    }))
+    .unwrap();
+    swap_configmap(&policies, "policies.yaml", &text);
+    wait_until(
+        Duration::from_secs(5),
+        "the swapped policy is in force",
+        || gw.chat(AGENT, gw.jane(), "hi").header("ratelimit-limit") == Some("2000"),
+    );
+    // The config file itself, swapped the same way: a new agent is served.
+    let mut config = gw.files.config.clone();
+    config["agents"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": "ag_from_the_swap", "upstream": "pool"}));
+    swap_configmap(
+        gw.files.dir.path(),
+        "turnpike.yaml",
+        &serde_yaml_ng::to_string(&config).unwrap(),
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the swapped config is in force",
+        || gw.chat("ag_from_the_swap", gw.bob(), "hi").status == 200,
+    );
+}
