@@ -28,13 +28,14 @@ impl ProxyHttp for Gateway {
         RequestCtx::start()
     }
 
-    /// The request head has been read: the call gets its request id.
+    /// The request head has been read: the call gets its request id and trace.
     async fn early_request_filter(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         ctx.ids.request_id = intake::request_id(session.req_header());
+        ctx.ids.trace = intake::trace(session.req_header());
         Ok(())
     }
 

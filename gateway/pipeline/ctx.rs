@@ -2,11 +2,13 @@
 //! the call reports (metrics and the access log): the call's own state travels as values
 //! from stage to stage (see [`super`]), never through here.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use turnpike_core::ids::new_call_id;
 use turnpike_core::keys::KeyRecord;
+use turnpike_core::trace::TraceParent;
 use turnpike_core::usage::Usage;
 
 use crate::config::Agent;
@@ -27,6 +29,9 @@ pub struct CallIds {
     /// The gateway's own, unique per call: the store settles each once, the worker gets it
     /// as `Idempotency-Key`, billing de-duplicates on it.
     pub call_id: String,
+    /// The client's W3C `traceparent`, or a new trace: sent to the worker, its trace id
+    /// logged. Set as the head arrives.
+    pub trace: TraceParent,
 }
 
 /// What the end of a call reports, filled in by the stage that learns each part; a part no
@@ -40,6 +45,8 @@ pub struct CallRecord {
     pub session_id: Option<String>,
     /// When the worker exchange began.
     pub upstream_started: Option<Instant>,
+    /// The worker endpoint that answered.
+    pub upstream_endpoint: Option<SocketAddr>,
     /// The usage the call was charged for.
     pub usage: Option<Usage>,
     pub cost: i64,
@@ -55,6 +62,7 @@ impl RequestCtx {
             ids: CallIds {
                 request_id: String::new(),
                 call_id: new_call_id(),
+                trace: TraceParent::default(),
             },
             record: CallRecord::default(),
         }

@@ -2,7 +2,9 @@
 //! and its access-log line (which, with account, session, tokens and cost, is also the
 //! embedded store's usage log).
 
-use super::ctx::RequestCtx;
+use std::net::SocketAddr;
+
+use super::ctx::{CallRecord, RequestCtx};
 use crate::error::GatewayError;
 use crate::metrics::{Metrics, NO_AGENT};
 
@@ -45,7 +47,14 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
         session_id = record.session_id.as_deref().unwrap_or(""),
         status = status_label,
         error = record.refusal.as_ref().map_or("", |e| e.code()),
+        decision = decision(record),
+        trace_id = ctx.ids.trace.trace_id(),
+        upstream = %Endpoint(record.upstream_endpoint),
         duration_ms = ctx.started.elapsed().as_millis() as u64,
+        // The gateway's own time before the worker: parsing, auth, admission.
+        admit_ms = record
+            .upstream_started
+            .map_or(0, |s| s.duration_since(ctx.started).as_millis() as u64),
         upstream_ms = record
             .upstream_started
             .map_or(0, |s| s.elapsed().as_millis() as u64),
@@ -53,6 +62,30 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
         output_tokens = output,
         cost = record.cost,
     );
+}
+
+/// The endpoint that answered, or nothing: written straight into the line, no copy.
+struct Endpoint(Option<SocketAddr>);
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What the gateway did with the call: `forwarded` (a worker answered), `refused` (the
+/// gateway answered it without a worker: auth, limits, balance, bad input), or
+/// `upstream_failed` (sent to the pool, no usable answer).
+fn decision(record: &CallRecord) -> &'static str {
+    match (record.upstream_started.is_some(), &record.refusal) {
+        (true, None) => "forwarded",
+        (true, Some(_)) if record.upstream_endpoint.is_some() => "forwarded",
+        (true, Some(_)) => "upstream_failed",
+        (false, _) => "refused",
+    }
 }
 
 /// Counts and logs a request the edge refused before it became a call (a head too large).
@@ -68,5 +101,6 @@ pub fn refused_at_the_edge(metrics: &Metrics, request_id: &str, error: &GatewayE
         agent = NO_AGENT,
         status = status.as_str(),
         error = error.code(),
+        decision = "refused",
     );
 }

@@ -33,6 +33,7 @@ pub async fn forward(
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip()),
+        traceparent: ids.trace.as_str(),
     };
     let body = &call.chat.forward_body;
     let header = outgoing_head(session.req_header(), &who, body.len(), &route.pool.config)
@@ -47,5 +48,7 @@ pub async fn forward(
         max_answer_bytes: limits.max_response_bytes,
     };
     record.upstream_started = Some(Instant::now());
-    Ok(services.upstreams.exchange(&route.pool, outgoing).await?)
+    let answer = services.upstreams.exchange(&route.pool, outgoing).await?;
+    record.upstream_endpoint = Some(answer.endpoint);
+    Ok(answer)
 }

@@ -14,11 +14,13 @@ use turnpike_core::ids::{is_session_id, new_request_id};
 use turnpike_core::keys::{bearer_token, looks_like_key, KeyHash, KeyRecord};
 use turnpike_core::limits::Policy;
 use turnpike_core::route::{match_route, request_line_target, target_path};
+use turnpike_core::trace::TraceParent;
 
 use super::ctx::CallRecord;
 use crate::clock::unix_now;
 use crate::config::Limits;
 use crate::error::GatewayError;
+use crate::headers::TRACEPARENT;
 use crate::services::{Route, Services, Snapshot};
 
 /// An authenticated caller, and the configured agent its path names (if there is one).
@@ -47,6 +49,11 @@ pub fn request_id(head: &RequestHeader) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|id| is_session_id(id))
         .map_or_else(new_request_id, str::to_owned)
+}
+
+/// The client's valid `traceparent`, or a new trace.
+pub fn trace(head: &RequestHeader) -> TraceParent {
+    TraceParent::for_call(head.headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()))
 }
 
 /// The route and the bearer key: 404/405, then 401. Records the key and the agent it named.

@@ -14,6 +14,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -35,6 +36,8 @@ pub struct Upstreams {
 pub struct WorkerAnswer {
     pub header: Box<ResponseHeader>,
     pub body: AnswerBody,
+    /// The endpoint that answered.
+    pub endpoint: SocketAddr,
 }
 
 /// How an answer's body reaches the gateway. Today every answer is read whole, because its
@@ -105,7 +108,7 @@ impl Upstreams {
         while let Some(addr) = pool.select(call.session_id, &tried) {
             tried.push(addr);
             let peer = pool.peer(addr);
-            let attempt = tokio::time::timeout_at(deadline, self.attempt(&peer, &call)).await;
+            let attempt = tokio::time::timeout_at(deadline, self.attempt(addr, &peer, &call)).await;
             if let Some(metrics) = pool.endpoint_metrics(addr) {
                 count_attempt(metrics, &attempt);
             }
@@ -127,14 +130,19 @@ impl Upstreams {
         Err(ExchangeFailure::Unavailable)
     }
 
-    async fn attempt(&self, peer: &HttpPeer, call: &Outgoing<'_>) -> Result<WorkerAnswer, Failure> {
+    async fn attempt(
+        &self,
+        addr: SocketAddr,
+        peer: &HttpPeer,
+        call: &Outgoing<'_>,
+    ) -> Result<WorkerAnswer, Failure> {
         let (mut session, reused) = self
             .connector
             .get_http_session(peer)
             .await
             .map_err(|_| Failure::Connect)?;
         let answer = match send(&mut session, call).await {
-            Ok(()) => receive(&mut session, call.max_answer_bytes).await,
+            Ok(()) => receive(&mut session, call.max_answer_bytes, addr).await,
             // As Go's client does for a request that is not idempotent: resent only when the
             // worker cannot have had all of it. Once written whole, a worker that did the
             // work and dropped the connection must not run it twice.
@@ -192,7 +200,11 @@ async fn send(session: &mut HttpSession, call: &Outgoing<'_>) -> Result<(), Fail
         .map_err(|e| classify(&e))
 }
 
-async fn receive(session: &mut HttpSession, max_bytes: usize) -> Result<WorkerAnswer, Failure> {
+async fn receive(
+    session: &mut HttpSession,
+    max_bytes: usize,
+    endpoint: SocketAddr,
+) -> Result<WorkerAnswer, Failure> {
     loop {
         session
             .read_response_header()
@@ -229,6 +241,7 @@ async fn receive(session: &mut HttpSession, max_bytes: usize) -> Result<WorkerAn
     Ok(WorkerAnswer {
         header,
         body: AnswerBody::Buffered(body.freeze()),
+        endpoint,
     })
 }
 

@@ -5,14 +5,15 @@ use std::net::IpAddr;
 
 use crate::config::PoolConfig;
 use crate::headers::{
-    connection_options, IDEMPOTENCY_KEY, X_ACCOUNT_ID, X_AGENT_ID, X_FORWARDED_FOR, X_KEY_ID,
-    X_REQUEST_ID, X_SESSION_ID,
+    connection_options, IDEMPOTENCY_KEY, TRACEPARENT, TRACESTATE, X_ACCOUNT_ID, X_AGENT_ID,
+    X_FORWARDED_FOR, X_KEY_ID, X_REQUEST_ID, X_SESSION_ID,
 };
 
 /// Client headers a worker never sees: credentials, identities the gateway asserts itself,
 /// and hop-by-hop headers that belong to the client's connection.
-const DROPPED_HEADERS: [&str; 17] = [
+const DROPPED_HEADERS: [&str; 18] = [
     "accept-encoding",
+    "traceparent",
     "authorization",
     "idempotency-key",
     "x-request-id",
@@ -55,6 +56,8 @@ pub struct Identity<'a> {
     pub key_id: &'a str,
     pub account: &'a str,
     pub client_ip: Option<IpAddr>,
+    /// The client's valid `traceparent` (sent on unchanged), or a new trace.
+    pub traceparent: &'a str,
 }
 
 /// The request head a worker receives: the rewritten path, the client's other headers, the
@@ -102,6 +105,13 @@ pub fn outgoing_head(
     header.insert_header(X_SESSION_ID, who.session_id)?;
     header.insert_header(X_KEY_ID, who.key_id)?;
     header.insert_header(X_ACCOUNT_ID, who.account)?;
+    header.insert_header(TRACEPARENT, who.traceparent)?;
+    // `tracestate` belongs to the client's trace: kept with it, dropped with a new one.
+    let trace_kept =
+        client.headers.get(TRACEPARENT).map(|v| v.as_bytes()) == Some(who.traceparent.as_bytes());
+    if !trace_kept {
+        header.remove_header(&TRACESTATE);
+    }
     header.insert_header(
         http::header::CONTENT_LENGTH,
         http::HeaderValue::from(body_len),

@@ -1,6 +1,7 @@
 //! What the worker receives and what the client gets back (SPEC §1 Headers, Success).
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -362,4 +363,72 @@ fn headers_the_worker_names_in_connection_stay_behind() {
     r.assert_status(200);
     assert_eq!(r.header("x-worker-hop"), None);
     assert_eq!(r.header("x-worker-kept"), Some("yes"));
+}
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// Whether `value` is a W3C `traceparent` of version 00.
+fn is_traceparent(value: &str) -> bool {
+    let fields: Vec<&str> = value.split('-').collect();
+    fields.len() == 4
+        && [2, 32, 16, 2]
+            .iter()
+            .zip(&fields)
+            .all(|(len, f)| f.len() == *len && f.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[test]
+fn a_clients_trace_context_reaches_the_worker_unchanged_and_is_logged() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    gw.call(AGENT)
+        .key(gw.jane())
+        .header("traceparent", TRACEPARENT)
+        .header("tracestate", "vendor=abc")
+        .send()
+        .assert_status(200);
+    let seen = w.last();
+    assert_eq!(seen.header_values("traceparent"), vec![TRACEPARENT]);
+    assert_eq!(seen.header("tracestate"), Some("vendor=abc"));
+    wait_until(
+        Duration::from_secs(3),
+        "the access line has the trace id",
+        || gw.log().contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+    );
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("4bf92f3577b34da6a3ce929d0e0e4736"))
+        .unwrap();
+    // The access line also names the worker that answered and what the gateway decided.
+    assert!(line.contains(&w.addr()), "{line}");
+    assert!(line.contains("forwarded"), "{line}");
+    assert!(line.contains("admit_ms"), "{line}");
+}
+
+#[test]
+fn a_missing_or_malformed_traceparent_starts_a_new_trace_without_the_tracestate() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    let first = w
+        .last()
+        .header("traceparent")
+        .unwrap_or_default()
+        .to_owned();
+    assert!(is_traceparent(&first), "{first:?}");
+    gw.call(AGENT)
+        .key(gw.jane())
+        .header("traceparent", "00-not-a-trace-01")
+        .header("tracestate", "vendor=abc")
+        .send()
+        .assert_status(200);
+    let seen = w.last();
+    let second = seen.header_values("traceparent");
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert!(
+        is_traceparent(second[0]) && second[0] != first,
+        "{second:?}"
+    );
+    assert_eq!(seen.header("tracestate"), None);
 }

@@ -12,6 +12,7 @@
 //! - [`billing`]: prices, cost and the balance rule.
 //! - [`usage`]: reading and judging the `usage` a worker reports.
 //! - [`units`]: durations and times as operators write them.
+//! - [`trace`]: the W3C `traceparent` a worker receives.
 
 pub mod admission;
 pub mod billing;
@@ -21,5 +22,6 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod route;
+pub mod trace;
 pub mod units;
 pub mod usage;
