@@ -320,3 +320,41 @@ fn two_calls_with_one_request_id_are_two_records_with_their_own_call_ids() {
             .all(|id| log.contains(&format!("call_id={id}")))
     });
 }
+
+/// SIGTERM while Redis is down and settlements are held: the drain's last try fails, the
+/// journal keeps them, the process still exits by itself, and the next start writes each once.
+#[test]
+fn a_gateway_stopped_by_sigterm_during_an_outage_keeps_its_held_settlements_for_the_next_start() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(
+        &w,
+        json!(redis.url()),
+        json!({"on_unavailable": "fail_open", "timeout": "200ms", "journal_dir": "journal"}),
+    )
+    .config(|c| c["shutdown_grace"] = json!("5s"))
+    .start();
+    let start = gw.balance("acct_jane").balance;
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    redis.stop();
+    for _ in 0..3 {
+        gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    }
+    assert!(gw.metric("turnpike_store_settlements_queued", &[]) >= 3.0);
+    gw.signal("TERM");
+    wait_until(Duration::from_secs(20), "the gateway exits", || {
+        gw.exited().is_some()
+    });
+    assert!(gw.exited().unwrap().success(), "{}", gw.log());
+    assert!(
+        gw.log()
+            .contains("the journal keeps them for the next start"),
+        "{}",
+        gw.log()
+    );
+
+    redis.restart();
+    gw.restart();
+    wait_for_balance(&gw, "acct_jane", start - 4 * COST);
+    assert_recorded_once(&gw, &redis, 4);
+}
