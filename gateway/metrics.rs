@@ -70,6 +70,9 @@ pub struct Metrics {
     pub usage_rejected: IntCounterVec,
     pub invalid_usage: IntCounterVec,
     pub upstream_attempts: IntCounterVec,
+    /// Only with `metrics.per_key`.
+    pub key_requests: IntCounterVec,
+    pub key_tokens: IntCounterVec,
     pub upstream_endpoint_up: IntGaugeVec,
     pub inflight: IntGauge,
     pub draining: IntGauge,
@@ -200,6 +203,16 @@ impl Metrics {
                 "turnpike_upstream_attempts_total",
                 "Attempts to reach a worker, by pool, endpoint and outcome (answered, connect_failed, broken, timed_out, too_large)",
                 &["pool", "endpoint", "outcome"],
+            ),
+            key_requests: counter(
+                "turnpike_key_requests_total",
+                "Requests answered, by key id and HTTP status (only with metrics.per_key)",
+                &["key", "status"],
+            ),
+            key_tokens: counter(
+                "turnpike_key_tokens_total",
+                "Usage tokens metered, by key id and kind (only with metrics.per_key)",
+                &["key", "kind"],
             ),
             upstream_endpoint_up: {
                 let g = IntGaugeVec::new(

@@ -71,6 +71,7 @@ pub fn compile(
     let calls = CallConfig {
         limits,
         admin_token,
+        metrics_per_key: file.metrics.per_key,
         pools,
         agents,
         policies: policies.policies,

@@ -77,6 +77,8 @@ pub struct CallConfig {
     pub limits: Limits,
     /// SHA-256 of the admin bearer token; `None`: every `/admin/*` call is refused.
     pub admin_token: Option<KeyHash>,
+    /// `metrics.per_key`: also count requests and tokens per key id (a series set per key).
+    pub metrics_per_key: bool,
     pub pools: BTreeMap<String, PoolConfig>,
     pub agents: HashMap<String, Arc<Agent>>,
     pub policies: HashMap<String, Arc<Policy>>,

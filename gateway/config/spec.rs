@@ -21,6 +21,8 @@ pub struct ConfigFile {
     pub shutdown_delay: String,
     pub tls: Option<TlsSpec>,
     #[serde(default)]
+    pub metrics: MetricsSpec,
+    #[serde(default)]
     pub admin: AdminSpec,
     #[serde(default)]
     pub store: StoreSpec,
@@ -71,6 +73,13 @@ pub struct TlsSpec {
     pub listen: String,
     pub cert: String,
     pub key: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct MetricsSpec {
+    /// Also count requests and tokens per key id. Off by default: one series set per key.
+    #[serde(default)]
+    pub per_key: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -42,6 +42,8 @@ pub struct CallRecord {
     pub agent: Option<Arc<Agent>>,
     /// The authenticated key.
     pub key: Option<Arc<KeyRecord>>,
+    /// Whether the config in force counts this call per key (`metrics.per_key`).
+    pub counted_per_key: bool,
     pub session_id: Option<String>,
     /// When the worker exchange began.
     pub upstream_started: Option<Instant>,

@@ -27,6 +27,9 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
     }
+    if let Some(key) = record.key.as_ref().filter(|_| record.counted_per_key) {
+        count_per_key(metrics, &key.id, status_label, record);
+    }
     if let Some(reason) = record
         .refusal
         .as_ref()
@@ -62,6 +65,25 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
         output_tokens = output,
         cost = record.cost,
     );
+}
+
+/// `metrics.per_key`: the call under its key id too.
+fn count_per_key(metrics: &Metrics, key_id: &str, status: &str, record: &CallRecord) {
+    metrics
+        .key_requests
+        .with_label_values(&[key_id, status])
+        .inc();
+    if let Some(usage) = record.usage {
+        for (kind, tokens) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+        ] {
+            metrics
+                .key_tokens
+                .with_label_values(&[key_id, kind])
+                .inc_by(tokens);
+        }
+    }
 }
 
 /// The endpoint that answered, or nothing: written straight into the line, no copy.

@@ -75,6 +75,7 @@ pub async fn authenticate<'s>(
     let route = snapshot.route(agent_id);
     record.agent = route.map(|r| Arc::clone(&r.agent));
     record.key = Some(Arc::clone(&key));
+    record.counted_per_key = snapshot.config.metrics_per_key;
     Ok(Authenticated { key, route })
 }
 

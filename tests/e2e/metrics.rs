@@ -195,3 +195,39 @@ fn promtool_accepts_the_live_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// No series names a key unless the operator asks (`metrics.per_key`); then requests and
+/// tokens are counted per key id.
+#[test]
+fn per_key_series_exist_only_when_the_config_turns_them_on() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    let text = gw.metrics();
+    assert!(
+        !text.contains("key_jane"),
+        "a key id in /metrics by default"
+    );
+
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .config(|c| c["metrics"] = json!({"per_key": true}))
+        .start();
+    let r = gw.chat(AGENT, gw.jane(), "hi");
+    r.assert_status(200);
+    let input = r.json()["usage"]["input_tokens"].as_f64().unwrap();
+    gw.wait_metric(
+        "turnpike_key_requests_total",
+        &[("key", "key_jane"), ("status", "200")],
+        1.0,
+    );
+    let text = gw.metrics();
+    assert_eq!(
+        samples(
+            &text,
+            "turnpike_key_tokens_total",
+            &[("key", "key_jane"), ("kind", "input")]
+        ),
+        vec![input]
+    );
+}
