@@ -48,6 +48,16 @@ impl ShutdownSignalWatch for Signals {
                 return ShutdownSignal::FastShutdown;
             }
         };
+        // Whoever sends a second stop signal wants the process gone now.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = quit.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            tracing::warn!("a second stop signal: exiting now; calls in flight are cut");
+            std::process::exit(1);
+        });
         let lifecycle = &self.services.lifecycle;
         lifecycle.start_draining();
         let Shutdown { delay, grace } = self.shutdown;

@@ -5,6 +5,7 @@
 //! listeners stop accepting and idle connections are closed; calls in flight get
 //! `shutdown_grace` to finish; the store then writes what it still owes, and the process
 //! exits. SIGINT stops at once (calls in flight are cut), still writing what the store owes.
+//! A second stop signal during a drain ends the process at once (exit status 1).
 //!
 //! This module holds what calls see of it (the draining flag, the count of requests in
 //! flight) and the drain's timings; `drain` runs it.

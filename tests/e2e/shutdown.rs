@@ -198,3 +198,39 @@ fn an_idle_gateway_exits_promptly_on_sigterm_and_at_once_on_sigint() {
     gw.signal("INT");
     wait_for_exit(&gw, Duration::from_secs(10));
 }
+
+#[test]
+fn a_second_stop_signal_during_a_drain_exits_at_once() {
+    let w = Worker::start("w1");
+    let gw = draining_gateway(&w, "0s", "60s");
+    std::thread::scope(|s| {
+        let long = s.spawn(|| {
+            let stream = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
+            let body = json!({"message": Script::sleep(60.0).to_string()}).to_string();
+            let request = format!(
+                "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                chat_path(AGENT),
+                gw.jane(),
+                body.len()
+            );
+            (&stream).write_all(request.as_bytes()).unwrap();
+            stream
+        });
+        wait_until(
+            Duration::from_secs(10),
+            "the call reaches the worker",
+            || w.count() == 1,
+        );
+        gw.signal("TERM");
+        wait_until(Duration::from_secs(5), "the drain starts", || {
+            gw.log().contains("draining")
+        });
+        assert!(gw.exited().is_none(), "exited before the call ended");
+        gw.signal("INT");
+        wait_until(Duration::from_secs(10), "the gateway exits", || {
+            gw.exited().is_some()
+        });
+        assert_eq!(gw.exited().unwrap().code(), Some(1));
+        drop(long.join().unwrap());
+    });
+}
