@@ -2,8 +2,10 @@
 //!
 //! Pingora, once told to stop, stops its listeners, sleeps a fixed grace period and then
 //! drops every task, finished or not. So the drain runs on a thread of its own beside that
-//! sleep: it waits until nothing is in flight (or the grace is over), has the store write
-//! what it still owes, and ends the process itself; a quiet gateway stops in about a second.
+//! sleep: once the listener has closed, it waits until every client connection is gone
+//! (idle kept-alive ones close within a second of the shutdown; busy ones after their
+//! answer) or the grace is over, has the store write what it still owes, and ends the
+//! process itself; a quiet gateway stops in about a second.
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
@@ -15,11 +17,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::lifecycle::{Shutdown, STORE_FLUSH_LIMIT};
 use crate::services::Services;
 
-/// How long an idle kept-alive connection may take to notice the shutdown and close: the
-/// edge looks once a second, plus a margin for a busy machine.
-const IDLE_CONNECTIONS_CLOSED: Duration = Duration::from_millis(1500);
-/// How often the drain looks at what is still in flight.
+/// How often the drain looks at what is still open.
 const POLL: Duration = Duration::from_millis(20);
+/// How long no connection must be open before the drain ends: a connection the accept loop
+/// took just before it closed is counted once its task first runs.
+const QUIET_FOR: Duration = Duration::from_millis(100);
 
 /// Pingora's signal watch, replaced so that a stop signal starts the drain first.
 pub struct Signals {
@@ -40,6 +42,7 @@ impl ShutdownSignalWatch for Signals {
             tracing::error!("cannot watch for stop signals; only SIGKILL stops this process");
             return std::future::pending().await;
         };
+        tracing::info!("watching for stop signals (SIGTERM, SIGQUIT: drain; SIGINT: now)");
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = quit.recv() => "SIGQUIT",
@@ -68,12 +71,10 @@ impl ShutdownSignalWatch for Signals {
             ?grace,
             "draining: /readyz fails now, the listeners close after the delay, calls in flight get the grace"
         );
-        let stop_accepting_at = Instant::now() + delay;
         let drain = Drain {
             services: Arc::clone(&self.services),
             store_runtime: self.store_runtime.clone(),
-            quiet_from: stop_accepting_at + IDLE_CONNECTIONS_CLOSED,
-            cut_at: stop_accepting_at + grace,
+            cut_at: Instant::now() + delay + grace,
         };
         std::thread::Builder::new()
             .name("turnpike-drain".into())
@@ -88,22 +89,28 @@ impl ShutdownSignalWatch for Signals {
 struct Drain {
     services: Arc<Services>,
     store_runtime: Handle,
-    /// Before this, a kept-alive connection may still bring a request.
-    quiet_from: Instant,
     /// After this, what is still in flight is cut.
     cut_at: Instant,
 }
 
 impl Drain {
-    /// Waits for the calls in flight, writes what the store owes, and exits the process.
+    /// Waits for the client connections to end, writes what the store owes, and exits the
+    /// process.
     fn run(self) -> ! {
         let lifecycle = &self.services.lifecycle;
+        let mut quiet_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
             let in_flight = lifecycle.in_flight();
-            if in_flight <= 0 && now >= self.quiet_from {
-                tracing::info!("drained: no call in flight");
-                break;
+            let quiet = lifecycle.is_listener_closed() && lifecycle.open_connections() <= 0;
+            match (quiet, quiet_since) {
+                (true, Some(since)) if now - since >= QUIET_FOR => {
+                    tracing::info!("drained: no connection open, no call in flight");
+                    break;
+                }
+                (true, None) => quiet_since = Some(now),
+                (true, Some(_)) => {}
+                (false, _) => quiet_since = None,
             }
             if now >= self.cut_at {
                 tracing::warn!(
@@ -121,20 +128,14 @@ impl Drain {
 }
 
 /// Has the store write what it still owes (settlements held while it was away), within
-/// `STORE_FLUSH_LIMIT`; what it could not write is logged by the store.
+/// `STORE_FLUSH_LIMIT`; what it could not write the store keeps in its journal or logs.
 pub fn flush_store(services: &Services, store_runtime: &Handle) {
     let store = Arc::clone(&services.store);
-    let written = store_runtime
-        .block_on(async move { tokio::time::timeout(STORE_FLUSH_LIMIT, store.write_owed()).await });
-    match written {
-        Ok(0) => {}
-        Ok(left) => tracing::error!(
+    let left = store_runtime.block_on(async move { store.write_owed(STORE_FLUSH_LIMIT).await });
+    if left > 0 {
+        tracing::error!(
             settlements = left,
             "the store could not write every settlement it owed before exiting"
-        ),
-        Err(_) => tracing::error!(
-            limit = ?STORE_FLUSH_LIMIT,
-            "the store was still writing settlements it owed when the process exited"
-        ),
+        );
     }
 }

@@ -78,6 +78,8 @@ impl ServerApp for Edge {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // A drain waits for every connection to close (idle ones close at the shutdown).
+        let _open = self.services.lifecycle.connection_opens();
         let mut conn = Box::new(ReadAhead {
             inner: stream,
             ahead: BytesMut::new(),
@@ -137,7 +139,9 @@ impl ServerApp for Edge {
         }
     }
 
+    /// Runs once the listener's accept loop has ended at shutdown.
     async fn cleanup(&self) {
+        self.services.lifecycle.close_listener();
         self.proxy.http_cleanup().await;
     }
 }
@@ -175,8 +179,9 @@ impl ReadAhead {
                 HeadScan::TooLarge => return Head::TooLarge { limit: max_bytes },
                 HeadScan::Incomplete => {}
             }
-            // Between requests only: a head already begun is finished (or timed out).
-            if self.ahead.is_empty() && *shutdown.borrow() {
+            // Between requests on a kept-alive connection only: a head already begun is
+            // finished (or timed out), and a new connection's first request is read.
+            if !timed_from_start && self.ahead.is_empty() && *shutdown.borrow() {
                 return Head::Gone;
             }
             let until = deadline.unwrap_or(idle_until);

@@ -7,11 +7,13 @@
 //! exits. SIGINT stops at once (calls in flight are cut), still writing what the store owes.
 //! A second stop signal during a drain ends the process at once (exit status 1).
 //!
-//! This module holds what calls see of it (the draining flag, the count of requests in
-//! flight) and the drain's timings; `drain` runs it.
+//! This module holds what calls see of it (the draining flag, the counts of open client
+//! connections and of requests in flight, whether the listener has closed) and the drain's
+//! timings; `drain` runs it.
 
 use prometheus::IntGauge;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The longest the store may take, after the calls, to write what it still owes.
@@ -20,6 +22,10 @@ pub const STORE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 /// Whether the gateway is draining, and how many requests are in flight.
 pub struct Lifecycle {
     draining: AtomicBool,
+    /// Set once the public listener accepts no more connections.
+    listener_closed: AtomicBool,
+    /// Client connections the edge holds open, idle or not.
+    connections: Arc<AtomicI64>,
     /// `turnpike_draining`.
     draining_gauge: IntGauge,
     /// `turnpike_inflight_requests`: requests from their first byte to their answer's end.
@@ -30,6 +36,8 @@ impl Lifecycle {
     pub fn new(requests: IntGauge, draining_gauge: IntGauge) -> Self {
         Self {
             draining: AtomicBool::new(false),
+            listener_closed: AtomicBool::new(false),
+            connections: Arc::new(AtomicI64::new(0)),
             draining_gauge,
             requests,
         }
@@ -56,6 +64,26 @@ impl Lifecycle {
     pub fn in_flight(&self) -> i64 {
         self.requests.get()
     }
+
+    /// A client connection was accepted; it is open until the guard drops.
+    pub fn connection_opens(&self) -> OpenConnection {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(&self.connections))
+    }
+
+    /// Client connections open now.
+    pub fn open_connections(&self) -> i64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The public listener has stopped accepting (Pingora's cleanup after its accept loop).
+    pub fn close_listener(&self) {
+        self.listener_closed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_listener_closed(&self) -> bool {
+        self.listener_closed.load(Ordering::Relaxed)
+    }
 }
 
 /// One request in flight, counted while it lives.
@@ -64,6 +92,15 @@ pub struct RequestInFlight(IntGauge);
 impl Drop for RequestInFlight {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// One client connection, counted while it lives.
+pub struct OpenConnection(Arc<AtomicI64>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -338,6 +338,20 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// An endpoint a reload removed: its series go, so a stale "down" cannot alert for ever.
+    pub fn forget_endpoint(&self, pool: &str, endpoint: &str) {
+        let _ = self
+            .upstream_endpoint_up
+            .remove_label_values(&[pool, endpoint]);
+        for outcome in ATTEMPT_OUTCOMES {
+            let _ = self
+                .upstream_attempts
+                .remove_label_values(&[pool, endpoint, outcome]);
+        }
+    }
+}
+
 /// One endpoint's handles, resolved when its pool is built.
 #[derive(Clone)]
 pub struct EndpointMetrics {

@@ -48,7 +48,21 @@ impl Services {
             .config_generation
             .set(snapshot.generation as i64);
         zero_agents(&self.metrics, &snapshot.config);
-        self.snapshot.store(Arc::new(snapshot));
+        let old = self.snapshot.swap(Arc::new(snapshot));
+        forget_removed_endpoints(&self.metrics, &old.config, &self.snapshot.load().config);
+    }
+}
+
+/// The endpoint series of pools or endpoints the new config no longer has. (An agent's
+/// counters stay: a counter that stops moving alerts on nothing.)
+fn forget_removed_endpoints(metrics: &Metrics, old: &CallConfig, new: &CallConfig) {
+    for (name, pool) in &old.pools {
+        let kept = new.pools.get(name).map(|p| &p.endpoints);
+        for endpoint in &pool.endpoints {
+            if !kept.is_some_and(|k| k.contains(endpoint)) {
+                metrics.forget_endpoint(name, &endpoint.to_string());
+            }
+        }
     }
 }
 

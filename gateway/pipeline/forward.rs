@@ -33,7 +33,7 @@ pub async fn forward(
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip()),
-        traceparent: ids.trace.as_str(),
+        trace: &ids.trace,
     };
     let body = &call.chat.forward_body;
     let header = outgoing_head(session.req_header(), &who, body.len(), &route.pool.config)

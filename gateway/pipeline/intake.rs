@@ -51,9 +51,15 @@ pub fn request_id(head: &RequestHeader) -> String {
         .map_or_else(new_request_id, str::to_owned)
 }
 
-/// The client's valid `traceparent`, or a new trace.
+/// The client's valid `traceparent`, or a new trace. Two `traceparent` headers are not a
+/// valid one (W3C Trace Context §3.2).
 pub fn trace(head: &RequestHeader) -> TraceParent {
-    TraceParent::for_call(head.headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()))
+    let mut sent = head.headers.get_all(TRACEPARENT).iter();
+    let only = match (sent.next(), sent.next()) {
+        (Some(one), None) => one.to_str().ok(),
+        _ => None,
+    };
+    TraceParent::for_call(only)
 }
 
 /// The route and the bearer key: 404/405, then 401. Records the key and the agent it named.

@@ -126,10 +126,11 @@ pub trait CallStore: Send + Sync {
     /// counts and logs what it could not keep.
     async fn settle(&self, call: &Settlement<'_>);
 
-    /// Before the process exits, once no call is in flight: writes what the store still
-    /// owes (settlements held while it was unreachable). Returns how many it could not
-    /// write, which the store has logged (or kept in its journal). Nothing, by default.
-    async fn write_owed(&self) -> usize {
+    /// Before the process exits, once no call is in flight: writes, for at most `within`,
+    /// what the store still owes (settlements held while it was unreachable). Returns how
+    /// many it could not write, which the store has logged (or kept in its journal).
+    /// Nothing, by default.
+    async fn write_owed(&self, _within: std::time::Duration) -> usize {
         0
     }
 }

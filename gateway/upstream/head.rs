@@ -3,6 +3,8 @@
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
 
+use turnpike_core::trace::TraceParent;
+
 use crate::config::PoolConfig;
 use crate::headers::{
     connection_options, IDEMPOTENCY_KEY, TRACEPARENT, TRACESTATE, X_ACCOUNT_ID, X_AGENT_ID,
@@ -57,7 +59,7 @@ pub struct Identity<'a> {
     pub account: &'a str,
     pub client_ip: Option<IpAddr>,
     /// The client's valid `traceparent` (sent on unchanged), or a new trace.
-    pub traceparent: &'a str,
+    pub trace: &'a TraceParent,
 }
 
 /// The request head a worker receives: the rewritten path, the client's other headers, the
@@ -105,11 +107,9 @@ pub fn outgoing_head(
     header.insert_header(X_SESSION_ID, who.session_id)?;
     header.insert_header(X_KEY_ID, who.key_id)?;
     header.insert_header(X_ACCOUNT_ID, who.account)?;
-    header.insert_header(TRACEPARENT, who.traceparent)?;
+    header.insert_header(TRACEPARENT, who.trace.as_str())?;
     // `tracestate` belongs to the client's trace: kept with it, dropped with a new one.
-    let trace_kept =
-        client.headers.get(TRACEPARENT).map(|v| v.as_bytes()) == Some(who.traceparent.as_bytes());
-    if !trace_kept {
+    if !who.trace.is_from_client() {
         header.remove_header(&TRACESTATE);
     }
     header.insert_header(

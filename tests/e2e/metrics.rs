@@ -154,14 +154,23 @@ fn an_endpoint_that_refuses_connections_is_counted_and_shown_down() {
         vec![0.0]
     );
     let live = w.addr();
-    assert_eq!(
+    let live_up = |text: &str| {
         samples(
-            &text,
+            text,
             "turnpike_upstream_endpoint_up",
-            &[("endpoint", &live)]
-        ),
-        vec![1.0]
-    );
+            &[("endpoint", &live)],
+        )
+    };
+    assert_eq!(live_up(&text), vec![1.0]);
+    // A reload that removes the dead endpoint removes its series: no stale "down" alert.
+    let mut config = gw.files.config.clone();
+    config["upstreams"]["pool"]["endpoints"] = json!([live]);
+    gw.files.write_config(&config);
+    gw.admin_post("/admin/reload", &json!({}))
+        .assert_status(200);
+    let text = gw.metrics();
+    assert!(!text.contains(&dead), "series of a removed endpoint remain");
+    assert_eq!(live_up(&text), vec![1.0]);
 }
 
 /// `promtool check metrics` (Prometheus's own linter: names, help, types, units) on a live
@@ -216,18 +225,16 @@ fn per_key_series_exist_only_when_the_config_turns_them_on() {
     let r = gw.chat(AGENT, gw.jane(), "hi");
     r.assert_status(200);
     let input = r.json()["usage"]["input_tokens"].as_f64().unwrap();
+    // Counted as the call ends, just after its answer: tokens last.
     gw.wait_metric(
-        "turnpike_key_requests_total",
-        &[("key", "key_jane"), ("status", "200")],
-        1.0,
+        "turnpike_key_tokens_total",
+        &[("key", "key_jane"), ("kind", "input")],
+        input,
     );
     let text = gw.metrics();
+    let labels = [("key", "key_jane"), ("status", "200")];
     assert_eq!(
-        samples(
-            &text,
-            "turnpike_key_tokens_total",
-            &[("key", "key_jane"), ("kind", "input")]
-        ),
-        vec![input]
+        samples(&text, "turnpike_key_requests_total", &labels),
+        vec![1.0]
     );
 }

@@ -263,12 +263,23 @@ fn as_configmap(dir: &std::path::Path, name: &str) {
 }
 
 /// What the kubelet does when the ConfigMap changes: writes a new timestamped directory,
-/// swaps `..data` to it in one rename, and removes the old one.
+/// swaps `..data` to it in one rename, and removes the old one. The new file gets the old
+/// one's modification time, as a coarse clock or a quick second update can give it.
 fn swap_configmap(dir: &std::path::Path, name: &str, text: &str) {
     let old = std::fs::read_link(dir.join("..data")).unwrap();
+    let old_modified = std::fs::metadata(dir.join(name))
+        .unwrap()
+        .modified()
+        .unwrap();
     let version = "..2026_12_03_00_05_00.2";
     std::fs::create_dir(dir.join(version)).unwrap();
     std::fs::write(dir.join(version).join(name), text).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join(version).join(name))
+        .unwrap()
+        .set_modified(old_modified)
+        .unwrap();
     std::os::unix::fs::symlink(version, dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
     std::fs::remove_dir_all(dir.join(old)).unwrap();
@@ -295,20 +306,16 @@ fn a_configmap_update_by_symlink_swap_is_picked_up() {
         "the swapped policy is in force",
         || gw.chat(AGENT, gw.jane(), "hi").header("ratelimit-limit") == Some("2000"),
     );
-    // The config file itself, swapped the same way: a new agent is served.
-    let mut config = gw.files.config.clone();
-    config["agents"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"id": "ag_from_the_swap", "upstream": "pool"}));
-    swap_configmap(
-        gw.files.dir.path(),
-        "turnpike.yaml",
-        &serde_yaml_ng::to_string(&config).unwrap(),
-    );
+    // The config file itself, swapped the same way, with the same length and time: only
+    // its inode says it changed. An agent renamed (same length) is served under its new id.
+    let old_text = serde_yaml_ng::to_string(&gw.files.config).unwrap();
+    let renamed = OTHER_AGENT.replace("other_1", "other_2");
+    let new_text = old_text.replace(OTHER_AGENT, &renamed);
+    assert_eq!(new_text.len(), old_text.len());
+    swap_configmap(gw.files.dir.path(), "turnpike.yaml", &new_text);
     wait_until(
         Duration::from_secs(5),
         "the swapped config is in force",
-        || gw.chat("ag_from_the_swap", gw.bob(), "hi").status == 200,
+        || gw.chat(&renamed, gw.bob(), "hi").status == 200,
     );
 }

@@ -9,7 +9,11 @@ use rand::Rng;
 /// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, lowercase, as sent on the wire.
 /// The default is none yet (empty), before a request's head is read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TraceParent(String);
+pub struct TraceParent {
+    header: String,
+    /// The client's trace, continued: its `tracestate` goes with it.
+    from_client: bool,
+}
 
 impl TraceParent {
     /// The client's header if it is a valid `traceparent` (W3C Trace Context §3.2): version
@@ -31,12 +35,15 @@ impl TraceParent {
         if !valid || (version == "00" && fields.next().is_some()) {
             return None;
         }
-        if version == "00" {
-            return Some(TraceParent(header.to_owned()));
-        }
-        Some(TraceParent(format!(
-            "{version}-{trace_id}-{parent_id}-{flags}"
-        )))
+        let header = if version == "00" {
+            header.to_owned()
+        } else {
+            format!("{version}-{trace_id}-{parent_id}-{flags}")
+        };
+        Some(TraceParent {
+            header,
+            from_client: true,
+        })
     }
 
     /// A new trace: random ids, not sampled (the gateway records nothing of it).
@@ -44,7 +51,10 @@ impl TraceParent {
         let mut rng = rand::thread_rng();
         let trace_id: u128 = rng.gen_range(1..=u128::MAX);
         let parent_id: u64 = rng.gen_range(1..=u64::MAX);
-        TraceParent(format!("00-{trace_id:032x}-{parent_id:016x}-00"))
+        TraceParent {
+            header: format!("00-{trace_id:032x}-{parent_id:016x}-00"),
+            from_client: false,
+        }
     }
 
     /// The client's valid `traceparent`, or a new trace.
@@ -55,12 +65,17 @@ impl TraceParent {
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.header
+    }
+
+    /// Whether this continues the client's trace (so its `tracestate` is kept).
+    pub fn is_from_client(&self) -> bool {
+        self.from_client
     }
 
     /// The 32 hex digits that name the trace, for the access log (empty for none yet).
     pub fn trace_id(&self) -> &str {
-        self.0.get(3..35).unwrap_or_default()
+        self.header.get(3..35).unwrap_or_default()
     }
 }
 
@@ -87,10 +102,12 @@ mod tests {
     #[test]
     fn a_later_version_keeps_its_first_four_fields() {
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra";
+        let parsed = TraceParent::parse(later).unwrap();
         assert_eq!(
-            TraceParent::parse(later).unwrap().as_str(),
+            parsed.as_str(),
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         );
+        assert!(parsed.is_from_client());
     }
 
     #[test]
@@ -115,7 +132,9 @@ mod tests {
     #[test]
     fn a_new_trace_is_valid_unsampled_and_new_each_time() {
         let first = TraceParent::new_trace();
-        assert_eq!(TraceParent::parse(first.as_str()), Some(first.clone()));
+        let reparsed = TraceParent::parse(first.as_str()).unwrap();
+        assert_eq!(reparsed.as_str(), first.as_str());
+        assert!(reparsed.is_from_client() && !first.is_from_client());
         assert!(first.as_str().ends_with("-00"));
         assert_ne!(first, TraceParent::new_trace());
         assert_eq!(TraceParent::for_call(Some("garbage")).as_str().len(), 55);

@@ -59,6 +59,8 @@ pub struct RedisStore {
     seeding: Arc<Seeding>,
     fail_open: FailOpen,
     queue: SettlementQueue,
+    /// Held by whoever is writing the queue's settlements.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl RedisStore {
@@ -101,6 +103,7 @@ impl RedisStore {
                 metrics.fail_open_admissions.clone(),
             ),
             queue,
+            flushing: tokio::sync::Mutex::new(()),
         });
         for url in &config.urls {
             warn_if_evicting(url).await;
@@ -136,8 +139,8 @@ impl CallStore for RedisStore {
         self.settle_on_redis(call).await
     }
 
-    async fn write_owed(&self) -> usize {
-        self.write_held_before_exit().await
+    async fn write_owed(&self, within: std::time::Duration) -> usize {
+        self.write_held_before_exit(within).await
     }
 }
 

@@ -11,7 +11,7 @@ use turnpike_core::admission::Settlement;
 use super::link::Op;
 use super::names::{usage_marker, SETTLED_MARKER_MS, USAGE_STREAM};
 use super::protocol::{log_usage_args, Invocation};
-use super::queue::Owed;
+use super::queue::{Held, Owed, SettlementQueue};
 use super::split::{self, Purpose};
 use super::RedisStore;
 use crate::clock::unix_ms;
@@ -98,47 +98,79 @@ impl RedisStore {
     }
 
     /// Writes the held settlements, oldest first, until one fails: `Ok` once every one was
-    /// written or dropped.
+    /// written or dropped. One flush at a time (the flusher's, or the last one before exit);
+    /// a flush cancelled mid-write puts the settlement it had taken back first in line.
     async fn flush(&self) -> Result<(), StoreError> {
-        while let Some(mut held) = self.queue.next() {
+        let _one_at_a_time = self.flushing.lock().await;
+        while let Some(held) = self.queue.next() {
+            let mut taken = Taken {
+                queue: &self.queue,
+                held: Some(held),
+            };
+            let owed = &mut taken.held.as_mut().expect("just taken").owed;
             loop {
-                match self.write(&mut held.owed).await {
+                match self.write(owed).await {
                     Ok(()) => break,
                     // Redis refused this write for good: retrying cannot help, and must not
                     // hold up the settlement's other writes or those queued behind it.
                     Err(error) if !error.kind.is_transient() => {
-                        let refused = held.owed.remove(0);
+                        let refused = owed.remove(0);
                         self.queue.give_up(&refused, &error);
                     }
-                    Err(error) => {
-                        self.queue.put_back(held);
-                        return Err(error);
-                    }
+                    // Put back by `taken`.
+                    Err(error) => return Err(error),
                 }
             }
-            self.queue.written(held);
+            if let Some(held) = taken.held.take() {
+                self.queue.written(held);
+            }
         }
         Ok(())
     }
 }
 
-impl RedisStore {
-    /// Before the process exits: one last try at the held settlements; returns how many
-    /// are still held (left in the journal, or logged as lost without one).
-    pub(super) async fn write_held_before_exit(&self) -> usize {
-        if self.queue.is_empty() {
-            return 0;
+/// A held settlement taken out of the queue to be written: back in the queue, first, unless
+/// it was written (also when the flush is cancelled).
+struct Taken<'a> {
+    queue: &'a SettlementQueue,
+    held: Option<Held>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.queue.put_back(held);
         }
-        // As the flusher does: a link marked down fails fast until a ping brings it back.
-        let flushed = match self.link.ping().await {
-            Ok(()) => {
-                self.link.mark_up();
-                self.flush().await
+    }
+}
+
+impl RedisStore {
+    /// Before the process exits: one last try, for at most `within`, at the held
+    /// settlements (after the flusher's, if it is writing); returns how many are still held
+    /// (left in the journal, or logged as lost without one).
+    pub(super) async fn write_held_before_exit(&self, within: Duration) -> usize {
+        if self.queue.is_empty() {
+            // The flusher may have one out of the queue: let it finish first.
+            drop(tokio::time::timeout(within, self.flushing.lock()).await);
+            if self.queue.is_empty() {
+                return 0;
             }
-            Err(error) => Err(error),
+        }
+        let last_try = async {
+            // As the flusher does: a link marked down fails fast until a ping brings it back.
+            self.link.ping().await?;
+            self.link.mark_up();
+            self.flush().await
         };
-        if let Err(error) = flushed {
-            tracing::warn!(%error, "Redis did not take every held settlement before exit");
+        match tokio::time::timeout(within, last_try).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "Redis did not take every held settlement before exit")
+            }
+            Err(_) => tracing::warn!(
+                ?within,
+                "Redis did not take every held settlement before exit: out of time"
+            ),
         }
         self.queue.leave_behind()
     }
