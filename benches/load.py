@@ -218,6 +218,33 @@ def run_wrk(port, path, seconds, connections, lua):
     return parse_wrk(out)
 
 
+def write_policies(tmp):
+    """The bench key's policy: every bucket kind, none of them binding."""
+    os.makedirs(os.path.join(tmp, "policies"), exist_ok=True)
+    with open(os.path.join(tmp, "policies", "bench.yaml"), "w") as f:
+        f.write("policies:\n  bench:\n    requests: {rate: 10000000, per: 1s}\n"
+                "    tokens: {rate: 1000000000000, per: 1s}\n    concurrency: 100000\n")
+
+
+def write_config(tmp, name, worker_port, port, admin_port, redis_port=None):
+    """A one-thread Turnpike with everything on: a key policy, a priced agent, metering."""
+    store = (f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n'
+             if redis_port else "")
+    with open(os.path.join(tmp, name), "w") as f:
+        f.write(f"""threads: 1
+upstreams:
+  pool: {{endpoints: ["127.0.0.1:{worker_port}"], path: "/invoke"}}
+agents:
+  - {{id: {AGENT}, upstream: pool, policy: bench, pricing: {{input_per_mtok: 3000000, output_per_mtok: 15000000}}}}
+accounts:
+  - {{id: acct_bench, balance: 9000000000000000}}
+keys:
+  - {{id: key_bench, sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}", account: acct_bench, agents: "*", policy: bench}}
+listen: "127.0.0.1:{port}"
+admin: {{listen: "127.0.0.1:{admin_port}"}}
+{store}""")
+
+
 def machine():
     """What the figures were measured on."""
     model = "unknown CPU"
@@ -268,30 +295,11 @@ def main():
     envoy_port = free_port()
     envoy_path = envoy_binary()
     lua = post_lua(tmp)
-    os.makedirs(os.path.join(tmp, "policies"))
-    with open(os.path.join(tmp, "policies", "bench.yaml"), "w") as f:
-        f.write("policies:\n  bench:\n    requests: {rate: 10000000, per: 1s}\n"
-                "    tokens: {rate: 1000000000000, per: 1s}\n    concurrency: 100000\n")
-    config = f"""threads: 1
-upstreams:
-  pool: {{endpoints: ["127.0.0.1:{worker_port}"], path: "/invoke"}}
-agents:
-  - {{id: {AGENT}, upstream: pool, policy: bench, pricing: {{input_per_mtok: 3000000, output_per_mtok: 15000000}}}}
-accounts:
-  - {{id: acct_bench, balance: 9000000000000000}}
-keys:
-  - {{id: key_bench, sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}", account: acct_bench, agents: "*", policy: bench}}
-"""
-    with open(os.path.join(tmp, "turnpike.yaml"), "w") as f:
-        f.write(config + f'listen: "127.0.0.1:{tp_port}"\nadmin: {{listen: "127.0.0.1:{admin_port}"}}\n')
-    with open(os.path.join(tmp, "turnpike-redis.yaml"), "w") as f:
-        f.write(config + f'listen: "127.0.0.1:{tpr_port}"\nadmin: {{listen: "127.0.0.1:{tpr_admin_port}"}}\n'
-                f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n')
-    with open(os.path.join(tmp, "turnpike-compare.yaml"), "w") as f:
-        f.write(config + f'listen: "127.0.0.1:{cmp_port}"\nadmin: {{listen: "127.0.0.1:{cmp_admin_port}"}}\n')
-    with open(os.path.join(tmp, "turnpike-compare-redis.yaml"), "w") as f:
-        f.write(config + f'listen: "127.0.0.1:{cmpr_port}"\nadmin: {{listen: "127.0.0.1:{cmpr_admin_port}"}}\n'
-                f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n')
+    write_policies(tmp)
+    write_config(tmp, "turnpike.yaml", worker_port, tp_port, admin_port)
+    write_config(tmp, "turnpike-redis.yaml", worker_port, tpr_port, tpr_admin_port, redis_port)
+    write_config(tmp, "turnpike-compare.yaml", worker_port, cmp_port, cmp_admin_port)
+    write_config(tmp, "turnpike-compare-redis.yaml", worker_port, cmpr_port, cmpr_admin_port, redis_port)
     procs = [
         upstream(tmp, worker_port),
     ]
