@@ -98,19 +98,17 @@ impl Drain {
     /// process.
     fn run(self) -> ! {
         let lifecycle = &self.services.lifecycle;
-        let mut quiet_since: Option<Instant> = None;
+        let mut quiet_since = None;
         loop {
             let now = Instant::now();
             let in_flight = lifecycle.in_flight();
-            let quiet = lifecycle.is_listener_closed() && lifecycle.open_connections() <= 0;
-            match (quiet, quiet_since) {
-                (true, Some(since)) if now - since >= QUIET_FOR => {
+            if lifecycle.is_listener_closed() && lifecycle.open_connections() <= 0 {
+                if now - *quiet_since.get_or_insert(now) >= QUIET_FOR {
                     tracing::info!("drained: no connection open, no call in flight");
                     break;
                 }
-                (true, None) => quiet_since = Some(now),
-                (true, Some(_)) => {}
-                (false, _) => quiet_since = None,
+            } else {
+                quiet_since = None;
             }
             if now >= self.cut_at {
                 tracing::warn!(

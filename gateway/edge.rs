@@ -29,7 +29,7 @@ use turnpike_core::head::{HeadScan, HeadScanner};
 use turnpike_core::ids::new_request_id;
 
 use crate::error::GatewayError;
-use crate::lifecycle::{Lifecycle, RequestInFlight};
+use crate::lifecycle::{Counted, Lifecycle};
 use crate::pipeline::finish;
 use crate::proxy::Gateway;
 use crate::services::Services;
@@ -135,7 +135,6 @@ impl ServerApp for Edge {
             }
             kept = settings;
             reused = true;
-            drop(in_flight);
         }
     }
 
@@ -165,7 +164,7 @@ impl ReadAhead {
         header_timeout: Duration,
         timed_from_start: bool,
         shutdown: &ShutdownWatch,
-        (lifecycle, in_flight): (&Lifecycle, &mut Option<RequestInFlight>),
+        (lifecycle, in_flight): (&Lifecycle, &mut Option<Counted>),
     ) -> Head {
         let mut scanner = HeadScanner::default();
         let mut deadline = timed_from_start.then(|| Instant::now() + header_timeout);

@@ -12,68 +12,60 @@
 //! timings; `drain` runs it.
 
 use prometheus::IntGauge;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The longest the store may take, after the calls, to write what it still owes.
 pub const STORE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
-/// Whether the gateway is draining, and how many requests are in flight.
+/// Whether the gateway is draining, and what is open: the gauges are the state, so what a
+/// dashboard shows is what the drain decides on.
 pub struct Lifecycle {
-    draining: AtomicBool,
-    /// Set once the public listener accepts no more connections.
-    listener_closed: AtomicBool,
-    /// Client connections the edge holds open, idle or not.
-    connections: Arc<AtomicI64>,
-    /// `turnpike_draining`.
-    draining_gauge: IntGauge,
+    /// `turnpike_draining`: 0, then 1 from the stop signal on.
+    draining: IntGauge,
+    /// `turnpike_open_connections`: client connections the edge holds, idle or not.
+    connections: IntGauge,
     /// `turnpike_inflight_requests`: requests from their first byte to their answer's end.
     requests: IntGauge,
+    /// Set once the public listener accepts no more connections.
+    listener_closed: AtomicBool,
 }
 
 impl Lifecycle {
-    pub fn new(requests: IntGauge, draining_gauge: IntGauge) -> Self {
+    pub fn new(draining: IntGauge, connections: IntGauge, requests: IntGauge) -> Self {
         Self {
-            draining: AtomicBool::new(false),
-            listener_closed: AtomicBool::new(false),
-            connections: Arc::new(AtomicI64::new(0)),
-            draining_gauge,
+            draining,
+            connections,
             requests,
+            listener_closed: AtomicBool::new(false),
         }
     }
 
     /// True from the shutdown signal on: `/readyz` fails and answers close their connection.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.draining.get() != 0
     }
 
-    /// A request has begun (its first byte arrived); it is in flight until the guard drops.
-    pub fn request_begins(&self) -> RequestInFlight {
-        self.requests.inc();
-        RequestInFlight(self.requests.clone())
-    }
-
-    /// Marks the gateway as draining; returns false if it already was.
-    pub fn start_draining(&self) -> bool {
-        self.draining_gauge.set(1);
-        !self.draining.swap(true, Ordering::Relaxed)
-    }
-
-    /// Requests in flight now.
-    pub fn in_flight(&self) -> i64 {
-        self.requests.get()
+    pub fn start_draining(&self) {
+        self.draining.set(1);
     }
 
     /// A client connection was accepted; it is open until the guard drops.
-    pub fn connection_opens(&self) -> OpenConnection {
-        self.connections.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(Arc::clone(&self.connections))
+    pub fn connection_opens(&self) -> Counted {
+        Counted::count(&self.connections)
     }
 
-    /// Client connections open now.
+    /// A request has begun (its first byte arrived); it is in flight until the guard drops.
+    pub fn request_begins(&self) -> Counted {
+        Counted::count(&self.requests)
+    }
+
     pub fn open_connections(&self) -> i64 {
-        self.connections.load(Ordering::Relaxed)
+        self.connections.get()
+    }
+
+    pub fn in_flight(&self) -> i64 {
+        self.requests.get()
     }
 
     /// The public listener has stopped accepting (Pingora's cleanup after its accept loop).
@@ -86,21 +78,19 @@ impl Lifecycle {
     }
 }
 
-/// One request in flight, counted while it lives.
-pub struct RequestInFlight(IntGauge);
+/// One open connection or request in flight, counted in its gauge while it lives.
+pub struct Counted(IntGauge);
 
-impl Drop for RequestInFlight {
-    fn drop(&mut self) {
-        self.0.dec();
+impl Counted {
+    fn count(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
     }
 }
 
-/// One client connection, counted while it lives.
-pub struct OpenConnection(Arc<AtomicI64>);
-
-impl Drop for OpenConnection {
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 

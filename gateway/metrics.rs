@@ -75,6 +75,7 @@ pub struct Metrics {
     pub key_tokens: IntCounterVec,
     pub upstream_endpoint_up: IntGaugeVec,
     pub inflight: IntGauge,
+    pub open_connections: IntGauge,
     pub draining: IntGauge,
     pub config_generation: IntGauge,
     pub config_last_success: IntGauge,
@@ -231,6 +232,10 @@ impl Metrics {
             inflight: gauge(
                 "turnpike_inflight_requests",
                 "Requests from their first byte to the end of their answer",
+            ),
+            open_connections: gauge(
+                "turnpike_open_connections",
+                "Client connections open on the public listener, idle or not",
             ),
             draining: gauge(
                 "turnpike_draining",

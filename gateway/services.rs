@@ -29,7 +29,11 @@ impl Services {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             store,
-            lifecycle: Lifecycle::new(metrics.inflight.clone(), metrics.draining.clone()),
+            lifecycle: Lifecycle::new(
+                metrics.draining.clone(),
+                metrics.open_connections.clone(),
+                metrics.inflight.clone(),
+            ),
             metrics,
             upstreams: Upstreams::default(),
             clock: Clock::start(),

@@ -102,11 +102,12 @@ impl std::fmt::Display for Endpoint {
 /// gateway answered it without a worker: auth, limits, balance, bad input), or
 /// `upstream_failed` (sent to the pool, no usable answer).
 fn decision(record: &CallRecord) -> &'static str {
-    match (record.upstream_started.is_some(), &record.refusal) {
-        (true, None) => "forwarded",
-        (true, Some(_)) if record.upstream_endpoint.is_some() => "forwarded",
-        (true, Some(_)) => "upstream_failed",
-        (false, _) => "refused",
+    if record.upstream_endpoint.is_some() {
+        "forwarded"
+    } else if record.upstream_started.is_some() {
+        "upstream_failed"
+    } else {
+        "refused"
     }
 }
 

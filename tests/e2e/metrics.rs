@@ -81,6 +81,7 @@ fn counters_over_known_label_sets_are_exported_at_zero_from_the_start() {
     );
     assert_zero(&text, "turnpike_store_settlements_dropped_total", &[]);
     assert_zero(&text, "turnpike_draining", &[]);
+    assert_zero(&text, "turnpike_open_connections", &[]);
     let endpoint = w.addr();
     for outcome in ["answered", "connect_failed", "timed_out"] {
         let labels = [

@@ -42,6 +42,26 @@ fn wait_for_exit(gw: &TestGateway, within: Duration) {
     assert!(status.success(), "exit status {status}; log:\n{}", gw.log());
 }
 
+/// Sends a call the worker takes a minute over, on a connection of its own, and returns once
+/// the worker has it; the connection is kept open for the answer that would follow.
+fn start_a_minute_long_call(gw: &TestGateway, w: &Worker) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
+    let body = json!({"message": Script::sleep(60.0).to_string()}).to_string();
+    let request = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        chat_path(AGENT),
+        gw.jane(),
+        body.len()
+    );
+    (&stream).write_all(request.as_bytes()).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the call reaches the worker",
+        || w.count() == 1,
+    );
+    stream
+}
+
 /// One keep-alive client: chat calls on one connection, a new one whenever an answer says
 /// `Connection: close`, until a connection is refused. A connection the kernel took into the
 /// listen queue just as the listener closed is reset before it is answered: the client
@@ -169,29 +189,10 @@ fn sigterm_under_load_cuts_no_call_and_loses_no_settlement() {
 fn a_call_longer_than_the_grace_is_cut_when_the_grace_ends() {
     let w = Worker::start("w1");
     let gw = draining_gateway(&w, "0s", "1s");
-    std::thread::scope(|s| {
-        let endless = s.spawn(|| {
-            let stream = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
-            let body = json!({"message": Script::sleep(60.0).to_string()}).to_string();
-            let request = format!(
-                "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                chat_path(AGENT),
-                gw.jane(),
-                body.len()
-            );
-            (&stream).write_all(request.as_bytes()).unwrap();
-            stream
-        });
-        wait_until(
-            Duration::from_secs(10),
-            "the call reaches the worker",
-            || w.count() == 1,
-        );
-        gw.signal("TERM");
-        // Well before the worker's 60 s: the grace, not the call, ends the drain.
-        wait_for_exit(&gw, Duration::from_secs(10));
-        drop(endless.join().unwrap());
-    });
+    let _endless = start_a_minute_long_call(&gw, &w);
+    gw.signal("TERM");
+    // Well before the worker's 60 s: the grace, not the call, ends the drain.
+    wait_for_exit(&gw, Duration::from_secs(10));
     assert!(
         gw.log().contains("calls still in flight are cut"),
         "log:\n{}",
@@ -216,34 +217,15 @@ fn an_idle_gateway_exits_promptly_on_sigterm_and_at_once_on_sigint() {
 fn a_second_stop_signal_during_a_drain_exits_at_once() {
     let w = Worker::start("w1");
     let gw = draining_gateway(&w, "0s", "60s");
-    std::thread::scope(|s| {
-        let long = s.spawn(|| {
-            let stream = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
-            let body = json!({"message": Script::sleep(60.0).to_string()}).to_string();
-            let request = format!(
-                "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                chat_path(AGENT),
-                gw.jane(),
-                body.len()
-            );
-            (&stream).write_all(request.as_bytes()).unwrap();
-            stream
-        });
-        wait_until(
-            Duration::from_secs(10),
-            "the call reaches the worker",
-            || w.count() == 1,
-        );
-        gw.signal("TERM");
-        wait_until(Duration::from_secs(5), "the drain starts", || {
-            gw.log().contains("draining")
-        });
-        assert!(gw.exited().is_none(), "exited before the call ended");
-        gw.signal("INT");
-        wait_until(Duration::from_secs(10), "the gateway exits", || {
-            gw.exited().is_some()
-        });
-        assert_eq!(gw.exited().unwrap().code(), Some(1));
-        drop(long.join().unwrap());
+    let _long = start_a_minute_long_call(&gw, &w);
+    gw.signal("TERM");
+    wait_until(Duration::from_secs(5), "the drain starts", || {
+        gw.log().contains("draining")
     });
+    assert!(gw.exited().is_none(), "exited before the call ended");
+    gw.signal("INT");
+    wait_until(Duration::from_secs(10), "the gateway exits", || {
+        gw.exited().is_some()
+    });
+    assert_eq!(gw.exited().unwrap().code(), Some(1));
 }

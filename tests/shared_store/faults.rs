@@ -257,16 +257,18 @@ fn an_empty_restart_is_seeded_again_and_the_held_charge_comes_off_the_starting_b
     assert_eq!(dropped(&gw), 0.0);
 }
 
-#[test]
-fn a_gateway_killed_with_held_settlements_replays_each_exactly_once_after_its_restart() {
-    let redis = RedisServer::start();
-    let w = Worker::start("w1");
-    let gw = on_redis(
-        &w,
+/// A gateway on `redis` under `fail_open`, journalling what it holds.
+fn journalled_on(redis: &RedisServer, w: &Worker) -> crate::support::gateway::GatewayBuilder {
+    on_redis(
+        w,
         json!(redis.url()),
         json!({"on_unavailable": "fail_open", "timeout": "200ms", "journal_dir": "journal"}),
     )
-    .start();
+}
+
+/// One call settled, then Redis stopped and three more served: their settlements are held.
+/// Returns jane's balance from before the four.
+fn hold_three_settlements(gw: &TestGateway, redis: &RedisServer) -> i64 {
     let start = gw.balance("acct_jane").balance;
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     redis.stop();
@@ -274,6 +276,15 @@ fn a_gateway_killed_with_held_settlements_replays_each_exactly_once_after_its_re
         gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     }
     assert!(gw.metric("turnpike_store_settlements_queued", &[]) >= 3.0);
+    start
+}
+
+#[test]
+fn a_gateway_killed_with_held_settlements_replays_each_exactly_once_after_its_restart() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = journalled_on(&redis, &w).start();
+    let start = hold_three_settlements(&gw, &redis);
     gw.kill();
 
     redis.restart();
@@ -327,20 +338,10 @@ fn two_calls_with_one_request_id_are_two_records_with_their_own_call_ids() {
 fn a_gateway_stopped_by_sigterm_during_an_outage_keeps_its_held_settlements_for_the_next_start() {
     let redis = RedisServer::start();
     let w = Worker::start("w1");
-    let gw = on_redis(
-        &w,
-        json!(redis.url()),
-        json!({"on_unavailable": "fail_open", "timeout": "200ms", "journal_dir": "journal"}),
-    )
-    .config(|c| c["shutdown_grace"] = json!("5s"))
-    .start();
-    let start = gw.balance("acct_jane").balance;
-    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
-    redis.stop();
-    for _ in 0..3 {
-        gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
-    }
-    assert!(gw.metric("turnpike_store_settlements_queued", &[]) >= 3.0);
+    let gw = journalled_on(&redis, &w)
+        .config(|c| c["shutdown_grace"] = json!("5s"))
+        .start();
+    let start = hold_three_settlements(&gw, &redis);
     gw.signal("TERM");
     wait_until(Duration::from_secs(20), "the gateway exits", || {
         gw.exited().is_some()

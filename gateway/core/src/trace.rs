@@ -5,14 +5,31 @@
 //! gateway's access line by trace id.
 
 use rand::Rng;
+use std::io::Write;
 
-/// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, lowercase, as sent on the wire.
-/// The default is none yet (empty), before a request's head is read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A `traceparent`'s length: `vv-` + 32 + `-` + 16 + `-ff`.
+const LEN: usize = 55;
+
+/// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, lowercase, as sent on the wire,
+/// held inline (no allocation per call). The default is none yet (empty), before a
+/// request's head is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceParent {
-    header: String,
+    header: [u8; LEN],
+    /// False for the default: no header yet.
+    set: bool,
     /// The client's trace, continued: its `tracestate` goes with it.
     from_client: bool,
+}
+
+impl Default for TraceParent {
+    fn default() -> Self {
+        TraceParent {
+            header: [0; LEN],
+            set: false,
+            from_client: false,
+        }
+    }
 }
 
 impl TraceParent {
@@ -35,15 +52,9 @@ impl TraceParent {
         if !valid || (version == "00" && fields.next().is_some()) {
             return None;
         }
-        let header = if version == "00" {
-            header.to_owned()
-        } else {
-            format!("{version}-{trace_id}-{parent_id}-{flags}")
-        };
-        Some(TraceParent {
-            header,
-            from_client: true,
-        })
+        Some(TraceParent::written(true, |out| {
+            write!(out, "{version}-{trace_id}-{parent_id}-{flags}")
+        }))
     }
 
     /// A new trace: random ids, not sampled (the gateway records nothing of it).
@@ -51,9 +62,24 @@ impl TraceParent {
         let mut rng = rand::thread_rng();
         let trace_id: u128 = rng.gen_range(1..=u128::MAX);
         let parent_id: u64 = rng.gen_range(1..=u64::MAX);
+        TraceParent::written(false, |out| {
+            write!(out, "00-{trace_id:032x}-{parent_id:016x}-00")
+        })
+    }
+
+    /// One whose 55 bytes `write` fills (its fields were checked or made to the length).
+    fn written(
+        from_client: bool,
+        write: impl FnOnce(&mut &mut [u8]) -> std::io::Result<()>,
+    ) -> Self {
+        let mut header = [0; LEN];
+        let mut out = &mut header[..];
+        let filled = write(&mut out).is_ok() && out.is_empty();
+        debug_assert!(filled, "a traceparent is 55 bytes");
         TraceParent {
-            header: format!("00-{trace_id:032x}-{parent_id:016x}-00"),
-            from_client: false,
+            header,
+            set: filled,
+            from_client,
         }
     }
 
@@ -65,7 +91,12 @@ impl TraceParent {
     }
 
     pub fn as_str(&self) -> &str {
-        &self.header
+        if self.set {
+            // Only ASCII hex and dashes are ever written.
+            std::str::from_utf8(&self.header).unwrap_or_default()
+        } else {
+            ""
+        }
     }
 
     /// Whether this continues the client's trace (so its `tracestate` is kept).
@@ -75,7 +106,7 @@ impl TraceParent {
 
     /// The 32 hex digits that name the trace, for the access log (empty for none yet).
     pub fn trace_id(&self) -> &str {
-        self.header.get(3..35).unwrap_or_default()
+        self.as_str().get(3..35).unwrap_or_default()
     }
 }
 
@@ -139,5 +170,7 @@ mod tests {
         assert_ne!(first, TraceParent::new_trace());
         assert_eq!(TraceParent::for_call(Some("garbage")).as_str().len(), 55);
         assert_eq!(TraceParent::for_call(Some(VALID)).as_str(), VALID);
+        assert_eq!(TraceParent::default().as_str(), "");
+        assert_eq!(TraceParent::default().trace_id(), "");
     }
 }
