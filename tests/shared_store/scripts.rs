@@ -25,8 +25,9 @@ fn calls_pass_after_script_flush_and_the_scripts_are_loaded_again() {
             .and_then(|rest| rest.split(',').next()?.parse().ok())
             .unwrap_or(0)
     };
-    // Both scripts loaded on first use, and both again after the flush.
-    assert!(calls("script|load") >= 4, "{stats}");
+    // The hot path's one script (the group commit) loaded on first use, and again after
+    // the flush.
+    assert!(calls("script|load") >= 2, "{stats}");
     assert!(
         stats.lines().any(|l| l.starts_with("cmdstat_evalsha:")),
         "admission runs by EVALSHA: {stats}"

@@ -1,12 +1,11 @@
 //! Admission on Redis: one script per side (one on a single server), the sides' answers
 //! combined into one decision, and what a side took given back when the call is not admitted.
 
-use redis::Script;
-
 use turnpike_core::admission::{Admission, Admitted, Refusal, Reservation, Scope, Settlement};
 use turnpike_core::limits::Quota;
 
 use super::link::Op;
+use super::protocol::Invocation;
 use super::split::{self, Purpose, Side, SideOutcome, SideReply};
 use super::RedisStore;
 use crate::store::{StoreError, StoreErrorKind};
@@ -27,12 +26,21 @@ impl RedisStore {
         &self,
         call: &Admission<'_>,
     ) -> Result<Result<Admitted, Refusal>, StoreError> {
-        let sides = split::admit_sides(call, self.plan, false);
+        let mut sides = split::admit_sides(call, self.plan, false);
         let answers = futures_util::future::join_all(
-            sides.iter().map(|side| self.ask(&self.admit_script, side)),
+            sides
+                .iter_mut()
+                .map(|side| self.ask(std::mem::take(&mut side.invocation))),
         )
         .await;
-        let sides: Vec<(Side, SideAnswer)> = sides.into_iter().zip(answers).collect();
+        let sides: Vec<(Side, SideAnswer)> = sides
+            .into_iter()
+            .zip(answers)
+            .map(|(side, reply)| {
+                let answer = Self::answer(&side, reply);
+                (side, answer)
+            })
+            .collect();
         let replies: Vec<SideReply> = sides
             .iter()
             .filter_map(|(_, answer)| match answer {
@@ -89,12 +97,12 @@ impl RedisStore {
         Ok(split::tightest(&replies))
     }
 
-    async fn ask(&self, script: &Script, side: &Side<'_>) -> SideAnswer {
-        match self
-            .link
-            .invoke::<Vec<i64>>(Op::Admit, script, &side.invocation)
-            .await
-        {
+    async fn ask(&self, invocation: Invocation) -> Result<Vec<i64>, StoreError> {
+        self.batches.call(Op::Admit, invocation).await
+    }
+
+    fn answer(side: &Side<'_>, reply: Result<Vec<i64>, StoreError>) -> SideAnswer {
+        match reply {
             Ok(reply) => match split::decode_admit(side, &reply) {
                 Some(reply) => SideAnswer::Replied(reply),
                 None => SideAnswer::Lost {

@@ -262,9 +262,25 @@ impl Link {
     where
         F: Future<Output = Result<T, Failure>>,
     {
-        let metrics = &self.ops[op as usize];
+        self.run_timed(op, Some(&self.ops[op as usize]), deadline, call)
+            .await
+    }
+
+    /// [`Link::run`], timed and counted in `metrics` when given.
+    async fn run_timed<T, F>(
+        &self,
+        op: Op,
+        metrics: Option<&OpMetrics>,
+        deadline: Duration,
+        call: impl Fn() -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, Failure>>,
+    {
         if self.is_down() {
-            metrics.errors.inc();
+            if let Some(metrics) = metrics {
+                metrics.errors.inc();
+            }
             return Err(StoreError::new(StoreErrorKind::Unreachable, KnownDown));
         }
         let attempts = if op.resend_safe() { 2 } else { 1 };
@@ -272,7 +288,9 @@ impl Link {
         let error = loop {
             let started = Instant::now();
             let result = tokio::time::timeout(deadline, call()).await;
-            metrics.duration.observe(started.elapsed().as_secs_f64());
+            if let Some(metrics) = metrics {
+                metrics.duration.observe(started.elapsed().as_secs_f64());
+            }
             let error = match result {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(Failure::Connect(error))) => {
@@ -293,7 +311,9 @@ impl Link {
             }
             attempt += 1;
         };
-        metrics.errors.inc();
+        if let Some(metrics) = metrics {
+            metrics.errors.inc();
+        }
         // Redis answering with an error is up; only silence counts it as down.
         if matches!(
             error.kind,
@@ -322,19 +342,35 @@ impl Link {
         script: &Script,
         invocation: &Invocation,
     ) -> Result<T, StoreError> {
-        let mut call = script.prepare_invoke();
-        for key in &invocation.keys {
-            call.key(key);
-        }
-        for arg in &invocation.args {
-            call.arg(arg);
-        }
-        let call = &call;
+        let call = &with_invocation(script.prepare_invoke(), invocation);
         self.run(op, deadline, || async move {
             let mut conn = self.conn(op).await.map_err(Failure::Connect)?;
             call.invoke_async(&mut conn).await.map_err(Failure::Call)
         })
         .await
+    }
+
+    /// Runs a group commit (batch.lua) with the hot path's deadline, sent again like the
+    /// admissions and settlements it carries if its answer is lost. It is not timed here:
+    /// each call in it is, by [`Link::observe`], from when it began to wait.
+    pub async fn invoke_batch(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<Value, StoreError> {
+        self.run_timed(Op::Settle, None, self.timeout, || async move {
+            let mut conn = self.conn(Op::Settle).await.map_err(Failure::Connect)?;
+            call.invoke_async(&mut conn).await.map_err(Failure::Call)
+        })
+        .await
+    }
+
+    /// Times one call of a group commit, and counts it if it failed.
+    pub fn observe(&self, op: Op, waited: Duration, failed: bool) {
+        let metrics = &self.ops[op as usize];
+        metrics.duration.observe(waited.as_secs_f64());
+        if failed {
+            metrics.errors.inc();
+        }
     }
 
     /// One command under `deadline`.
@@ -424,6 +460,19 @@ const FINAL_CODES: [&str; 2] = ["WRONGTYPE", "CROSSSLOT"];
 /// What a failed Redis call says about the store: an error reply is transient or final by
 /// its code; a reply of the wrong shape is final; a refused connection sent nothing; any
 /// other failure (I/O, a dropped connection) may have come after Redis applied the call.
+fn with_invocation<'a>(
+    mut call: redis::ScriptInvocation<'a>,
+    invocation: &Invocation,
+) -> redis::ScriptInvocation<'a> {
+    for key in &invocation.keys {
+        call.key(key);
+    }
+    for arg in &invocation.args {
+        call.arg(arg);
+    }
+    call
+}
+
 fn classify(error: &redis::RedisError) -> StoreErrorKind {
     if error.is_connection_refusal() {
         return StoreErrorKind::Unreachable;
@@ -442,7 +491,7 @@ fn classify(error: &redis::RedisError) -> StoreErrorKind {
 /// Anything not known to be final counts as transient (`ERR max number of clients`,
 /// `NOAUTH`, an ACL refusal an operator can fix): a held settlement waits rather than
 /// being dropped.
-fn reply_kind(code: &str, detail: &str) -> StoreErrorKind {
+pub(super) fn reply_kind(code: &str, detail: &str) -> StoreErrorKind {
     if TRANSIENT_CODES.contains(&code) {
         StoreErrorKind::Transient
     } else if FINAL_CODES.contains(&code) || detail.contains("script") {

@@ -6,12 +6,13 @@
 //! - `protocol`: the scripts' arguments and replies, by name.
 //! - `names` and `split`: where state lives, and a call split into per-slot sides.
 //! - `admit`, `settle` (with `queue` and its `journal`), `fail_open`: the hot path and its
-//!   outage behaviour.
+//!   outage behaviour; `batch`: the group commit both go through.
 //! - `records` (with `cache`, the last-known key table), `accounts`, and `seeding` (which
 //!   finds a Redis that lost its state and seeds it again): keys, balances and usage.
 
 mod accounts;
 mod admit;
+mod batch;
 mod cache;
 mod fail_open;
 mod journal;
@@ -33,6 +34,7 @@ use turnpike_core::billing::AccountState;
 use turnpike_core::keys::{KeyHash, KeyRecord};
 use turnpike_core::limits::Quota;
 
+use self::batch::GroupCommit;
 use self::cache::KnownKeys;
 use self::fail_open::FailOpen;
 use self::link::{Link, ADMIN_TIMEOUT};
@@ -47,11 +49,12 @@ use crate::config::{AccountSeed, FailMode, StoreConfig};
 use crate::metrics::Metrics;
 
 pub struct RedisStore {
-    link: Link,
+    link: Arc<Link>,
+    /// Admissions and settlements go to Redis through it, together.
+    batches: Arc<GroupCommit>,
     plan: Plan,
     stream_maxlen: u64,
     admit_script: Script,
-    settle_script: Script,
     log_usage_script: Script,
     balance_script: Script,
     seed_account_script: Script,
@@ -72,7 +75,8 @@ impl RedisStore {
         metrics: &Metrics,
         runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Self>, StoreError> {
-        let link = Link::open(config, metrics).await?;
+        let link = Arc::new(Link::open(config, metrics).await?);
+        let batches = GroupCommit::new(Arc::clone(&link), config.cluster);
         let queue = SettlementQueue::open(
             config.settlement_queue,
             config.journal_dir.as_deref(),
@@ -85,6 +89,7 @@ impl RedisStore {
         }
         let store = Arc::new(Self {
             link,
+            batches,
             plan: if config.cluster {
                 Plan::Cluster
             } else {
@@ -92,7 +97,6 @@ impl RedisStore {
             },
             stream_maxlen: config.usage_stream_maxlen,
             admit_script: Script::new(protocol::ADMIT_LUA),
-            settle_script: Script::new(protocol::SETTLE_LUA),
             log_usage_script: Script::new(protocol::LOG_USAGE_LUA),
             balance_script: Script::new(protocol::CHANGE_BALANCE_LUA),
             seed_account_script: Script::new(protocol::SEED_ACCOUNT_LUA),

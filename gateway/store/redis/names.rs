@@ -53,6 +53,17 @@ pub fn usage_marker(call_id: &str) -> String {
     format!("{{{USAGE_STREAM}}}:logged:{call_id}")
 }
 
+/// The part of a key Redis Cluster hashes to find its slot: the text between the first `{`
+/// and the next `}` when there is some, else the whole key.
+pub fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}').filter(|&len| len > 0) {
+            return &key[open + 1..open + 1 + len];
+        }
+    }
+    key
+}
+
 pub fn key_record(hash: &KeyHash) -> String {
     format!("turnpike:key:{}", hash.to_hex())
 }

@@ -1,7 +1,8 @@
--- Shared by admit.lua and settle.lua (prepended to each): the clock, the token-bucket
--- arithmetic of turnpike_core::limits, bucket specs, and giving back a reservation. Levels
--- are in units where one token is `period` units, so refill is an exact integer; doubles
--- count exactly below 2^53.
+-- Shared by admit.lua and settle.lua (prepended to each, and to batch.lua): the clock, the
+-- token-bucket arithmetic of turnpike_core::limits, bucket specs, giving back a reservation,
+-- and the state one script run reads once and writes once however many calls it carries.
+-- Levels are in units where one token is `period` units, so refill is an exact integer;
+-- doubles count exactly below 2^53.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local EXACT = 9007199254740992 -- 2^53, also the deepest a bucket's debt goes (limits::MAX_DEBT)
@@ -29,13 +30,151 @@ local function bucket_spec(rate, period, burst)
   return { rate = rate, period = tonumber(period), burst = tonumber(burst) }
 end
 
+-- Hash fields as this run sees them. A field is read from Redis the first time a call asks
+-- for it; `hset` and `hdel` are kept here and written by `flush`; `hincrby` adds up here
+-- and is sent by `flush` as one HINCRBY per field. So a batch of calls on one key reads and
+-- writes its buckets and its account once. Values read are strings or numbers (for tonumber),
+-- false when absent.
+local hashes = {}
+
+local function hash(name)
+  local h = hashes[name]
+  if not h then
+    h = { name = name, values = {}, written = {}, added = {} }
+    hashes[name] = h
+  end
+  return h
+end
+
+-- The fields' values, in order (false: absent), like HMGET.
+local function hmget(name, ...)
+  local h = hash(name)
+  local fields = { ... }
+  local unread = {}
+  for _, f in ipairs(fields) do
+    if h.values[f] == nil then unread[#unread + 1] = f end
+  end
+  if #unread > 0 then
+    local got = redis.call('HMGET', name, unpack(unread))
+    for i, f in ipairs(unread) do
+      local sum = h.added[f]
+      h.values[f] = sum and (tonumber(got[i]) or 0) + sum or got[i]
+    end
+  end
+  local found = {}
+  for i, f in ipairs(fields) do found[i] = h.values[f] end
+  return found
+end
+
+-- One field, as `hmget` reads it (this is the common case, without its tables).
+local function hget(name, field)
+  local h = hash(name)
+  local v = h.values[field]
+  if v == nil then
+    v = redis.call('HGET', name, field)
+    local sum = h.added[field]
+    if sum then v = (tonumber(v) or 0) + sum end
+    h.values[field] = v
+  end
+  return v
+end
+
+-- `value`: a string, or a whole number (written without exponent notation).
+local function hset(name, field, value)
+  local h = hash(name)
+  h.values[field] = value
+  h.written[field] = true
+end
+
+local function hdel(name, field)
+  hset(name, field, false)
+end
+
+-- Adds `delta` (a decimal string) to an integer field. Sums stay in doubles' exact range:
+-- one that could leave it goes to Redis at once, which adds 64-bit integers exactly.
+local function hincrby(name, field, delta)
+  local h = hash(name)
+  local d = tonumber(delta)
+  local sum = (h.added[field] or 0) + d
+  if math.abs(d) >= EXACT / 2 or math.abs(sum) >= EXACT / 2 then
+    if h.added[field] then redis.call('HINCRBY', name, field, int(h.added[field])) end
+    h.added[field] = nil
+    h.values[field] = tostring(redis.call('HINCRBY', name, field, delta))
+    return
+  end
+  h.added[field] = sum
+  local known = h.values[field]
+  if known ~= nil then h.values[field] = (tonumber(known) or 0) + d end
+end
+
+-- Sorted sets (leases) are written at once, but swept of expired members and counted once
+-- per run: ZADD and ZREM say what they changed, so the count stays exact.
+local zsets = {}
+
+local function zset(name)
+  local z = zsets[name]
+  if not z then
+    z = { name = name }
+    zsets[name] = z
+  end
+  return z
+end
+
+-- Removes the members whose lease ran out before now, once per run.
+local function zsweep(name)
+  local z = zset(name)
+  if not z.swept then
+    redis.call('ZREMRANGEBYSCORE', name, '-inf', now)
+    z.swept = true
+  end
+end
+
+local function zcard(name)
+  local z = zset(name)
+  if z.count == nil then z.count = redis.call('ZCARD', name) end
+  return z.count
+end
+
+local function zadd(name, score, member)
+  local z = zset(name)
+  local added = redis.call('ZADD', name, score, member)
+  if z.count then z.count = z.count + added end
+end
+
+local function zrem(name, member)
+  local z = zset(name)
+  local removed = redis.call('ZREM', name, member)
+  if z.count then z.count = z.count - removed end
+end
+
+-- Writes what this run kept: every hash's sums, then its set and deleted fields.
+local function flush()
+  for name, h in pairs(hashes) do
+    for field, sum in pairs(h.added) do
+      if sum ~= 0 then redis.call('HINCRBY', name, field, int(sum)) end
+    end
+    local set, deleted = {}, {}
+    for field in pairs(h.written) do
+      local v = h.values[field]
+      if v then
+        set[#set + 1] = field
+        set[#set + 1] = type(v) == 'number' and int(v) or v
+      else
+        deleted[#deleted + 1] = field
+      end
+    end
+    if #set > 0 then redis.call('HSET', name, unpack(set)) end
+    if #deleted > 0 then redis.call('HDEL', name, unpack(deleted)) end
+  end
+end
+
 -- Gives back call `id`'s reservation, if it still holds one, and ends its lease. Amounts stay
 -- decimal strings: Redis adds them as 64-bit integers, exactly.
 local function release_held(account, leases, id)
-  local held = redis.call('HGET', account, 'held:' .. id)
+  local held = hget(account, 'held:' .. id)
   if held then
-    redis.call('HINCRBY', account, 'reserved', '-' .. held)
-    redis.call('HDEL', account, 'held:' .. id)
+    hincrby(account, 'reserved', '-' .. held)
+    hdel(account, 'held:' .. id)
   end
-  redis.call('ZREM', leases, id)
+  zrem(leases, id)
 end

@@ -6,8 +6,25 @@
 use turnpike_core::limits::{BucketKind, BucketSpec, Quota};
 use turnpike_core::usage::Usage;
 
-pub const ADMIT_LUA: &str = concat!(include_str!("prelude.lua"), include_str!("admit.lua"));
-pub const SETTLE_LUA: &str = concat!(include_str!("prelude.lua"), include_str!("settle.lua"));
+pub const ADMIT_LUA: &str = concat!(
+    include_str!("prelude.lua"),
+    include_str!("admit.lua"),
+    "local reply = admit(KEYS, ARGV)\nflush()\nreturn reply\n"
+);
+/// settle.lua alone, as a test reads it (settlements always go in a `batch`).
+#[cfg(test)]
+pub const SETTLE_LUA: &str = concat!(
+    include_str!("prelude.lua"),
+    include_str!("settle.lua"),
+    "local reply = settle(KEYS, ARGV)\nflush()\nreturn reply\n"
+);
+/// Admissions and settlements as one run (`batch`, the group commit).
+pub const BATCH_LUA: &str = concat!(
+    include_str!("prelude.lua"),
+    include_str!("admit.lua"),
+    include_str!("settle.lua"),
+    include_str!("batch.lua")
+);
 pub const CHANGE_BALANCE_LUA: &str = include_str!("change_balance.lua");
 pub const LOG_USAGE_LUA: &str = include_str!("log_usage.lua");
 pub const SEED_ACCOUNT_LUA: &str = include_str!("seed_account.lua");
@@ -101,7 +118,7 @@ pub const USAGE_FIELDS: [&str; 12] = [
 ];
 
 /// One script call: its keys and arguments. Held settlements are journalled as these.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Invocation {
     pub keys: Vec<String>,
     pub args: Vec<String>,

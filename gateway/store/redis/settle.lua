@@ -8,76 +8,79 @@
 -- requests bucket is sent only to refund a request token. KEYS: marker; [account hash,
 -- reservation leases, usage hash] when account_side; [usage stream] when stream; then per
 -- scope its limiter hash and in-flight set.
-local call_id, marker_ttl_ms, refund, account_side, cost, metered, input_tokens,
-  output_tokens, total_tokens, key_id, agent, account, stream, stream_maxlen, request_id,
-  session_id, status, scope_count = unpack(ARGV, 1, 18)
-local SCOPE_ARGS = 7
 -- Reply: APPLIED, or ALREADY when the marker was there.
 local ALREADY, APPLIED = 0, 1
 
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', marker_ttl_ms) then return ALREADY end
+-- One settlement, on this run's state.
+local function settle(KEYS, ARGV)
+  local call_id, marker_ttl_ms, refund, account_side, cost, metered, input_tokens,
+    output_tokens, total_tokens, key_id, agent, account, stream, stream_maxlen, request_id,
+    session_id, status, scope_count = unpack(ARGV, 1, 18)
+  local SCOPE_ARGS = 7
+  if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', marker_ttl_ms) then return ALREADY end
 
-local charge = tonumber(cost)
-local total = tonumber(total_tokens)
+  local charge = tonumber(cost)
+  local total = tonumber(total_tokens)
 
-local next_key = 2
-local function take_key()
-  local k = KEYS[next_key]
-  next_key = next_key + 1
-  return k
-end
+  local next_key = 2
+  local function take_key()
+    local k = KEYS[next_key]
+    next_key = next_key + 1
+    return k
+  end
 
-if account_side == '1' then
-  local account_hash, leases, usage = take_key(), take_key(), take_key()
-  -- The reservation is given back unless its lease already expired and gave it back.
-  release_held(account_hash, leases, call_id)
-  if charge > 0 then
-    if redis.call('HEXISTS', account_hash, 'balance') == 1 then
-      redis.call('HINCRBY', account_hash, 'balance', '-' .. cost)
-    else
-      -- No balance to charge (Redis restarted empty and is not seeded yet): the charge
-      -- waits for the seed, which takes it off the starting balance (seed_account.lua).
-      redis.call('HINCRBY', account_hash, 'debit_before_seed', cost)
+  if account_side == '1' then
+    local account_hash, leases, usage = take_key(), take_key(), take_key()
+    -- The reservation is given back unless its lease already expired and gave it back.
+    release_held(account_hash, leases, call_id)
+    if charge > 0 then
+      if hget(account_hash, 'balance') then
+        hincrby(account_hash, 'balance', '-' .. cost)
+      else
+        -- No balance to charge (Redis restarted empty and is not seeded yet): the charge
+        -- waits for the seed, which takes it off the starting balance (seed_account.lua).
+        hincrby(account_hash, 'debit_before_seed', cost)
+      end
+    end
+    if metered == '1' then
+      local row = '\31' .. key_id .. '\31' .. agent
+      hincrby(usage, 'requests' .. row, '1')
+      hincrby(usage, 'input_tokens' .. row, input_tokens)
+      hincrby(usage, 'output_tokens' .. row, output_tokens)
+      hincrby(usage, 'total_tokens' .. row, total_tokens)
+      hincrby(usage, 'cost' .. row, cost)
     end
   end
-  if metered == '1' then
-    local row = '\31' .. key_id .. '\31' .. agent
-    redis.call('HINCRBY', usage, 'requests' .. row, 1)
-    redis.call('HINCRBY', usage, 'input_tokens' .. row, input_tokens)
-    redis.call('HINCRBY', usage, 'output_tokens' .. row, output_tokens)
-    redis.call('HINCRBY', usage, 'total_tokens' .. row, total_tokens)
-    redis.call('HINCRBY', usage, 'cost' .. row, cost)
-  end
-end
 
-if stream == '1' and metered == '1' then
-  redis.call('XADD', take_key(), 'MAXLEN', '~', stream_maxlen, '*',
-    'call_id', call_id, 'request_id', request_id, 'time_ms', int(now), 'account', account,
-    'key_id', key_id, 'agent', agent, 'session_id', session_id,
-    'status', status, 'input_tokens', input_tokens,
-    'output_tokens', output_tokens, 'total_tokens', total_tokens, 'cost', cost)
-end
+  if stream == '1' and metered == '1' then
+    redis.call('XADD', take_key(), 'MAXLEN', '~', stream_maxlen, '*',
+      'call_id', call_id, 'request_id', request_id, 'time_ms', int(now), 'account', account,
+      'key_id', key_id, 'agent', agent, 'session_id', session_id,
+      'status', status, 'input_tokens', input_tokens,
+      'output_tokens', output_tokens, 'total_tokens', total_tokens, 'cost', cost)
+  end
 
-for i = 1, tonumber(scope_count) do
-  local at = 18 + (i - 1) * SCOPE_ARGS
-  local holds_slot, tokens_rate, tokens_period, tokens_burst,
-    requests_rate, requests_period, requests_burst = unpack(ARGV, at + 1, at + SCOPE_ARGS)
-  local limiter, inflight = take_key(), take_key()
-  if holds_slot == '1' then redis.call('ZREM', inflight, call_id) end
-  local tokens = bucket_spec(tokens_rate, tokens_period, tokens_burst)
-  local requests = bucket_spec(requests_rate, requests_period, requests_burst)
-  if tokens and metered == '1' and total > 0 then
-    local state = redis.call('HMGET', limiter, 'tl', 'tu')
-    local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), tokens)
-    level = math.max(level - total * tokens.period, -EXACT)
-    redis.call('HSET', limiter, 'tl', int(level), 'tu', int(updated))
+  for i = 1, tonumber(scope_count) do
+    local at = 18 + (i - 1) * SCOPE_ARGS
+    local holds_slot, tokens_rate, tokens_period, tokens_burst,
+      requests_rate, requests_period, requests_burst = unpack(ARGV, at + 1, at + SCOPE_ARGS)
+    local limiter, inflight = take_key(), take_key()
+    if holds_slot == '1' then zrem(inflight, call_id) end
+    local tokens = bucket_spec(tokens_rate, tokens_period, tokens_burst)
+    local requests = bucket_spec(requests_rate, requests_period, requests_burst)
+    if tokens and metered == '1' and total > 0 then
+      local state = hmget(limiter, 'tl', 'tu')
+      local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), tokens)
+      hset(limiter, 'tl', math.max(level - total * tokens.period, -EXACT))
+      hset(limiter, 'tu', updated)
+    end
+    if refund == '1' and requests then
+      -- Gives back the request token the refused admission took.
+      local state = hmget(limiter, 'rl', 'ru')
+      local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), requests)
+      hset(limiter, 'rl', math.min(level + requests.period, capacity(requests)))
+      hset(limiter, 'ru', updated)
+    end
   end
-  if refund == '1' and requests then
-    -- Gives back the request token the refused admission took.
-    local state = redis.call('HMGET', limiter, 'rl', 'ru')
-    local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), requests)
-    redis.call('HSET', limiter, 'rl', int(math.min(level + requests.period, capacity(requests))),
-      'ru', int(updated))
-  end
+  return APPLIED
 end
-return APPLIED

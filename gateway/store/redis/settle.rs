@@ -77,17 +77,21 @@ impl RedisStore {
         let mut written = 0;
         let mut outcome = Ok(());
         for write in owed.iter() {
-            let (script, invocation) = match write {
-                Owed::Settle(invocation) => (&self.settle_script, invocation),
-                Owed::LogUsage(invocation) => (&self.log_usage_script, invocation),
-            };
             // The reply (applied, or already applied) changes nothing here: either way
             // this write is done.
-            if let Err(error) = self
-                .link
-                .invoke::<i64>(Op::Settle, script, invocation)
-                .await
-            {
+            let written_now = match write {
+                Owed::Settle(invocation) => {
+                    self.batches
+                        .call::<i64>(Op::Settle, invocation.clone())
+                        .await
+                }
+                Owed::LogUsage(invocation) => {
+                    self.link
+                        .invoke::<i64>(Op::Settle, &self.log_usage_script, invocation)
+                        .await
+                }
+            };
+            if let Err(error) = written_now {
                 outcome = Err(error);
                 break;
             }

@@ -1,0 +1,171 @@
+//! Group commit: admissions and settlements waiting on Redis at the same moment go as one
+//! `batch.lua` run, which reads and writes each bucket, account and usage row once for all
+//! of them. One run per lane is under way at a time; what arrives meanwhile waits and goes
+//! next, together, so batches grow with load and a quiet gateway sends each call alone.
+//! Each caller is answered with its own call's reply, only after the run that carried it.
+//!
+//! A lane is where a run may go: on one server everything shares one; on a Cluster each
+//! hash tag has its own, since one script's keys must share a slot.
+
+use redis::{FromRedisValue, Script, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+use super::link::{reply_kind, Link, Op};
+use super::names::hash_tag;
+use super::protocol::{Invocation, BATCH_LUA};
+use crate::store::{StoreError, StoreErrorKind};
+
+/// The most calls one run carries: enough to share the work, few enough that no run holds
+/// Redis (which runs one script at a time) for long.
+const MOST_PER_RUN: usize = 64;
+
+/// A call waiting for a run.
+struct Waiting {
+    op: Op,
+    invocation: Invocation,
+    since: Instant,
+    answer: oneshot::Sender<Result<Value, StoreError>>,
+}
+
+#[derive(Default)]
+struct Lane {
+    waiting: Vec<Waiting>,
+    /// A run of this lane is under way (its task sends what waits when it is back).
+    running: bool,
+}
+
+pub struct GroupCommit {
+    link: Arc<Link>,
+    script: Script,
+    /// Lanes by hash tag; on one server, the one lane `""`.
+    lanes: Mutex<HashMap<String, Lane>>,
+    by_tag: bool,
+}
+
+impl GroupCommit {
+    pub fn new(link: Arc<Link>, cluster: bool) -> Arc<Self> {
+        Arc::new(Self {
+            link,
+            script: Script::new(BATCH_LUA),
+            lanes: Mutex::new(HashMap::new()),
+            by_tag: cluster,
+        })
+    }
+
+    /// Runs `invocation` (an admit.lua or settle.lua call, by `op`) in the next run of its
+    /// lane, and answers with its own reply.
+    pub async fn call<T: FromRedisValue>(
+        self: &Arc<Self>,
+        op: Op,
+        invocation: Invocation,
+    ) -> Result<T, StoreError> {
+        let lane = match (self.by_tag, invocation.keys.first()) {
+            (true, Some(key)) => hash_tag(key).to_owned(),
+            _ => String::new(),
+        };
+        let (answer, answered) = oneshot::channel();
+        let start = {
+            let mut lanes = self.lanes.lock().expect("lanes");
+            let waiting = lanes.entry(lane.clone()).or_default();
+            waiting.waiting.push(Waiting {
+                op,
+                invocation,
+                since: Instant::now(),
+                answer,
+            });
+            !std::mem::replace(&mut waiting.running, true)
+        };
+        if start {
+            // Its own task: a caller that goes away does not stop the run the others wait on.
+            tokio::spawn(Arc::clone(self).run_lane(lane));
+        }
+        let reply = answered.await.unwrap_or_else(|_| {
+            Err(StoreError::new(
+                StoreErrorKind::Unanswered,
+                "the group commit carrying this call ended without an answer",
+            ))
+        })?;
+        T::from_redis_value(reply)
+            .map_err(|e| StoreError::new(StoreErrorKind::Refused, format!("unexpected reply: {e}")))
+    }
+
+    /// Sends what waits in `lane`, run after run, until nothing does.
+    async fn run_lane(self: Arc<Self>, lane: String) {
+        loop {
+            let batch = {
+                let mut lanes = self.lanes.lock().expect("lanes");
+                let Some(waiting) = lanes.get_mut(&lane) else {
+                    return;
+                };
+                if waiting.waiting.is_empty() {
+                    lanes.remove(&lane);
+                    return;
+                }
+                let take = waiting.waiting.len().min(MOST_PER_RUN);
+                waiting.waiting.drain(..take).collect::<Vec<_>>()
+            };
+            self.run(batch).await;
+        }
+    }
+
+    async fn run(&self, batch: Vec<Waiting>) {
+        let mut call = self.script.prepare_invoke();
+        for waiting in &batch {
+            let Invocation { keys, args } = &waiting.invocation;
+            let kind = match waiting.op {
+                Op::Admit => "admit",
+                _ => "settle",
+            };
+            call.arg(kind).arg(keys.len()).arg(args.len());
+            for arg in args {
+                call.arg(arg);
+            }
+            for key in keys {
+                call.key(key);
+            }
+        }
+        let replies = match self.link.invoke_batch(&call).await {
+            Ok(Value::Array(replies)) if replies.len() == batch.len() => Ok(replies),
+            Ok(other) => Err((
+                StoreErrorKind::Refused,
+                format!("unexpected group commit reply {other:?}"),
+            )),
+            Err(error) => Err((error.kind, error.to_string())),
+        };
+        match replies {
+            Ok(replies) => {
+                for (waiting, reply) in batch.into_iter().zip(replies) {
+                    let reply = own_reply(reply);
+                    self.answer(waiting, reply);
+                }
+            }
+            Err((kind, message)) => {
+                for waiting in batch {
+                    self.answer(waiting, Err(StoreError::new(kind, message.clone())));
+                }
+            }
+        }
+    }
+
+    fn answer(&self, waiting: Waiting, reply: Result<Value, StoreError>) {
+        self.link
+            .observe(waiting.op, waiting.since.elapsed(), reply.is_err());
+        // A caller that stopped waiting (its client went away) needs no answer.
+        drop(waiting.answer.send(reply));
+    }
+}
+
+/// One call's reply within a run: a call whose script failed has its error's text there
+/// (`WRONGTYPE ...`), read as Redis's error reply would be.
+fn own_reply(reply: Value) -> Result<Value, StoreError> {
+    let text = match &reply {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Value::SimpleString(text) => text.clone(),
+        _ => return Ok(reply),
+    };
+    let (code, detail) = text.split_once(' ').unwrap_or((&text, ""));
+    Err(StoreError::new(reply_kind(code, detail), text.clone()))
+}
