@@ -62,6 +62,7 @@ pub struct Metrics {
     pub insufficient_balance: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub store_duration: HistogramVec,
+    pub store_batch_calls: Histogram,
     pub fail_open_admissions: IntCounter,
     pub settlements_queued: IntGauge,
     pub settlements_dropped: IntCounter,
@@ -153,10 +154,22 @@ impl Metrics {
             store_duration: {
                 let opts = HistogramOpts::new(
                     "turnpike_store_duration_seconds",
-                    "Seconds one store round trip took, by operation",
+                    "Seconds a store operation took, by operation (on Redis, from joining a group commit to its answer)",
                 )
                 .buckets(STORE_BUCKETS.to_vec());
                 let h = HistogramVec::new(opts, &["op"]).expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("registered once");
+                h
+            },
+            store_batch_calls: {
+                let opts = HistogramOpts::new(
+                    "turnpike_store_batch_calls",
+                    "Admissions and settlements one Redis script run carried (the group commit)",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+                let h = Histogram::with_opts(opts).expect("valid metric");
                 registry
                     .register(Box::new(h.clone()))
                     .expect("registered once");

@@ -10,6 +10,7 @@ mod support;
 
 mod cluster;
 mod faults;
+mod group_commit;
 mod mirror;
 mod outage;
 mod scripts;

@@ -7,6 +7,7 @@
 //! A lane is where a run may go: on one server everything shares one; on a Cluster each
 //! hash tag has its own, since one script's keys must share a slot.
 
+use prometheus::Histogram;
 use redis::{FromRedisValue, Script, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,15 +44,18 @@ pub struct GroupCommit {
     /// Lanes by hash tag; on one server, the one lane `""`.
     lanes: Mutex<HashMap<String, Lane>>,
     by_tag: bool,
+    /// Calls per run.
+    sizes: Histogram,
 }
 
 impl GroupCommit {
-    pub fn new(link: Arc<Link>, cluster: bool) -> Arc<Self> {
+    pub fn new(link: Arc<Link>, cluster: bool, sizes: Histogram) -> Arc<Self> {
         Arc::new(Self {
             link,
             script: Script::new(BATCH_LUA),
             lanes: Mutex::new(HashMap::new()),
             by_tag: cluster,
+            sizes,
         })
     }
 
@@ -112,6 +116,7 @@ impl GroupCommit {
     }
 
     async fn run(&self, batch: Vec<Waiting>) {
+        self.sizes.observe(batch.len() as f64);
         let mut call = self.script.prepare_invoke();
         for waiting in &batch {
             let Invocation { keys, args } = &waiting.invocation;

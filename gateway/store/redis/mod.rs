@@ -76,7 +76,11 @@ impl RedisStore {
         runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Self>, StoreError> {
         let link = Arc::new(Link::open(config, metrics).await?);
-        let batches = GroupCommit::new(Arc::clone(&link), config.cluster);
+        let batches = GroupCommit::new(
+            Arc::clone(&link),
+            config.cluster,
+            metrics.store_batch_calls.clone(),
+        );
         let queue = SettlementQueue::open(
             config.settlement_queue,
             config.journal_dir.as_deref(),

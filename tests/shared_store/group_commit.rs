@@ -1,0 +1,118 @@
+//! The group commit: admissions and settlements waiting at the same moment share one script
+//! run, and each call is still judged, charged and logged exactly as if it ran alone.
+
+use std::sync::Barrier;
+
+use serde_json::json;
+
+use crate::on_redis;
+use crate::support::redis::RedisServer;
+use crate::support::*;
+
+/// 45 input and 32 output tokens at 1 and 2 units per token.
+const COST: i64 = 45 + 2 * 32;
+
+/// Sends one call per key in `keys`, all at once; returns their statuses in order.
+fn at_once(gw: &TestGateway, keys: &[&str]) -> Vec<u16> {
+    let barrier = Barrier::new(keys.len());
+    std::thread::scope(|s| {
+        let calls: Vec<_> = keys
+            .iter()
+            .map(|key| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    gw.chat(AGENT, key, Script::sleep(0.2)).status
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    })
+}
+
+/// The `calls=N` of `cmdstat_<name>` in `INFO commandstats`.
+fn command_calls(redis: &RedisServer, name: &str) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn concurrent_calls_share_script_runs_and_each_is_charged_and_logged_once() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(redis.url()), json!({}))
+        .policy(
+            "standard",
+            json!({"requests": {"rate": 1000, "per": "1s"}, "tokens": {"rate": 1000000, "per": "1s"},
+                   "concurrency": 100}),
+        )
+        .reserve(1000)
+        .account_balance("acct_jane", 1_000_000)
+        .start();
+    // One call first, which loads the script (a first EVALSHA answered NOSCRIPT).
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.wait_metric("turnpike_store_batch_calls_sum", &[], 2.0);
+    let runs_before = gw.metric("turnpike_store_batch_calls_count", &[]);
+    let scripts_before = command_calls(&redis, "evalsha");
+    let calls = 48;
+    let statuses = at_once(&gw, &vec![gw.jane(); calls]);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let all = calls as i64 + 1;
+    let usage = gw.usage_after("account=acct_jane", all);
+    assert_eq!(
+        (usage.requests, usage.total_tokens, usage.cost),
+        (all, 77 * all, COST * all)
+    );
+    let balance = gw.settled_balance("acct_jane");
+    assert_eq!(balance.balance, 1_000_000 - COST * all);
+    assert_eq!(
+        redis.cli(&["XLEN", "turnpike:usage"]),
+        format!("(integer) {all}")
+    );
+    // Every admission and settlement went through a run, and some run carried more than
+    // one: fewer script calls than operations.
+    gw.wait_metric("turnpike_store_batch_calls_sum", &[], 2.0 * all as f64);
+    let runs = gw.metric("turnpike_store_batch_calls_count", &[]) - runs_before;
+    assert!(runs < 2.0 * calls as f64, "{runs} runs for {calls} calls");
+    assert_eq!(
+        (command_calls(&redis, "evalsha") - scripts_before) as f64,
+        runs
+    );
+    // Nothing is left held: no reservation, no concurrency slot.
+    assert_eq!(
+        redis.cli(&[
+            "ZCARD",
+            "turnpike:{account:acct_jane}:key:key_jane:inflight"
+        ]),
+        "(integer) 0"
+    );
+}
+
+#[test]
+fn a_call_redis_refuses_fails_alone_and_the_calls_run_with_it_pass() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(redis.url()), json!({}))
+        .policy("standard", json!({"requests": {"rate": 1000, "per": "1s"}}))
+        .start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    // Damage jane's key's buckets: her admission fails in Redis (WRONGTYPE), for good.
+    redis.cli(&["DEL", "turnpike:{account:acct_jane}:key:key_jane:limits"]);
+    redis.cli(&[
+        "SET",
+        "turnpike:{account:acct_jane}:key:key_jane:limits",
+        "damaged",
+    ]);
+    let keys: Vec<&str> = (0..24)
+        .map(|i| if i % 2 == 0 { gw.jane() } else { gw.bob() })
+        .collect();
+    let statuses = at_once(&gw, &keys);
+    let (jane, bob): (Vec<_>, Vec<_>) = statuses.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    assert!(jane.iter().all(|(_, s)| **s == 503), "{statuses:?}");
+    assert!(bob.iter().all(|(_, s)| **s == 200), "{statuses:?}");
+    assert_eq!(gw.usage_after("account=acct_bob", 12).requests, 12);
+}
