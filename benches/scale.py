@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Scale, measured: what Turnpike holds in memory and in Redis as connections, agents, keys and
+calls grow. Three parts, each on by its flag (all three without flags):
+
+--connections N  Turnpike (embedded store) with N keep-alive client connections open, each
+                 calling once every `--interval` seconds, for `--minutes`; its RSS (from /proc)
+                 sampled every 10 s: at start, largest, at end.
+--big-config     A config of `--agents` agents and `--keys` keys: how long `serve` takes to
+                 answer /readyz, how long `POST /admin/reload` of the whole set takes, and the
+                 latency of one-at-a-time calls while reloads run against without.
+--redis-memory   Turnpike on its own redis-server after 3 s of calls by one key: Redis's
+                 `MEMORY USAGE` of each kind of key a key, an account and a call leave behind.
+
+Usage: benches/scale.py [--connections 1000] [--minutes 10] [--big-config] [--redis-memory]
+Needs the release build (built here) and nginx (the worker); prints what it measured.
+"""
+import argparse
+import hashlib
+import json
+import os
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import load  # noqa: E402  (the load benchmark's worker, config and helpers)
+
+BINARY = os.path.join(load.ROOT, "target", "release", "turnpike")
+ADMIN_TOKEN = "scale-admin-token"
+BODY = b'{"message":"What are your business hours?","session_id":"sess_bench"}'
+
+
+def call_bytes(key):
+    return (f"POST /v1/agents/{load.AGENT}/chat HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n").encode() + BODY
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kib / 1024
+
+
+def serve(tmp, config, name="turnpike"):
+    return subprocess.Popen([*load.PROXY_CPU, BINARY, "serve", "--config", os.path.join(tmp, config)],
+                            **load.logged(tmp, name))
+
+
+def wait_ready(admin_port, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError("Turnpike did not become ready")
+
+
+def stop(*procs):
+    for p in procs:
+        if p:
+            p.send_signal(2)
+    for p in procs:
+        if p:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def connections(args, tmp, worker_port):
+    """RSS with many open client connections, each calling now and then."""
+    port, admin_port = load.free_port(), load.free_port()
+    load.write_config(tmp, "conns.yaml", worker_port, port, admin_port)
+    gw = serve(tmp, "conns.yaml")
+    try:
+        load.wait_port(port)
+        request = call_bytes(load.KEY)
+        sel = selectors.DefaultSelector()
+        socks = []
+        for _ in range(args.connections):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+            socks.append(s)
+        answered, samples = 0, []
+        started = time.time()
+        next_sample = started
+        per_round = args.interval
+        while time.time() - started < args.minutes * 60:
+            round_started = time.time()
+            for s in socks:
+                s.sendall(request)
+            waiting = len(socks)
+            while waiting:
+                for key, _ in sel.select(timeout=5):
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        sys.exit("a client connection was closed")
+                    # Answers are small: one recv holds one whole answer.
+                    answered += data.count(b"HTTP/1.1 200")
+                    waiting -= 1
+            if time.time() >= next_sample:
+                samples.append(rss_mib(gw.pid))
+                next_sample += 10
+            time.sleep(max(0.0, per_round - (time.time() - round_started)))
+        samples.append(rss_mib(gw.pid))
+        print(f"{args.connections} open connections, {answered} calls over {args.minutes:g} min: RSS "
+              f"{samples[0]:.1f} MiB at start, {max(samples):.1f} MiB largest, {samples[-1]:.1f} MiB at end "
+              f"({len(samples)} samples)")
+        for s in socks:
+            s.close()
+    finally:
+        stop(gw)
+
+
+def big_config(args, tmp, worker_port):
+    """Start-up and reload time of a large config, and what reloads do to call latency."""
+    port, admin_port = load.free_port(), load.free_port()
+    path = os.path.join(tmp, "big.yaml")
+    digest = hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
+    bench_key = hashlib.sha256(load.KEY.encode()).hexdigest()
+    others = args.agents - 1
+    with open(path, "w") as f:
+        # The bench agent and key first (the calls use them), then more of the same shape.
+        f.write(f"""threads: 1
+upstreams:
+  pool: {{endpoints: ["127.0.0.1:{worker_port}"], path: "/invoke"}}
+listen: "127.0.0.1:{port}"
+admin: {{listen: "127.0.0.1:{admin_port}", token_sha256: "{digest}"}}
+agents:
+  - {{id: {load.AGENT}, upstream: pool, policy: bench}}
+""")
+        f.writelines(f"  - {{id: ag_{i:06d}, upstream: pool, policy: bench}}\n" for i in range(others))
+        f.write("accounts:\n")
+        f.writelines(f"  - {{id: acct_{i:04d}, balance: 1000000}}\n" for i in range(1000))
+        f.write(f'keys:\n  - {{id: key_bench, sha256: "{bench_key}", account: acct_0000, agents: "*", policy: bench}}\n')
+        f.writelines(
+            f'  - {{id: key_{i:06d}, sha256: "{hashlib.sha256(f"ak_scale{i:032d}".encode()).hexdigest()}", '
+            f'account: acct_{i % 1000:04d}, agents: [ag_{i % others:06d}], policy: bench}}\n'
+            for i in range(args.keys - 1))
+    size_mib = os.path.getsize(path) / 2**20
+    started = time.perf_counter()
+    gw = serve(tmp, "big.yaml")
+    try:
+        wait_ready(admin_port)
+        ready_s = time.perf_counter() - started
+        rss = rss_mib(gw.pid)
+        lua = load.post_lua(tmp)
+        route = f"/v1/agents/{load.AGENT}/chat"
+        quiet = load.run_wrk(port, route, args.seconds, 1, lua)
+        reloads = []
+
+        def reload_all():
+            for _ in range(args.reloads):
+                time.sleep(args.seconds / (args.reloads + 1))
+                os.utime(path)
+                req = urllib.request.Request(f"http://127.0.0.1:{admin_port}/admin/reload", method="POST",
+                                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, data=b"")
+                t = time.perf_counter()
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    json.load(r)
+                reloads.append(time.perf_counter() - t)
+
+        reloader = threading.Thread(target=reload_all)
+        reloader.start()
+        busy = load.run_wrk(port, route, args.seconds, 1, lua)
+        reloader.join()
+        print(f"{args.agents} agents, {args.keys} keys, 1000 accounts ({size_mib:.1f} MiB of YAML): ready in "
+              f"{ready_s:.2f} s, RSS {rss:.0f} MiB; {len(reloads)} reloads of the whole set: median "
+              f"{statistics.median(reloads):.2f} s, longest {max(reloads):.2f} s")
+        print(f"  one call at a time, p50/p99: {quiet['latency']['50%']:.0f}/{quiet['latency']['99%']:.0f} us "
+              f"without reloads, {busy['latency']['50%']:.0f}/{busy['latency']['99%']:.0f} us while they run")
+    finally:
+        stop(gw)
+
+
+def redis_memory(args, tmp, worker_port):
+    """MEMORY USAGE of what one key, one account and each call leave in Redis."""
+    port, admin_port, redis_port = load.free_port(), load.free_port(), load.free_port()
+    os.makedirs(os.path.join(tmp, "redis"), exist_ok=True)
+    redis = subprocess.Popen([*load.LOAD_CPU, "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                              "--save", "", "--dir", os.path.join(tmp, "redis")], stdout=subprocess.DEVNULL)
+    load.write_config(tmp, "mem.yaml", worker_port, port, admin_port, redis_port)
+    gw = None
+    try:
+        load.wait_port(redis_port)
+        gw = serve(tmp, "mem.yaml")
+        load.wait_port(port)
+        load.run_wrk(port, f"/v1/agents/{load.AGENT}/chat", 3, 8, load.post_lua(tmp))
+
+        def cli(*words):
+            return subprocess.run(["redis-cli", "-p", str(redis_port), *words], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+
+        def first(pattern):
+            """One key matching `pattern`."""
+            return cli("SCAN", "0", "MATCH", pattern, "COUNT", "1000000").split()[1]
+
+        calls = int(cli("XLEN", "turnpike:usage"))
+        account = "turnpike:{account:acct_bench}"
+        rows = [
+            ("key record (turnpike:key:<sha256>)", first("turnpike:key:*"), 1),
+            ("key id index", first("turnpike:keyid:*"), 1),
+            ("key buckets (limits hash)", f"{account}:key:key_bench:limits", 1),
+            ("account hash (balance, reserved)", f"{account}:account", 1),
+            ("account usage hash (one key x agent row)", f"{account}:usage", 1),
+            ("agent buckets", f"turnpike:{{agent:{load.AGENT}}}:limits", 1),
+        ]
+        print(f"Redis MEMORY USAGE after {calls} calls by one key (bytes):")
+        for label, key, per in rows:
+            print(f"  {label:48} {int(cli('MEMORY', 'USAGE', key) or 0) // per:>8}")
+        marker = first(f"{account}:settled:*")
+        print(f"  {'settled marker, per call (kept 1 h)':48} {int(cli('MEMORY', 'USAGE', marker)):>8}")
+        stream = int(cli("MEMORY", "USAGE", "turnpike:usage", "SAMPLES", "0"))
+        print(f"  {'usage stream entry, per call':48} {stream // max(calls, 1):>8}")
+        print(f"  used_memory {cli('INFO', 'memory').split('used_memory:')[1].split()[0]} bytes in all, "
+              f"{cli('DBSIZE')} keys")
+    finally:
+        stop(gw, redis)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--connections", type=int, help="open client connections (default 1000 when no part is chosen)")
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between one connection's calls")
+    ap.add_argument("--big-config", action="store_true")
+    ap.add_argument("--agents", type=int, default=10_000)
+    ap.add_argument("--keys", type=int, default=100_000)
+    ap.add_argument("--seconds", type=int, default=10, help="length of each latency run (--big-config)")
+    ap.add_argument("--reloads", type=int, default=5)
+    ap.add_argument("--redis-memory", action="store_true")
+    args = ap.parse_args()
+    everything = not (args.connections or args.big_config or args.redis_memory)
+    load.ensure_tools()
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "turnpike"], cwd=load.ROOT, check=True)
+    tmp = tempfile.mkdtemp(prefix="turnpike-scale-")
+    worker_port = load.free_port()
+    load.write_policies(tmp)
+    worker = load.upstream(tmp, worker_port)
+    try:
+        load.wait_port(worker_port)
+        if args.connections or everything:
+            args.connections = args.connections or 1000
+            connections(args, tmp, worker_port)
+        if args.big_config or everything:
+            big_config(args, tmp, worker_port)
+        if args.redis_memory or everything:
+            redis_memory(args, tmp, worker_port)
+    finally:
+        load.stop([worker], tmp)
+
+
+if __name__ == "__main__":
+    main()
