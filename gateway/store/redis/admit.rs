@@ -4,6 +4,7 @@
 use turnpike_core::admission::{Admission, Admitted, Refusal, Reservation, Scope, Settlement};
 use turnpike_core::limits::Quota;
 
+use super::batch::Kind;
 use super::link::Op;
 use super::protocol::Invocation;
 use super::split::{self, Purpose, Side, SideOutcome, SideReply};
@@ -98,7 +99,7 @@ impl RedisStore {
     }
 
     async fn ask(&self, invocation: Invocation) -> Result<Vec<i64>, StoreError> {
-        self.batches.call(Op::Admit, invocation).await
+        self.batches.call(Kind::Admit, invocation).await
     }
 
     fn answer(side: &Side<'_>, reply: Result<Vec<i64>, StoreError>) -> SideAnswer {

@@ -1,11 +1,11 @@
 -- A group commit: the admissions and settlements waiting on one connection, in the order
 -- they came, as one script run. Each call runs as it would alone (admit.lua, settle.lua,
--- prelude.lua before them), on state read once and written once; one call's error fails
--- only that call. Atomic like any script, so the run is the calls one after another.
+-- log_usage.lua, prelude.lua before them), on state read once and written once; one call's
+-- error fails only that call. Atomic like any script, so the run is the calls one after another.
 --
 -- ARGV: per call its kind, its key count and its argument count, then its arguments; KEYS:
 -- each call's keys, in the same order. Reply: per call its own reply, or the text of its error.
-local KINDS = { admit = admit, settle = settle }
+local KINDS = { admit = admit, settle = settle, log_usage = log_usage }
 
 local replies = {}
 local at, first_key = 1, 1

@@ -23,9 +23,36 @@ use crate::store::{StoreError, StoreErrorKind};
 /// Redis (which runs one script at a time) for long.
 const MOST_PER_RUN: usize = 64;
 
+/// What a call in a run is: which script function runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Admit,
+    Settle,
+    /// A Cluster's usage log entry, in the stream's slot.
+    LogUsage,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Admit => "admit",
+            Kind::Settle => "settle",
+            Kind::LogUsage => "log_usage",
+        }
+    }
+
+    /// The operation it is timed and counted as.
+    fn op(self) -> Op {
+        match self {
+            Kind::Admit => Op::Admit,
+            Kind::Settle | Kind::LogUsage => Op::Settle,
+        }
+    }
+}
+
 /// A call waiting for a run.
 struct Waiting {
-    op: Op,
+    kind: Kind,
     invocation: Invocation,
     since: Instant,
     answer: oneshot::Sender<Result<Value, StoreError>>,
@@ -59,11 +86,11 @@ impl GroupCommit {
         })
     }
 
-    /// Runs `invocation` (an admit.lua or settle.lua call, by `op`) in the next run of its
-    /// lane, and answers with its own reply.
+    /// Runs `invocation` (an admit.lua, settle.lua or log_usage.lua call) in the next run of
+    /// its lane, and answers with its own reply.
     pub async fn call<T: FromRedisValue>(
         self: &Arc<Self>,
-        op: Op,
+        kind: Kind,
         invocation: Invocation,
     ) -> Result<T, StoreError> {
         let lane = match (self.by_tag, invocation.keys.first()) {
@@ -75,7 +102,7 @@ impl GroupCommit {
             let mut lanes = self.lanes.lock().expect("lanes");
             let waiting = lanes.entry(lane.clone()).or_default();
             waiting.waiting.push(Waiting {
-                op,
+                kind,
                 invocation,
                 since: Instant::now(),
                 answer,
@@ -120,11 +147,9 @@ impl GroupCommit {
         let mut call = self.script.prepare_invoke();
         for waiting in &batch {
             let Invocation { keys, args } = &waiting.invocation;
-            let kind = match waiting.op {
-                Op::Admit => "admit",
-                _ => "settle",
-            };
-            call.arg(kind).arg(keys.len()).arg(args.len());
+            call.arg(waiting.kind.name())
+                .arg(keys.len())
+                .arg(args.len());
             for arg in args {
                 call.arg(arg);
             }
@@ -157,7 +182,7 @@ impl GroupCommit {
 
     fn answer(&self, waiting: Waiting, reply: Result<Value, StoreError>) {
         self.link
-            .observe(waiting.op, waiting.since.elapsed(), reply.is_err());
+            .observe(waiting.kind.op(), waiting.since.elapsed(), reply.is_err());
         // A caller that stopped waiting (its client went away) needs no answer.
         drop(waiting.answer.send(reply));
     }

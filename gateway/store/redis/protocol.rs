@@ -23,10 +23,16 @@ pub const BATCH_LUA: &str = concat!(
     include_str!("prelude.lua"),
     include_str!("admit.lua"),
     include_str!("settle.lua"),
+    include_str!("log_usage.lua"),
     include_str!("batch.lua")
 );
 pub const CHANGE_BALANCE_LUA: &str = include_str!("change_balance.lua");
-pub const LOG_USAGE_LUA: &str = include_str!("log_usage.lua");
+/// log_usage.lua alone, as a test reads it (log entries always go in a `batch`).
+#[cfg(test)]
+pub const LOG_USAGE_LUA: &str = concat!(
+    include_str!("log_usage.lua"),
+    "return log_usage(KEYS, ARGV)\n"
+);
 pub const SEED_ACCOUNT_LUA: &str = include_str!("seed_account.lua");
 
 /// admit.lua's arguments, then [`ADMIT_SCOPE_ARGS`] once per scope.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use turnpike_core::admission::Settlement;
 
-use super::link::Op;
+use super::batch::Kind;
 use super::names::{usage_marker, SETTLED_MARKER_MS, USAGE_STREAM};
 use super::protocol::{log_usage_args, Invocation};
 use super::queue::{Held, Owed, SettlementQueue};
@@ -79,18 +79,11 @@ impl RedisStore {
         for write in owed.iter() {
             // The reply (applied, or already applied) changes nothing here: either way
             // this write is done.
-            let written_now = match write {
-                Owed::Settle(invocation) => {
-                    self.batches
-                        .call::<i64>(Op::Settle, invocation.clone())
-                        .await
-                }
-                Owed::LogUsage(invocation) => {
-                    self.link
-                        .invoke::<i64>(Op::Settle, &self.log_usage_script, invocation)
-                        .await
-                }
+            let (kind, invocation) = match write {
+                Owed::Settle(invocation) => (Kind::Settle, invocation),
+                Owed::LogUsage(invocation) => (Kind::LogUsage, invocation),
             };
+            let written_now = self.batches.call::<i64>(kind, invocation.clone()).await;
             if let Err(error) = written_now {
                 outcome = Err(error);
                 break;
