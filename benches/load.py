@@ -21,6 +21,7 @@ when it is not.
 Needs wrk and nginx (installed with apt-get when missing).
 """
 import argparse
+import atexit
 import hashlib
 import json
 import os
@@ -206,6 +207,20 @@ def redis_server(tmp, port, *extra):
     return proc
 
 
+def cluster_port():
+    """A free port whose cluster bus port (10000 above it) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+
+
 def redis_cluster(tmp, ports):
     """Three masters, no replicas, every slot assigned and the cluster state ok."""
     procs = [redis_server(tmp, p, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf") for p in ports]
@@ -354,7 +369,7 @@ def main():
     redis_port, tpr_port, tpr_admin_port = (free_port() for _ in range(3))
     cmp_port, cmp_admin_port, cmpr_port, cmpr_admin_port = (free_port() for _ in range(4))
     envoy_port = free_port()
-    cluster_ports = [free_port() for _ in range(3)]
+    cluster_ports = [cluster_port() for _ in range(3)]
     tpc_port, tpc_admin_port = free_port(), free_port()
     envoy_path = envoy_binary()
     lua = post_lua(tmp)
@@ -369,6 +384,9 @@ def main():
     procs = [
         upstream(tmp, worker_port),
     ]
+    targets = {}
+    # Whatever has started is stopped however the run ends, a failed start-up included.
+    atexit.register(lambda: stop([*procs, *[p for p, _ in targets.values() if p not in procs]], tmp))
     targets = {
         "nginx": (nginx(tmp, "proxy", f"upstream w {{ server 127.0.0.1:{worker_port}; keepalive 64; }} "
                                       f"server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://w; "

@@ -1,6 +1,7 @@
 //! The Redis store: one shared state for many gateway instances, on a single Redis server or
-//! a Redis Cluster. Admission and settlement are one Lua script each (`admit.lua`,
-//! `settle.lua`), which mirror the pure core's admission and read the time from Redis.
+//! a Redis Cluster. Admission and settlement are one Lua function each (`admit.lua`,
+//! `settle.lua`), which mirror the pure core's admission and read the time from Redis; the
+//! calls waiting at the same moment run together in one `batch.lua` script call.
 //!
 //! - `link`: connections, deadlines, failing fast while Redis is down.
 //! - `protocol`: the scripts' arguments and replies, by name.
