@@ -111,7 +111,12 @@ impl GroupCommit {
         };
         if start {
             // Its own task: a caller that goes away does not stop the run the others wait on.
-            tokio::spawn(Arc::clone(self).run_lane(lane));
+            let runner = Runner {
+                commit: Arc::clone(self),
+                lane,
+                done: false,
+            };
+            tokio::spawn(runner.run_lane());
         }
         let reply = answered.await.unwrap_or_else(|_| {
             Err(StoreError::new(
@@ -121,25 +126,6 @@ impl GroupCommit {
         })?;
         T::from_redis_value(reply)
             .map_err(|e| StoreError::new(StoreErrorKind::Refused, format!("unexpected reply: {e}")))
-    }
-
-    /// Sends what waits in `lane`, run after run, until nothing does.
-    async fn run_lane(self: Arc<Self>, lane: String) {
-        loop {
-            let batch = {
-                let mut lanes = self.lanes.lock().expect("lanes");
-                let Some(waiting) = lanes.get_mut(&lane) else {
-                    return;
-                };
-                if waiting.waiting.is_empty() {
-                    lanes.remove(&lane);
-                    return;
-                }
-                let take = waiting.waiting.len().min(MOST_PER_RUN);
-                waiting.waiting.drain(..take).collect::<Vec<_>>()
-            };
-            self.run(batch).await;
-        }
     }
 
     async fn run(&self, batch: Vec<Waiting>) {
@@ -185,6 +171,53 @@ impl GroupCommit {
             .observe(waiting.kind.op(), waiting.since.elapsed(), reply.is_err());
         // A caller that stopped waiting (its client went away) needs no answer.
         drop(waiting.answer.send(reply));
+    }
+}
+
+/// The task sending a lane's runs. If it ends before the lane is empty (its runtime shuts
+/// down, or it panics), the lane is marked idle, so the next caller starts another: no call
+/// waits on a runner that is gone. The calls of a run it dropped are answered as unanswered.
+struct Runner {
+    commit: Arc<GroupCommit>,
+    lane: String,
+    done: bool,
+}
+
+impl Runner {
+    /// Sends what waits in the lane, run after run, until nothing does.
+    async fn run_lane(mut self) {
+        loop {
+            let batch = {
+                let mut lanes = self.commit.lanes.lock().expect("lanes");
+                let Some(waiting) = lanes.get_mut(&self.lane) else {
+                    self.done = true;
+                    return;
+                };
+                if waiting.waiting.is_empty() {
+                    lanes.remove(&self.lane);
+                    self.done = true;
+                    return;
+                }
+                let take = waiting.waiting.len().min(MOST_PER_RUN);
+                waiting.waiting.drain(..take).collect::<Vec<_>>()
+            };
+            self.commit.run(batch).await;
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut lanes = self
+                .commit
+                .lanes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(lane) = lanes.get_mut(&self.lane) {
+                lane.running = false;
+            }
+        }
     }
 }
 
