@@ -30,16 +30,6 @@ fn at_once(gw: &TestGateway, keys: &[&str]) -> Vec<u16> {
     })
 }
 
-/// The `calls=N` of `cmdstat_<name>` in `INFO commandstats`.
-fn command_calls(redis: &RedisServer, name: &str) -> u64 {
-    redis
-        .cli(&["INFO", "commandstats"])
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn concurrent_calls_share_script_runs_and_each_is_charged_and_logged_once() {
     let redis = RedisServer::start();
@@ -57,7 +47,7 @@ fn concurrent_calls_share_script_runs_and_each_is_charged_and_logged_once() {
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     gw.wait_metric("turnpike_store_batch_calls_sum", &[], 2.0);
     let runs_before = gw.metric("turnpike_store_batch_calls_count", &[]);
-    let scripts_before = command_calls(&redis, "evalsha");
+    let scripts_before = redis.command_calls("evalsha");
     let calls = 48;
     let statuses = at_once(&gw, &vec![gw.jane(); calls]);
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
@@ -79,7 +69,7 @@ fn concurrent_calls_share_script_runs_and_each_is_charged_and_logged_once() {
     let runs = gw.metric("turnpike_store_batch_calls_count", &[]) - runs_before;
     assert!(runs < 2.0 * calls as f64, "{runs} runs for {calls} calls");
     assert_eq!(
-        (command_calls(&redis, "evalsha") - scripts_before) as f64,
+        (redis.command_calls("evalsha") - scripts_before) as f64,
         runs
     );
     // Nothing is left held: no reservation, no concurrency slot.

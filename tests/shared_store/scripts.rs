@@ -17,17 +17,9 @@ fn calls_pass_after_script_flush_and_the_scripts_are_loaded_again() {
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     assert_eq!(gw.usage_after("account=acct_jane", 3).requests, 3);
     let stats = redis.cli(&["INFO", "commandstats"]);
-    // Calls of a command, from its `cmdstat_<name>:calls=N,...` line.
-    let calls = |name: &str| -> u64 {
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
-            .and_then(|rest| rest.split(',').next()?.parse().ok())
-            .unwrap_or(0)
-    };
     // The hot path's one script (the group commit) loaded on first use, and again after
     // the flush.
-    assert!(calls("script|load") >= 2, "{stats}");
+    assert!(redis.command_calls("script|load") >= 2, "{stats}");
     assert!(
         stats.lines().any(|l| l.starts_with("cmdstat_evalsha:")),
         "admission runs by EVALSHA: {stats}"

@@ -83,6 +83,7 @@ impl RedisStore {
                 Owed::Settle(invocation) => (Kind::Settle, invocation),
                 Owed::LogUsage(invocation) => (Kind::LogUsage, invocation),
             };
+            // A copy goes in the run: the settlement stays held here whatever becomes of it.
             let written_now = self.batches.call::<i64>(kind, invocation.clone()).await;
             if let Err(error) = written_now {
                 outcome = Err(error);

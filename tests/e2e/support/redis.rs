@@ -119,6 +119,16 @@ impl RedisServer {
             .unwrap_or_else(|| panic!("redis-cli -p {} {args:?} failed", self.port))
     }
 
+    /// How many times this server has run command `name` (`calls=N` of its
+    /// `cmdstat_<name>` line in `INFO commandstats`; 0 when it never ran).
+    pub fn command_calls(&self, name: &str) -> u64 {
+        self.cli(&["INFO", "commandstats"])
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Kills the server (its data stays on disk).
     pub fn stop(&self) {
         if let Some(mut child) = self.child.lock().unwrap().take() {
