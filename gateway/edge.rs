@@ -1,19 +1,27 @@
-//! The HTTP/1 front door, in front of Pingora's parser: each request head is read here first,
-//! under `limits.header_timeout` and `limits.max_header_bytes`, then handed to Pingora as if
-//! it had just arrived.
+//! The front door of both public listeners (plain and TLS, whose handshake Pingora has done).
+//! An HTTP/1 request head is read here first, under `limits.header_timeout` and
+//! `limits.max_header_bytes`, then handed to Pingora as if it had just arrived.
 //!
 //! Pingora's only bounds on a head are a 60 s timeout per read (a client sending a byte a
 //! minute holds its task for ever) and its parser's 1 MiB and 256 header lines, refused with
 //! a bare 400. Here a head that takes too long closes the connection, and one too large gets
 //! the contract's 431, for every head on every kept-alive connection.
+//!
+//! A connection that negotiated `h2` by ALPN, or a cleartext one that opens with HTTP/2's
+//! preface (h2c with prior knowledge), goes to Pingora's HTTP/2 server instead, whose
+//! streams run the same proxy; there the h2 layer bounds each head (`max_header_list_size`,
+//! a bare 431) and its settings bound the streams per connection.
 
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::apps::{
+    HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp,
+};
+use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
-    UniqueIDType,
+    UniqueIDType, ALPN,
 };
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
@@ -44,19 +52,55 @@ const DRAIN_BYTES: usize = 4 << 20;
 const SHUTDOWN_CHECK: Duration = Duration::from_secs(1);
 /// A read-ahead buffer larger than this (after a large head) is not kept between requests.
 const KEPT_BUFFER_BYTES: usize = 64 << 10;
+/// How an HTTP/2 connection with prior knowledge begins (RFC 9113 §3.4); the scanner reads
+/// this much of its preface as a head.
+const H2_PREFACE_HEAD: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";
 
-/// The public listener's app: heads read here, calls served by Pingora's proxy.
+/// The public listeners' app: heads read here, calls served by Pingora's proxy.
 pub struct Edge {
     proxy: Arc<HttpProxy<Gateway>>,
+    h2: Arc<Http2Calls>,
     services: Arc<Services>,
 }
 
 impl Edge {
     pub fn new(proxy: HttpProxy<Gateway>, services: Arc<Services>) -> Self {
+        let proxy = Arc::new(proxy);
         Self {
-            proxy: Arc::new(proxy),
+            h2: Arc::new(Http2Calls {
+                proxy: Arc::clone(&proxy),
+                services: Arc::clone(&services),
+            }),
+            proxy,
             services,
         }
+    }
+}
+
+/// Pingora's HTTP/2 server over the proxy, each stream counted in flight while it runs (as
+/// the HTTP/1 path counts a request from its first byte), so a drain waits for it.
+struct Http2Calls {
+    proxy: Arc<HttpProxy<Gateway>>,
+    services: Arc<Services>,
+}
+
+#[async_trait]
+impl HttpServerApp for Http2Calls {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let _in_flight = self.services.lifecycle.request_begins();
+        self.proxy.process_new_http(session, shutdown).await
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        self.proxy.h2_options.clone()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.proxy.server_options.as_ref()
     }
 }
 
@@ -80,9 +124,13 @@ impl ServerApp for Edge {
     ) -> Option<Stream> {
         // A drain waits for every connection to close (idle ones close at the shutdown).
         let _open = self.services.lifecycle.connection_opens();
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            return self.h2.process_new(stream, shutdown).await;
+        }
         let mut conn = Box::new(ReadAhead {
             inner: stream,
             ahead: BytesMut::new(),
+            h2_prior_knowledge: false,
         });
         // What Pingora keeps from one request to the next on a kept-alive connection.
         let mut kept: Option<HttpPersistentSettings> = None;
@@ -105,6 +153,12 @@ impl ServerApp for Edge {
                 )
                 .await;
             match head {
+                Head::Ready if !reused && conn.ahead.starts_with(H2_PREFACE_HEAD) => {
+                    // Its streams are counted one by one instead.
+                    drop(in_flight);
+                    conn.h2_prior_knowledge = true;
+                    return self.h2.process_new(conn, shutdown).await;
+                }
                 Head::Ready => {}
                 Head::TooLarge { limit } => {
                     conn.refuse(&self.services, &GatewayError::HeadersTooLarge { limit })
@@ -151,6 +205,9 @@ impl ServerApp for Edge {
 struct ReadAhead {
     inner: Stream,
     ahead: BytesMut,
+    /// A cleartext connection that opened with HTTP/2's preface: it reports `h2` as its
+    /// protocol, as ALPN would have, so Pingora serves it as HTTP/2.
+    h2_prior_knowledge: bool,
 }
 
 impl ReadAhead {
@@ -309,7 +366,10 @@ impl Ssl for ReadAhead {
         self.inner.get_ssl_digest()
     }
 
-    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        if self.h2_prior_knowledge {
+            return Some(ALPN::H2);
+        }
         self.inner.selected_alpn_proto()
     }
 }

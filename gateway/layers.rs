@@ -6,13 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The top-level modules, each allowed to use only those before it.
-const LAYERS: [&str; 20] = [
+const LAYERS: [&str; 21] = [
     "clock",
     "headers",
     "lifecycle",
     "logging",
     "metrics",
     "policy_diff",
+    "tls",
     "config",
     "error",
     "store",

@@ -5,7 +5,8 @@
 //! (`gateway/layers.rs`, the same order as here), and no modules, at any depth, name each
 //! other in a circle; the tests there hold every `crate::` and `super::` path to that:
 //!
-//! 1. `clock`, `headers`, `lifecycle`, `logging`, `metrics`, `policy_diff`: leaves.
+//! 1. `clock`, `headers`, `lifecycle`, `logging`, `metrics`, `policy_diff`: leaves; `tls`: the
+//!    listeners' live certificates and the workers' CA bundles (on `metrics` only).
 //! 2. `config`: the files operators write, compiled into runtime types.
 //! 3. `error`: every error a client can see, rendered one way.
 //! 4. `store`: shared state behind the `Store` traits (embedded, Redis).
@@ -25,6 +26,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod policy_diff;
+pub mod tls;
 
 pub mod config;
 

@@ -80,6 +80,9 @@ pub struct Metrics {
     pub draining: IntGauge,
     pub config_generation: IntGauge,
     pub config_last_success: IntGauge,
+    /// Certificate files loaded by a TLS listener (`public`, `admin`) after a change on disk.
+    pub tls_cert_reloads: IntCounterVec,
+    pub tls_cert_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -262,6 +265,25 @@ impl Metrics {
                 "turnpike_config_last_success_timestamp_seconds",
                 "Unix time of the last configuration put in force",
             ),
+            tls_cert_reloads: counter(
+                "turnpike_tls_certificate_reloads_total",
+                "Certificate files a TLS listener (public, admin) loaded again after they changed: success, or error (the previous pair kept serving)",
+                &["listener", "result"],
+            ),
+            tls_cert_expiry: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "turnpike_tls_certificate_expiry_timestamp_seconds",
+                        "Unix time at which the certificate a TLS listener serves expires",
+                    ),
+                    &["listener"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("registered once");
+                g
+            },
             registry,
         };
         metrics.register_process_metrics();

@@ -18,6 +18,7 @@ use crate::proxy::Gateway;
 use crate::reload::{Reloader, Watcher};
 use crate::services::{Services, Snapshot};
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
+use crate::tls::{CertWatcher, TlsFileError, TlsListener};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,10 @@ pub enum StartError {
     Pools(std::io::Error),
     #[error("starting the store's runtime: {0}")]
     StoreRuntime(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsFileError),
+    #[error("TLS listener: {0}")]
+    TlsListener(std::io::Error),
 }
 
 /// Builds the store and seeds it with the config's keys and accounts. The store gets a
@@ -104,12 +109,18 @@ pub fn run(
     let gateway = Gateway {
         services: Arc::clone(&services),
     };
-    let edge = Edge::new(
-        pingora::proxy::http_proxy(&server.configuration, gateway),
-        Arc::clone(&services),
-    );
+    let mut http_proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
+    http_proxy.h2_options = Some(h2_options(&services));
+    let edge = Edge::new(http_proxy, Arc::clone(&services));
     let mut proxy = Service::new("turnpike".to_owned(), edge);
     proxy.add_tcp(&process.listen);
+    let mut tls_listeners = Vec::new();
+    if let Some(tls) = &process.tls {
+        let listener = TlsListener::load("public", tls.files.clone(), &services.metrics)?;
+        let settings = listener.settings().map_err(StartError::TlsListener)?;
+        proxy.add_tls_with_settings(&tls.listen, None, settings);
+        tls_listeners.push(listener);
+    }
     let watcher = background_service(
         "config watcher",
         Watcher {
@@ -128,17 +139,44 @@ pub fn run(
             reloader,
         },
     );
-    admin.add_tcp(&process.admin_listen);
+    match &process.admin_tls {
+        Some(files) => {
+            let listener = TlsListener::load("admin", files.clone(), &services.metrics)?;
+            let settings = listener.settings().map_err(StartError::TlsListener)?;
+            admin.add_tls_with_settings(&process.admin_listen, None, settings);
+            tls_listeners.push(listener);
+        }
+        None => admin.add_tcp(&process.admin_listen),
+    }
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(watcher);
+    if !tls_listeners.is_empty() {
+        server.add_service(background_service(
+            "certificate watcher",
+            CertWatcher {
+                listeners: tls_listeners,
+            },
+        ));
+    }
     for extra in extras {
         server.add_boxed_service(extra);
     }
-    tracing::info!(listen = %process.listen, admin = %process.admin_listen, threads = process.threads, "turnpike listening");
+    let tls_listen = process.tls.as_ref().map(|tls| tls.listen.as_str());
+    tracing::info!(listen = %process.listen, tls = tls_listen, admin = %process.admin_listen, admin_tls = process.admin_tls.is_some(), threads = process.threads, "turnpike listening");
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),
     });
     drain::flush_store(&services, &store_runtime);
     Ok(())
+}
+
+/// HTTP/2 as Pingora bounds it by default (100 streams per connection), with each head held
+/// to `limits.max_header_bytes` as on HTTP/1 (the limit at start; a reload does not change a
+/// connection's settings).
+fn h2_options(services: &Services) -> pingora::protocols::http::v2::server::H2Options {
+    let mut options = pingora::protocols::http::v2::server::default_h2_options();
+    let limit = services.snapshot().config.limits.max_header_bytes;
+    options.max_header_list_size(u32::try_from(limit).unwrap_or(u32::MAX));
+    options
 }

@@ -14,16 +14,19 @@ use turnpike_core::route::PathTemplate;
 use turnpike_core::units::parse_duration;
 
 use crate::lifecycle::Shutdown;
+use crate::tls::{load_ca_bundle, load_cert, CertFiles};
 
+use super::endpoint::{parse_endpoint, Endpoint};
 use super::errors::Report;
 use super::policy::PolicySet;
 use super::spec::{
-    AccountSpec, AgentSpec, ConfigFile, KeySpec, LimitsSpec, OneOrMany, StoreSpec, UpstreamSpec,
+    AccountSpec, AgentSpec, CertSpec, ConfigFile, KeySpec, LimitsSpec, OneOrMany, StoreSpec,
+    TlsSpec, UpstreamSpec,
 };
 use super::validate;
 use super::{
     AccountSeed, Agent, CallConfig, Limits, PoolConfig, ProcessConfig, StoreConfig, StoreKind,
-    MAX_BODY_BYTES_CEILING, MAX_HEADER_BYTES_CEILING,
+    TlsListenerConfig, UpstreamTls, MAX_BODY_BYTES_CEILING, MAX_HEADER_BYTES_CEILING,
 };
 
 /// Compiles the whole file against the policies already compiled from its directory.
@@ -34,9 +37,15 @@ pub fn compile(
 ) -> (ProcessConfig, CallConfig) {
     check_addr(report, "listen", &file.listen);
     check_addr(report, "admin.listen", &file.admin.listen);
-    if file.tls.is_some() {
-        report.error("tls", "the TLS listener is not supported by this build yet; terminate TLS in front of Turnpike");
-    }
+    let tls = file
+        .tls
+        .as_ref()
+        .and_then(|spec| compile_tls_listener(spec, &file.listen, &file.admin.listen, report));
+    let admin_tls = file
+        .admin
+        .tls
+        .as_ref()
+        .and_then(|spec| compile_cert("admin.tls", spec, report));
     let limits = compile_limits(&file.limits, report);
     let admin_token = file.admin.token_sha256.as_deref().and_then(|hex_digits| {
         let hash = KeyHash::from_hex(hex_digits);
@@ -67,6 +76,8 @@ pub fn compile(
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         store,
         shutdown,
+        tls,
+        admin_tls,
     };
     let calls = CallConfig {
         limits,
@@ -87,6 +98,62 @@ fn check_addr(report: &mut Report, key: &str, addr: &str) {
             key,
             format!("'{addr}' is not an address such as 0.0.0.0:8080"),
         );
+    }
+}
+
+/// A path in the config, relative to the config file's directory.
+fn beside_config(report: &Report, path: &str) -> std::path::PathBuf {
+    report
+        .file
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(path)
+}
+
+fn compile_tls_listener(
+    spec: &TlsSpec,
+    listen: &str,
+    admin_listen: &str,
+    report: &mut Report,
+) -> Option<TlsListenerConfig> {
+    check_addr(report, "tls.listen", &spec.listen);
+    if spec.listen == listen || spec.listen == admin_listen {
+        report.error(
+            "tls.listen",
+            format!(
+                "'{}' is already the plain or the admin listener",
+                spec.listen
+            ),
+        );
+    }
+    let cert = CertSpec {
+        cert: spec.cert.clone(),
+        key: spec.key.clone(),
+    };
+    let files = compile_cert("tls", &cert, report)?;
+    Some(TlsListenerConfig {
+        listen: spec.listen.clone(),
+        files,
+    })
+}
+
+/// The pair's paths, checked now to load and match, so `check` and a start say what is
+/// wrong rather than the first handshake.
+fn compile_cert(key: &str, spec: &CertSpec, report: &mut Report) -> Option<CertFiles> {
+    let files = CertFiles {
+        cert: beside_config(report, &spec.cert),
+        key: beside_config(report, &spec.key),
+    };
+    match load_cert(&files) {
+        Ok(_) => Some(files),
+        Err(error) => {
+            let field = match error {
+                crate::tls::TlsFileError::BadKey { .. } => "key",
+                _ => "cert",
+            };
+            report.error(format!("{key}.{field}"), error);
+            None
+        }
     }
 }
 
@@ -190,13 +257,7 @@ fn compile_store(spec: StoreSpec, report: &mut Report) -> StoreConfig {
         key_cache_ttl,
         usage_stream_maxlen: spec.usage_stream_maxlen.unwrap_or(1_000_000),
         settlement_queue: spec.settlement_queue.unwrap_or(100_000),
-        journal_dir: spec.journal_dir.map(|dir| {
-            report
-                .file
-                .parent()
-                .unwrap_or(std::path::Path::new("."))
-                .join(dir)
-        }),
+        journal_dir: spec.journal_dir.map(|dir| beside_config(report, &dir)),
     }
 }
 
@@ -206,29 +267,18 @@ fn compile_pool(name: &str, spec: UpstreamSpec, report: &mut Report) -> Option<P
     if spec.endpoints.is_empty() {
         report.error(format!("{key}.endpoints"), "needs at least one endpoint");
     }
-    let endpoints: Vec<SocketAddr> = spec
+    let parsed: Vec<Endpoint> = spec
         .endpoints
         .iter()
         .enumerate()
-        .filter_map(|(i, endpoint)| {
-            let parsed = endpoint.parse().ok();
-            if parsed.is_none() {
-                let message = if endpoint.starts_with("https://") {
-                    "HTTPS endpoints are not supported by this build yet".to_owned()
-                } else {
-                    format!("'{endpoint}' is not an address such as 127.0.0.1:9001")
-                };
-                report.error(format!("{key}.endpoints[{i}]"), message);
-            }
-            parsed
+        .filter_map(|(i, text)| {
+            parse_endpoint(text)
+                .map_err(|m| report.error(format!("{key}.endpoints[{i}]"), m))
+                .ok()
         })
         .collect();
-    if spec.ca.is_some() {
-        report.error(
-            format!("{key}.ca"),
-            "only applies to HTTPS endpoints, which this build does not support yet",
-        );
-    }
+    let endpoints: Vec<SocketAddr> = parsed.iter().map(|e| e.addr).collect();
+    let tls = compile_upstream_tls(&key, &spec, &parsed, report);
     let path = PathTemplate::parse(&spec.path)
         .map_err(|m| report.error(format!("{key}.path"), m))
         .ok();
@@ -264,6 +314,49 @@ fn compile_pool(name: &str, spec: UpstreamSpec, report: &mut Report) -> Option<P
         timeout: timeout?,
         headers,
         on_invalid_usage: spec.on_invalid_usage,
+        tls,
+    })
+}
+
+/// A pool's HTTPS settings: all its endpoints `https://`, or none of them.
+fn compile_upstream_tls(
+    key: &str,
+    spec: &UpstreamSpec,
+    endpoints: &[Endpoint],
+    report: &mut Report,
+) -> Option<UpstreamTls> {
+    let https = endpoints.iter().filter(|e| e.https_name.is_some()).count();
+    if https == 0 {
+        if spec.ca.is_some() {
+            report.error(format!("{key}.ca"), "only applies to https:// endpoints");
+        }
+        if !spec.verify {
+            report.error(
+                format!("{key}.verify"),
+                "only applies to https:// endpoints",
+            );
+        }
+        return None;
+    }
+    if https != endpoints.len() {
+        report.error(
+            format!("{key}.endpoints"),
+            "mixes http and https endpoints: a pool's workers are reached one way",
+        );
+        return None;
+    }
+    let ca = spec.ca.as_ref().and_then(|path| {
+        load_ca_bundle(&beside_config(report, path))
+            .map_err(|e| report.error(format!("{key}.ca"), e))
+            .ok()
+    });
+    Some(UpstreamTls {
+        server_names: endpoints
+            .iter()
+            .filter_map(|e| e.https_name.clone())
+            .collect(),
+        ca,
+        verify: spec.verify,
     })
 }
 

@@ -8,6 +8,7 @@
 //! - [`validate`]: the rules for keys, shared with the admin API.
 
 mod compile;
+mod endpoint;
 pub mod errors;
 pub mod files;
 mod locate;
@@ -31,6 +32,7 @@ use turnpike_core::limits::Policy;
 use turnpike_core::route::PathTemplate;
 
 use crate::lifecycle::Shutdown;
+use crate::tls::{CaBundle, CertFiles};
 
 use errors::Report;
 use spec::ConfigFile;
@@ -69,6 +71,29 @@ pub struct ProcessConfig {
     pub store: StoreConfig,
     /// What SIGTERM's drain waits for (`shutdown_delay`, `shutdown_grace`).
     pub shutdown: Shutdown,
+    /// The HTTPS listener, beside the plain one.
+    pub tls: Option<TlsListenerConfig>,
+    /// The admin listener's certificate, when it serves HTTPS.
+    pub admin_tls: Option<CertFiles>,
+}
+
+/// `tls:`: where the HTTPS listener listens and what it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListenerConfig {
+    pub listen: String,
+    pub files: CertFiles,
+}
+
+/// How a pool reaches its workers over HTTPS.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// Each endpoint's host as written (`https://NAME:port`), in `endpoints` order: sent as
+    /// SNI and checked against its certificate.
+    pub server_names: Vec<String>,
+    /// `ca:`; `None`: the system's roots.
+    pub ca: Option<CaBundle>,
+    /// `verify: false` accepts any certificate.
+    pub verify: bool,
 }
 
 /// What every call is judged and routed by; a reload replaces it whole.
@@ -122,6 +147,8 @@ pub struct PoolConfig {
     pub timeout: Duration,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub on_invalid_usage: InvalidUsageRule,
+    /// Set when the endpoints are `https://`.
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug)]

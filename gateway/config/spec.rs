@@ -67,10 +67,18 @@ impl Default for LimitsSpec {
     }
 }
 
+/// The HTTPS listener: its address, and its certificate chain and key (PEM), relative to
+/// the config file.
 #[derive(Debug, Deserialize)]
-#[allow(dead_code)] // parsed so the format is complete; `compile` refuses it until TLS lands
 pub struct TlsSpec {
     pub listen: String,
+    pub cert: String,
+    pub key: String,
+}
+
+/// A certificate chain and key (PEM), relative to the config file.
+#[derive(Debug, Deserialize)]
+pub struct CertSpec {
     pub cert: String,
     pub key: String,
 }
@@ -87,6 +95,8 @@ pub struct AdminSpec {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
     pub token_sha256: Option<String>,
+    /// Serve the admin listener over HTTPS with this pair.
+    pub tls: Option<CertSpec>,
 }
 
 impl Default for AdminSpec {
@@ -94,6 +104,7 @@ impl Default for AdminSpec {
         Self {
             listen: default_admin_listen(),
             token_sha256: None,
+            tls: None,
         }
     }
 }
@@ -155,7 +166,12 @@ pub struct UpstreamSpec {
     pub timeout: String,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// HTTPS endpoints only: the CA bundle (PEM) their certificates must chain to, instead
+    /// of the system's roots.
     pub ca: Option<String>,
+    /// HTTPS endpoints only: `false` accepts any certificate (logged loudly at every load).
+    #[serde(default = "default_verify")]
+    pub verify: bool,
     #[serde(default)]
     pub on_invalid_usage: InvalidUsageRule,
 }
@@ -252,6 +268,10 @@ pub enum ModeSpec {
     #[default]
     Enforce,
     Shadow,
+}
+
+fn default_verify() -> bool {
+    true
 }
 
 fn default_listen() -> String {

@@ -53,6 +53,9 @@ pub async fn send_answer(
     answer: MeteredAnswer,
 ) -> pingora::Result<()> {
     let mut header = answer.header;
+    // The worker may have answered over HTTP/2; the client gets the answer in its own
+    // protocol (Pingora's HTTP/2 writer ignores the version, its HTTP/1 writer needs 1.1).
+    header.set_version(http::Version::HTTP_11);
     for name in connection_options(&header.headers) {
         header.remove_header(name.as_str());
     }

@@ -88,6 +88,13 @@ pub fn outgoing_head(
             header.append_header(name.clone(), value.clone())?;
         }
     }
+    // An HTTP/2 client names the host in `:authority`, not `Host`; a worker gets `Host`
+    // either way (and an HTTP/2 worker's `:authority` is made from it).
+    if !client.headers.contains_key(http::header::HOST) {
+        if let Some(authority) = client.uri.authority() {
+            header.insert_header(http::header::HOST, authority.as_str())?;
+        }
+    }
     if let Some(ip) = who.client_ip {
         let forwarded_for = match client
             .headers

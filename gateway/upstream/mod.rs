@@ -54,6 +54,12 @@ impl Pool {
             .iter()
             .map(|addr| (*addr, metrics.endpoint(name, &addr.to_string())))
             .collect();
+        if config.tls.as_ref().is_some_and(|tls| !tls.verify) {
+            tracing::warn!(
+                pool = name,
+                "upstream pool has `verify: false`: its workers' certificates are NOT checked, so anyone on the path can pose as them; use `ca:` instead"
+            );
+        }
         let selector = match config.balance {
             Balance::RoundRobin => Selector::RoundRobin(LoadBalancer::try_from_iter(endpoints)?),
             Balance::Session => Selector::Session(LoadBalancer::try_from_iter(endpoints)?),
@@ -85,13 +91,27 @@ impl Pool {
         backend.map(|b| b.addr_socket())
     }
 
-    /// A plain-HTTP peer for `addr` with the connect timeout. The answer timeout is one
-    /// deadline over the whole exchange (see `exchange`), not a timer per read.
+    /// The peer for `addr` with the connect timeout (which covers the TLS handshake too).
+    /// The answer timeout is one deadline over the whole exchange (see `exchange`), not a
+    /// timer per read. An HTTPS peer sends its endpoint's name as SNI, checks the
+    /// certificate against it and the pool's CA (unless `verify: false`), and offers HTTP/2.
     pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let tls = self.config.tls.as_ref();
+        let server_name = tls
+            .and_then(|tls| {
+                let index = self.config.endpoints.iter().position(|a| *a == addr)?;
+                tls.server_names.get(index).cloned()
+            })
+            .unwrap_or_default();
+        let mut peer = HttpPeer::new(addr, tls.is_some(), server_name);
         peer.options.connection_timeout = Some(self.config.connect_timeout);
         peer.options.total_connection_timeout = Some(self.config.connect_timeout);
-
+        if let Some(tls) = tls {
+            peer.options.ca = tls.ca.clone();
+            peer.options.verify_cert = tls.verify;
+            peer.options.verify_hostname = tls.verify;
+            peer.options.alpn = pingora::protocols::ALPN::H2H1;
+        }
         peer
     }
 }
