@@ -24,4 +24,5 @@ mod rate_limits;
 mod reload;
 mod sessions;
 mod shutdown;
+mod tls;
 mod upstream_failures;

@@ -237,6 +237,7 @@ impl GatewayBuilder {
             admin_token,
             jane_key,
             bob_key,
+            admin_ca_pem: None,
         };
         files.write_policies(&Value::Object(self.policies));
         files

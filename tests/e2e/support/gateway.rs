@@ -65,6 +65,9 @@ pub struct GatewayFiles {
     pub admin_token: String,
     pub jane_key: String,
     pub bob_key: String,
+    /// Set when the admin listener serves HTTPS: the CA its certificate chains to, so the
+    /// readiness probe can reach it.
+    pub admin_ca_pem: Option<String>,
 }
 
 impl GatewayFiles {
@@ -118,6 +121,7 @@ impl GatewayFiles {
             admin_token: self.admin_token.clone(),
             jane_key: self.jane_key.clone(),
             bob_key: self.bob_key.clone(),
+            admin_ca_pem: self.admin_ca_pem.clone(),
         }
     }
 
@@ -296,11 +300,14 @@ impl TestGateway {
                     self.log_tail()
                 );
             }
-            let ready = probe
-                .get(self.admin_url("/readyz"))
-                .call()
-                .map(|r| r.status().as_u16() == 200)
-                .unwrap_or(false);
+            let ready = match &self.files.admin_ca_pem {
+                Some(ca) => super::tls::https_status(self.admin_port(), ca, "/readyz") == Some(200),
+                None => probe
+                    .get(self.admin_url("/readyz"))
+                    .call()
+                    .map(|r| r.status().as_u16() == 200)
+                    .unwrap_or(false),
+            };
             if ready && std::net::TcpStream::connect(("127.0.0.1", self.port())).is_ok() {
                 return;
             }

@@ -1,0 +1,432 @@
+//! TLS for the tests, all made at run time: a CA and the certificates it signs (rcgen),
+//! HTTPS clients for HTTP/1.1 and HTTP/2 (rustls, h2), and an HTTPS front for a mock worker
+//! that speaks HTTP/1.1 or, when the gateway offers it, HTTP/2.
+
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::raw::read_response;
+use super::{Reply, Worker};
+
+/// A certificate authority of the test's own.
+pub struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its key, PEM.
+#[derive(Clone)]
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Self { issuer }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for `localhost` and `127.0.0.1`.
+    pub fn leaf(&self) -> Leaf {
+        let params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
+    }
+}
+
+/// Writes `contents` to `path` at once (a rename), as cert-manager's swap appears to readers.
+pub fn write_atomically(path: &Path, contents: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Writes a pair as `<dir>/tls/cert.pem` and `<dir>/tls/key.pem`, the paths
+/// [`tls_block`] names.
+pub fn write_pair(dir: &Path, leaf: &Leaf) {
+    write_atomically(&dir.join("tls/key.pem"), &leaf.key_pem);
+    write_atomically(&dir.join("tls/cert.pem"), &leaf.cert_pem);
+}
+
+/// The config's `tls:` block for a listener on `port` with the pair [`write_pair`] writes.
+pub fn tls_block(port: u16) -> serde_json::Value {
+    serde_json::json!({
+        "listen": format!("127.0.0.1:{port}"),
+        "cert": "tls/cert.pem",
+        "key": "tls/key.pem",
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client that trusts only `ca_pem` and offers `alpn`.
+pub fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert: CertificateDer<'static> = cert.unwrap();
+        roots.add(cert).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// Sends `request` as is over HTTPS (HTTP/1.1) and reads one response; also returns the
+/// certificate the server presented.
+pub fn https_h1(port: u16, ca_pem: &str, request: &[u8]) -> (Reply, Vec<u8>) {
+    let config = client_config(ca_pem, &[b"http/1.1"]);
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(config, name).unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(request).unwrap();
+    tls.flush().unwrap();
+    let presented = tls
+        .conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    let reply = read_response(&mut BufReader::new(tls), format!("https/1.1 :{port}"));
+    (reply, presented)
+}
+
+/// The certificate a TLS handshake with the listener on `port` is served now.
+pub fn served_certificate(port: u16, ca_pem: &str) -> Result<Vec<u8>, String> {
+    let config = client_config(ca_pem, &[b"http/1.1"]);
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    conn.peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|c| c.to_vec())
+        .ok_or_else(|| "no certificate".to_string())
+}
+
+/// The status of `GET path` over HTTPS, `None` while nothing answers (a readiness probe).
+pub fn https_status(port: u16, ca_pem: &str, path: &str) -> Option<u16> {
+    use std::io::Read;
+    let config = client_config(ca_pem, &[b"http/1.1"]);
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(config, name).ok()?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).ok()?;
+    let mut head = [0u8; 12];
+    tls.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// One request for [`h2_calls`].
+#[derive(Clone)]
+pub struct H2Request {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl H2Request {
+    pub fn post(path: &str, headers: &[(&str, &str)], body: &[u8]) -> Self {
+        Self {
+            path: path.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+        }
+    }
+}
+
+/// How [`h2_calls`] reaches the gateway.
+pub enum H2Over<'a> {
+    /// HTTPS with ALPN `h2`, trusting this CA.
+    Tls(&'a str),
+    /// Cleartext, prior knowledge (h2c).
+    Cleartext,
+}
+
+/// Sends every request as a concurrent stream of one HTTP/2 connection; replies in order.
+pub fn h2_calls(port: u16, over: H2Over<'_>, requests: &[H2Request]) -> Vec<Reply> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        match over {
+            H2Over::Tls(ca_pem) => {
+                let connector = tokio_rustls::TlsConnector::from(client_config(ca_pem, &[b"h2"]));
+                let name = ServerName::try_from("localhost").unwrap();
+                let tls = connector.connect(name, tcp).await.unwrap();
+                let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+                assert_eq!(alpn.as_deref(), Some(&b"h2"[..]), "ALPN chose h2");
+                h2_streams(tls, port, requests).await
+            }
+            H2Over::Cleartext => h2_streams(tcp, port, requests).await,
+        }
+    })
+}
+
+async fn h2_streams<IO>(io: IO, port: u16, requests: &[H2Request]) -> Vec<Reply>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let calls = requests.iter().map(|request| {
+        let mut client = client.clone();
+        async move {
+            let what = format!("h2 POST {} :{port}", request.path);
+            let mut builder = http::Request::builder()
+                .method("POST")
+                .uri(format!("https://localhost:{port}{}", request.path));
+            for (k, v) in &request.headers {
+                builder = builder.header(k, v);
+            }
+            client = client.ready().await.unwrap();
+            let (answer, mut send) = client
+                .send_request(builder.body(()).unwrap(), request.body.is_empty())
+                .unwrap();
+            if !request.body.is_empty() {
+                send.send_data(Bytes::from(request.body.clone()), true)
+                    .unwrap();
+            }
+            let answer = answer.await.unwrap_or_else(|e| panic!("{what}: {e}"));
+            let status = answer.status().as_u16();
+            let headers = answer
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect();
+            let mut body = answer.into_body();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                bytes.extend_from_slice(&chunk);
+            }
+            Reply {
+                what,
+                status,
+                headers,
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            }
+        }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+/// An HTTPS front for a mock worker: TLS with `leaf`, offering `alpn`. An HTTP/1.1
+/// connection is piped to the worker as is; on HTTP/2 each stream becomes one HTTP/1.1
+/// request to it. Records the protocol each connection chose.
+pub struct TlsWorker {
+    pub port: u16,
+    protocols: Arc<Mutex<Vec<String>>>,
+}
+
+impl TlsWorker {
+    pub fn start(worker: &Worker, leaf: &Leaf, alpn: &[&[u8]]) -> Self {
+        let certs = vec![CertificateDer::from(leaf.der.clone())];
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let protocols = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&protocols);
+        let target = worker.addr();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (acceptor, seen, target) = (acceptor.clone(), seen.clone(), target.clone());
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            seen.lock().unwrap().push("handshake failed".into());
+                            return;
+                        };
+                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                        seen.lock()
+                            .unwrap()
+                            .push(if h2 { "h2" } else { "http/1.1" }.into());
+                        if h2 {
+                            serve_h2(tls, &target).await;
+                        } else if let Ok(mut plain) = tokio::net::TcpStream::connect(&target).await
+                        {
+                            let mut tls = tls;
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                        }
+                    });
+                }
+            });
+        });
+        Self { port, protocols }
+    }
+
+    /// The protocol each connection to this front chose, in order.
+    pub fn protocols(&self) -> Vec<String> {
+        self.protocols.lock().unwrap().clone()
+    }
+}
+
+async fn serve_h2<IO>(io: IO, target: &str)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(mut connection) = h2::server::handshake(io).await else {
+        return;
+    };
+    while let Some(Ok((request, mut respond))) = connection.accept().await {
+        let target = target.to_string();
+        tokio::spawn(async move {
+            let (parts, mut body) = request.into_parts();
+            let mut bytes = Vec::new();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                bytes.extend_from_slice(&chunk);
+            }
+            let mut head = format!("{} {} HTTP/1.1\r\n", parts.method, parts.uri.path());
+            for (name, value) in &parts.headers {
+                if name != http::header::CONTENT_LENGTH {
+                    head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap_or("")));
+                }
+            }
+            let host = parts
+                .uri
+                .authority()
+                .map(|a| a.as_str())
+                .unwrap_or("worker");
+            head.push_str(&format!(
+                "host: {host}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                bytes.len()
+            ));
+            let Ok(mut plain) = tokio::net::TcpStream::connect(&target).await else {
+                return;
+            };
+            let _ = plain.write_all(head.as_bytes()).await;
+            let _ = plain.write_all(&bytes).await;
+            let mut answer = Vec::new();
+            let _ = plain.read_to_end(&mut answer).await;
+            let reply = read_response(&mut &answer[..], "worker via h2".into());
+            let mut response = http::Response::builder().status(reply.status);
+            for (name, value) in &reply.headers {
+                if !["connection", "keep-alive", "transfer-encoding"].contains(&name.as_str()) {
+                    response = response.header(name, value);
+                }
+            }
+            if let Ok(mut send) = respond.send_response(response.body(()).unwrap(), false) {
+                let _ = send.send_data(Bytes::from(reply.body.into_bytes()), true);
+            }
+        });
+    }
+}
+
+/// A ClientHello offering only `version` (0x0301 TLS 1.0, 0x0302 TLS 1.1, 0x0303 TLS 1.2),
+/// with the ECDHE suites, groups and signature algorithms a server needs to answer it, so
+/// that the version is the only reason to refuse it.
+pub fn client_hello(version: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0); // no session id
+    let suites: [u16; 5] = [0xc02b, 0xc02f, 0xc009, 0xc013, 0x002f];
+    body.extend_from_slice(&((suites.len() * 2) as u16).to_be_bytes());
+    for suite in suites {
+        body.extend_from_slice(&suite.to_be_bytes());
+    }
+    body.extend_from_slice(&[1, 0]); // compression: null
+    let mut extensions = Vec::new();
+    let mut extension = |kind: u16, data: &[u8]| {
+        extensions.extend_from_slice(&kind.to_be_bytes());
+        extensions.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        extensions.extend_from_slice(data);
+    };
+    extension(0x000a, &[0, 4, 0x00, 0x1d, 0x00, 0x17]); // groups: x25519, secp256r1
+    extension(0x000b, &[1, 0]); // point formats: uncompressed
+    extension(0x000d, &[0, 6, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01]); // signature algorithms
+    body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    body.extend_from_slice(&extensions);
+    let mut handshake = vec![1u8]; // client_hello
+    handshake.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+/// Sends a raw ClientHello and returns the first record's content type (22 handshake: a
+/// ServerHello; 21 alert) and, for an alert, its description; `None` if the server closed.
+pub fn first_record(port: u16, hello: &[u8]) -> Option<(u8, Option<u8>)> {
+    use std::io::Read;
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(hello).unwrap();
+    let mut head = [0u8; 5];
+    tcp.read_exact(&mut head).ok()?;
+    let mut first = [0u8; 2];
+    let description = match head[0] {
+        21 => tcp.read_exact(&mut first).ok().map(|_| first[1]),
+        _ => None,
+    };
+    Some((head[0], description))
+}
