@@ -36,7 +36,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWER = '{"response":"Our support team is available 9am-5pm.","session_id":"sess_bench","usage":{"input_tokens":45,"output_tokens":32,"total_tokens":77}}'
@@ -278,6 +280,9 @@ def parse_wrk(out):
             result["requests"] = int(parts[0])
         elif line.strip().startswith("Non-2xx"):
             result["non2xx"] = int(parts[-1])
+        elif line.strip().startswith("Socket errors:"):
+            # "Socket errors: connect 0, read 0, write 0, timeout 0"
+            result["errors"] = sum(int(n) for n in line.replace(",", "").split()[3::2])
     return result
 
 
@@ -311,13 +316,62 @@ def run_h2load(port, path, seconds, connections, tmp, scheme):
     return result
 
 
-def self_signed(tmp):
+def self_signed(tmp, name=""):
     """A certificate for 127.0.0.1 and its key (ECDSA P-256), for the HTTPS rows."""
-    cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+    cert, key = os.path.join(tmp, f"cert{name}.pem"), os.path.join(tmp, f"key{name}.pem")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                     "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
     return cert, key
+
+
+class Rotation:
+    """Swaps the HTTPS listener's pair between two every `every` seconds while it runs, as a
+    renewal would (the key, then the certificate, each by rename)."""
+
+    def __init__(self, tmp, every=0.5):
+        self.tmp, self.every, self.swaps = tmp, every, 0
+        self.pairs = [self_signed(tmp, "-a"), self_signed(tmp, "-b")]
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self):
+        while not self.done.wait(self.every):
+            cert, key = self.pairs[self.swaps % 2]
+            for src, dst in ((key, "key.pem"), (cert, "cert.pem")):
+                shutil.copy(src, os.path.join(self.tmp, dst + ".new"))
+                os.replace(os.path.join(self.tmp, dst + ".new"), os.path.join(self.tmp, dst))
+            self.swaps += 1
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
+def redis_round_trip_us(port, pings=200):
+    """The median time of a PING to the Redis server on `port`: one round trip, in µs."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        times = []
+        for _ in range(pings):
+            start = time.perf_counter()
+            conn.sendall(b"PING\r\n")
+            conn.recv(64)
+            times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def metric_sum(admin_port, name, **labels):
+    """The sum of a metric's samples with these labels, from the admin listener."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def write_policies(tmp):
@@ -366,8 +420,9 @@ def machine():
     return f"{os.cpu_count()} cores ({model}), Linux {os.uname().release}"
 
 
-def write_markdown(args, lines, envoy_path):
-    """The report as docs/benchmarks.md: command, machine, date, results, and what is missing."""
+def write_markdown(args, lines, envoy_path, targets):
+    """The report as docs/benchmarks.md: command, machine, date, results, the targets against
+    this run, and what is missing."""
     command = "python3 benches/load.py " + " ".join(sys.argv[1:])
     missing = []
     if not envoy_path:
@@ -390,8 +445,43 @@ def write_markdown(args, lines, envoy_path):
                 "so the machine's noise cancels; absolute figures move from run to run.\n\n")
         f.write(f"- Command: `{command}`\n- Machine: {machine()}\n"
                 f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
-        f.write("```\n" + "\n".join(lines).strip() + "\n```\n\n## Not measured here\n\n")
+        f.write("```\n" + "\n".join(lines).strip() + "\n```\n\n")
+        if targets:
+            f.write("## Targets, against this run\n\n| target | wanted | this run | met | where the time goes |\n"
+                    "|---|---|---|---|---|\n")
+            for name, wanted, got, met, where in targets:
+                f.write(f"| {name} | {wanted} | {got} | {'yes' if met else '**no**'} | {'' if met else where} |\n")
+            f.write("\n`docs/scaling.md` says, for each target not met, what the profile shows and what would "
+                    "close it, in order of effect.\n\n")
+        f.write("## Not measured here\n\n")
         f.write("".join(f"- {m}\n" for m in missing) or "- Nothing left out: every row above ran.\n")
+
+
+def target_rows(args, targets, rps, cpu, p50, results, med, redis_rtt, new_connections):
+    """The issues' targets (issue 10: cost and scale; issue 13: TLS) against this run's figures."""
+    embedded_profile = "`docs/flame-embedded.svg`; scaling.md, \"Where the next ceiling is\""
+    redis_profile = "`docs/flame-redis.svg`; scaling.md, \"What a call costs Redis\""
+    rows = []
+    ratio = rps["turnpike"] / rps["pingora-passthrough"]
+    rows.append(("embedded store req/s", ">= 0.90x passthrough", f"{ratio:.2f}x", ratio >= 0.90, embedded_profile))
+    if "envoy" in targets:
+        ratio = rps["turnpike"] / rps["envoy"]
+        rows.append(("embedded store req/s", ">= 1.2x Envoy", f"{ratio:.2f}x", ratio >= 1.2, embedded_profile))
+    gap = p50["turnpike"] - p50["pingora-passthrough"]
+    rows.append(("c=1 p50, embedded", "within 15 us of passthrough", f"{gap:+.0f} us", gap <= 15, embedded_profile))
+    if "turnpike-redis" in targets:
+        redis_cpu = med("turnpike-redis", lambda r: r["redis_us_per_call"])
+        rows.append(("Redis CPU per call", "<= 10 us", f"{redis_cpu:.1f} us", redis_cpu <= 10, redis_profile))
+        ratio = rps["turnpike-redis"] / rps["pingora-passthrough"]
+        rows.append(("Redis store req/s", ">= 0.75x passthrough", f"{ratio:.2f}x", ratio >= 0.75,
+                     "scaling.md, \"Throughput and latency on Redis\""))
+        gap = p50["turnpike-redis"] - p50["turnpike"]
+        rows.append(("c=1 p50, Redis", f"within one Redis round trip ({redis_rtt:.0f} us) of embedded",
+                     f"{gap:+.0f} us", gap <= redis_rtt, "scaling.md, \"Throughput and latency on Redis\""))
+    if "turnpike-https" in targets:
+        ratio = cpu["turnpike-https"] / cpu["turnpike"]
+        rows.append(("TLS keep-alive CPU per call", "well under 2x plain", f"{ratio:.2f}x", ratio < 2, ""))
+    return rows
 
 
 def main():
@@ -533,6 +623,7 @@ def main():
         # At a fixed rate, latency from when each call was due: what queueing adds.
         open_loop = {name: run_open_loop(oha, port, path, args.seconds, args.connections, args.open_loop)
                      for name, (_, port) in targets.items() if clients[name] == "wrk"} if oha else {}
+        redis_rtt = redis_round_trip_us(redis_port) if args.redis else None
         # A new connection per call: over TLS, a full handshake each (req/s = handshakes/s).
         new_connections = {}
         if args.tls:
@@ -542,6 +633,17 @@ def main():
                 r = run_wrk(port, path, args.seconds, args.connections, lua, scheme, new_connections=True)
                 r["cpu_us_per_call"] = (cpu_seconds(proc.pid) - before) / max(r["requests"], 1) * 1e6
                 new_connections[name] = r
+            # The same over TLS while the certificate is swapped twice a second.
+            proc = targets["turnpike"][0]
+            reloads = lambda result: metric_sum(admin_port, "turnpike_tls_certificate_reloads_total", result=result)
+            ok_before, refused_before = reloads("success"), reloads("error")
+            before = cpu_seconds(proc.pid)
+            with Rotation(tmp) as rotation:
+                r = run_wrk(tls_port, path, args.seconds, args.connections, lua, "https", new_connections=True)
+            r["cpu_us_per_call"] = (cpu_seconds(proc.pid) - before) / max(r["requests"], 1) * 1e6
+            r["swaps"] = rotation.swaps
+            r["reloaded"], r["refused"] = reloads("success") - ok_before, reloads("error") - refused_before
+            new_connections["turnpike-https-rotating"] = r
     finally:
         stop(procs, tmp)
 
@@ -587,8 +689,13 @@ def main():
                "over TLS each is a full handshake):")
         report(f"{'proxy':<24}{'req/s':>10}{'p50 us':>10}{'p99 us':>10}{'CPU us/call':>13}")
         for name, r in new_connections.items():
+            failed = f"  ({r['non2xx']} non-2xx)" if r.get("non2xx") else ""
             report(f"{name:<24}{r['rps']:>10.0f}{r['latency']['50%']:>10.0f}{r['latency']['99%']:>10.0f}"
-                   f"{r['cpu_us_per_call']:>13.1f}")
+                   f"{r['cpu_us_per_call']:>13.1f}{failed}")
+        rotating = new_connections["turnpike-https-rotating"]
+        report(f"(turnpike-https-rotating: the pair swapped {rotating['swaps']} times during the run; "
+               f"{rotating['reloaded']:.0f} reloads served, {rotating['refused']:.0f} refused "
+               f"(the key seen before its certificate); wrk socket errors: {rotating.get('errors', 0)})")
     cpu = {name: med(name, lambda r: r["cpu_us_per_call"]) for name in targets}
     report(f"\nCPU per call: turnpike / passthrough = {cpu['turnpike'] / cpu['pingora-passthrough']:.2f}x, "
           f"passthrough / nginx = {cpu['pingora-passthrough'] / cpu['nginx']:.2f}x, "
@@ -641,7 +748,8 @@ def main():
         report(f"  {'all':<24}{statistics.median(sum(r.values()) for r in stats[name]):8.3f}")
 
     if args.markdown:
-        write_markdown(args, lines, envoy_path)
+        write_markdown(args, lines, envoy_path, target_rows(args, targets, rps, cpu, p50, results, med,
+                                                           redis_rtt, new_connections))
 
 
 if __name__ == "__main__":

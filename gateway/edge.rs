@@ -66,10 +66,14 @@ pub struct Edge {
 impl Edge {
     pub fn new(proxy: HttpProxy<Gateway>, services: Arc<Services>) -> Self {
         let proxy = Arc::new(proxy);
+        let mut h2_server = HttpServerOptions::default();
+        // An idle HTTP/2 connection closes as an idle HTTP/1 one does.
+        h2_server.h2_idle_timeout = Some(KEEPALIVE_IDLE);
         Self {
             h2: Arc::new(Http2Calls {
                 proxy: Arc::clone(&proxy),
                 services: Arc::clone(&services),
+                server: h2_server,
             }),
             proxy,
             services,
@@ -82,6 +86,7 @@ impl Edge {
 struct Http2Calls {
     proxy: Arc<HttpProxy<Gateway>>,
     services: Arc<Services>,
+    server: HttpServerOptions,
 }
 
 #[async_trait]
@@ -100,7 +105,7 @@ impl HttpServerApp for Http2Calls {
     }
 
     fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.proxy.server_options.as_ref()
+        Some(&self.server)
     }
 }
 
