@@ -102,7 +102,10 @@ impl Drain {
         loop {
             let now = Instant::now();
             let in_flight = lifecycle.in_flight();
-            if lifecycle.is_listener_closed() && lifecycle.open_connections() <= 0 {
+            // A call outlives its connection when the client hangs up (its answer is still
+            // read and metered), and an HTTP/2 stream runs as a task of its own: both counted.
+            if lifecycle.is_listener_closed() && lifecycle.open_connections() <= 0 && in_flight <= 0
+            {
                 if now - *quiet_since.get_or_insert(now) >= QUIET_FOR {
                     tracing::info!("drained: no connection open, no call in flight");
                     break;

@@ -52,8 +52,9 @@ const DRAIN_BYTES: usize = 4 << 20;
 const SHUTDOWN_CHECK: Duration = Duration::from_secs(1);
 /// A read-ahead buffer larger than this (after a large head) is not kept between requests.
 const KEPT_BUFFER_BYTES: usize = 64 << 10;
-/// How an HTTP/2 connection with prior knowledge begins (RFC 9113 §3.4); the scanner reads
-/// this much of its preface as a head.
+/// How every HTTP/2 connection begins (RFC 9113 §3.4). The head scanner reads its first 18
+/// bytes as a head: that is how a cleartext one is told from HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const H2_PREFACE_HEAD: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";
 
 /// The public listeners' app: heads read here, calls served by Pingora's proxy.
@@ -78,6 +79,29 @@ impl Edge {
             proxy,
             services,
         }
+    }
+}
+
+impl Edge {
+    /// Serves an HTTP/2 connection once its whole preface has arrived within
+    /// `limits.header_timeout` (Pingora's HTTP/2 handshake has no time limit of its own, so a
+    /// client that never finishes it would hold the connection, and a drain, for ever).
+    async fn serve_h2(
+        self: &Arc<Self>,
+        mut conn: Box<ReadAhead>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let limit = self.services.snapshot().config.limits.header_timeout;
+        let deadline = Instant::now() + limit;
+        while conn.ahead.len() < H2_PREFACE.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            conn.ahead.reserve(H2_PREFACE.len());
+            match pingora::time::timeout(left, conn.inner.read_buf(&mut conn.ahead)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+        self.h2.process_new(conn, shutdown).await
     }
 }
 
@@ -129,14 +153,15 @@ impl ServerApp for Edge {
     ) -> Option<Stream> {
         // A drain waits for every connection to close (idle ones close at the shutdown).
         let _open = self.services.lifecycle.connection_opens();
-        if stream.selected_alpn_proto() == Some(ALPN::H2) {
-            return self.h2.process_new(stream, shutdown).await;
-        }
+        let alpn_h2 = stream.selected_alpn_proto() == Some(ALPN::H2);
         let mut conn = Box::new(ReadAhead {
             inner: stream,
             ahead: BytesMut::new(),
             h2_prior_knowledge: false,
         });
+        if alpn_h2 {
+            return self.serve_h2(conn, shutdown).await;
+        }
         // What Pingora keeps from one request to the next on a kept-alive connection.
         let mut kept: Option<HttpPersistentSettings> = None;
         let mut reused = false;
@@ -162,7 +187,7 @@ impl ServerApp for Edge {
                     // Its streams are counted one by one instead.
                     drop(in_flight);
                     conn.h2_prior_knowledge = true;
-                    return self.h2.process_new(conn, shutdown).await;
+                    return self.serve_h2(conn, shutdown).await;
                 }
                 Head::Ready => {}
                 Head::TooLarge { limit } => {

@@ -124,6 +124,8 @@ fn warn_about_restart_only_changes(old: &ProcessConfig, new: &ProcessConfig) {
         ("admin.listen", old.admin_listen != new.admin_listen),
         ("threads", old.threads != new.threads),
         ("store", old.store != new.store),
+        ("tls", old.tls != new.tls),
+        ("admin.tls", old.admin_tls != new.admin_tls),
     ];
     for (key, _) in changed.iter().filter(|(_, changed)| *changed) {
         tracing::warn!(

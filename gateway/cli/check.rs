@@ -4,8 +4,9 @@
 use std::path::Path;
 
 use super::admin_client::{running_policies, AdminTarget, ClientError};
-use crate::config::{self, ConfigErrors, Runtime};
+use crate::config::{self, ConfigError, ConfigErrors, Runtime};
 use crate::policy_diff::{diff, set_json};
+use crate::tls::load_cert;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -31,6 +32,7 @@ pub fn check(
         Some(dir) => config::load_with_policies(path, dir),
         None => config::load(path),
     }?;
+    check_certificates(path, &runtime)?;
     let calls = &runtime.calls;
     println!(
         "{}: ok ({} agents, {} upstreams, {} policies, {} keys)",
@@ -67,6 +69,32 @@ pub fn check(
         println!("{change}");
     }
     Ok(())
+}
+
+/// The listeners' certificate pairs load and match, as a start needs them to.
+fn check_certificates(path: &Path, runtime: &Runtime) -> Result<(), ConfigErrors> {
+    let process = &runtime.process;
+    let pairs = [
+        ("tls", process.tls.as_ref().map(|t| &t.files)),
+        ("admin.tls", process.admin_tls.as_ref()),
+    ];
+    let errors: Vec<ConfigError> = pairs
+        .into_iter()
+        .filter_map(|(key, files)| {
+            let error = load_cert(files?).err()?;
+            Some(ConfigError {
+                file: path.to_path_buf(),
+                location: None,
+                key: format!("{key}.{}", error.field()),
+                message: error.to_string(),
+            })
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
 }
 
 fn policy_set(runtime: &Runtime) -> std::collections::BTreeMap<String, serde_json::Value> {

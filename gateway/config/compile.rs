@@ -14,7 +14,7 @@ use turnpike_core::route::PathTemplate;
 use turnpike_core::units::parse_duration;
 
 use crate::lifecycle::Shutdown;
-use crate::tls::{load_ca_bundle, load_cert, CertFiles};
+use crate::tls::{load_ca_bundle, CaBundle, CertFiles};
 
 use super::endpoint::{parse_endpoint, Endpoint};
 use super::errors::Report;
@@ -45,7 +45,7 @@ pub fn compile(
         .admin
         .tls
         .as_ref()
-        .and_then(|spec| compile_cert("admin.tls", spec, report));
+        .map(|spec| compile_cert(spec, report));
     let limits = compile_limits(&file.limits, report);
     let admin_token = file.admin.token_sha256.as_deref().and_then(|hex_digits| {
         let hash = KeyHash::from_hex(hex_digits);
@@ -130,30 +130,20 @@ fn compile_tls_listener(
         cert: spec.cert.clone(),
         key: spec.key.clone(),
     };
-    let files = compile_cert("tls", &cert, report)?;
+    let files = compile_cert(&cert, report);
     Some(TlsListenerConfig {
         listen: spec.listen.clone(),
         files,
     })
 }
 
-/// The pair's paths, checked now to load and match, so `check` and a start say what is
-/// wrong rather than the first handshake.
-fn compile_cert(key: &str, spec: &CertSpec, report: &mut Report) -> Option<CertFiles> {
-    let files = CertFiles {
+/// The pair's paths. They are loaded and checked by `check` and at start, not here: a reload
+/// cannot change a listener (it warns), and must not be refused for a pair caught halfway
+/// through a rotation.
+fn compile_cert(spec: &CertSpec, report: &Report) -> CertFiles {
+    CertFiles {
         cert: beside_config(report, &spec.cert),
         key: beside_config(report, &spec.key),
-    };
-    match load_cert(&files) {
-        Ok(_) => Some(files),
-        Err(error) => {
-            let field = match error {
-                crate::tls::TlsFileError::BadKey { .. } => "key",
-                _ => "cert",
-            };
-            report.error(format!("{key}.{field}"), error);
-            None
-        }
     }
 }
 
@@ -318,6 +308,17 @@ fn compile_pool(name: &str, spec: UpstreamSpec, report: &mut Report) -> Option<P
     })
 }
 
+/// A digest of a CA bundle's certificates.
+fn trust_key(bundle: &CaBundle) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    for cert in bundle.iter() {
+        digest.update(cert.borrow_raw_cert());
+    }
+    let bytes: [u8; 32] = digest.finalize().into();
+    u64::from_be_bytes(bytes[..8].try_into().unwrap_or_default())
+}
+
 /// A pool's HTTPS settings: all its endpoints `https://`, or none of them.
 fn compile_upstream_tls(
     key: &str,
@@ -350,7 +351,24 @@ fn compile_upstream_tls(
             .map_err(|e| report.error(format!("{key}.ca"), e))
             .ok()
     });
+    let mut names = HashMap::new();
+    for endpoint in endpoints {
+        let name = endpoint.https_name.as_deref().unwrap_or_default();
+        if let Some(other) = names
+            .insert(endpoint.addr, name)
+            .filter(|other| *other != name)
+        {
+            report.error(
+                format!("{key}.endpoints"),
+                format!(
+                    "'{other}' and '{name}' are both {}: one connection cannot be checked against two names",
+                    endpoint.addr
+                ),
+            );
+        }
+    }
     Some(UpstreamTls {
+        trust_key: ca.as_ref().map_or(0, trust_key),
         server_names: endpoints
             .iter()
             .filter_map(|e| e.https_name.clone())

@@ -94,6 +94,9 @@ pub struct UpstreamTls {
     pub ca: Option<CaBundle>,
     /// `verify: false` accepts any certificate.
     pub verify: bool,
+    /// Tells apart connections made under different `ca:` bundles in the shared keep-alive
+    /// pool (Pingora's reuse key has no CA of its own): a digest of the bundle.
+    pub trust_key: u64,
 }
 
 /// What every call is judged and routed by; a reload replaces it whole.

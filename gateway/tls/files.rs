@@ -41,6 +41,16 @@ pub enum TlsFileError {
     Mismatch { cert: String, key: String },
 }
 
+impl TlsFileError {
+    /// The field at fault: `key` when the key could not be used, `cert` otherwise.
+    pub fn field(&self) -> &'static str {
+        match self {
+            TlsFileError::BadKey { .. } => "key",
+            _ => "cert",
+        }
+    }
+}
+
 fn shown(path: &Path) -> String {
     path.display().to_string()
 }

@@ -108,7 +108,9 @@ impl Upstreams {
         while let Some(addr) = pool.select(call.session_id, &tried) {
             tried.push(addr);
             let peer = pool.peer(addr);
-            let attempt = tokio::time::timeout_at(deadline, self.attempt(addr, &peer, &call)).await;
+            let host = pool.host_for(addr);
+            let attempt =
+                tokio::time::timeout_at(deadline, self.attempt(addr, &peer, host, &call)).await;
             if let Some(metrics) = pool.endpoint_metrics(addr) {
                 count_attempt(metrics, &attempt);
             }
@@ -134,6 +136,7 @@ impl Upstreams {
         &self,
         addr: SocketAddr,
         peer: &HttpPeer,
+        host: Option<&str>,
         call: &Outgoing<'_>,
     ) -> Result<WorkerAnswer, Failure> {
         let (mut session, reused) = self
@@ -141,7 +144,7 @@ impl Upstreams {
             .get_http_session(peer)
             .await
             .map_err(|_| Failure::Connect)?;
-        let answer = match send(&mut session, call).await {
+        let answer = match send(&mut session, host, call).await {
             Ok(()) => receive(&mut session, call.max_answer_bytes, addr).await,
             // As Go's client does for a request that is not idempotent: resent only when the
             // worker cannot have had all of it. Once written whole, a worker that did the
@@ -185,9 +188,19 @@ fn count_attempt(
     }
 }
 
-async fn send(session: &mut HttpSession, call: &Outgoing<'_>) -> Result<(), Failure> {
+async fn send(
+    session: &mut HttpSession,
+    host: Option<&str>,
+    call: &Outgoing<'_>,
+) -> Result<(), Failure> {
+    let mut header = Box::new(call.header.clone());
+    if let Some(host) = host {
+        header
+            .insert_header(http::header::HOST, host)
+            .map_err(|_| Failure::Broken)?;
+    }
     session
-        .write_request_header(Box::new(call.header.clone()))
+        .write_request_header(header)
         .await
         .map_err(|e| classify(&e))?;
     session

@@ -31,6 +31,8 @@ pub struct Pool {
     selector: Selector,
     /// Each endpoint's attempt counters and passive health, in `config.endpoints` order.
     endpoint_metrics: Vec<(SocketAddr, EndpointMetrics)>,
+    /// HTTPS pools: each endpoint's `Host`, in `config.endpoints` order.
+    https_hosts: Vec<String>,
 }
 
 /// Every pool of one config, by name, with their endpoints' metrics.
@@ -60,6 +62,23 @@ impl Pool {
                 "upstream pool has `verify: false`: its workers' certificates are NOT checked, so anyone on the path can pose as them; use `ca:` instead"
             );
         }
+        let https_hosts = config.tls.as_ref().map_or_else(Vec::new, |tls| {
+            tls.server_names
+                .iter()
+                .zip(&config.endpoints)
+                .map(|(name, addr)| {
+                    let name = if name.contains(':') {
+                        format!("[{name}]")
+                    } else {
+                        name.clone()
+                    };
+                    match addr.port() {
+                        443 => name,
+                        port => format!("{name}:{port}"),
+                    }
+                })
+                .collect()
+        });
         let selector = match config.balance {
             Balance::RoundRobin => Selector::RoundRobin(LoadBalancer::try_from_iter(endpoints)?),
             Balance::Session => Selector::Session(LoadBalancer::try_from_iter(endpoints)?),
@@ -68,6 +87,7 @@ impl Pool {
             config,
             selector,
             endpoint_metrics,
+            https_hosts,
         })
     }
 
@@ -111,8 +131,17 @@ impl Pool {
             peer.options.verify_cert = tls.verify;
             peer.options.verify_hostname = tls.verify;
             peer.options.alpn = pingora::protocols::ALPN::H2H1;
+            peer.group_key = tls.trust_key;
         }
         peer
+    }
+
+    /// The `Host` an HTTPS worker at `addr` is sent: its name (and port, unless 443), as
+    /// nginx sends `$proxy_host`, so a worker behind a name-based ingress finds its site.
+    /// `None` for plain-HTTP pools, whose workers get the client's `Host`.
+    pub fn host_for(&self, addr: SocketAddr) -> Option<&str> {
+        let index = self.config.endpoints.iter().position(|a| *a == addr)?;
+        self.https_hosts.get(index).map(String::as_str)
     }
 }
 

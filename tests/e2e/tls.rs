@@ -306,7 +306,12 @@ fn an_https_worker_is_reached_with_the_pools_ca_over_http2_or_http1() {
         let seen = w.last();
         assert_eq!(seen.path, format!("/internal/{AGENT}/invoke"));
         assert_eq!(seen.header("x-key-id"), Some("key_jane"));
-        assert!(seen.header("host").is_some(), "the worker got a Host");
+        let port = front.port;
+        assert_eq!(
+            seen.header("host"),
+            Some(format!("127.0.0.1:{port}").as_str()),
+            "an HTTPS worker is sent its own name as Host"
+        );
         gw.usage_after("key=key_jane", 1);
     }
 }
@@ -398,6 +403,13 @@ fn the_admin_listener_serves_https_with_its_own_certificate() {
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
 }
 
+fn check_output(files: &crate::support::gateway::GatewayFiles) -> (bool, String) {
+    let out = files.check();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), text)
+}
+
 #[test]
 fn check_says_what_is_wrong_with_tls_files_and_https_pools() {
     let ca = TestCa::new("turnpike test CA");
@@ -409,28 +421,93 @@ fn check_says_what_is_wrong_with_tls_files_and_https_pools() {
             c["upstreams"]["mixed"] =
                 json!({"endpoints": ["https://127.0.0.1:9443", "127.0.0.1:9001"]});
             c["upstreams"]["plain"] = json!({"endpoints": ["127.0.0.1:9001"], "ca": "tls/ca.pem"});
+            c["upstreams"]["twice"] =
+                json!({"endpoints": ["https://127.0.0.1:9443", "https://localhost:9443"]});
         })
         .write();
-    let out = files.check();
-    let stderr =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success());
-    assert!(stderr.contains("tls.cert"), "{stderr}");
-    assert!(stderr.contains("mixes http and https"), "{stderr}");
+    let (ok, text) = check_output(&files);
+    assert!(!ok);
+    assert!(text.contains("mixes http and https"), "{text}");
     assert!(
-        stderr.contains("only applies to https:// endpoints"),
-        "{stderr}"
+        text.contains("only applies to https:// endpoints"),
+        "{text}"
+    );
+    assert!(
+        text.contains("one connection cannot be checked against two names"),
+        "{text}"
     );
 
-    // A certificate and a key that are not each other's.
+    // The pools fixed, the listener's files are checked: missing, then not each other's.
+    let mut config = files.config.clone();
+    for pool in ["mixed", "plain", "twice"] {
+        config["upstreams"].as_object_mut().unwrap().remove(pool);
+    }
+    files.write_config(&config);
+    let (ok, text) = check_output(&files);
+    assert!(!ok);
+    assert!(text.contains("tls.cert"), "{text}");
     let (one, other) = (ca.leaf(), ca.leaf());
     write_atomically(&files.dir.path().join("tls/cert.pem"), &one.cert_pem);
     write_atomically(&files.dir.path().join("tls/key.pem"), &other.key_pem);
-    let out = files.check();
-    let stderr =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let (ok, text) = check_output(&files);
+    assert!(!ok);
     assert!(
-        stderr.contains("is not the private key of the certificate"),
-        "{stderr}"
+        text.contains("is not the private key of the certificate"),
+        "{text}"
     );
+    write_atomically(&files.dir.path().join("tls/key.pem"), &one.key_pem);
+    let (ok, text) = check_output(&files);
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn an_http2_client_that_never_finishes_its_preface_is_closed_after_the_header_timeout() {
+    use std::io::{Read, Write};
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .config(|c| c["limits"] = json!({"header_timeout": "1s"}))
+        .start();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\n").unwrap();
+    let started = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let read = conn.read(&mut byte);
+    assert!(matches!(read, Ok(0)), "closed, not {read:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_kept_alive_worker_connection_is_not_reused_by_a_pool_that_trusts_another_ca() {
+    let worker_ca = TestCa::new("worker CA");
+    let other_ca = TestCa::new("some other CA");
+    let w = Worker::start("secure");
+    let front = TlsWorker::start(&w, &worker_ca.leaf(), &[b"http/1.1"]);
+    let endpoint = format!("https://127.0.0.1:{}", front.port);
+    let files = TestGateway::builder()
+        .endpoint(&endpoint)
+        .config(move |c| {
+            c["upstreams"]["pool"]["ca"] = json!("tls/worker-ca.pem");
+            c["upstreams"]["other"] = json!({"endpoints": [endpoint], "ca": "tls/other-ca.pem"});
+            c["agents"][1]["upstream"] = json!("other");
+        })
+        .write();
+    write_atomically(
+        &files.dir.path().join("tls/worker-ca.pem"),
+        &worker_ca.pem(),
+    );
+    write_atomically(&files.dir.path().join("tls/other-ca.pem"), &other_ca.pem());
+    let gw = files.start();
+    // The trusting pool leaves a verified connection in the keep-alive pool...
+    gw.chat(AGENT, gw.bob(), "first").assert_status(200);
+    // ...which the pool trusting another CA must not take.
+    gw.chat(OTHER_AGENT, gw.bob(), "second")
+        .error(502, "upstream_unavailable");
+    assert_eq!(w.count(), 1);
 }

@@ -210,6 +210,100 @@ pub fn h2_calls(port: u16, over: H2Over<'_>, requests: &[H2Request]) -> Vec<Repl
     })
 }
 
+/// One cleartext HTTP/2 connection kept open between calls, so a test can leave it idle.
+pub struct H2Session {
+    runtime: tokio::runtime::Runtime,
+    client: h2::client::SendRequest<Bytes>,
+    port: u16,
+}
+
+impl H2Session {
+    pub fn cleartext(port: u16) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            client
+        });
+        Self {
+            runtime,
+            client,
+            port,
+        }
+    }
+
+    /// Sends one request as a new stream of this connection and does not wait for the
+    /// answer (dropping the session then hangs up on it).
+    pub fn start(&self, request: &H2Request) {
+        let client = self.client.clone();
+        let (port, request) = (self.port, request.clone());
+        self.runtime.spawn(async move {
+            let _ = one_stream(client, port, request).await;
+        });
+    }
+
+    /// Sends one request as a new stream of this connection.
+    pub fn call(&self, request: &H2Request) -> Reply {
+        let client = self.client.clone();
+        self.runtime
+            .block_on(one_stream(client, self.port, request.clone()))
+    }
+}
+
+async fn one_stream(
+    mut client: h2::client::SendRequest<Bytes>,
+    port: u16,
+    request: H2Request,
+) -> Reply {
+    let what = format!("h2 POST {} :{port}", request.path);
+    let mut builder = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost:{port}{}", request.path));
+    for (k, v) in &request.headers {
+        builder = builder.header(k, v);
+    }
+    client = client
+        .ready()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (answer, mut send) = client
+        .send_request(builder.body(()).unwrap(), request.body.is_empty())
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    if !request.body.is_empty() {
+        send.send_data(Bytes::from(request.body.clone()), true)
+            .unwrap();
+    }
+    let answer = answer.await.unwrap_or_else(|e| panic!("{what}: {e}"));
+    let status = answer.status().as_u16();
+    let headers = answer
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let mut body = answer.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    Reply {
+        what,
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
 async fn h2_streams<IO>(io: IO, port: u16, requests: &[H2Request]) -> Vec<Reply>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -218,46 +312,9 @@ where
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let calls = requests.iter().map(|request| {
-        let mut client = client.clone();
-        async move {
-            let what = format!("h2 POST {} :{port}", request.path);
-            let mut builder = http::Request::builder()
-                .method("POST")
-                .uri(format!("https://localhost:{port}{}", request.path));
-            for (k, v) in &request.headers {
-                builder = builder.header(k, v);
-            }
-            client = client.ready().await.unwrap();
-            let (answer, mut send) = client
-                .send_request(builder.body(()).unwrap(), request.body.is_empty())
-                .unwrap();
-            if !request.body.is_empty() {
-                send.send_data(Bytes::from(request.body.clone()), true)
-                    .unwrap();
-            }
-            let answer = answer.await.unwrap_or_else(|e| panic!("{what}: {e}"));
-            let status = answer.status().as_u16();
-            let headers = answer
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-                .collect();
-            let mut body = answer.into_body();
-            let mut bytes = Vec::new();
-            while let Some(chunk) = body.data().await {
-                let chunk = chunk.unwrap();
-                let _ = body.flow_control().release_capacity(chunk.len());
-                bytes.extend_from_slice(&chunk);
-            }
-            Reply {
-                what,
-                status,
-                headers,
-                body: String::from_utf8_lossy(&bytes).into_owned(),
-            }
-        }
-    });
+    let calls = requests
+        .iter()
+        .map(|request| one_stream(client.clone(), port, request.clone()));
     futures_util::future::join_all(calls).await
 }
 
