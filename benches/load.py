@@ -74,7 +74,7 @@ def logged(tmp, name):
     return {"stdout": open(os.path.join(tmp, f"{name}.log"), "w"), "stderr": subprocess.STDOUT}
 
 
-def ensure_tools(tls):
+def ensure_tools(tls=False):
     wanted = [("wrk", "wrk"), ("nginx", "nginx-light")] + ([("h2load", "nghttp2-client"), ("openssl", "openssl")]
                                                           if tls else [])
     missing = [pkg for tool, pkg in wanted if not shutil.which(tool)]
