@@ -14,10 +14,12 @@ use turnpike_core::route::PathTemplate;
 use turnpike_core::units::parse_duration;
 
 use crate::lifecycle::Shutdown;
-use crate::tls::{load_ca_bundle, CaBundle, CertFiles};
+use crate::tls::CertFiles;
 
 use super::endpoint::{parse_endpoint, Endpoint};
 use super::errors::Report;
+use super::files::beside_config;
+use super::https::compile_upstream_tls;
 use super::policy::PolicySet;
 use super::spec::{
     AccountSpec, AgentSpec, CertSpec, ConfigFile, KeySpec, LimitsSpec, OneOrMany, StoreSpec,
@@ -26,7 +28,7 @@ use super::spec::{
 use super::validate;
 use super::{
     AccountSeed, Agent, CallConfig, Limits, PoolConfig, ProcessConfig, StoreConfig, StoreKind,
-    TlsListenerConfig, UpstreamTls, MAX_BODY_BYTES_CEILING, MAX_HEADER_BYTES_CEILING,
+    TlsListenerConfig, MAX_BODY_BYTES_CEILING, MAX_HEADER_BYTES_CEILING,
 };
 
 /// Compiles the whole file against the policies already compiled from its directory.
@@ -99,15 +101,6 @@ fn check_addr(report: &mut Report, key: &str, addr: &str) {
             format!("'{addr}' is not an address such as 0.0.0.0:8080"),
         );
     }
-}
-
-/// A path in the config, relative to the config file's directory.
-fn beside_config(report: &Report, path: &str) -> std::path::PathBuf {
-    report
-        .file
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .join(path)
 }
 
 fn compile_tls_listener(
@@ -305,76 +298,6 @@ fn compile_pool(name: &str, spec: UpstreamSpec, report: &mut Report) -> Option<P
         headers,
         on_invalid_usage: spec.on_invalid_usage,
         tls,
-    })
-}
-
-/// A digest of a CA bundle's certificates.
-fn trust_key(bundle: &CaBundle) -> u64 {
-    use sha2::{Digest, Sha256};
-    let mut digest = Sha256::new();
-    for cert in bundle.iter() {
-        digest.update(cert.borrow_raw_cert());
-    }
-    let bytes: [u8; 32] = digest.finalize().into();
-    u64::from_be_bytes(bytes[..8].try_into().unwrap_or_default())
-}
-
-/// A pool's HTTPS settings: all its endpoints `https://`, or none of them.
-fn compile_upstream_tls(
-    key: &str,
-    spec: &UpstreamSpec,
-    endpoints: &[Endpoint],
-    report: &mut Report,
-) -> Option<UpstreamTls> {
-    let https = endpoints.iter().filter(|e| e.https_name.is_some()).count();
-    if https == 0 {
-        if spec.ca.is_some() {
-            report.error(format!("{key}.ca"), "only applies to https:// endpoints");
-        }
-        if !spec.verify {
-            report.error(
-                format!("{key}.verify"),
-                "only applies to https:// endpoints",
-            );
-        }
-        return None;
-    }
-    if https != endpoints.len() {
-        report.error(
-            format!("{key}.endpoints"),
-            "mixes http and https endpoints: a pool's workers are reached one way",
-        );
-        return None;
-    }
-    let ca = spec.ca.as_ref().and_then(|path| {
-        load_ca_bundle(&beside_config(report, path))
-            .map_err(|e| report.error(format!("{key}.ca"), e))
-            .ok()
-    });
-    let mut names = HashMap::new();
-    for endpoint in endpoints {
-        let name = endpoint.https_name.as_deref().unwrap_or_default();
-        if let Some(other) = names
-            .insert(endpoint.addr, name)
-            .filter(|other| *other != name)
-        {
-            report.error(
-                format!("{key}.endpoints"),
-                format!(
-                    "'{other}' and '{name}' are both {}: one connection cannot be checked against two names",
-                    endpoint.addr
-                ),
-            );
-        }
-    }
-    Some(UpstreamTls {
-        trust_key: ca.as_ref().map_or(0, trust_key),
-        server_names: endpoints
-            .iter()
-            .filter_map(|e| e.https_name.clone())
-            .collect(),
-        ca,
-        verify: spec.verify,
     })
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::errors::ConfigError;
+use super::errors::{ConfigError, Report};
 
 /// One file's path (as it is named in messages) and text.
 #[derive(Debug, Clone)]
@@ -111,4 +111,9 @@ pub fn without_location(message: String) -> String {
         Some(at) if message[at..].contains(" column ") => message[..at].to_owned(),
         _ => message,
     }
+}
+
+/// A path in the config, relative to the config file's directory.
+pub(super) fn beside_config(report: &Report, path: &str) -> PathBuf {
+    report.file.parent().unwrap_or(Path::new(".")).join(path)
 }

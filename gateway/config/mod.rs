@@ -11,6 +11,7 @@ mod compile;
 mod endpoint;
 pub mod errors;
 pub mod files;
+mod https;
 mod locate;
 pub mod policy;
 pub mod spec;

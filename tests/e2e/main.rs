@@ -15,6 +15,7 @@ mod corpus;
 mod edge;
 mod errors;
 mod forwarding;
+mod https_workers;
 mod metering;
 mod metrics;
 mod openapi;

@@ -12,6 +12,7 @@ pub mod raw;
 pub mod redis;
 pub mod script;
 pub mod tls;
+pub mod tls_worker;
 pub mod worker;
 
 use std::collections::HashSet;
