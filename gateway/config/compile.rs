@@ -22,8 +22,8 @@ use super::files::beside_config;
 use super::https::compile_upstream_tls;
 use super::policy::PolicySet;
 use super::spec::{
-    AccountSpec, AgentSpec, CertSpec, ConfigFile, KeySpec, LimitsSpec, OneOrMany, StoreSpec,
-    TlsSpec, UpstreamSpec,
+    AccountSpec, AgentSpec, ConfigFile, KeySpec, LimitsSpec, OneOrMany, StoreSpec, TlsSpec,
+    UpstreamSpec,
 };
 use super::validate;
 use super::{
@@ -47,7 +47,7 @@ pub fn compile(
         .admin
         .tls
         .as_ref()
-        .map(|spec| compile_cert(spec, report));
+        .map(|spec| compile_cert(&spec.cert, &spec.key, report));
     let limits = compile_limits(&file.limits, report);
     let admin_token = file.admin.token_sha256.as_deref().and_then(|hex_digits| {
         let hash = KeyHash::from_hex(hex_digits);
@@ -119,11 +119,7 @@ fn compile_tls_listener(
             ),
         );
     }
-    let cert = CertSpec {
-        cert: spec.cert.clone(),
-        key: spec.key.clone(),
-    };
-    let files = compile_cert(&cert, report);
+    let files = compile_cert(&spec.cert, &spec.key, report);
     Some(TlsListenerConfig {
         listen: spec.listen.clone(),
         files,
@@ -133,10 +129,10 @@ fn compile_tls_listener(
 /// The pair's paths. They are loaded and checked by `check` and at start, not here: a reload
 /// cannot change a listener (it warns), and must not be refused for a pair caught halfway
 /// through a rotation.
-fn compile_cert(spec: &CertSpec, report: &Report) -> CertFiles {
+fn compile_cert(cert: &str, key: &str, report: &Report) -> CertFiles {
     CertFiles {
-        cert: beside_config(report, &spec.cert),
-        key: beside_config(report, &spec.key),
+        cert: beside_config(report, cert),
+        key: beside_config(report, key),
     }
 }
 

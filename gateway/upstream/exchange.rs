@@ -107,8 +107,7 @@ impl Upstreams {
         let mut resent_after_stale = false;
         while let Some(addr) = pool.select(call.session_id, &tried) {
             tried.push(addr);
-            let peer = pool.peer(addr);
-            let host = pool.host_for(addr);
+            let (peer, host) = pool.peer(addr);
             let attempt =
                 tokio::time::timeout_at(deadline, self.attempt(addr, &peer, host, &call)).await;
             if let Some(metrics) = pool.endpoint_metrics(addr) {

@@ -115,14 +115,21 @@ impl Pool {
     /// The answer timeout is one deadline over the whole exchange (see `exchange`), not a
     /// timer per read. An HTTPS peer sends its endpoint's name as SNI, checks the
     /// certificate against it and the pool's CA (unless `verify: false`), and offers HTTP/2.
-    pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
+    ///
+    /// Also returns the `Host` an HTTPS worker is sent: its name (and port, unless 443), as
+    /// nginx sends `$proxy_host`, so a worker behind a name-based ingress finds its site;
+    /// `None` for plain-HTTP pools, whose workers get the client's `Host`.
+    pub fn peer(&self, addr: SocketAddr) -> (HttpPeer, Option<&str>) {
         let tls = self.config.tls.as_ref();
+        // Only an HTTPS pool looks its endpoint up (pools are small).
+        let index = tls.and_then(|_| self.config.endpoints.iter().position(|a| *a == addr));
         let server_name = tls
-            .and_then(|tls| {
-                let index = self.config.endpoints.iter().position(|a| *a == addr)?;
-                tls.server_names.get(index).cloned()
-            })
+            .zip(index)
+            .and_then(|(tls, i)| tls.server_names.get(i).cloned())
             .unwrap_or_default();
+        let host = index
+            .and_then(|i| self.https_hosts.get(i))
+            .map(String::as_str);
         let mut peer = HttpPeer::new(addr, tls.is_some(), server_name);
         peer.options.connection_timeout = Some(self.config.connect_timeout);
         peer.options.total_connection_timeout = Some(self.config.connect_timeout);
@@ -133,15 +140,7 @@ impl Pool {
             peer.options.alpn = pingora::protocols::ALPN::H2H1;
             peer.group_key = tls.trust_key;
         }
-        peer
-    }
-
-    /// The `Host` an HTTPS worker at `addr` is sent: its name (and port, unless 443), as
-    /// nginx sends `$proxy_host`, so a worker behind a name-based ingress finds its site.
-    /// `None` for plain-HTTP pools, whose workers get the client's `Host`.
-    pub fn host_for(&self, addr: SocketAddr) -> Option<&str> {
-        let index = self.config.endpoints.iter().position(|a| *a == addr)?;
-        self.https_hosts.get(index).map(String::as_str)
+        (peer, host)
     }
 }
 

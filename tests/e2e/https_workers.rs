@@ -10,6 +10,16 @@ use crate::support::tls::*;
 use crate::support::tls_worker::TlsWorker;
 use crate::support::*;
 
+/// A gateway whose pool is the HTTPS worker on `port`, trusting the CA `ca_pem`.
+fn gateway_trusting(port: u16, ca_pem: &str) -> TestGateway {
+    let files = TestGateway::builder()
+        .endpoint(&format!("https://127.0.0.1:{port}"))
+        .config(|c| c["upstreams"]["pool"]["ca"] = json!("tls/ca.pem"))
+        .write();
+    write_atomically(&files.dir.path().join("tls/ca.pem"), ca_pem);
+    files.start()
+}
+
 /// A gateway whose pool is the HTTPS worker on `port`, with `verify: false`.
 fn gateway_trusting_any_worker(port: u16) -> TestGateway {
     TestGateway::builder()
@@ -27,12 +37,7 @@ fn an_https_worker_is_reached_with_the_pools_ca_over_http2_or_http1() {
         (&[&b"http/1.1"[..]][..], "http/1.1"),
     ] {
         let front = TlsWorker::start(&w, &ca.leaf(), alpn);
-        let files = TestGateway::builder()
-            .endpoint(&format!("https://127.0.0.1:{}", front.port))
-            .config(|c| c["upstreams"]["pool"]["ca"] = json!("tls/ca.pem"))
-            .write();
-        write_atomically(&files.dir.path().join("tls/ca.pem"), &ca.pem());
-        let gw = files.start();
+        let gw = gateway_trusting(front.port, &ca.pem());
         let r = gw.chat(AGENT, gw.jane(), "over tls");
         r.assert_status(200);
         assert_eq!(r.json()["response"], "secure: over tls");
@@ -56,12 +61,7 @@ fn an_https_worker_with_an_unknown_ca_is_refused_with_502_unless_verify_is_off()
     let other_ca = TestCa::new("some other CA");
     let w = Worker::start("secure");
     let front = TlsWorker::start(&w, &worker_ca.leaf(), &[b"h2", b"http/1.1"]);
-    let files = TestGateway::builder()
-        .endpoint(&format!("https://127.0.0.1:{}", front.port))
-        .config(|c| c["upstreams"]["pool"]["ca"] = json!("tls/ca.pem"))
-        .write();
-    write_atomically(&files.dir.path().join("tls/ca.pem"), &other_ca.pem());
-    let gw = files.start();
+    let gw = gateway_trusting(front.port, &other_ca.pem());
     gw.chat(AGENT, gw.jane(), "hi")
         .error(502, "upstream_unavailable");
     assert_eq!(w.count(), 0, "nothing reached the worker");

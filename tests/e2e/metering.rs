@@ -173,16 +173,7 @@ fn a_client_that_hangs_up_is_still_metered_once_the_worker_answers() {
     let gw = TestGateway::builder().worker(&w).start();
     let body = json!({"message": Script::sleep(1.0).to_string()}).to_string();
     let body = body.as_bytes();
-    let auth = format!("Bearer {}", gw.jane());
-    let request = raw::request(
-        "POST",
-        &chat_path(AGENT),
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
-        body,
-    );
+    let request = raw::chat_request(AGENT, gw.jane(), body);
     {
         let mut s = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
         s.write_all(&request).unwrap();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::support::raw::read_response;
 use crate::support::redis::StoreUnderTest;
-use crate::support::tls::{h2_calls, H2Over, H2Request, H2Session};
+use crate::support::tls::{h2_calls, h2_chat, H2Over, H2Session};
 use crate::support::{chat_path, wait_until, Reply, Script, TestGateway, Worker, AGENT};
 
 /// A gateway in front of `w` that drains with this delay and grace.
@@ -235,24 +235,12 @@ fn a_second_stop_signal_during_a_drain_exits_at_once() {
 fn a_drain_lets_http2_calls_finish_and_closes_idle_http2_connections() {
     let w = Worker::start("w1");
     let gw = draining_gateway(&w, "0s", "20s");
-    let auth = format!("Bearer {}", gw.jane());
-    let headers = [
-        ("Authorization", auth.as_str()),
-        ("Content-Type", "application/json"),
-    ];
-    let chat = |message: String| {
-        H2Request::post(
-            &chat_path(AGENT),
-            &headers,
-            json!({ "message": message }).to_string().as_bytes(),
-        )
-    };
     // One HTTP/2 connection that has served a call and is idle now.
     let idle = H2Session::cleartext(gw.port());
-    idle.call(&chat("hi".into())).assert_status(200);
+    idle.call(&h2_chat(gw.jane(), "hi")).assert_status(200);
     // A slow call on another, in flight when the signal comes.
     let port = gw.port();
-    let slow_call = chat(Script::sleep(2.0).to_string());
+    let slow_call = h2_chat(gw.jane(), &Script::sleep(2.0).to_string());
     let slow = std::thread::spawn(move || h2_calls(port, H2Over::Cleartext, &[slow_call]));
     wait_until(
         Duration::from_secs(10),
@@ -270,18 +258,7 @@ fn a_drain_lets_http2_calls_finish_and_closes_idle_http2_connections() {
 fn a_drain_waits_for_an_http2_call_whose_client_hung_up() {
     let w = Worker::start("w1");
     let gw = draining_gateway(&w, "0s", "20s");
-    let auth = format!("Bearer {}", gw.jane());
-    let headers = [
-        ("Authorization", auth.as_str()),
-        ("Content-Type", "application/json"),
-    ];
-    let slow = H2Request::post(
-        &chat_path(AGENT),
-        &headers,
-        json!({ "message": Script::sleep(3.0).to_string() })
-            .to_string()
-            .as_bytes(),
-    );
+    let slow = h2_chat(gw.jane(), &Script::sleep(3.0).to_string());
     let session = H2Session::cleartext(gw.port());
     session.start(&slow);
     wait_until(

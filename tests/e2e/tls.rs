@@ -159,12 +159,7 @@ fn many_http2_streams_on_one_connection_are_limited_and_metered_like_separate_co
     assert_eq!(before, gw.balance("acct_bob").balance);
 
     // Jane: 20 concurrent streams of one HTTP/2 connection.
-    let auth = format!("Bearer {}", gw.jane());
-    let headers = [
-        ("Content-Type", "application/json"),
-        ("Authorization", auth.as_str()),
-    ];
-    let request = H2Request::post(&chat_path(AGENT), &headers, br#"{"message": "hi"}"#);
+    let request = h2_chat(gw.jane(), "hi");
     let pem = ca.pem();
     let streams = h2_calls(tls_port, H2Over::Tls(&pem), &vec![request; 20]);
     // Bob: 20 concurrent calls, each on a connection of its own.
@@ -201,6 +196,15 @@ fn many_http2_streams_on_one_connection_are_limited_and_metered_like_separate_co
     assert_eq!(w.count(), 16);
 }
 
+/// Waits until the public listener's certificate reloads with `result` number `count`.
+fn wait_reloads(gw: &TestGateway, result: &str, count: f64) {
+    gw.wait_metric(
+        "turnpike_tls_certificate_reloads_total",
+        &[("listener", "public"), ("result", result)],
+        count,
+    );
+}
+
 fn reloads(gw: &TestGateway, result: &str) -> f64 {
     gw.metric(
         "turnpike_tls_certificate_reloads_total",
@@ -234,42 +238,21 @@ fn a_certificate_swapped_on_disk_is_served_without_a_restart_and_a_broken_one_is
         &dir.join("tls/cert.pem"),
         "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
     );
-    gw.wait_metric(
-        "turnpike_tls_certificate_reloads_total",
-        &[("listener", "public"), ("result", "error")],
-        1.0,
-    );
+    wait_reloads(&gw, "error", 1.0);
     assert_eq!(served_certificate(tls_port, &ca.pem()).unwrap(), first.der);
     let pem = ca.pem();
-    let auth = format!("Bearer {}", gw.jane());
-    let request = raw::request(
-        "POST",
-        &chat_path(AGENT),
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
-        br#"{"message": "still"}"#,
-    );
+    let request = raw::chat_request(AGENT, gw.jane(), br#"{"message": "still"}"#);
     https_h1(tls_port, &pem, &request).0.assert_status(200);
 
     // The next certificate before its key: they do not match, so still refused.
     let second = ca.leaf();
     write_atomically(&dir.join("tls/cert.pem"), &second.cert_pem);
-    gw.wait_metric(
-        "turnpike_tls_certificate_reloads_total",
-        &[("listener", "public"), ("result", "error")],
-        2.0,
-    );
+    wait_reloads(&gw, "error", 2.0);
     assert_eq!(served_certificate(tls_port, &ca.pem()).unwrap(), first.der);
 
     // Its key arrives: the pair is whole, and new connections get it.
     write_atomically(&dir.join("tls/key.pem"), &second.key_pem);
-    gw.wait_metric(
-        "turnpike_tls_certificate_reloads_total",
-        &[("listener", "public"), ("result", "success")],
-        1.0,
-    );
+    wait_reloads(&gw, "success", 1.0);
     assert_eq!(served_certificate(tls_port, &ca.pem()).unwrap(), second.der);
     https_h1(tls_port, &pem, &request).0.assert_status(200);
     wait_until(Duration::from_secs(5), "the refusal is logged", || {

@@ -36,6 +36,20 @@ pub fn request(method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]
     bytes
 }
 
+/// A chat call to `agent` with `key` and `body`, closing the connection after it.
+pub fn chat_request(agent: &str, key: &str, body: &[u8]) -> Vec<u8> {
+    let auth = format!("Bearer {key}");
+    request(
+        "POST",
+        &super::chat_path(agent),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    )
+}
+
 fn describe(request: &[u8]) -> String {
     let line_end = request
         .windows(2)

@@ -109,52 +109,55 @@ pub fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> 
     Arc::new(config)
 }
 
-/// Sends `request` as is over HTTPS (HTTP/1.1) and reads one response; also returns the
-/// certificate the server presented.
-pub fn https_h1(port: u16, ca_pem: &str, request: &[u8]) -> (Reply, Vec<u8>) {
+/// A TLS connection (HTTP/1.1 by ALPN) to `127.0.0.1:port` for `localhost`, trusting only
+/// `ca_pem`, its handshake done; `Err` says why not.
+fn https_connect(
+    port: u16,
+    ca_pem: &str,
+    read_timeout: Duration,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
     let config = client_config(ca_pem, &[b"http/1.1"]);
     let name = ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(config, name).unwrap();
-    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    tls.write_all(request).unwrap();
-    tls.flush().unwrap();
-    let presented = tls
-        .conn
+    let mut conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(read_timeout))
+        .map_err(|e| e.to_string())?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// The leaf certificate the server presented on `tls`.
+fn presented(tls: &rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> Option<Vec<u8>> {
+    tls.conn
         .peer_certificates()
         .and_then(|chain| chain.first())
         .map(|c| c.to_vec())
-        .unwrap_or_default();
+}
+
+/// Sends `request` as is over HTTPS (HTTP/1.1) and reads one response; also returns the
+/// certificate the server presented.
+pub fn https_h1(port: u16, ca_pem: &str, request: &[u8]) -> (Reply, Vec<u8>) {
+    let mut tls = https_connect(port, ca_pem, Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("https :{port}: {e}"));
+    tls.write_all(request).unwrap();
+    tls.flush().unwrap();
+    let certificate = presented(&tls).unwrap_or_default();
     let reply = read_response(&mut BufReader::new(tls), format!("https/1.1 :{port}"));
-    (reply, presented)
+    (reply, certificate)
 }
 
 /// The certificate a TLS handshake with the listener on `port` is served now.
 pub fn served_certificate(port: u16, ca_pem: &str) -> Result<Vec<u8>, String> {
-    let config = client_config(ca_pem, &[b"http/1.1"]);
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    while conn.is_handshaking() {
-        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
-    }
-    conn.peer_certificates()
-        .and_then(|chain| chain.first())
-        .map(|c| c.to_vec())
-        .ok_or_else(|| "no certificate".to_string())
+    let tls = https_connect(port, ca_pem, Duration::from_secs(10))?;
+    presented(&tls).ok_or_else(|| "no certificate".to_string())
 }
 
 /// The status of `GET path` over HTTPS, `None` while nothing answers (a readiness probe).
 pub fn https_status(port: u16, ca_pem: &str, path: &str) -> Option<u16> {
     use std::io::Read;
-    let config = client_config(ca_pem, &[b"http/1.1"]);
-    let name = ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(config, name).ok()?;
-    let tcp = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut tls = https_connect(port, ca_pem, Duration::from_secs(2)).ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     tls.write_all(request.as_bytes()).ok()?;
     let mut head = [0u8; 12];
@@ -181,6 +184,20 @@ impl H2Request {
             body: body.to_vec(),
         }
     }
+}
+
+/// A chat call to [`AGENT`] with `key`, as an HTTP/2 request.
+pub fn h2_chat(key: &str, message: &str) -> H2Request {
+    let auth = format!("Bearer {key}");
+    let body = serde_json::json!({ "message": message }).to_string();
+    H2Request::post(
+        &super::chat_path(super::AGENT),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
 }
 
 /// How [`h2_calls`] reaches the gateway.
