@@ -459,8 +459,8 @@ def write_markdown(args, lines, envoy_path, targets):
 
 def target_rows(args, targets, rps, cpu, p50, results, med, redis_rtt, new_connections):
     """The issues' targets (issue 10: cost and scale; issue 13: TLS) against this run's figures."""
-    embedded_profile = "`docs/flame-embedded.svg`; scaling.md, \"Where the next ceiling is\""
-    redis_profile = "`docs/flame-redis.svg`; scaling.md, \"What a call costs Redis\""
+    embedded_profile = "`benches/profile.py` (flame graph); scaling.md, \"Where the next ceiling is\""
+    redis_profile = "`benches/profile.py --redis` (flame graph); scaling.md, \"What a call costs Redis\""
     rows = []
     ratio = rps["turnpike"] / rps["pingora-passthrough"]
     rows.append(("embedded store req/s", ">= 0.90x passthrough", f"{ratio:.2f}x", ratio >= 0.90, embedded_profile))

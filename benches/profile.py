@@ -5,7 +5,8 @@ Starts the same upstream and the same one-thread Turnpike as benches/load.py (em
 or `--redis` for the Redis store on its own redis-server), loads it with wrk for `--seconds`,
 samples it with `perf record --call-graph dwarf` meanwhile (release builds keep no frame
 pointers; DWARF unwinding needs only what the release profile keeps), and folds the samples
-into an SVG with inferno (`cargo install inferno`). Writes `docs/flame-<store>.svg` unless `--out` says otherwise.
+into an SVG with inferno (`cargo install inferno`). Writes `target/profile/flame-<store>.svg` unless `--out` says otherwise (a regenerated artefact:
+not kept in git).
 
 Usage: benches/profile.py [--seconds 15] [--redis] [--out FILE]
 Needs perf (Debian's linux-perf), inferno, wrk and nginx; says which is missing.
@@ -25,14 +26,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--redis", action="store_true", help="profile Turnpike on the Redis store")
-    ap.add_argument("--out", help="the SVG to write (default docs/flame-embedded.svg or -redis.svg)")
+    ap.add_argument("--out", help="the SVG to write (default target/profile/flame-embedded.svg or -redis.svg)")
     args = ap.parse_args()
     missing = [tool for tool in ("perf", "inferno-collapse-perf", "inferno-flamegraph") if not shutil.which(tool)]
     if missing:
         sys.exit(f"missing: {', '.join(missing)} (apt-get install linux-perf; cargo install inferno)")
     load.ensure_tools()
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "turnpike"], cwd=load.ROOT, check=True)
-    out = args.out or os.path.join(load.ROOT, "docs", f"flame-{'redis' if args.redis else 'embedded'}.svg")
+    out = args.out or os.path.join(load.ROOT, "target", "profile", f"flame-{'redis' if args.redis else 'embedded'}.svg")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="turnpike-profile-")
     worker_port, port, admin_port, redis_port = (load.free_port() for _ in range(4))
     load.write_policies(tmp)
