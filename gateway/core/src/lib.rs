@@ -3,6 +3,7 @@
 //! and the proxy depend on this crate, never the reverse, and every rule here is tested alone.
 //!
 //! - [`head`]: where an HTTP/1 request head ends, and whether it is too large.
+//! - [`h2_watch`]: which HTTP/2 requests sent a `:path` with a fragment (HPACK decoded).
 //! - [`route`]: which route a request line names; upstream path templates.
 //! - [`ids`]: the shapes of agent, session and request ids, and new random ids.
 //! - [`keys`]: `Authorization` parsing, key hashing and checksums, what a key may call.
@@ -17,6 +18,7 @@
 pub mod admission;
 pub mod billing;
 pub mod body;
+pub mod h2_watch;
 pub mod head;
 pub mod ids;
 pub mod keys;
