@@ -6,10 +6,15 @@ use http::Response;
 use parking_lot::Mutex;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
+use pingora::services::ServiceWithDependents;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use turnpike_core::ids::random_id;
 use turnpike_core::keys::{generate_key, KeyHash};
@@ -19,19 +24,26 @@ const DEMO_POLICIES: [(&str, &str); 2] = [
     ("tiers.yaml", include_str!("../policies/tiers.yaml")),
     ("agents.yaml", include_str!("../policies/agents.yaml")),
 ];
-const WORKER_ADDR: &str = "127.0.0.1:8701";
 /// Conversations the demo worker remembers before it starts forgetting.
 const MAX_SESSIONS: usize = 10_000;
+
+/// Where the demo listens.
+pub struct DemoAddrs {
+    pub listen: String,
+    pub admin: String,
+    pub worker: String,
+}
 
 /// What the demo needs to start: a config on disk and the secrets to print.
 pub struct DemoSetup {
     pub config_path: PathBuf,
     pub key: String,
     pub admin_token: String,
+    pub addrs: DemoAddrs,
 }
 
 /// Writes the demo config, with a fresh key and admin token, into a temporary directory.
-pub fn prepare() -> std::io::Result<DemoSetup> {
+pub fn prepare(addrs: DemoAddrs) -> std::io::Result<DemoSetup> {
     let key = generate_key();
     let admin_token = random_id("adm_", 32);
     let dir = std::env::temp_dir().join(format!("turnpike-demo-{}", std::process::id()));
@@ -41,7 +53,10 @@ pub fn prepare() -> std::io::Result<DemoSetup> {
         .replace(
             "{{ADMIN_TOKEN_SHA256}}",
             &KeyHash::of(&admin_token).to_hex(),
-        );
+        )
+        .replace("{{LISTEN}}", &addrs.listen)
+        .replace("{{ADMIN_LISTEN}}", &addrs.admin)
+        .replace("{{WORKER}}", &addrs.worker);
     let config_path = dir.join("turnpike.yaml");
     std::fs::write(&config_path, config)?;
     for (name, text) in DEMO_POLICIES {
@@ -51,13 +66,19 @@ pub fn prepare() -> std::io::Result<DemoSetup> {
         config_path,
         key,
         admin_token,
+        addrs,
     })
 }
 
 /// The welcome text with a `curl` line that works against the running demo.
-pub fn instructions(setup: &DemoSetup, listen: &str, admin: &str) -> String {
+pub fn instructions(setup: &DemoSetup) -> String {
+    let DemoAddrs {
+        listen,
+        admin,
+        worker,
+    } = &setup.addrs;
     format!(
-        "Turnpike demo is running: gateway on http://{listen}, admin on http://{admin}, demo worker on {WORKER_ADDR}.\n\
+        "Turnpike demo is running: gateway on http://{listen}, admin on http://{admin}, demo worker on {worker}.\n\
          \n\
          API key (shown once):  {key}\n\
          Admin token:           {admin_token}\n\
@@ -74,10 +95,49 @@ pub fn instructions(setup: &DemoSetup, listen: &str, admin: &str) -> String {
     )
 }
 
-/// The built-in worker service.
-pub fn worker_service() -> Service<DemoWorker> {
+/// Prints `text` once every one of `addrs` accepts connections, so the `curl` lines in it
+/// work the moment they are printed (Pingora binds its listeners after `run` starts).
+pub fn announce_when_listening(text: String, addrs: Vec<String>) -> Box<dyn ServiceWithDependents> {
+    Box::new(background_service(
+        "demo announcement",
+        Announcement { text, addrs },
+    ))
+}
+
+struct Announcement {
+    text: String,
+    addrs: Vec<String>,
+}
+
+#[async_trait]
+impl BackgroundService for Announcement {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let mut all = true;
+            for addr in &self.addrs {
+                if tokio::net::TcpStream::connect(addr.as_str()).await.is_err() {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{}", self.text);
+                let _ = stdout.flush();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The built-in worker service, on `addr`.
+pub fn worker_service(addr: &str) -> Service<DemoWorker> {
     let mut service = Service::new("turnpike demo worker".to_owned(), DemoWorker::default());
-    service.add_tcp(WORKER_ADDR);
+    service.add_tcp(addr);
     service
 }
 

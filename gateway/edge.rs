@@ -37,6 +37,7 @@ use turnpike_core::head::{HeadScan, HeadScanner};
 use turnpike_core::ids::new_request_id;
 
 use crate::error::GatewayError;
+use crate::h2_paths;
 use crate::lifecycle::{Counted, Lifecycle};
 use crate::pipeline::finish;
 use crate::proxy::Gateway;
@@ -93,6 +94,8 @@ impl Edge {
     ) -> Option<Stream> {
         let limit = self.services.snapshot().config.limits.header_timeout;
         let deadline = Instant::now() + limit;
+        // From its first byte (the preface, read ahead below, is read again through it).
+        conn.watch = h2_paths::Watch::new(conn.inner.get_socket_digest());
         while conn.ahead.len() < H2_PREFACE.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             conn.ahead.reserve(H2_PREFACE.len());
@@ -153,11 +156,13 @@ impl ServerApp for Edge {
     ) -> Option<Stream> {
         // A drain waits for every connection to close (idle ones close at the shutdown).
         let _open = self.services.lifecycle.connection_opens();
+        crate::tls::handshake_done(stream.get_socket_digest());
         let alpn_h2 = stream.selected_alpn_proto() == Some(ALPN::H2);
         let mut conn = Box::new(ReadAhead {
             inner: stream,
             ahead: BytesMut::new(),
             h2_prior_knowledge: false,
+            watch: None,
         });
         if alpn_h2 {
             return self.serve_h2(conn, shutdown).await;
@@ -238,6 +243,8 @@ struct ReadAhead {
     /// A cleartext connection that opened with HTTP/2's preface: it reports `h2` as its
     /// protocol, as ALPN would have, so Pingora serves it as HTTP/2.
     h2_prior_knowledge: bool,
+    /// An HTTP/2 connection's watch over its header blocks: every byte read is shown to it.
+    watch: Option<Box<h2_paths::Watch>>,
 }
 
 impl ReadAhead {
@@ -336,12 +343,21 @@ impl AsyncRead for ReadAhead {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.ahead.is_empty() {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        let this = &mut *self;
+        let before = buf.filled().len();
+        if this.ahead.is_empty() {
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+        } else {
+            let n = this.ahead.len().min(buf.remaining());
+            buf.put_slice(&this.ahead[..n]);
+            this.ahead.advance(n);
         }
-        let n = self.ahead.len().min(buf.remaining());
-        buf.put_slice(&self.ahead[..n]);
-        self.ahead.advance(n);
+        if let Some(watch) = this.watch.as_mut() {
+            watch.feed(&buf.filled()[before..])?;
+        }
         Poll::Ready(Ok(()))
     }
 }

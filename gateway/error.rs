@@ -55,12 +55,41 @@ pub enum GatewayError {
     StoreUnavailable,
     #[error("Upstream timed out")]
     UpstreamTimeout,
+    /// The client went away before the worker answered: nothing is sent, nothing charged.
+    #[error("The client closed the connection before the answer")]
+    ClientGone,
+    /// A request head HTTP does not allow (RFC 9112 §3.2, RFC 9113 §8.2.1).
+    #[error("{0}")]
+    MalformedHead(HeadProblem),
     #[error("Missing or wrong admin token")]
     AdminUnauthorized,
     #[error("A key with id '{key_id}' already exists")]
     Conflict { key_id: String },
     #[error("The new configuration was refused, the old one stays in force:\n{0}")]
     InvalidConfig(ConfigErrors),
+}
+
+/// What makes a request head malformed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadProblem {
+    /// An HTTP/1.1 request without `Host`.
+    NoHost,
+    /// More than one `Host`.
+    ManyHosts,
+    /// An HTTP/2 field value with spaces or tabs around it.
+    PaddedValue,
+}
+
+impl fmt::Display for HeadProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HeadProblem::NoHost => "An HTTP/1.1 request must carry a Host header",
+            HeadProblem::ManyHosts => "A request must carry exactly one Host header",
+            HeadProblem::PaddedValue => {
+                "A header value must not begin or end with a space or a tab"
+            }
+        })
+    }
 }
 
 /// Why an admin request was refused (400 `invalid_request`).
@@ -129,7 +158,9 @@ impl From<NoBearerToken> for GatewayError {
 impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {
-            GatewayError::InvalidBody(_) | GatewayError::InvalidAdminRequest(_) => 400,
+            GatewayError::InvalidBody(_)
+            | GatewayError::InvalidAdminRequest(_)
+            | GatewayError::MalformedHead(_) => 400,
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => 401,
             GatewayError::AdminUnauthorized => 401,
             GatewayError::Conflict { .. } => 409,
@@ -145,14 +176,16 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable | GatewayError::UpstreamInvalidUsage => 502,
             GatewayError::StoreUnavailable => 503,
             GatewayError::UpstreamTimeout => 504,
+            // nginx's "client closed request": logged, never sent.
+            GatewayError::ClientGone => 499,
         }
     }
 
     pub fn code(&self) -> &'static str {
         match self {
-            GatewayError::InvalidBody(_) | GatewayError::InvalidAdminRequest(_) => {
-                "invalid_request"
-            }
+            GatewayError::InvalidBody(_)
+            | GatewayError::InvalidAdminRequest(_)
+            | GatewayError::MalformedHead(_) => "invalid_request",
             GatewayError::MissingApiKey => "missing_api_key",
             GatewayError::InvalidApiKey => "invalid_api_key",
             GatewayError::AdminUnauthorized => "unauthorized",
@@ -171,6 +204,7 @@ impl GatewayError {
             GatewayError::UpstreamInvalidUsage => "upstream_invalid_usage",
             GatewayError::StoreUnavailable => "store_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::ClientGone => "client_closed_request",
         }
     }
 
@@ -195,6 +229,8 @@ impl GatewayError {
             | GatewayError::UpstreamInvalidUsage
             | GatewayError::StoreUnavailable
             | GatewayError::UpstreamTimeout
+            | GatewayError::ClientGone
+            | GatewayError::MalformedHead(_)
             | GatewayError::Conflict { .. }
             | GatewayError::InvalidConfig(_) => None,
         }
@@ -223,6 +259,8 @@ impl GatewayError {
             | GatewayError::UpstreamInvalidUsage
             | GatewayError::StoreUnavailable
             | GatewayError::UpstreamTimeout
+            | GatewayError::ClientGone
+            | GatewayError::MalformedHead(_)
             | GatewayError::Conflict { .. }
             | GatewayError::InvalidConfig(_) => None,
         }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The top-level modules, each allowed to use only those before it.
-const LAYERS: [&str; 21] = [
+const LAYERS: [&str; 22] = [
     "clock",
     "headers",
     "lifecycle",
@@ -14,6 +14,7 @@ const LAYERS: [&str; 21] = [
     "metrics",
     "policy_diff",
     "tls",
+    "h2_paths",
     "config",
     "error",
     "store",

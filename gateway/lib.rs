@@ -6,7 +6,8 @@
 //! other in a circle; the tests there hold every `crate::` and `super::` path to that:
 //!
 //! 1. `clock`, `headers`, `lifecycle`, `logging`, `metrics`, `policy_diff`: leaves; `tls`: the
-//!    listeners' live certificates and the workers' CA bundles (on `metrics` only).
+//!    listeners' live certificates and the workers' CA bundles (on `metrics` only);
+//!    `h2_paths`: HTTP/2 paths whose fragment the `h2` crate dropped, noted per connection.
 //! 2. `config`: the files operators write, compiled into runtime types.
 //! 3. `error`: every error a client can see, rendered one way.
 //! 4. `store`: shared state behind the `Store` traits (embedded, Redis).
@@ -21,6 +22,7 @@
 //! `docs/architecture.md` walks one call through them.
 
 pub mod clock;
+pub mod h2_paths;
 pub mod headers;
 pub mod lifecycle;
 pub mod logging;

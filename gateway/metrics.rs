@@ -29,7 +29,37 @@ const STORE_BUCKETS: [f64; 15] = [
 ];
 
 /// Statuses a call to a configured agent is answered with most: exported at zero per agent.
-const AGENT_STATUSES: [&str; 8] = ["200", "400", "402", "429", "500", "502", "503", "504"];
+const AGENT_STATUSES: [&str; 8] = ["200", "400", "402", "429", "502", "503", "504", "5xx"];
+/// The `status` label of a status code: the statuses the gateway answers itself (SPEC §1's
+/// error table), 200 and 0 (nothing sent) as themselves; any other status a worker answers
+/// as its class (`2xx`), so the series stay bounded whatever workers send.
+// The codes counted as themselves come first; the classes catch the rest.
+#[allow(clippy::match_overlapping_arm)]
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        0 => "0",
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        402 => "402",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        415 => "415",
+        429 => "429",
+        431 => "431",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
 /// Statuses the gateway answers before a call has an agent (`agent="-"`).
 const NO_AGENT_STATUSES: [&str; 9] = [
     "400", "401", "404", "405", "408", "413", "415", "431", "503",
@@ -37,7 +67,7 @@ const NO_AGENT_STATUSES: [&str; 9] = [
 /// `turnpike_auth_failures_total`'s reasons (`GatewayError::auth_failure_reason`).
 pub const AUTH_FAILURE_REASONS: [&str; 3] = ["missing", "invalid", "admin"];
 /// `turnpike_store_*{op}`: the Redis store's operations (the embedded store never fails).
-pub const STORE_OPS: [&str; 6] = ["key", "admit", "quota", "settle", "admin", "admin_once"];
+pub const STORE_OPS: [&str; 5] = ["key", "admit", "settle", "admin", "admin_once"];
 /// `turnpike_upstream_attempts_total`'s outcomes (`exchange`).
 pub const ATTEMPT_OUTCOMES: [&str; 5] = [
     "answered",

@@ -71,7 +71,10 @@ impl ProxyHttp for Gateway {
     ) -> FailToProxy {
         let client_gone = matches!(
             e.etype(),
-            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+            ErrorType::ReadError
+                | ErrorType::WriteError
+                | ErrorType::WriteTimedout
+                | ErrorType::ConnectionClosed
         );
         let error_code = if client_gone || session.response_written().is_some() {
             0
@@ -80,6 +83,7 @@ impl ProxyHttp for Gateway {
             let common = Common {
                 request_id: &ctx.ids.request_id,
                 quota: None,
+                write_timeout: self.services.snapshot().config.limits.write_timeout,
             };
             let _ = reply::send_error(session, &common, error).await;
             error.status()

@@ -18,7 +18,7 @@ use crate::proxy::Gateway;
 use crate::reload::{Reloader, Watcher};
 use crate::services::{Services, Snapshot};
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
-use crate::tls::{CertWatcher, TlsFileError, TlsListener};
+use crate::tls::{CertWatcher, HandshakeDeadline, TlsFileError, TlsListener};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +119,12 @@ pub fn run(
         let listener = TlsListener::load("public", tls.files.clone(), &services.metrics)?;
         let settings = listener.settings().map_err(StartError::TlsListener)?;
         proxy.add_tls_with_settings(&tls.listen, None, settings);
+        let limits = Arc::clone(&services);
+        proxy
+            .endpoints()
+            .set_pre_tls_callback(Arc::new(HandshakeDeadline::new(move || {
+                limits.snapshot().config.limits.header_timeout
+            })));
         tls_listeners.push(listener);
     }
     let watcher = background_service(

@@ -45,7 +45,17 @@ pub enum Command {
         against: Option<String>,
     },
     /// Run the gateway on the embedded store with a built-in demo worker.
-    Demo,
+    Demo {
+        /// The API's address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// The admin listener's address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
+        /// The demo worker's address.
+        #[arg(long, default_value = "127.0.0.1:8701")]
+        worker: String,
+    },
     /// Issue, show and revoke API keys (admin API).
     Keys {
         #[command(flatten)]
@@ -166,7 +176,15 @@ pub fn run(command: Command) -> Result<(), CommandError> {
             policies.as_deref(),
             against.as_deref(),
         )?),
-        Command::Demo => run_demo(),
+        Command::Demo {
+            listen,
+            admin,
+            worker,
+        } => run_demo(demo::DemoAddrs {
+            listen,
+            admin,
+            worker,
+        }),
         Command::HashKey { key } => hash_key(key),
         Command::Keys { admin, action } => {
             let call = match action {
@@ -236,16 +254,21 @@ fn hash_key(key: Option<String>) -> Result<(), CommandError> {
     Ok(())
 }
 
-fn run_demo() -> Result<(), CommandError> {
-    let setup = demo::prepare().map_err(CommandError::Demo)?;
+fn run_demo(addrs: demo::DemoAddrs) -> Result<(), CommandError> {
+    let setup = demo::prepare(addrs).map_err(CommandError::Demo)?;
     let runtime = config::load(&setup.config_path).map_err(StartError::from)?;
-    let process = &runtime.process;
-    println!(
-        "{}",
-        demo::instructions(&setup, &process.listen, &process.admin_listen)
-    );
+    let welcome = demo::instructions(&setup);
+    let addrs = &setup.addrs;
+    let listening = vec![
+        addrs.listen.clone(),
+        addrs.admin.clone(),
+        addrs.worker.clone(),
+    ];
     Ok(server::run(
         runtime,
-        vec![Box::new(demo::worker_service())],
+        vec![
+            Box::new(demo::worker_service(&addrs.worker)),
+            demo::announce_when_listening(welcome, listening),
+        ],
     )?)
 }

@@ -22,8 +22,8 @@ use super::files::beside_config;
 use super::https::compile_upstream_tls;
 use super::policy::PolicySet;
 use super::spec::{
-    AccountSpec, AgentSpec, ConfigFile, KeySpec, LimitsSpec, OneOrMany, StoreSpec, TlsSpec,
-    UpstreamSpec,
+    AccountSpec, AgentSpec, ConfigFile, InvalidUsageRule, KeySpec, LimitsSpec, OneOrMany,
+    StoreSpec, TlsSpec, UpstreamSpec,
 };
 use super::validate;
 use super::{
@@ -49,6 +49,7 @@ pub fn compile(
         .as_ref()
         .map(|spec| compile_cert(&spec.cert, &spec.key, report));
     let limits = compile_limits(&file.limits, report);
+    let trusted_proxies = compile_trusted_proxies(&file.trusted_proxies, report);
     let admin_token = file.admin.token_sha256.as_deref().and_then(|hex_digits| {
         let hash = KeyHash::from_hex(hex_digits);
         if hash.is_none() {
@@ -61,13 +62,17 @@ pub fn compile(
     });
     let store = compile_store(file.store, report);
     let shutdown = compile_shutdown(&file.shutdown_grace, &file.shutdown_delay, report);
-    let pool_names: HashSet<String> = file.upstreams.keys().cloned().collect();
+    let pool_rules: HashMap<String, InvalidUsageRule> = file
+        .upstreams
+        .iter()
+        .map(|(name, spec)| (name.clone(), spec.on_invalid_usage))
+        .collect();
     let pools: BTreeMap<String, PoolConfig> = file
         .upstreams
         .into_iter()
         .filter_map(|(name, spec)| compile_pool(&name, spec, report).map(|p| (name, p)))
         .collect();
-    let agents = compile_agents(file.agents, &pool_names, &policies, report);
+    let agents = compile_agents(file.agents, &pool_rules, &policies, report);
     let accounts = compile_accounts(file.accounts, report);
     let keys = compile_keys(file.keys, &agents, &accounts, &policies, report);
     let process = ProcessConfig {
@@ -85,6 +90,7 @@ pub fn compile(
         limits,
         admin_token,
         metrics_per_key: file.metrics.per_key,
+        trusted_proxies,
         pools,
         agents,
         policies: policies.policies,
@@ -182,9 +188,30 @@ fn compile_limits(spec: &LimitsSpec, report: &mut Report) -> Limits {
         max_body_bytes: spec.max_body_bytes,
         max_header_bytes: spec.max_header_bytes,
         max_response_bytes: spec.max_response_bytes,
+        write_timeout: timeout("write_timeout", &spec.write_timeout),
         header_timeout: timeout("header_timeout", &spec.header_timeout),
         body_timeout: timeout("body_timeout", &spec.body_timeout),
     }
+}
+
+/// `trusted_proxies`: each an address or a CIDR block (`10.0.0.0/8`, `2001:db8::/32`).
+fn compile_trusted_proxies(specs: &[String], report: &mut Report) -> Vec<ipnet::IpNet> {
+    specs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let net = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            net.map_err(|_| {
+                report.error(
+                    format!("trusted_proxies[{i}]"),
+                    format!("'{text}' is not an address or a CIDR block such as 10.0.0.0/8"),
+                )
+            })
+            .ok()
+        })
+        .collect()
 }
 
 /// Long enough for a busy Redis on a loaded machine; with one resend of a lost answer, a call
@@ -297,9 +324,10 @@ fn compile_pool(name: &str, spec: UpstreamSpec, report: &mut Report) -> Option<P
     })
 }
 
+/// `pool_rules`: each pool's `on_invalid_usage`, by name.
 fn compile_agents(
     specs: Vec<AgentSpec>,
-    pool_names: &HashSet<String>,
+    pool_rules: &HashMap<String, InvalidUsageRule>,
     policies: &PolicySet,
     report: &mut Report,
 ) -> HashMap<String, Arc<Agent>> {
@@ -318,7 +346,8 @@ fn compile_agents(
                 format!("agent '{}' defined twice", spec.id),
             );
         }
-        if !pool_names.contains(&spec.upstream) {
+        let rule = pool_rules.get(&spec.upstream);
+        if rule.is_none() {
             report.error(
                 format!("{key}.upstream"),
                 format!("no upstream named '{}'", spec.upstream),
@@ -333,6 +362,16 @@ fn compile_agents(
         if let Some(pricing) = &spec.pricing {
             if pricing.reserve < 0 {
                 report.error(format!("{key}.pricing.reserve"), "must not be negative");
+            }
+            // Invalid usage charged the reservation must cost something (SPEC §2).
+            if pricing.reserve == 0 && rule == Some(&InvalidUsageRule::ChargeReserve) {
+                report.error(
+                    format!("{key}.pricing.reserve"),
+                    format!(
+                        "must be positive: upstream '{}' has on_invalid_usage: charge_reserve, which would make an invalid usage free",
+                        spec.upstream
+                    ),
+                );
             }
         }
         let agent = Agent {

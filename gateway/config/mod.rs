@@ -108,6 +108,8 @@ pub struct CallConfig {
     pub admin_token: Option<KeyHash>,
     /// `metrics.per_key`: also count requests and tokens per key id (a series set per key).
     pub metrics_per_key: bool,
+    /// `trusted_proxies`: the peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub pools: BTreeMap<String, PoolConfig>,
     pub agents: HashMap<String, Arc<Agent>>,
     pub policies: HashMap<String, Arc<Policy>>,
@@ -121,6 +123,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
     pub max_response_bytes: usize,
+    /// A client that reads none of its answer for this long is closed.
+    pub write_timeout: Duration,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
 }

@@ -11,6 +11,10 @@ pub struct ConfigFile {
     #[serde(default = "default_listen")]
     pub listen: String,
     pub threads: Option<usize>,
+    /// Peers (CIDR blocks) whose forwarding headers are believed; from anyone else they are
+    /// replaced by the gateway's own.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     #[serde(default)]
     pub limits: LimitsSpec,
     /// On SIGTERM: how long calls in flight get to finish once the listeners stop accepting.
@@ -46,6 +50,9 @@ pub struct LimitsSpec {
     pub max_header_bytes: usize,
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// How long a client may read none of its answer before it is closed.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout: String,
     /// The whole request head, from the connection's start (or a kept-alive connection's
     /// first byte); the connection is closed after it.
     #[serde(default = "default_header_timeout")]
@@ -61,6 +68,7 @@ impl Default for LimitsSpec {
             max_body_bytes: default_max_body_bytes(),
             max_header_bytes: default_max_header_bytes(),
             max_response_bytes: default_max_response_bytes(),
+            write_timeout: default_write_timeout(),
             header_timeout: default_header_timeout(),
             body_timeout: default_body_timeout(),
         }
@@ -291,6 +299,9 @@ fn default_max_header_bytes() -> usize {
 }
 fn default_max_response_bytes() -> usize {
     8 * 1024 * 1024
+}
+fn default_write_timeout() -> String {
+    "30s".into()
 }
 fn default_header_timeout() -> String {
     "10s".into()

@@ -113,9 +113,9 @@ pub async fn admit<'s>(
     }
 }
 
-/// The `RateLimit-*` numbers of an authenticated call refused before admission, read
-/// without taking anything.
-pub async fn peek_quota(
+/// The `RateLimit-*` numbers of an authenticated call refused before admission, as this
+/// instance knows them: read without taking anything, and without a store round trip.
+pub fn known_quota(
     services: &Services,
     snapshot: &Snapshot,
     caller: &Authenticated<'_>,
@@ -137,7 +137,7 @@ pub async fn peek_quota(
         now_ms: services.clock.now_ms(),
         lease_ms: 0,
     };
-    services.store.quota(&probe).await.ok().flatten()
+    services.store.quota(&probe)
 }
 
 fn count_shadow(metrics: &Metrics, agent: &str, hits: &[ShadowHit]) {

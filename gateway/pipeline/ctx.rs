@@ -47,6 +47,8 @@ pub struct CallRecord {
     pub session_id: Option<String>,
     /// When the worker exchange began.
     pub upstream_started: Option<Instant>,
+    /// When it ended: the worker's whole answer read, or given up on.
+    pub upstream_finished: Option<Instant>,
     /// The worker endpoint that answered.
     pub upstream_endpoint: Option<SocketAddr>,
     /// The usage the call was charged for.
@@ -72,6 +74,14 @@ impl RequestCtx {
 }
 
 impl CallRecord {
+    /// How long the worker exchange took, once it has ended.
+    pub fn upstream_time(&self) -> Option<std::time::Duration> {
+        Some(
+            self.upstream_finished?
+                .saturating_duration_since(self.upstream_started?),
+        )
+    }
+
     /// The agent label for metrics: a configured agent id, or a placeholder.
     pub fn agent_label(&self) -> &str {
         self.agent.as_ref().map_or(NO_AGENT, |a| a.id.as_str())

@@ -6,14 +6,13 @@ use std::net::SocketAddr;
 
 use super::ctx::{CallRecord, RequestCtx};
 use crate::error::GatewayError;
-use crate::metrics::{Metrics, NO_AGENT};
+use crate::metrics::{status_label, Metrics, NO_AGENT};
 
 /// Counts the call and writes its access-log line; `status` is what the client was sent
 /// (0 when nothing could be sent).
 pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
     let record = &ctx.record;
-    let status = http::StatusCode::from_u16(status).ok();
-    let status_label = status.as_ref().map_or("0", |s| s.as_str());
+    let status_label = status_label(status);
     let agent = record.agent_label();
     metrics
         .requests
@@ -22,10 +21,9 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
     metrics
         .request_duration
         .observe(ctx.started.elapsed().as_secs_f64());
-    if let Some(started) = record.upstream_started {
-        metrics
-            .upstream_duration
-            .observe(started.elapsed().as_secs_f64());
+    let upstream = record.upstream_time();
+    if let Some(upstream) = upstream {
+        metrics.upstream_duration.observe(upstream.as_secs_f64());
     }
     if let Some(key) = record.key.as_ref().filter(|_| record.counted_per_key) {
         count_per_key(metrics, &key.id, status_label, record);
@@ -48,7 +46,7 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
         key_id = record.key.as_ref().map_or("", |k| k.id.as_str()),
         account = record.key.as_ref().map_or("", |k| k.account.as_str()),
         session_id = record.session_id.as_deref().unwrap_or(""),
-        status = status_label,
+        status,
         error = record.refusal.as_ref().map_or("", |e| e.code()),
         decision = decision(record),
         trace_id = ctx.ids.trace.trace_id(),
@@ -58,9 +56,8 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
         admit_ms = record
             .upstream_started
             .map_or(0, |s| s.duration_since(ctx.started).as_millis() as u64),
-        upstream_ms = record
-            .upstream_started
-            .map_or(0, |s| s.elapsed().as_millis() as u64),
+        // The worker exchange alone: not the settlement, not the client's write.
+        upstream_ms = upstream.map_or(0, |u| u.as_millis() as u64),
         input_tokens = input,
         output_tokens = output,
         cost = record.cost,
@@ -99,10 +96,13 @@ impl std::fmt::Display for Endpoint {
 }
 
 /// What the gateway did with the call: `forwarded` (a worker answered), `refused` (the
-/// gateway answered it without a worker: auth, limits, balance, bad input), or
-/// `upstream_failed` (sent to the pool, no usable answer).
+/// gateway answered it without a worker: auth, limits, balance, bad input),
+/// `upstream_failed` (sent to the pool, no usable answer), or `client_gone` (the client
+/// left before the worker answered, and the worker's call was closed).
 fn decision(record: &CallRecord) -> &'static str {
-    if record.upstream_endpoint.is_some() {
+    if matches!(record.refusal, Some(GatewayError::ClientGone)) {
+        "client_gone"
+    } else if record.upstream_endpoint.is_some() {
         "forwarded"
     } else if record.upstream_started.is_some() {
         "upstream_failed"
@@ -113,16 +113,16 @@ fn decision(record: &CallRecord) -> &'static str {
 
 /// Counts and logs a request the edge refused before it became a call (a head too large).
 pub fn refused_at_the_edge(metrics: &Metrics, request_id: &str, error: &GatewayError) {
-    let status = error.status().to_string();
+    let status = error.status();
     metrics
         .requests
-        .with_label_values(&[NO_AGENT, status.as_str()])
+        .with_label_values(&[NO_AGENT, status_label(status)])
         .inc();
     tracing::info!(
         target: "access",
         request_id,
         agent = NO_AGENT,
-        status = status.as_str(),
+        status,
         error = error.code(),
         decision = "refused",
     );

@@ -19,7 +19,7 @@ use turnpike_core::trace::TraceParent;
 use super::ctx::CallRecord;
 use crate::clock::unix_now;
 use crate::config::Limits;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, HeadProblem};
 use crate::headers::TRACEPARENT;
 use crate::services::{Route, Services, Snapshot};
 
@@ -62,6 +62,39 @@ pub fn trace(head: &RequestHeader) -> TraceParent {
     TraceParent::for_call(only)
 }
 
+/// Whether the head is one HTTP allows: an HTTP/1.1 request names exactly one `Host`
+/// (RFC 9112 §3.2), and no HTTP/2 field value begins or ends with a space or tab (RFC 9113
+/// §8.2.1; HTTP/1's parser trims them). A malformed head is refused with 400 and the
+/// connection is not reused.
+pub fn well_formed(session: &mut Session) -> Result<(), GatewayError> {
+    let head = session.req_header();
+    let problem = if session.is_http2() {
+        let padded = |v: &http::HeaderValue| {
+            let bytes = v.as_bytes();
+            let is_padding = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+            is_padding(bytes.first()) || is_padding(bytes.last())
+        };
+        head.headers
+            .values()
+            .any(padded)
+            .then_some(HeadProblem::PaddedValue)
+    } else {
+        let mut hosts = head.headers.get_all(http::header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (Some(_), Some(_)) => Some(HeadProblem::ManyHosts),
+            (None, _) if head.version == http::Version::HTTP_11 => Some(HeadProblem::NoHost),
+            _ => None,
+        }
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => {
+            session.set_keepalive(None);
+            Err(GatewayError::MalformedHead(problem))
+        }
+    }
+}
+
 /// The route and the bearer key: 404/405, then 401. Records the key and the agent it named.
 pub async fn authenticate<'s>(
     services: &Services,
@@ -75,6 +108,10 @@ pub async fn authenticate<'s>(
     // dropped must not leave the rest to match.
     let raw_head = session.as_downstream().to_h1_raw();
     let path = target_path(request_line_target(&raw_head))?;
+    // Over HTTP/2 the fragment was dropped before the gateway saw the path: the edge noted it.
+    if session.is_http2() && fragment_dropped(session, head) {
+        return Err(GatewayError::NotFound);
+    }
     let agent_id = match_route(head.method.as_str(), path)?.agent_id;
     let token = bearer_token(only_authorization(head)?)?;
     let key = live_key(services, token).await?;
@@ -83,6 +120,13 @@ pub async fn authenticate<'s>(
     record.key = Some(Arc::clone(&key));
     record.counted_per_key = snapshot.config.metrics_per_key;
     Ok(Authenticated { key, route })
+}
+
+/// Whether this HTTP/2 request's `:path` carried a fragment.
+fn fragment_dropped(session: &Session, head: &RequestHeader) -> bool {
+    let connection = session.digest().and_then(|d| d.socket_digest.as_ref());
+    let path = head.uri.path_and_query().map_or("", |p| p.as_str());
+    crate::h2_paths::had_fragment(connection, path)
 }
 
 /// The one `Authorization` header's value; two are malformed (which one would a server
@@ -136,16 +180,27 @@ pub fn authorize<'s>(
 }
 
 /// Reads and validates the body (413, 415, 400; 408 when it takes longer than
-/// `limits.body_timeout`) and makes the body the worker receives.
+/// `limits.body_timeout`) and makes the body the worker receives. A body that was not read
+/// whole and well framed (too large, too slow, a bad chunk) leaves the connection's next
+/// bytes unknown, so the connection is not reused: whatever follows is never read as a
+/// request of its own.
 pub async fn read_chat(
     session: &mut Session,
     limits: &Limits,
     record: &mut CallRecord,
 ) -> Result<Chat, GatewayError> {
     let deadline = Instant::now() + limits.body_timeout;
-    let body = tokio::time::timeout_at(deadline, read_body(session, limits.max_body_bytes))
+    let read = tokio::time::timeout_at(deadline, read_body(session, limits.max_body_bytes))
         .await
-        .map_err(|_| GatewayError::RequestTimeout)??;
+        .unwrap_or(Err(GatewayError::RequestTimeout));
+    let body = read.inspect_err(|error| {
+        // Only a body read whole and well framed says where the next request begins.
+        let read_whole =
+            matches!(error, GatewayError::UnsupportedMediaType) && session.is_body_done();
+        if !read_whole {
+            session.set_keepalive(None);
+        }
+    })?;
     let chat = parse_chat(&body)?;
     let forward_body = match forwarded_body(&body, &chat) {
         Some(rewritten) => Bytes::from(rewritten),

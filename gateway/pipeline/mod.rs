@@ -4,20 +4,22 @@
 //!
 //! ```text
 //! edge                  the head, before Pingora parses it              (431, or closed)
+//! intake::well_formed   Host, field values                          (400, closed)
 //! intake::authenticate  route, key               -> Authenticated   (404/405, 401)
 //! intake::authorize     agent and scope          -> Caller          (404)
 //! intake::read_chat     body                     -> Chat            (408, 413, 415, 400)
 //! admit::admit          one store call           -> Admitted        (429, 402, 503)
 //!                                                   holding an OpenCall
-//! forward::forward      the worker exchange      -> WorkerAnswer    (502, 504)
+//! forward::forward      the worker exchange      -> WorkerAnswer    (502, 504; client gone)
 //! meter::meter          usage, session_id        -> MeteredAnswer   (502 invalid usage)
 //! OpenCall::settle      one store call           -> cost
 //! reply                 the client's answer
 //! ```
 //!
 //! The call is settled before the client is written to, so a slow or vanished client can
-//! neither delay nor lose its metering. [`ctx::RequestCtx`] only records what the end of the
-//! call reports (`finish`, in Pingora's `logging` phase).
+//! neither delay nor lose its metering; a client that vanishes before the worker answers
+//! ends the exchange and is charged nothing. [`ctx::RequestCtx`] only records what the end
+//! of the call reports (`finish`, in Pingora's `logging` phase).
 
 pub mod admit;
 pub mod ctx;
@@ -36,6 +38,7 @@ use self::intake::Authenticated;
 use self::meter::MeteredAnswer;
 use self::open_call::Bill;
 use self::reply::{Common, Refused};
+use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::services::{Services, Snapshot};
 use turnpike_core::limits::Quota;
@@ -59,13 +62,25 @@ pub async fn serve(
     if services.lifecycle.is_draining() {
         session.set_keepalive(None);
     }
+    let write_timeout = snapshot.config.limits.write_timeout;
     match outcome {
         Ok(Answered { answer, quota }) => {
             let common = Common {
                 request_id: &ctx.ids.request_id,
                 quota,
+                write_timeout,
             };
             reply::send_answer(session, &common, answer).await
+        }
+        Err(Refused {
+            error: GatewayError::ClientGone,
+            ..
+        }) => {
+            ctx.record.refusal = Some(GatewayError::ClientGone);
+            pingora::Error::e_explain(
+                pingora::ErrorType::ConnectionClosed,
+                "the client went away before the worker answered",
+            )
         }
         Err(Refused { error, quota }) => {
             // Recorded first, so the access log has it even if the client is gone.
@@ -73,6 +88,7 @@ pub async fn serve(
             let common = Common {
                 request_id: &ctx.ids.request_id,
                 quota,
+                write_timeout,
             };
             reply::send_error(session, &common, error).await
         }
@@ -86,21 +102,26 @@ async fn run(
     ids: &CallIds,
     record: &mut CallRecord,
 ) -> Result<Answered, Refused> {
+    intake::well_formed(session).map_err(Refused::plain)?;
     let caller = intake::authenticate(services, snapshot, session, record)
         .await
         .map_err(Refused::plain)?;
-    // From here on the caller is known: every refusal carries its `RateLimit-*` numbers.
+    // From here on the caller is known: every refusal carries its `RateLimit-*` numbers, as
+    // this instance knows them (no store round trip; none at all when the store failed).
     let admitted = match admit_caller(services, snapshot, session, &caller, ids, record).await {
         Ok(admitted) => admitted,
+        Err(Refused {
+            error: error @ GatewayError::StoreUnavailable,
+            quota,
+        }) => return Err(Refused { error, quota }),
         Err(Refused { error, quota: None }) => {
-            let quota = admit::peek_quota(services, snapshot, &caller).await;
+            let quota = admit::known_quota(services, snapshot, &caller);
             return Err(Refused { error, quota });
         }
         Err(refused) => return Err(refused),
     };
-    let limits = &snapshot.config.limits;
     let route = admitted.caller.route;
-    let answer = forward::forward(services, session, &admitted, limits, ids, record)
+    let answer = forward::forward(services, session, &admitted, &snapshot.config, ids, record)
         .await
         .and_then(|answer| {
             let rule = route.pool.config.on_invalid_usage;

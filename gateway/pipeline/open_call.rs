@@ -275,8 +275,8 @@ mod tests {
             self.store.admit(call).await
         }
 
-        async fn quota(&self, call: &Admission<'_>) -> Result<Option<Quota>, StoreError> {
-            self.store.quota(call).await
+        fn quota(&self, call: &Admission<'_>) -> Option<Quota> {
+            self.store.quota(call)
         }
 
         async fn settle(&self, call: &Settlement<'_>) {

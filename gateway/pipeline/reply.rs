@@ -4,6 +4,8 @@ use bytes::Bytes;
 use http::HeaderValue;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
+use std::future::Future;
+use std::time::Duration;
 
 use turnpike_core::limits::Quota;
 
@@ -24,6 +26,14 @@ const HOP_BY_HOP: [&str; 7] = [
     "upgrade",
 ];
 
+/// Worker headers about the worker itself, not the answer: the client never learns which
+/// server software stands behind the gateway.
+const WORKER_ONLY: [&str; 1] = ["server"];
+
+/// How much of an answer one write hands the connection: a client that reads at all keeps
+/// its connection, one that reads nothing for `limits.write_timeout` loses it.
+const WRITE_SLICE_BYTES: usize = 64 * 1024;
+
 /// A call the gateway answers itself.
 pub struct Refused {
     pub error: GatewayError,
@@ -43,6 +53,8 @@ pub struct Common<'a> {
     pub request_id: &'a str,
     /// The tightest request bucket, for an authenticated call.
     pub quota: Option<Quota>,
+    /// `limits.write_timeout`: the longest a client may read nothing.
+    pub write_timeout: Duration,
 }
 
 /// Writes the worker's answer with its status and headers, an exact `Content-Length`, and
@@ -59,15 +71,15 @@ pub async fn send_answer(
     for name in connection_options(&header.headers) {
         header.remove_header(name.as_str());
     }
-    for name in HOP_BY_HOP {
-        header.remove_header(name);
+    for name in HOP_BY_HOP.iter().chain(&WORKER_ONLY) {
+        header.remove_header(*name);
     }
     header.insert_header(
         http::header::CONTENT_LENGTH,
         HeaderValue::from(answer.body.len()),
     )?;
     add_common_headers(&mut header, common)?;
-    write(session, header, answer.body).await
+    write(session, header, answer.body, common.write_timeout).await
 }
 
 /// Writes `error` in the contract's shape. A body the client was still sending is left
@@ -88,20 +100,40 @@ pub async fn send_error(
     if !session.is_body_done() {
         session.set_keepalive(None);
     }
-    write(session, header, body).await
+    write(session, header, body, common.write_timeout).await
 }
 
+/// Writes head and body, each write given at most `write_timeout` to be taken by the client:
+/// one that reads nothing for that long is cut off (its task and answer freed), however
+/// large the answer.
 async fn write(
     session: &mut Session,
     header: Box<ResponseHeader>,
-    body: Bytes,
+    mut body: Bytes,
+    write_timeout: Duration,
 ) -> pingora::Result<()> {
     let empty = body.is_empty();
-    session.write_response_header(header, empty).await?;
-    if !empty {
-        session.write_response_body(Some(body), true).await?;
+    within(write_timeout, session.write_response_header(header, empty)).await?;
+    while !body.is_empty() {
+        let slice = body.split_to(body.len().min(WRITE_SLICE_BYTES));
+        let end = body.is_empty();
+        within(write_timeout, session.write_response_body(Some(slice), end)).await?;
     }
     Ok(())
+}
+
+async fn within(
+    limit: Duration,
+    write: impl Future<Output = pingora::Result<()>>,
+) -> pingora::Result<()> {
+    // Pingora's timers: lazily armed, so a write that completes at once costs none.
+    match pingora::time::timeout(limit, write).await {
+        Ok(written) => written,
+        Err(_) => pingora::Error::e_explain(
+            pingora::ErrorType::WriteTimedout,
+            "the client read nothing for limits.write_timeout",
+        ),
+    }
 }
 
 /// `X-Request-Id` always; `RateLimit-*` for an authenticated call with a request bucket.

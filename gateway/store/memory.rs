@@ -119,11 +119,11 @@ impl CallStore for MemoryStore {
         Ok(decision)
     }
 
-    async fn quota(&self, call: &Admission<'_>) -> Result<Option<Quota>, StoreError> {
+    fn quota(&self, call: &Admission<'_>) -> Option<Quota> {
         let ledger = self.ledger.lock();
         let key = ledger.key_limits.get(call.key_id);
         let agent = ledger.agent_limits.get(call.agent);
-        Ok(admission::peek_quota(key, agent, call))
+        admission::peek_quota(key, agent, call)
     }
 
     async fn settle(&self, call: &Settlement<'_>) {

@@ -117,8 +117,10 @@ pub trait CallStore: Send + Sync {
     /// error means the store could not decide.
     async fn admit(&self, call: &Admission<'_>) -> Result<Result<Admitted, Refusal>, StoreError>;
 
-    /// The `RateLimit-*` numbers for `call` without taking anything (`call_id` unused).
-    async fn quota(&self, call: &Admission<'_>) -> Result<Option<Quota>, StoreError>;
+    /// The `RateLimit-*` numbers for `call` as this instance knows them, without taking
+    /// anything and without a round trip to a networked store (`call_id` unused): for a
+    /// refusal before admission, which must cost the store nothing.
+    fn quota(&self, call: &Admission<'_>) -> Option<Quota>;
 
     /// Releases the call's reservation and slots, debits cost and token buckets, and records
     /// usage. Idempotent per `call_id`: settling twice changes nothing the second time.

@@ -4,7 +4,9 @@
 //! feature: no OpenSSL to build.
 
 pub mod files;
+pub mod handshake;
 pub mod live;
 
 pub use files::{load_ca_bundle, load_cert, CaBundle, CertFiles, LoadedCert, TlsFileError};
+pub use handshake::{handshake_done, HandshakeDeadline};
 pub use live::{CertWatcher, TlsListener};

@@ -8,7 +8,7 @@ use turnpike_core::trace::TraceParent;
 use crate::config::PoolConfig;
 use crate::headers::{
     connection_options, IDEMPOTENCY_KEY, TRACEPARENT, TRACESTATE, X_ACCOUNT_ID, X_AGENT_ID,
-    X_FORWARDED_FOR, X_KEY_ID, X_REQUEST_ID, X_SESSION_ID,
+    X_FORWARDED_FOR, X_FORWARDED_PROTO, X_KEY_ID, X_REQUEST_ID, X_SESSION_ID,
 };
 
 /// Client headers a worker never sees: credentials, identities the gateway asserts itself,
@@ -34,18 +34,50 @@ const DROPPED_HEADERS: [&str; 18] = [
     "expect",
 ];
 
-/// Whether a client header is kept from the worker. A name with `_` counts as the one it
-/// folds to (`X_Account_Id` is `x-account-id` to a CGI or WSGI worker), so no spelling of
-/// an identity header gets past.
-fn is_dropped(name: &str) -> bool {
-    if DROPPED_HEADERS.contains(&name) {
-        return true;
-    }
-    if !name.contains('_') {
+/// What a proxy in front says about the client. Believed only from a trusted proxy (as
+/// Envoy's `xff_num_trusted_hops` and nginx's `set_real_ip_from` do); from anyone else they
+/// are dropped and the gateway sends its own `X-Forwarded-For` and `X-Forwarded-Proto`.
+const FORWARDING_HEADERS: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+
+/// Whether a client header is kept from the worker. Names are compared with `_` read as
+/// `-` (`X_Account_Id` is `x-account-id` to a CGI or WSGI worker), so no spelling of an
+/// identity header, a forwarding header or one the pool sets itself gets past; only a
+/// trusted proxy's forwarding headers, spelled exactly, are kept.
+fn is_dropped(name: &str, pool: &PoolConfig, from_trusted_proxy: bool) -> bool {
+    if from_trusted_proxy && FORWARDING_HEADERS.contains(&name) {
         return false;
     }
-    let folded = name.replace('_', "-");
-    DROPPED_HEADERS.contains(&folded.as_str()) || folded == X_FORWARDED_FOR.as_str()
+    DROPPED_HEADERS
+        .iter()
+        .chain(&FORWARDING_HEADERS)
+        .any(|dropped| same_folded(name, dropped))
+        || pool
+            .headers
+            .iter()
+            .any(|(set, _)| same_folded(name, set.as_str()))
+}
+
+/// Whether two lowercase header names are the same once `_` is read as `-`.
+fn same_folded(a: &str, b: &str) -> bool {
+    let fold = |c: u8| if c == b'_' { b'-' } else { c };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
+}
+
+/// The client's connection as the worker is told of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The address the connection came from.
+    pub ip: Option<IpAddr>,
+    /// Whether that address is one of `trusted_proxies`.
+    pub trusted: bool,
+    /// The listener's scheme: `http` or `https`.
+    pub scheme: &'static str,
 }
 
 /// Who the gateway says is calling, for the worker's identity headers.
@@ -57,15 +89,15 @@ pub struct Identity<'a> {
     pub session_id: &'a str,
     pub key_id: &'a str,
     pub account: &'a str,
-    pub client_ip: Option<IpAddr>,
+    pub peer: Peer,
     /// The client's valid `traceparent` (sent on unchanged), or a new trace.
     pub trace: &'a TraceParent,
 }
 
 /// The request head a worker receives: the rewritten path, the client's other headers, the
-/// gateway's identity headers, `X-Forwarded-For` with the client's address appended, the
-/// pool's configured headers, and the length of the body it will be sent. Fails only on a
-/// header value no HTTP head can carry.
+/// gateway's identity headers, the forwarding headers (the peer's address appended to a
+/// trusted proxy's `X-Forwarded-For`, else alone), the pool's configured headers, and the
+/// length of the body it will be sent. Fails only on a header value no HTTP head can carry.
 pub fn outgoing_head(
     client: &RequestHeader,
     who: &Identity,
@@ -79,14 +111,27 @@ pub fn outgoing_head(
         Some(client.headers.len() + 8),
     )?;
     let connection_options = connection_options(&client.headers);
+    let trusted = who.peer.trusted;
+    let mut cookies = client.headers.get_all(http::header::COOKIE).iter();
+    let split_cookie = cookies.next().is_some() && cookies.next().is_some();
     for (name, value) in &client.headers {
         let name_str = name.as_str();
-        if !is_dropped(name_str)
+        if !is_dropped(name_str, pool, trusted)
             && name != http::header::CONTENT_LENGTH
+            && name != X_FORWARDED_FOR
+            && !(split_cookie && name == http::header::COOKIE)
             && !connection_options.iter().any(|o| o == name_str)
         {
             header.append_header(name.clone(), value.clone())?;
         }
+    }
+    // HTTP/2 may split `cookie` into crumbs; an HTTP/1.1 worker gets them as one header
+    // (RFC 9113 §8.2.3).
+    if split_cookie {
+        header.insert_header(
+            http::header::COOKIE,
+            joined(client, http::header::COOKIE, "; "),
+        )?;
     }
     // An HTTP/2 client names the host in `:authority`, not `Host`; a worker gets `Host`
     // either way (and an HTTP/2 worker's `:authority` is made from it).
@@ -95,17 +140,7 @@ pub fn outgoing_head(
             header.insert_header(http::header::HOST, authority.as_str())?;
         }
     }
-    if let Some(ip) = who.client_ip {
-        let forwarded_for = match client
-            .headers
-            .get(X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(earlier) => format!("{earlier}, {ip}"),
-            None => ip.to_string(),
-        };
-        header.insert_header(X_FORWARDED_FOR, forwarded_for)?;
-    }
+    forwarding_headers(&mut header, client, who.peer)?;
     // The answer's usage must be readable: no compression between gateway and worker.
     header.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
     header.insert_header(X_REQUEST_ID, who.request_id)?;
@@ -127,4 +162,44 @@ pub fn outgoing_head(
         header.insert_header(name.clone(), value.clone())?;
     }
     Ok(header)
+}
+
+/// `X-Forwarded-For` and `X-Forwarded-Proto`: a trusted proxy's chain with the peer appended
+/// and its scheme kept; anyone else's replaced by the peer's address and the listener's
+/// scheme.
+fn forwarding_headers(
+    header: &mut RequestHeader,
+    client: &RequestHeader,
+    peer: Peer,
+) -> pingora::Result<()> {
+    let earlier = if peer.trusted && client.headers.contains_key(X_FORWARDED_FOR) {
+        Some(joined(client, X_FORWARDED_FOR, ", "))
+    } else {
+        None
+    };
+    let chain = match (earlier, peer.ip) {
+        (Some(earlier), Some(ip)) => Some(format!("{earlier}, {ip}")),
+        (Some(earlier), None) => Some(earlier),
+        (None, Some(ip)) => Some(ip.to_string()),
+        (None, None) => None,
+    };
+    if let Some(chain) = chain {
+        header.insert_header(X_FORWARDED_FOR, chain)?;
+    }
+    if !(peer.trusted && client.headers.contains_key(X_FORWARDED_PROTO)) {
+        header.insert_header(X_FORWARDED_PROTO, peer.scheme)?;
+    }
+    Ok(())
+}
+
+/// Every value of header `name`, in order, joined by `separator`.
+fn joined(client: &RequestHeader, name: http::HeaderName, separator: &str) -> String {
+    let mut out = String::new();
+    for value in client.headers.get_all(name).iter() {
+        if !out.is_empty() {
+            out.push_str(separator);
+        }
+        out.push_str(&String::from_utf8_lossy(value.as_bytes()));
+    }
+    out
 }

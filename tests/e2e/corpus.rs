@@ -4,7 +4,7 @@
 //! answered 2xx, each a well-formed chat call, and nothing hidden inside another request.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -103,18 +103,26 @@ fn fill(bytes: &[u8], gw: &TestGateway) -> Vec<u8> {
     text.into_bytes()
 }
 
-/// Sends one connection's bytes, half-closes, and reads every answer until the gateway
-/// closes the connection.
-fn statuses(gw: &TestGateway, bytes: &[u8], name: &str) -> Vec<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    let _ = stream.write_all(bytes);
-    let _ = stream.shutdown(Shutdown::Write);
+/// How long a connection that got every answer it expects is watched for one more.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// Sends one connection's bytes and reads every answer until the gateway closes the
+/// connection, or, once the `expected` answers are in, until it stays quiet for [`QUIET`].
+/// The client does not half-close: a client that closes its side before its answer has
+/// gone away (SPEC §2), and its call is cancelled.
+fn statuses(gw: &TestGateway, bytes: &[u8], name: &str, expected: usize) -> Vec<u16> {
+    let stream = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let _ = writer.write_all(bytes);
     let mut reader = BufReader::new(stream);
     let mut statuses = Vec::new();
     loop {
+        let wait = if statuses.len() < expected {
+            Duration::from_secs(15)
+        } else {
+            QUIET
+        };
+        reader.get_ref().set_read_timeout(Some(wait)).unwrap();
         match reader.fill_buf() {
             Ok([]) | Err(_) => return statuses,
             Ok(_) => {}
@@ -133,7 +141,7 @@ fn every_fixture_gets_its_answers_and_the_worker_only_the_calls_served() {
     let mut problems = Vec::new();
     for case in &cases {
         let before = w.count();
-        let got = statuses(&gw, &fill(&case.bytes, &gw), &case.name);
+        let got = statuses(&gw, &fill(&case.bytes, &gw), &case.name, case.expect.len());
         let served = got.iter().filter(|s| (200..300).contains(*s)).count();
         // The worker may still be finishing the last call it was sent.
         let seen = wait_for_count(&w, before + served) - before;

@@ -236,23 +236,6 @@ fn the_worker_is_asked_for_an_identity_encoding() {
 }
 
 #[test]
-fn the_worker_gets_x_forwarded_for_with_the_client_address_appended() {
-    let w = Worker::start("w1");
-    let gw = TestGateway::builder().worker(&w).start();
-    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
-    assert_eq!(w.last().header_values("x-forwarded-for"), vec!["127.0.0.1"]);
-    gw.call(AGENT)
-        .key(gw.jane())
-        .header("X-Forwarded-For", "10.1.2.3")
-        .send()
-        .assert_status(200);
-    assert_eq!(
-        w.last().header_values("x-forwarded-for"),
-        vec!["10.1.2.3, 127.0.0.1"]
-    );
-}
-
-#[test]
 fn expect_100_continue_is_answered_before_the_body_is_sent() {
     use std::io::{BufRead, BufReader, Write};
     use std::net::TcpStream;

@@ -1,9 +1,10 @@
 //! Metering (SPEC §2): the totals equal the sum of the usage the workers reported, by account,
-//! key and agent; bad usage is not credited; a client that hangs up is still metered.
+//! key and agent; bad usage is not credited; a client that hangs up before the worker
+//! answers is charged nothing, and its worker's call is closed.
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -167,29 +168,73 @@ fn invalid_usage_can_be_charged_the_reservation_instead() {
     gw.wait_metric("turnpike_invalid_usage_total", &charged, 4.0);
 }
 
+/// SPEC §2: a client gone before the worker answered is noticed within a second; the
+/// worker's call is closed (so the agent can stop) and nothing is charged or kept reserved.
 #[test]
-fn a_client_that_hangs_up_is_still_metered_once_the_worker_answers() {
+fn a_client_gone_before_the_answer_closes_the_workers_call_and_costs_nothing() {
     let w = Worker::start("w1");
-    let gw = TestGateway::builder().worker(&w).start();
-    let body = json!({"message": Script::sleep(1.0).to_string()}).to_string();
-    let body = body.as_bytes();
-    let request = raw::chat_request(AGENT, gw.jane(), body);
-    {
-        let mut s = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
-        s.write_all(&request).unwrap();
-        wait_until(
-            Duration::from_secs(3),
-            "the call reaches the worker",
-            || w.count() == 1,
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    } // hang up while the worker is still thinking
-    let got = gw.usage_after("account=acct_jane", 1);
-    assert_eq!(
-        got,
-        usage(1, 45, 32, 109),
-        "the abandoned call was not metered"
+    let gw = TestGateway::builder().worker(&w).reserve(100).start();
+    let start = gw.balance("acct_jane").balance;
+    let body = json!({"message": Script::sleep(5.0).to_string()}).to_string();
+    let request = raw::chat_request(AGENT, gw.jane(), body.as_bytes());
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
+    s.write_all(&request).unwrap();
+    wait_until(
+        Duration::from_secs(3),
+        "the call reaches the worker",
+        || w.count() == 1,
     );
-    assert_eq!(gw.settled_balance("acct_jane").balance, 10_000_000 - 109);
-    assert_eq!(w.count(), 1);
+    drop(s);
+    let gone = Instant::now();
+    assert_worker_told(&w, gone);
+    assert_charged_nothing(&gw, start);
+}
+
+/// The same over HTTP/2: the client's connection closed while its stream waits.
+#[test]
+fn an_http2_client_gone_before_the_answer_closes_the_workers_call_and_costs_nothing() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).reserve(100).start();
+    let start = gw.balance("acct_jane").balance;
+    let client = tls::H2Session::cleartext(gw.port());
+    client.start(&tls::h2_chat(gw.jane(), &Script::sleep(5.0).to_string()));
+    wait_until(
+        Duration::from_secs(3),
+        "the call reaches the worker",
+        || w.count() == 1,
+    );
+    drop(client);
+    let gone = Instant::now();
+    assert_worker_told(&w, gone);
+    assert_charged_nothing(&gw, start);
+}
+
+/// The worker saw its call closed within a second of the client going.
+#[track_caller]
+fn assert_worker_told(w: &Worker, gone: Instant) {
+    wait_until(
+        Duration::from_secs(3),
+        "the worker sees its call closed",
+        || !w.hang_ups().is_empty(),
+    );
+    let told = w.hang_ups()[0].saturating_duration_since(gone);
+    assert!(
+        told <= Duration::from_secs(1),
+        "the worker was told after {told:?}"
+    );
+}
+
+#[track_caller]
+fn assert_charged_nothing(gw: &TestGateway, start: i64) {
+    assert_eq!(
+        gw.settled_balance("acct_jane"),
+        Balance {
+            balance: start,
+            reserved: 0
+        }
+    );
+    assert_eq!(gw.usage("account=acct_jane"), usage(0, 0, 0, 0));
+    // The worker's answer, had it come, would have been 109: nothing arrives later either.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gw.usage("account=acct_jane"), usage(0, 0, 0, 0));
 }

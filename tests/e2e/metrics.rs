@@ -242,3 +242,30 @@ fn per_key_series_exist_only_when_the_config_turns_them_on() {
         vec![1.0]
     );
 }
+
+/// A worker's statuses become label values only as their class, beside the gateway's own
+/// codes: whatever workers answer, the series stay bounded.
+#[test]
+fn worker_statuses_the_gateway_never_answers_are_counted_by_class() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    for status in [201, 299, 418, 451, 500, 599] {
+        gw.chat(AGENT, gw.jane(), Script::status(status))
+            .assert_status(status);
+    }
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    for (class, count) in [("2xx", 2.0), ("4xx", 2.0), ("5xx", 2.0), ("200", 1.0)] {
+        gw.wait_metric(
+            "turnpike_requests_total",
+            &[("agent", AGENT), ("status", class)],
+            count,
+        );
+    }
+    let text = gw.metrics();
+    for raw in ["201", "299", "418", "451", "500", "599"] {
+        assert!(
+            samples(&text, "turnpike_requests_total", &[("status", raw)]).is_empty(),
+            "status {raw} has a series of its own"
+        );
+    }
+}

@@ -13,14 +13,14 @@ use crate::{call_ids, calls_with_request_id, on_redis};
 
 /// What one call costs at the test config's prices: 45 input and 32 output tokens at 1 and
 /// 2 units per token.
-const COST: i64 = 45 + 2 * 32;
+pub const COST: i64 = 45 + 2 * 32;
 /// Long enough for any held settlement to be retried after Redis recovers (the retry backs
 /// off to at most 5 s while Redis fails) on a busy machine.
 const RECOVERY: Duration = Duration::from_secs(20);
 
 /// Runs `during` while a call that holds its worker for `hold_secs` is in flight (admitted,
 /// and at the worker), then returns the call's reply.
-fn with_a_call_in_flight(
+pub fn with_a_call_in_flight(
     gw: &TestGateway,
     w: &Worker,
     hold_secs: f64,
@@ -39,7 +39,7 @@ fn with_a_call_in_flight(
 
 /// Waits until `account`'s balance is `balance` with nothing reserved; returns how long.
 /// The admin API answers 503 while Redis counts as down: that is asked again.
-fn wait_for_balance(gw: &TestGateway, account: &str, balance: i64) -> Duration {
+pub fn wait_for_balance(gw: &TestGateway, account: &str, balance: i64) -> Duration {
     let started = Instant::now();
     wait_until(RECOVERY, "the held settlement is written", || {
         let now = gw.admin_get(&format!("/admin/accounts/{account}/balance"));
@@ -49,7 +49,7 @@ fn wait_for_balance(gw: &TestGateway, account: &str, balance: i64) -> Duration {
 }
 
 /// Whether Redis answers a `PING` within 50 ms.
-fn answers_ping(redis: &RedisServer) -> bool {
+pub fn answers_ping(redis: &RedisServer) -> bool {
     use std::io::{Read, Write};
     let Ok(mut conn) = std::net::TcpStream::connect(redis.addr()) else {
         return false;
@@ -63,7 +63,7 @@ fn answers_ping(redis: &RedisServer) -> bool {
 /// `calls` metered calls are recorded once each: in the usage totals and the usage stream,
 /// and nothing was dropped.
 #[track_caller]
-fn assert_recorded_once(gw: &TestGateway, redis: &RedisServer, calls: u64) {
+pub fn assert_recorded_once(gw: &TestGateway, redis: &RedisServer, calls: u64) {
     assert_eq!(gw.usage("account=acct_jane").requests, calls as i64);
     let entries = format!("(integer) {calls}");
     assert_eq!(redis.cli(&["XLEN", "turnpike:usage"]), entries);
@@ -258,7 +258,7 @@ fn an_empty_restart_is_seeded_again_and_the_held_charge_comes_off_the_starting_b
 }
 
 /// A gateway on `redis` under `fail_open`, journalling what it holds.
-fn journalled_on(redis: &RedisServer, w: &Worker) -> crate::support::gateway::GatewayBuilder {
+pub fn journalled_on(redis: &RedisServer, w: &Worker) -> crate::support::gateway::GatewayBuilder {
     on_redis(
         w,
         json!(redis.url()),

@@ -43,9 +43,10 @@ fn concurrent_calls_share_script_runs_and_each_is_charged_and_logged_once() {
         .reserve(1000)
         .account_balance("acct_jane", 1_000_000)
         .start();
-    // One call first, which loads the script (a first EVALSHA answered NOSCRIPT).
+    // One call first, which loads the script (a first EVALSHA answered NOSCRIPT). Each call
+    // is three operations: its admission, its settlement, its settled marker let go.
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
-    gw.wait_metric("turnpike_store_batch_calls_sum", &[], 2.0);
+    gw.wait_metric("turnpike_store_batch_calls_sum", &[], 3.0);
     let runs_before = gw.metric("turnpike_store_batch_calls_count", &[]);
     let scripts_before = redis.command_calls("evalsha");
     let calls = 48;
@@ -63,11 +64,11 @@ fn concurrent_calls_share_script_runs_and_each_is_charged_and_logged_once() {
         redis.cli(&["XLEN", "turnpike:usage"]),
         format!("(integer) {all}")
     );
-    // Every admission and settlement went through a run, and some run carried more than
-    // one: fewer script calls than operations.
-    gw.wait_metric("turnpike_store_batch_calls_sum", &[], 2.0 * all as f64);
+    // Every operation went through a run, and some run carried more than one: fewer script
+    // calls than operations.
+    gw.wait_metric("turnpike_store_batch_calls_sum", &[], 3.0 * all as f64);
     let runs = gw.metric("turnpike_store_batch_calls_count", &[]) - runs_before;
-    assert!(runs < 2.0 * calls as f64, "{runs} runs for {calls} calls");
+    assert!(runs < 3.0 * calls as f64, "{runs} runs for {calls} calls");
     assert_eq!(
         (redis.command_calls("evalsha") - scripts_before) as f64,
         runs
@@ -105,4 +106,27 @@ fn a_call_redis_refuses_fails_alone_and_the_calls_run_with_it_pass() {
     assert!(jane.iter().all(|(_, s)| **s == 503), "{statuses:?}");
     assert!(bob.iter().all(|(_, s)| **s == 200), "{statuses:?}");
     assert_eq!(gw.usage_after("account=acct_bob", 12).requests, 12);
+}
+
+/// A call refused before admission (here a body that is not JSON) costs Redis nothing: its
+/// `RateLimit-*` numbers are what this instance knows, not a second script run.
+#[test]
+fn a_call_refused_before_admission_sends_redis_nothing() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(redis.url()), json!({"key_cache_ttl": "1m"}))
+        .policy("standard", json!({"requests": {"rate": 10, "per": "1s"}}))
+        .start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    // Its admission, its settlement, and its settled marker let go.
+    gw.wait_metric("turnpike_store_batch_calls_sum", &[], 3.0);
+    // Scripts are the calls' only work on Redis (the key is cached); background checks
+    // (the seed marker, the flusher's ping) are not a call's.
+    let scripts = || redis.command_calls("evalsha") + redis.command_calls("eval");
+    let before = scripts();
+    let refused = gw.post_json_bytes(&chat_path(AGENT), gw.jane(), b"{not json");
+    refused.error(400, "invalid_request");
+    assert_eq!(refused.int_header("ratelimit-limit"), 10);
+    assert!(refused.int_header("ratelimit-remaining") <= 9);
+    assert_eq!(scripts(), before, "the refusal ran a script on Redis");
 }

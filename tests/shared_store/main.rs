@@ -13,6 +13,7 @@ mod faults;
 mod group_commit;
 mod mirror;
 mod outage;
+mod replay;
 mod scripts;
 mod two_instances;
 

@@ -84,6 +84,29 @@ pub struct Quota {
     pub reset_secs: u64,
 }
 
+impl Quota {
+    /// These numbers `elapsed_ms` later, had nothing been taken meanwhile: the bucket refills
+    /// evenly until it is full `reset_secs` after they were read. An estimate from what one
+    /// instance saw, for refusals that must not cost a store round trip.
+    pub fn after(self, elapsed_ms: u64) -> Quota {
+        let reset_ms = self.reset_secs.saturating_mul(1000);
+        if elapsed_ms >= reset_ms {
+            return Quota {
+                remaining: self.limit,
+                reset_secs: 0,
+                ..self
+            };
+        }
+        let missing = self.limit.saturating_sub(self.remaining) as u128;
+        let refilled = (missing * elapsed_ms as u128 / reset_ms as u128) as u64;
+        Quota {
+            remaining: self.remaining + refilled,
+            reset_secs: (reset_ms - elapsed_ms).div_ceil(1000),
+            ..self
+        }
+    }
+}
+
 impl BucketSpec {
     /// Units a single token is worth.
     pub fn unit(&self) -> i64 {
@@ -301,6 +324,42 @@ mod tests {
         let spec = TEN_PER_SECOND;
         let state = drained(&spec, 1_000, 20);
         assert_eq!(state.refilled(&spec, 500), state);
+    }
+
+    #[test]
+    fn a_quota_refills_evenly_until_its_reset() {
+        let read = Quota {
+            limit: 20,
+            remaining: 0,
+            reset_secs: 2,
+        };
+        assert_eq!(read.after(0), read);
+        assert_eq!(
+            read.after(1000),
+            Quota {
+                limit: 20,
+                remaining: 10,
+                reset_secs: 1
+            }
+        );
+        assert_eq!(
+            read.after(1500),
+            Quota {
+                limit: 20,
+                remaining: 15,
+                reset_secs: 1
+            }
+        );
+        for later in [2000, 60_000, u64::MAX] {
+            assert_eq!(
+                read.after(later),
+                Quota {
+                    limit: 20,
+                    remaining: 20,
+                    reset_secs: 0
+                }
+            );
+        }
     }
 
     #[test]

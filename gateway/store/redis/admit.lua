@@ -1,9 +1,9 @@
--- Admission (mode 'admit') or a read-only look at the quota (mode 'peek'). Mirrors
+-- Admission. Mirrors
 -- turnpike_core::admission: every bucket of every scope is judged on the state refilled to
 -- now, then everything is taken or nothing is. Time is this server's TIME, so gateway
 -- instances with skewed clocks agree. prelude.lua comes first.
 
-local RATE_LIMITED, ADMITTED, BROKE, PEEKED = 0, 1, 2, 3
+local RATE_LIMITED, ADMITTED, BROKE = 0, 1, 2
 local REQUESTS, TOKENS, CONCURRENCY = 1, 2, 3
 local CONCURRENCY_RETRY_MS = 1000
 
@@ -24,11 +24,11 @@ local function quota(level, b)
     math.ceil(millis_to_refill(capacity(b) - level, b.rate) / 1000)
 end
 
--- One admission (or peek), on this run's state. The calling convention, which protocol.rs
+-- One admission, on this run's state. The calling convention, which protocol.rs
 -- holds to these lines in a test: the arguments, in order, then the same eight for each of
 -- scope_count scopes.
 local function admit(KEYS, ARGV)
-  local mode, call_id, lease_ms, reserve, scope_count = unpack(ARGV, 1, 5)
+  local call_id, lease_ms, reserve, scope_count = unpack(ARGV, 1, 4)
   local SCOPE_ARGS = 8
   -- reserve -1: unpriced; enforce 1 | 0 (shadow); a rate of 0: no such bucket; concurrency 0:
   -- no limit. KEYS: [account hash, reservation leases] when priced, then per scope its
@@ -47,7 +47,7 @@ local function admit(KEYS, ARGV)
   local refusal = nil
   local shadow = {}
   for i = 1, scope_count do
-    local at = 5 + (i - 1) * SCOPE_ARGS
+    local at = 4 + (i - 1) * SCOPE_ARGS
     local enforce, requests_rate, requests_period, requests_burst,
       tokens_rate, tokens_period, tokens_burst, concurrency = unpack(ARGV, at + 1, at + SCOPE_ARGS)
     local s = {
@@ -70,7 +70,7 @@ local function admit(KEYS, ARGV)
       s.tl, s.tu, wait = judged(state[3], state[4], s.tokens)
       if wait then denials[#denials + 1] = { TOKENS, wait } end
     end
-    if s.concurrency > 0 and mode == 'admit' then
+    if s.concurrency > 0 then
       -- Slots are leases: one a crashed instance never gave back expires by itself.
       zsweep(s.inflight)
       if zcard(s.inflight) >= s.concurrency then
@@ -110,8 +110,6 @@ local function admit(KEYS, ARGV)
     end
     return out
   end
-
-  if mode == 'peek' then return reply(PEEKED, 0, 0, 0, 0) end
 
   -- The same call admitted before (a client library resending after a lost answer) takes
   -- nothing twice: its reservation or its slots are the sign.

@@ -5,7 +5,6 @@ use turnpike_core::admission::{Admission, Admitted, Refusal, Reservation, Scope,
 use turnpike_core::limits::Quota;
 
 use super::batch::Kind;
-use super::link::Op;
 use super::protocol::Invocation;
 use super::split::{self, Purpose, Side, SideOutcome, SideReply};
 use super::RedisStore;
@@ -27,7 +26,7 @@ impl RedisStore {
         &self,
         call: &Admission<'_>,
     ) -> Result<Result<Admitted, Refusal>, StoreError> {
-        let mut sides = split::admit_sides(call, self.plan, false);
+        let mut sides = split::admit_sides(call, self.plan);
         let answers = futures_util::future::join_all(
             sides
                 .iter_mut()
@@ -51,6 +50,7 @@ impl RedisStore {
             .collect();
         if replies.len() == sides.len() {
             let decision = split::combine(call, &replies);
+            self.quotas.remember(call, &decision);
             if decision.is_err() {
                 for (side, answer) in &sides {
                     self.undo(call, side, answer).await;
@@ -83,19 +83,14 @@ impl RedisStore {
         }
     }
 
-    pub(super) async fn quota_on_redis(
-        &self,
-        call: &Admission<'_>,
-    ) -> Result<Option<Quota>, StoreError> {
-        let mut replies = Vec::new();
-        for side in split::admit_sides(call, self.plan, true) {
-            let reply: Vec<i64> = self
-                .link
-                .invoke(Op::Quota, &self.admit_script, &side.invocation)
-                .await?;
-            replies.extend(split::decode_admit(&side, &reply));
+    /// The `RateLimit-*` numbers of `call`'s key from its last admission on this instance,
+    /// refilled since; a full bucket when it has had none here. No round trip: a refusal
+    /// before admission must not cost Redis anything.
+    pub(super) fn known_quota(&self, call: &Admission<'_>) -> Option<Quota> {
+        match self.quotas.get(call.key_id) {
+            Some((quota, at_ms)) => Some(quota.after(call.now_ms.saturating_sub(at_ms))),
+            None => turnpike_core::admission::peek_quota(None, None, call),
         }
-        Ok(split::tightest(&replies))
     }
 
     async fn ask(&self, invocation: Invocation) -> Result<Vec<i64>, StoreError> {
@@ -178,5 +173,41 @@ impl RedisStore {
             status: 0,
         };
         self.write_or_hold(&settlement, purpose).await;
+    }
+}
+
+/// Bounds the memo: past this many keys it starts over.
+const MOST_QUOTAS_KEPT: usize = 100_000;
+
+/// Each key's last `RateLimit-*` numbers and when they were read (the store's clock, ms).
+/// Best effort: an update that would wait for the lock is skipped.
+#[derive(Default)]
+pub struct QuotaMemo {
+    by_key: parking_lot::Mutex<std::collections::HashMap<String, (Quota, u64)>>,
+}
+
+impl QuotaMemo {
+    fn remember(&self, call: &Admission<'_>, decision: &Result<Admitted, Refusal>) {
+        let quota = match decision {
+            Ok(admitted) => admitted.quota,
+            Err(
+                Refusal::RateLimited { quota, .. } | Refusal::InsufficientBalance { quota, .. },
+            ) => *quota,
+        };
+        let (Some(quota), Some(mut by_key)) = (quota, self.by_key.try_lock()) else {
+            return;
+        };
+        if let Some(known) = by_key.get_mut(call.key_id) {
+            *known = (quota, call.now_ms);
+            return;
+        }
+        if by_key.len() >= MOST_QUOTAS_KEPT {
+            by_key.clear();
+        }
+        by_key.insert(call.key_id.to_owned(), (quota, call.now_ms));
+    }
+
+    fn get(&self, key_id: &str) -> Option<(Quota, u64)> {
+        self.by_key.lock().get(key_id).copied()
     }
 }

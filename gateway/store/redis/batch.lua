@@ -5,7 +5,14 @@
 --
 -- ARGV: per call its kind, its key count and its argument count, then its arguments; KEYS:
 -- each call's keys, in the same order. Reply: per call its own reply, or the text of its error.
-local KINDS = { admit = admit, settle = settle, log_usage = log_usage }
+-- A settled call's marker, given a short life once the gateway knows the outcome: long
+-- enough for a duplicate still on its way to find it. ARGV: the grace in ms.
+local function forget(KEYS, ARGV)
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  return 1
+end
+
+local KINDS = { admit = admit, settle = settle, log_usage = log_usage, forget = forget }
 
 local replies = {}
 local at, first_key = 1, 1

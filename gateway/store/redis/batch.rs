@@ -15,7 +15,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::link::{reply_kind, Link, Op};
-use super::names::hash_tag;
+use super::names::{hash_tag, MARKER_GRACE_MS};
 use super::protocol::{Invocation, BATCH_LUA};
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -30,6 +30,8 @@ pub enum Kind {
     Settle,
     /// A Cluster's usage log entry, in the stream's slot.
     LogUsage,
+    /// A settled call's marker given its last grace ([`GroupCommit::forget`]).
+    Forget,
 }
 
 impl Kind {
@@ -38,6 +40,7 @@ impl Kind {
             Kind::Admit => "admit",
             Kind::Settle => "settle",
             Kind::LogUsage => "log_usage",
+            Kind::Forget => "forget",
         }
     }
 
@@ -45,7 +48,7 @@ impl Kind {
     fn op(self) -> Op {
         match self {
             Kind::Admit => Op::Admit,
-            Kind::Settle | Kind::LogUsage => Op::Settle,
+            Kind::Settle | Kind::LogUsage | Kind::Forget => Op::Settle,
         }
     }
 }
@@ -93,6 +96,35 @@ impl GroupCommit {
         kind: Kind,
         invocation: Invocation,
     ) -> Result<T, StoreError> {
+        let answered = self.enqueue(kind, invocation);
+        let reply = answered.await.unwrap_or_else(|_| {
+            Err(StoreError::new(
+                StoreErrorKind::Unanswered,
+                "the group commit carrying this call ended without an answer",
+            ))
+        })?;
+        T::from_redis_value(reply)
+            .map_err(|e| StoreError::new(StoreErrorKind::Refused, format!("unexpected reply: {e}")))
+    }
+
+    /// Gives a settled call's marker its last [`MARKER_GRACE_MS`] in the next run of its
+    /// lane, without waiting: one lost is a marker that stays (a few bytes), never a
+    /// settlement applied twice.
+    pub fn forget(self: &Arc<Self>, marker: String) {
+        let invocation = Invocation {
+            keys: vec![marker],
+            args: vec![MARKER_GRACE_MS.to_string()],
+        };
+        drop(self.enqueue(Kind::Forget, invocation));
+    }
+
+    /// Puts `invocation` in its lane, starting the lane's runner when none runs; the
+    /// receiver has its reply once the run that carried it is back.
+    fn enqueue(
+        self: &Arc<Self>,
+        kind: Kind,
+        invocation: Invocation,
+    ) -> oneshot::Receiver<Result<Value, StoreError>> {
         let lane = match (self.by_tag, invocation.keys.first()) {
             (true, Some(key)) => hash_tag(key).to_owned(),
             _ => String::new(),
@@ -118,14 +150,7 @@ impl GroupCommit {
             };
             tokio::spawn(runner.run_lane());
         }
-        let reply = answered.await.unwrap_or_else(|_| {
-            Err(StoreError::new(
-                StoreErrorKind::Unanswered,
-                "the group commit carrying this call ended without an answer",
-            ))
-        })?;
-        T::from_redis_value(reply)
-            .map_err(|e| StoreError::new(StoreErrorKind::Refused, format!("unexpected reply: {e}")))
+        answered
     }
 
     async fn run(&self, batch: Vec<Waiting>) {

@@ -1,9 +1,11 @@
 //! The settlement journal: an append-only file of JSON lines in `store.journal_dir`, one
 //! `{"held":{"seq":N,"owed":...}}` per settlement held and one `{"done":N}` once it is
-//! written. A line is written to the OS as the settlement is held, so it survives the gateway
-//! being killed; a background thread fsyncs what was written within [`SYNC_EVERY`], so a
-//! machine crash can lose at most that window. When nothing is owed the file is emptied.
-//! One gateway at a time: the directory is locked while the journal is open.
+//! written. The file belongs to a thread of its own, so a slow disk never stalls the calls:
+//! a held settlement's line is handed to it, and the caller waits (without blocking its
+//! thread) until the line is written to the OS, so it survives the gateway being killed.
+//! The thread fsyncs what was written within [`SYNC_EVERY`], so a machine crash can lose at
+//! most that window. When nothing is owed the file is emptied. One gateway at a time: the
+//! directory is locked while the journal is open.
 
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -11,12 +13,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 /// How soon a written line is on disk.
 pub const SYNC_EVERY: Duration = Duration::from_millis(50);
@@ -33,20 +35,29 @@ enum Line<T> {
 /// What a journal still owes from an earlier run, by sequence number, oldest first.
 pub type Owing<T> = Vec<(u64, T)>;
 
+/// Resolves once a held settlement's line is written to the OS (or could not be: the
+/// error is logged, and the settlement is then held in memory only).
+pub type Written = oneshot::Receiver<()>;
+
+/// What the writer thread is asked to do, in order.
+enum Command {
+    Append {
+        text: String,
+        written: oneshot::Sender<()>,
+    },
+    Empty,
+}
+
 /// A journal of `T`, what each held settlement owes.
 pub struct Journal<T> {
-    state: Mutex<State>,
-    /// Set when a line was written since the last fsync.
-    dirty: Arc<AtomicBool>,
+    /// The next sequence number, and the way to the writer thread: taken together, so
+    /// lines reach the file in sequence order.
+    state: Mutex<(u64, mpsc::Sender<Command>)>,
+    /// Joined on drop, so what was handed to it is in the file before the lock is let go.
+    writer: Option<std::thread::JoinHandle<()>>,
     /// Held for the journal's life: the directory's lock.
     _lock: File,
     _owes: PhantomData<fn(T)>,
-}
-
-struct State {
-    file: File,
-    path: PathBuf,
-    next_seq: u64,
 }
 
 impl<T: Serialize + DeserializeOwned> Journal<T> {
@@ -73,55 +84,110 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
         };
         let next_seq = owed.keys().next_back().map_or(1, |last| last + 1);
         let file = rewrite(&path, &owed)?;
-        let dirty = Arc::new(AtomicBool::new(false));
-        spawn_syncer(file.try_clone()?, Arc::clone(&dirty));
+        let (commands, writer) = spawn_writer(file, path)?;
         let journal = Self {
-            state: Mutex::new(State {
-                file,
-                path,
-                next_seq,
-            }),
-            dirty,
+            state: Mutex::new((next_seq, commands)),
+            writer: Some(writer),
             _lock: lock,
             _owes: PhantomData,
         };
         Ok((journal, owed.into_iter().collect()))
     }
 
-    /// Appends a held settlement; returns its sequence number.
-    pub fn append(&self, owed: &T) -> u64 {
+    /// Appends a held settlement; returns its sequence number, and when its line is written.
+    pub fn append(&self, owed: &T) -> (u64, Written) {
+        let (written, done) = oneshot::channel();
         let mut state = self.state.lock();
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        self.write(&mut state, &Line::Held { seq, owed });
-        seq
+        let seq = state.0;
+        state.0 += 1;
+        let text = line_text(&Line::Held { seq, owed });
+        let _ = state.1.send(Command::Append { text, written });
+        (seq, done)
     }
 
     /// Marks a settlement written (or given up); when `nothing_owed`, empties the file.
     pub fn done(&self, seq: u64, nothing_owed: bool) {
-        let mut state = self.state.lock();
-        if nothing_owed {
-            if let Err(error) = state.file.set_len(0) {
-                tracing::error!(%error, path = %state.path.display(), "could not empty the settlement journal");
+        let state = self.state.lock();
+        let command = if nothing_owed {
+            Command::Empty
+        } else {
+            let (written, _) = oneshot::channel();
+            Command::Append {
+                text: line_text(&Line::<&T>::Done(seq)),
+                written,
             }
-            self.dirty.store(true, Ordering::Release);
-            return;
-        }
-        self.write(&mut state, &Line::<&T>::Done(seq));
+        };
+        let _ = state.1.send(command);
     }
+}
 
-    fn write(&self, state: &mut State, line: &Line<&T>) {
-        let mut text = serde_json::to_string(line).unwrap_or_default();
-        text.push('\n');
-        if let Err(error) = state.file.write_all(text.as_bytes()) {
-            tracing::error!(
-                %error,
-                path = %state.path.display(),
-                line = %text.trim_end(),
-                "could not write the settlement journal: this settlement is held in memory only"
-            );
+fn line_text<T: Serialize>(line: &Line<T>) -> String {
+    let mut text = serde_json::to_string(line).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// The thread that owns the file: writes what it is handed, in order, and fsyncs what it
+/// wrote within [`SYNC_EVERY`]. It ends when the journal is dropped.
+fn spawn_writer(
+    mut file: File,
+    path: PathBuf,
+) -> std::io::Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
+    let (commands, incoming) = mpsc::channel::<Command>();
+    let writer = std::thread::Builder::new()
+        .name("turnpike-journal".into())
+        .spawn(move || {
+            let mut unsynced_since: Option<Instant> = None;
+            loop {
+                let wait = unsynced_since.map_or(Duration::from_secs(3600), |since| {
+                    SYNC_EVERY.saturating_sub(since.elapsed())
+                });
+                match incoming.recv_timeout(wait) {
+                    Ok(Command::Append { text, written }) => {
+                        if let Err(error) = file.write_all(text.as_bytes()) {
+                            tracing::error!(
+                                %error,
+                                path = %path.display(),
+                                line = %text.trim_end(),
+                                "could not write the settlement journal: this settlement is held in memory only"
+                            );
+                        }
+                        let _ = written.send(());
+                        unsynced_since.get_or_insert_with(Instant::now);
+                    }
+                    Ok(Command::Empty) => {
+                        if let Err(error) = file.set_len(0) {
+                            tracing::error!(%error, path = %path.display(), "could not empty the settlement journal");
+                        }
+                        unsynced_since.get_or_insert_with(Instant::now);
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        let _ = file.sync_data();
+                        return;
+                    }
+                }
+                if unsynced_since.is_some_and(|since| since.elapsed() >= SYNC_EVERY) {
+                    if let Err(error) = file.sync_data() {
+                        tracing::error!(%error, "could not fsync the settlement journal");
+                    }
+                    unsynced_since = None;
+                }
+            }
+        })?;
+    Ok((commands, writer))
+}
+
+impl<T> Drop for Journal<T> {
+    fn drop(&mut self) {
+        // Its end of the channel gone, the writer writes what it holds and stops.
+        drop(std::mem::replace(
+            &mut self.state.get_mut().1,
+            mpsc::channel().0,
+        ));
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
         }
-        self.dirty.store(true, Ordering::Release);
     }
 }
 
@@ -171,24 +237,6 @@ fn rewrite<T: Serialize>(path: &Path, owed: &BTreeMap<u64, T>) -> std::io::Resul
     OpenOptions::new().append(true).open(path)
 }
 
-/// Fsyncs the journal whenever something was written since the last time.
-fn spawn_syncer(file: File, dirty: Arc<AtomicBool>) {
-    let weak = Arc::downgrade(&dirty);
-    drop(dirty);
-    std::thread::Builder::new()
-        .name("turnpike-journal".into())
-        .spawn(move || loop {
-            std::thread::sleep(SYNC_EVERY);
-            let Some(dirty) = weak.upgrade() else { return };
-            if dirty.swap(false, Ordering::AcqRel) {
-                if let Err(error) = file.sync_data() {
-                    tracing::error!(%error, "could not fsync the settlement journal");
-                }
-            }
-        })
-        .expect("a thread for the settlement journal");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,7 +279,7 @@ mod tests {
         {
             let (journal, owed_now) = open(&dir).unwrap();
             assert!(owed_now.is_empty());
-            let first = journal.append(&owed(1));
+            let (first, _) = journal.append(&owed(1));
             journal.append(&owed(2));
             journal.append(&owed(3));
             journal.done(first, false);
@@ -239,7 +287,7 @@ mod tests {
         let (journal, owed_now) = open(&dir).unwrap();
         assert_eq!(owed_now, vec![(2, owed(2)), (3, owed(3))]);
         // Numbering goes on after the highest owed, so no two lines share one.
-        assert_eq!(journal.append(&owed(4)), 4);
+        assert_eq!(journal.append(&owed(4)).0, 4);
     }
 
     #[test]

@@ -26,7 +26,6 @@ pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Op {
     Key,
     Admit,
-    Quota,
     Settle,
     /// The operator's reads and idempotent writes (`SET`, `HSET`, `SADD`, `DEL`).
     Admin,
@@ -35,20 +34,12 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 6] = [
-        Op::Key,
-        Op::Admit,
-        Op::Quota,
-        Op::Settle,
-        Op::Admin,
-        Op::AdminOnce,
-    ];
+    const ALL: [Op; 5] = [Op::Key, Op::Admit, Op::Settle, Op::Admin, Op::AdminOnce];
 
     fn label(self) -> &'static str {
         match self {
             Op::Key => "key",
             Op::Admit => "admit",
-            Op::Quota => "quota",
             Op::Settle => "settle",
             Op::Admin | Op::AdminOnce => "admin",
         }
@@ -191,7 +182,7 @@ pub struct Link {
     /// Milliseconds since `epoch` until which Redis counts as down (0: up).
     down_until_ms: AtomicU64,
     epoch: Instant,
-    ops: [OpMetrics; 6],
+    ops: [OpMetrics; 5],
 }
 
 impl Link {
@@ -322,17 +313,6 @@ impl Link {
             self.mark_down(&error);
         }
         Err(error)
-    }
-
-    /// Runs a script with the hot path's deadline.
-    pub async fn invoke<T: FromRedisValue>(
-        &self,
-        op: Op,
-        script: &Script,
-        invocation: &Invocation,
-    ) -> Result<T, StoreError> {
-        self.invoke_within(op, self.timeout, script, invocation)
-            .await
     }
 
     pub async fn invoke_within<T: FromRedisValue>(

@@ -35,6 +35,7 @@ use turnpike_core::billing::AccountState;
 use turnpike_core::keys::{KeyHash, KeyRecord};
 use turnpike_core::limits::Quota;
 
+use self::admit::QuotaMemo;
 use self::batch::GroupCommit;
 use self::cache::KnownKeys;
 use self::fail_open::FailOpen;
@@ -55,10 +56,11 @@ pub struct RedisStore {
     batches: Arc<GroupCommit>,
     plan: Plan,
     stream_maxlen: u64,
-    admit_script: Script,
     balance_script: Script,
     seed_account_script: Script,
     keys: KnownKeys,
+    /// The `RateLimit-*` numbers each key's last admission here returned.
+    quotas: QuotaMemo,
     seeding: Arc<Seeding>,
     fail_open: FailOpen,
     queue: SettlementQueue,
@@ -100,10 +102,10 @@ impl RedisStore {
                 Plan::Single
             },
             stream_maxlen: config.usage_stream_maxlen,
-            admit_script: Script::new(protocol::ADMIT_LUA),
             balance_script: Script::new(protocol::CHANGE_BALANCE_LUA),
             seed_account_script: Script::new(protocol::SEED_ACCOUNT_LUA),
             keys: KnownKeys::new(config.key_cache_ttl),
+            quotas: QuotaMemo::default(),
             seeding: Arc::new(Seeding::new(metrics.store_state_lost.clone())),
             fail_open: FailOpen::new(
                 config.on_unavailable == FailMode::FailOpen,
@@ -138,8 +140,8 @@ impl CallStore for RedisStore {
         self.admit_on_redis(call).await
     }
 
-    async fn quota(&self, call: &Admission<'_>) -> Result<Option<Quota>, StoreError> {
-        self.quota_on_redis(call).await
+    fn quota(&self, call: &Admission<'_>) -> Option<Quota> {
+        self.known_quota(call)
     }
 
     async fn settle(&self, call: &Settlement<'_>) {

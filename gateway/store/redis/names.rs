@@ -18,9 +18,13 @@ pub const SEEDED: &str = "turnpike:seeded";
 /// Pub/sub channel announcing changed keys (`records::KeyEvent`).
 pub const KEY_EVENTS: &str = "turnpike:keys";
 
-/// How long a settled call's id is remembered, so a settlement retried later is not applied
-/// twice. Longer than any outage the settlement queue rides out in practice.
-pub const SETTLED_MARKER_MS: u64 = 3_600_000;
+/// A settled call's marker (which makes a retried settlement change nothing) is kept with
+/// no expiry: a settlement held in the journal may be replayed after any outage, and must
+/// find it. Once the gateway knows the outcome, the marker is given this much more life, for
+/// a duplicate still on its way (a write whose answer was lost, a settle racing its own
+/// retry), then goes.
+pub const MARKER_KEPT: u64 = 0;
+pub const MARKER_GRACE_MS: u64 = 60_000;
 
 /// Everything of one account shares this hash tag. The fixed `account:` inside the braces
 /// keeps the tag non-empty and apart from agents' whatever the id holds (even a `}`).

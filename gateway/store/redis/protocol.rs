@@ -6,6 +6,8 @@
 use turnpike_core::limits::{BucketKind, BucketSpec, Quota};
 use turnpike_core::usage::Usage;
 
+/// admit.lua alone, as a test reads it (admissions always go in a `batch`).
+#[cfg(test)]
 pub const ADMIT_LUA: &str = concat!(
     include_str!("prelude.lua"),
     include_str!("admit.lua"),
@@ -36,7 +38,7 @@ pub const LOG_USAGE_LUA: &str = concat!(
 pub const SEED_ACCOUNT_LUA: &str = include_str!("seed_account.lua");
 
 /// admit.lua's arguments, then [`ADMIT_SCOPE_ARGS`] once per scope.
-pub const ADMIT_ARGS: [&str; 5] = ["mode", "call_id", "lease_ms", "reserve", "scope_count"];
+pub const ADMIT_ARGS: [&str; 4] = ["call_id", "lease_ms", "reserve", "scope_count"];
 pub const ADMIT_SCOPE_ARGS: [&str; 8] = [
     "enforce",
     "requests_rate",
@@ -61,12 +63,7 @@ pub const ADMIT_REPLY: [&str; 10] = [
     "shadow_count",
 ];
 /// admit.lua's outcome codes (`RATE_LIMITED`, ...).
-pub const OUTCOMES: [(&str, i64); 4] = [
-    ("rate_limited", 0),
-    ("admitted", 1),
-    ("broke", 2),
-    ("peeked", 3),
-];
+pub const OUTCOMES: [(&str, i64); 3] = [("rate_limited", 0), ("admitted", 1), ("broke", 2)];
 /// admit.lua's bucket codes (`REQUESTS`, ...).
 pub const BUCKETS: [(&str, i64); 3] = [("requests", 1), ("tokens", 2), ("concurrency", 3)];
 
@@ -142,8 +139,6 @@ pub struct ScopeLimits {
 /// admit.lua's arguments.
 #[derive(Debug, Clone)]
 pub struct AdmitArgs<'a> {
-    /// Read the quota only, taking nothing.
-    pub peek: bool,
     pub call_id: &'a str,
     pub lease_ms: u64,
     /// `None`: this script does not touch the balance.
@@ -157,7 +152,6 @@ impl AdmitArgs<'_> {
         let mut args =
             Vec::with_capacity(ADMIT_ARGS.len() + self.scopes.len() * ADMIT_SCOPE_ARGS.len());
         args.extend([
-            if self.peek { "peek" } else { "admit" }.to_owned(),
             self.call_id.to_owned(),
             self.lease_ms.to_string(),
             self.reserve.unwrap_or(-1).to_string(),
@@ -187,7 +181,6 @@ pub enum Outcome {
         retry_after_ms: u64,
     },
     Broke,
-    Peeked,
 }
 
 /// admit.lua's reply, decoded.
@@ -217,8 +210,7 @@ impl AdmitReply {
                 bucket: bucket_kind(bucket)?,
                 retry_after_ms: u64::try_from(retry_ms).ok()?,
             },
-            "broke" => Outcome::Broke,
-            _ => Outcome::Peeked,
+            _ => Outcome::Broke,
         };
         let quota = (has_quota == 1).then(|| Quota {
             limit: limit.max(0) as u64,

@@ -9,7 +9,7 @@ use prometheus::{IntCounter, IntGauge};
 use std::collections::VecDeque;
 use std::path::Path;
 
-use super::journal::Journal;
+use super::journal::{Journal, Written};
 use super::protocol::Invocation;
 use crate::store::StoreError;
 
@@ -76,8 +76,9 @@ impl SettlementQueue {
     }
 
     /// Holds a settlement's writes; when the queue is full they are dropped, counted, and
-    /// logged whole so they can be replayed by hand.
-    pub fn hold(&self, owed: Vec<Owed>) {
+    /// logged whole so they can be replayed by hand. With a journal, returns when its line
+    /// will have been written.
+    pub fn hold(&self, owed: Vec<Owed>) -> Option<Written> {
         let mut items = self.items.lock();
         if items.len() >= self.capacity {
             drop(items);
@@ -87,14 +88,18 @@ impl SettlementQueue {
                 settlement = %as_json(&owed),
                 "settlement queue full: a settlement was dropped"
             );
-            return;
+            return None;
         }
-        let seq = match &self.journal {
-            Some(journal) => journal.append(&owed),
-            None => 0,
+        let (seq, written) = match &self.journal {
+            Some(journal) => {
+                let (seq, written) = journal.append(&owed);
+                (seq, Some(written))
+            }
+            None => (0, None),
         };
         items.push_back(Held { seq, owed });
         self.queued.set(items.len() as i64);
+        written
     }
 
     /// The oldest held settlement, taken out.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use turnpike_core::admission::Settlement;
 
 use super::batch::Kind;
-use super::names::{usage_marker, SETTLED_MARKER_MS, USAGE_STREAM};
+use super::names::{usage_marker, MARKER_KEPT, USAGE_STREAM};
 use super::protocol::{log_usage_args, Invocation};
 use super::queue::{Held, Owed, SettlementQueue};
 use super::split::{self, Purpose};
@@ -33,7 +33,10 @@ impl RedisStore {
     pub(super) async fn write_or_hold(&self, call: &Settlement<'_>, purpose: Purpose) {
         let mut owed = self.owed_by(call, purpose);
         if self.write(&mut owed).await.is_err() {
-            self.queue.hold(owed);
+            // Durable before the call's answer leaves (SPEC §2): its journal line written.
+            if let Some(written) = self.queue.hold(owed) {
+                let _ = written.await;
+            }
         }
     }
 
@@ -68,7 +71,7 @@ impl RedisStore {
         ];
         Invocation {
             keys: vec![usage_marker(call.call_id), USAGE_STREAM.to_owned()],
-            args: log_usage_args(call.call_id, SETTLED_MARKER_MS, self.stream_maxlen, values),
+            args: log_usage_args(call.call_id, MARKER_KEPT, self.stream_maxlen, values),
         }
     }
 
@@ -88,6 +91,10 @@ impl RedisStore {
             if let Err(error) = written_now {
                 outcome = Err(error);
                 break;
+            }
+            // Applied now or before: its marker has done its work once the grace is over.
+            if let Some(marker) = invocation.keys.first() {
+                self.batches.forget(marker.clone());
             }
             written += 1;
         }

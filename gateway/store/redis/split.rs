@@ -9,7 +9,7 @@ use turnpike_core::admission::{
 use turnpike_core::limits::{BucketKind, Mode, Policy, Quota};
 
 use super::names::{
-    account_hash, account_leases, account_tag, agent_tag, usage_hash, Limiter, SETTLED_MARKER_MS,
+    account_hash, account_leases, account_tag, agent_tag, usage_hash, Limiter, MARKER_KEPT,
     USAGE_STREAM,
 };
 use super::protocol::{
@@ -93,10 +93,10 @@ fn group<'a>(
         .collect()
 }
 
-/// The admission scripts for `call` (`peek`: read the quota only), one per side; a side
+/// The admission scripts for `call`, one per side; a side
 /// with nothing to judge is left out, so a call with no limits and no price costs no round
 /// trip at all.
-pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan, peek: bool) -> Vec<Side<'a>> {
+pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan) -> Vec<Side<'a>> {
     let scopes = limited(
         call.account,
         call.key_id,
@@ -104,7 +104,7 @@ pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan, peek: bool) -> Vec<Side
         call.key_policy,
         call.agent_policy,
     );
-    let priced = call.pricing.is_some() && !peek;
+    let priced = call.pricing.is_some();
     group(plan, priced, scopes)
         .into_iter()
         .map(|(priced, scopes)| {
@@ -117,7 +117,6 @@ pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan, peek: bool) -> Vec<Side
                 keys.extend(s.limiter.keys());
             }
             let args = AdmitArgs {
-                peek,
                 call_id: call.call_id,
                 lease_ms: call.lease_ms,
                 reserve: priced.then(|| call.pricing.map_or(0, |p| p.reserve)),
@@ -156,7 +155,6 @@ pub enum SideOutcome {
         retry_after_ms: u64,
     },
     InsufficientBalance,
-    Peeked,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,7 +202,6 @@ pub fn decode_admit(side: &Side, reply: &[i64]) -> Option<SideReply> {
             retry_after_ms,
         },
         Outcome::Broke => SideOutcome::InsufficientBalance,
-        Outcome::Peeked => SideOutcome::Peeked,
     };
     let shadow_hits = reply
         .shadow
@@ -261,7 +258,6 @@ pub fn combine(call: &Admission, replies: &[SideReply]) -> Result<Admitted, Refu
                 reservation.key_slot |= key_slot;
                 reservation.agent_slot |= agent_slot;
             }
-            SideOutcome::Peeked => {}
         }
     }
     if let Some((scope, bucket, retry_after_ms)) = refusal {
@@ -375,7 +371,7 @@ pub fn settle_sides(
             }
             let args = SettleArgs {
                 call_id: call.call_id,
-                marker_ttl_ms: SETTLED_MARKER_MS,
+                marker_ttl_ms: MARKER_KEPT,
                 refund: matches!(purpose, Purpose::Refund { .. }),
                 account_side,
                 cost: call.cost,

@@ -66,7 +66,7 @@ pub struct Script {
     pub no_session: bool,
     /// Pads the answer with this many bytes.
     pub padding: Option<usize>,
-    /// Answers with `Connection: X-Worker-Hop`, `X-Worker-Hop` and `X-Worker-Kept`.
+    /// Answers with `Connection: X-Worker-Hop`, `X-Worker-Hop`, `X-Worker-Kept` and `Server`.
     pub hop_header: bool,
     pub ending: Option<Ending>,
 }

@@ -10,7 +10,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -52,6 +52,8 @@ struct Shared {
     finished: AtomicUsize,
     stopping: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
+    /// When the gateway closed a connection while the worker was still thinking over a call.
+    hung_up: Mutex<Vec<Instant>>,
     /// Scripts the worker could not follow: each fails the test.
     script_errors: Mutex<Vec<String>>,
 }
@@ -127,6 +129,11 @@ impl Worker {
     }
 
     /// How many requests the worker has finished with (answered or dropped).
+    /// When the gateway closed a connection while the worker was thinking over its call.
+    pub fn hang_ups(&self) -> Vec<Instant> {
+        self.shared.hung_up.lock().unwrap().clone()
+    }
+
     pub fn finished(&self) -> usize {
         self.shared.finished.load(Ordering::SeqCst)
     }
@@ -269,8 +276,8 @@ fn answer(out: &mut TcpStream, name: &str, body: &Value, shared: &Shared) -> boo
     if script.hold {
         sleep_s = sleep_s.max(0.3);
     }
-    if sleep_s > 0.0 {
-        std::thread::sleep(Duration::from_secs_f64(sleep_s));
+    if sleep_s > 0.0 && !think(out, Duration::from_secs_f64(sleep_s), shared) {
+        return false;
     }
     let (input, output) = script.usage.unwrap_or((45, 32));
     let mut resp = json!({
@@ -306,11 +313,47 @@ fn answer(out: &mut TcpStream, name: &str, body: &Value, shared: &Shared) -> boo
         };
     }
     let extra = if script.hop_header {
-        "Connection: X-Worker-Hop\r\nX-Worker-Hop: secret\r\nX-Worker-Kept: yes\r\n"
+        "Connection: X-Worker-Hop\r\nX-Worker-Hop: secret\r\nX-Worker-Kept: yes\r\nServer: mock-worker/1.0\r\n"
     } else {
         ""
     };
     write_answer(out, script.status.unwrap_or(200), &resp, extra)
+}
+
+/// Thinks for `time` while watching the connection, as an agent that stops working when its
+/// caller hangs up; false (and the moment recorded) when the gateway closed it meanwhile.
+fn think(out: &TcpStream, time: Duration, shared: &Shared) -> bool {
+    let until = Instant::now() + time;
+    let mut probe = [0u8; 1];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let _ = out.set_read_timeout(None);
+            return true;
+        }
+        let _ = out.set_read_timeout(Some(left.min(Duration::from_millis(50))));
+        match out.peek(&mut probe) {
+            Ok(0) | Err(_) if closed(out) => {
+                shared.hung_up.lock().unwrap().push(Instant::now());
+                return false;
+            }
+            // Bytes of a next request, or the wait timed out: keep thinking.
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// Whether the peer has closed the connection (a peek reads end of stream or a reset).
+fn closed(out: &TcpStream) -> bool {
+    let _ = out.set_nonblocking(true);
+    let mut probe = [0u8; 1];
+    let gone = match out.peek(&mut probe) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    let _ = out.set_nonblocking(false);
+    gone
 }
 
 /// Writes one JSON answer; false when the connection broke.

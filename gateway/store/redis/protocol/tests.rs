@@ -49,7 +49,7 @@ fn owned_codes<const N: usize>(codes: [(&str, i64); N]) -> Vec<(String, i64)> {
 
 #[test]
 fn the_scripts_declare_the_same_protocol_as_rust() {
-    let (names, range) = unpacked(ADMIT_LUA, "mode");
+    let (names, range) = unpacked(ADMIT_LUA, "call_id");
     assert_eq!(
         (names, range),
         (owned(ADMIT_ARGS), format!("1, {}", ADMIT_ARGS.len()))
@@ -178,7 +178,6 @@ const BUCKET: BucketSpec = BucketSpec {
 #[test]
 fn admission_arguments_arrive_under_their_names() {
     let args = AdmitArgs {
-        peek: false,
         call_id: "call_1",
         lease_ms: 1234,
         reserve: Some(50),
@@ -191,7 +190,6 @@ fn admission_arguments_arrive_under_their_names() {
     };
     let (head, scopes) = as_lua_sees(&args.encode(), &ADMIT_ARGS, &ADMIT_SCOPE_ARGS);
     let expected_head = [
-        ("mode", "admit"),
         ("call_id", "call_1"),
         ("lease_ms", "1234"),
         ("reserve", "50"),

@@ -71,7 +71,7 @@ fn tag(key: &str) -> &str {
 #[test]
 fn a_call_with_no_limits_and_no_price_needs_no_round_trip() {
     for plan in [Plan::Single, Plan::Cluster] {
-        assert!(admit_sides(&admission(None, None, false), plan, false).is_empty());
+        assert!(admit_sides(&admission(None, None, false), plan).is_empty());
     }
 }
 
@@ -79,9 +79,9 @@ fn a_call_with_no_limits_and_no_price_needs_no_round_trip() {
 fn on_a_cluster_each_script_stays_in_one_slot() {
     let policy = limited_policy(Some(1));
     let call = admission(Some(&policy), Some(&policy), true);
-    let single = admit_sides(&call, Plan::Single, false);
+    let single = admit_sides(&call, Plan::Single);
     assert_eq!(single.len(), 1);
-    let sides = admit_sides(&call, Plan::Cluster, false);
+    let sides = admit_sides(&call, Plan::Cluster);
     assert_eq!(sides.len(), 2);
     for (side, expected) in sides.iter().zip(["account:acct", "agent:ag_x"]) {
         for key in &side.invocation.keys {
@@ -157,7 +157,7 @@ fn a_release_with_nothing_held_needs_no_round_trip() {
 fn a_side_reads_scope_indexes_as_its_own_scopes() {
     let policy = limited_policy(Some(1));
     let call = admission(Some(&policy), Some(&policy), false);
-    let side = &admit_sides(&call, Plan::Single, false)[0];
+    let side = &admit_sides(&call, Plan::Single)[0];
     // outcome, slots, scope, bucket, retry_ms, has_quota, limit, remaining, reset,
     // shadow_count, then (scope, bucket) pairs: see protocol.rs.
     let admitted = decode_admit(side, &[1, 0b10, 0, 0, 0, 1, 2, 1, 1, 1, 1, 1]).unwrap();

@@ -1,0 +1,67 @@
+//! `turnpike demo` (SPEC §4) as a newcomer meets it: the `curl` line it prints works when it
+//! is run the instant it is printed.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::gateway::BINARY;
+use crate::support::*;
+
+/// The demo process, killed when dropped.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_printed_curl_line_works_the_instant_it_is_printed() {
+    let addr = |port: u16| format!("127.0.0.1:{port}");
+    let mut demo = Demo(
+        Command::new(BINARY)
+            .args(["demo", "--listen", &addr(free_port())])
+            .args([
+                "--admin",
+                &addr(free_port()),
+                "--worker",
+                &addr(free_port()),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("turnpike demo starts"),
+    );
+    let stdout = demo.0.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let started = Instant::now();
+    let mut curl = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("the demo's output");
+        assert!(started.elapsed() < Duration::from_secs(30), "no curl line");
+        if curl.is_empty() && !line.trim_start().starts_with("curl -s http") {
+            continue;
+        }
+        let continues = line.ends_with('\\');
+        curl.push(line);
+        if !continues {
+            break;
+        }
+    }
+    assert!(curl.len() >= 2, "the chat curl line: {curl:?}");
+    // At once, as printed: no wait, no retry.
+    let out = Command::new("sh")
+        .args(["-c", &curl.join("\n")])
+        .output()
+        .expect("sh runs the curl line");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "curl failed: {text} {:?}", out.status);
+    let answer: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(answer["response"].is_string(), "{answer}");
+    assert!(answer["usage"]["total_tokens"].is_u64(), "{answer}");
+}
