@@ -74,8 +74,6 @@ pub enum GatewayError {
 pub enum HeadProblem {
     /// An HTTP/1.1 request without `Host`.
     NoHost,
-    /// More than one `Host`.
-    ManyHosts,
     /// An HTTP/2 field value with spaces or tabs around it.
     PaddedValue,
 }
@@ -84,7 +82,6 @@ impl fmt::Display for HeadProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             HeadProblem::NoHost => "An HTTP/1.1 request must carry a Host header",
-            HeadProblem::ManyHosts => "A request must carry exactly one Host header",
             HeadProblem::PaddedValue => {
                 "A header value must not begin or end with a space or a tab"
             }

@@ -3,7 +3,9 @@
 //! target over HTTP/1.1 answers 404 (SPEC §1: trailing junk never matches). The edge watches
 //! each HTTP/2 connection's header blocks as they arrive ([`Watch`], on
 //! `turnpike_core::h2_watch`) and notes such paths here, per connection; the pipeline asks
-//! [`had_fragment`] of each HTTP/2 request before it routes it.
+//! [`had_fragment`] of each HTTP/2 request first of all, which takes its note. A note no
+//! request takes (a stream refused or reset before it was served) stays until its connection
+//! ends; a connection with [`MOST_NOTED`] of them is closed.
 //!
 //! A connection is known by its socket digest, which Pingora hands from the accepted socket
 //! to every stream of the connection.
@@ -20,6 +22,9 @@ use turnpike_core::h2_watch::H2PathWatch;
 static NOTED: LazyLock<Mutex<HashMap<usize, Vec<String>>>> = LazyLock::new(Default::default);
 /// How many connections have paths noted: none, almost always, and then no lock is taken.
 static CONNECTIONS_NOTED: AtomicUsize = AtomicUsize::new(0);
+/// The most paths noted on one connection and not yet taken: more is a client sending
+/// fragments it never waits for, and its connection is closed.
+pub const MOST_NOTED: usize = 64;
 
 /// One HTTP/2 connection's watch, fed every byte the client sends, first to last.
 #[derive(Debug)]
@@ -55,6 +60,12 @@ impl Watch {
             });
             paths.extend(found.into_iter().map(|f| f.path_before_fragment));
             self.noted = true;
+            if paths.len() > MOST_NOTED {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "too many HTTP/2 requests with a fragment in :path",
+                ));
+            }
         }
         Ok(())
     }

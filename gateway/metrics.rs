@@ -29,7 +29,9 @@ const STORE_BUCKETS: [f64; 15] = [
 ];
 
 /// Statuses a call to a configured agent is answered with most: exported at zero per agent.
-const AGENT_STATUSES: [&str; 8] = ["200", "400", "402", "429", "502", "503", "504", "5xx"];
+const AGENT_STATUSES: [&str; 10] = [
+    "200", "400", "402", "429", "502", "503", "504", "2xx", "4xx", "5xx",
+];
 /// The `status` label of a status code: the statuses the gateway answers itself (SPEC §1's
 /// error table), 200 and 0 (nothing sent) as themselves; any other status a worker answers
 /// as its class (`2xx`), so the series stay bounded whatever workers send.

@@ -51,6 +51,8 @@ pub async fn forward(
     record.upstream_started = Some(Instant::now());
     let exchange = services.upstreams.exchange(&route.pool, outgoing);
     let answer = tokio::select! {
+        // An answer that is in wins over a client gone at the same moment: it is metered.
+        biased;
         answer = exchange => answer.map_err(GatewayError::from),
         () = client_gone(session) => Err(GatewayError::ClientGone),
     };
@@ -77,8 +79,9 @@ fn peer(session: &Session, config: &CallConfig) -> Peer {
     }
 }
 
-/// Resolves once the client has gone away (an HTTP/1 connection closed, an HTTP/2 stream
-/// reset); never while it is there. The whole body has been read, so anything more it sends
+/// Resolves once the client has gone away: an HTTP/1 connection closed or reset (a client
+/// that half-closes its side counts as gone, as nginx and Envoy count it), an HTTP/2 stream
+/// reset or its connection closed. The whole body has been read, so anything more it sends
 /// is a request pipelined behind this one: the connection is then not kept alive (pipelining
 /// is off, RFC 9112 §9.3.2 lets a server close) and the client is no longer watched.
 async fn client_gone(session: &mut Session) {

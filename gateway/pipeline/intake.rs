@@ -62,12 +62,16 @@ pub fn trace(head: &RequestHeader) -> TraceParent {
     TraceParent::for_call(only)
 }
 
-/// Whether the head is one HTTP allows: an HTTP/1.1 request names exactly one `Host`
-/// (RFC 9112 §3.2), and no HTTP/2 field value begins or ends with a space or tab (RFC 9113
-/// §8.2.1; HTTP/1's parser trims them). A malformed head is refused with 400 and the
-/// connection is not reused.
+/// Whether the head is one HTTP allows: an HTTP/1.1 request names `Host` (RFC 9112 §3.2;
+/// Pingora's parser refuses two), and no HTTP/2 field value begins or ends with a space or
+/// tab (RFC 9113 §8.2.1; HTTP/1's parser trims them). A malformed head is refused with 400
+/// and the connection is not reused. An HTTP/2 `:path` that carried a fragment (which the
+/// `h2` crate dropped, and the edge noted) matches no route: 404, as on HTTP/1.1.
 pub fn well_formed(session: &mut Session) -> Result<(), GatewayError> {
     let head = session.req_header();
+    if session.is_http2() && fragment_dropped(session, head) {
+        return Err(GatewayError::NotFound);
+    }
     let problem = if session.is_http2() {
         let padded = |v: &http::HeaderValue| {
             let bytes = v.as_bytes();
@@ -79,12 +83,8 @@ pub fn well_formed(session: &mut Session) -> Result<(), GatewayError> {
             .any(padded)
             .then_some(HeadProblem::PaddedValue)
     } else {
-        let mut hosts = head.headers.get_all(http::header::HOST).iter();
-        match (hosts.next(), hosts.next()) {
-            (Some(_), Some(_)) => Some(HeadProblem::ManyHosts),
-            (None, _) if head.version == http::Version::HTTP_11 => Some(HeadProblem::NoHost),
-            _ => None,
-        }
+        let no_host = !head.headers.contains_key(http::header::HOST);
+        (no_host && head.version == http::Version::HTTP_11).then_some(HeadProblem::NoHost)
     };
     match problem {
         None => Ok(()),
@@ -108,10 +108,6 @@ pub async fn authenticate<'s>(
     // dropped must not leave the rest to match.
     let raw_head = session.as_downstream().to_h1_raw();
     let path = target_path(request_line_target(&raw_head))?;
-    // Over HTTP/2 the fragment was dropped before the gateway saw the path: the edge noted it.
-    if session.is_http2() && fragment_dropped(session, head) {
-        return Err(GatewayError::NotFound);
-    }
     let agent_id = match_route(head.method.as_str(), path)?.agent_id;
     let token = bearer_token(only_authorization(head)?)?;
     let key = live_key(services, token).await?;

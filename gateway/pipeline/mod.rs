@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! edge                  the head, before Pingora parses it              (431, or closed)
-//! intake::well_formed   Host, field values                          (400, closed)
+//! intake::well_formed   Host, field values, HTTP/2 fragments        (400 closed, 404)
 //! intake::authenticate  route, key               -> Authenticated   (404/405, 401)
 //! intake::authorize     agent and scope          -> Caller          (404)
 //! intake::read_chat     body                     -> Chat            (408, 413, 415, 400)

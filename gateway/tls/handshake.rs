@@ -4,8 +4,11 @@
 //!
 //! Pingora has no hook for the handshake's own timeout, so each TLS connection gets a
 //! deadline before its handshake starts (a pre-TLS callback); the app marks the connection
-//! done when it receives it, handshaken. A connection still unmarked at its deadline has its
-//! socket shut down, which ends the handshake with an error.
+//! done when it receives it, handshaken, which cancels the deadline. A connection still
+//! unmarked at its deadline has its socket shut down, which ends the handshake with an
+//! error. The socket is named by its descriptor and its kernel cookie (`SO_COOKIE`), so a
+//! descriptor closed (a failed handshake) and reused meanwhile is never touched, and no
+//! socket is held open past its connection.
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -13,16 +16,22 @@ use pingora::listeners::PreTlsProcess;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{GetSocketDigest, SocketDigest};
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
+use tokio::task::AbortHandle;
 
-/// A handshake under way: its own number, and a duplicate of its socket, which keeps the
-/// socket (not just its number) there for the deadline to shut down.
+/// `SO_COOKIE` (asm-generic/socket.h, Linux 4.12): a socket's number, unique for the
+/// kernel's uptime.
+const SO_COOKIE: libc::c_int = 57;
+
+/// A handshake under way: its own number, its socket, and its deadline's task.
 struct UnderWay {
     id: u64,
-    socket: OwnedFd,
+    fd: RawFd,
+    cookie: u64,
+    deadline: AbortHandle,
 }
 
 /// Handshakes under way, by their connection's socket digest (its address: the one thing
@@ -47,20 +56,17 @@ impl HandshakeDeadline {
 #[async_trait]
 impl PreTlsProcess for HandshakeDeadline {
     async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
-        let Some(digest) = stream.get_socket_digest() else {
+        let (Some(digest), fd) = (stream.get_socket_digest(), stream.as_raw_fd()) else {
             return Ok(());
         };
-        // Without a duplicate the deadline could not be kept: the connection is refused.
-        // SAFETY: the stream's descriptor is open for as long as `stream` is borrowed.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-        let socket = borrowed.try_clone_to_owned().map_err(|e| {
-            pingora::Error::because(pingora::ErrorType::AcceptError, "dup of a TLS socket", e)
-        })?;
+        let Some(cookie) = socket_cookie(fd) else {
+            return Ok(());
+        };
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let key = digest_key(&digest);
-        UNDER_WAY.lock().insert(key, UnderWay { id, socket });
         let limit = (self.limit)();
-        tokio::spawn(async move {
+        let mut under_way = UNDER_WAY.lock();
+        let deadline = tokio::spawn(async move {
             tokio::time::sleep(limit).await;
             let late = {
                 let mut under_way = UNDER_WAY.lock();
@@ -69,21 +75,31 @@ impl PreTlsProcess for HandshakeDeadline {
                     _ => None,
                 }
             };
-            if let Some(late) = late {
+            if let Some(late) = late.filter(|late| socket_cookie(late.fd) == Some(late.cookie)) {
                 tracing::debug!("TLS handshake not finished within limits.header_timeout");
-                // SAFETY: `late.socket` is an open descriptor this task owns; shutdown ends
-                // the connection's traffic and closes nothing.
+                // SAFETY: `late.fd` is the socket this connection was accepted on (its cookie
+                // says so); shutdown ends its traffic and closes nothing.
                 unsafe {
-                    libc::shutdown(late.socket.as_raw_fd(), libc::SHUT_RDWR);
+                    libc::shutdown(late.fd, libc::SHUT_RDWR);
                 }
             }
-        });
+        })
+        .abort_handle();
+        under_way.insert(
+            key,
+            UnderWay {
+                id,
+                fd,
+                cookie,
+                deadline,
+            },
+        );
         Ok(())
     }
 }
 
-/// Marks a connection's handshake finished (and lets go of its duplicate socket); called
-/// for every connection the app receives.
+/// Marks a connection's handshake finished, cancelling its deadline; called for every
+/// connection the app receives.
 pub fn handshake_done(connection: Option<Arc<SocketDigest>>) {
     let Some(digest) = connection else {
         return;
@@ -95,7 +111,26 @@ pub fn handshake_done(connection: Option<Arc<SocketDigest>>) {
         }
         under_way.remove(&digest_key(&digest))
     };
-    drop(finished);
+    if let Some(finished) = finished {
+        finished.deadline.abort();
+    }
+}
+
+/// The kernel's cookie of the socket `fd` is; `None` when it is no socket (any more).
+fn socket_cookie(fd: RawFd) -> Option<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which has them.
+    let got = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    (got == 0).then_some(cookie)
 }
 
 fn digest_key(digest: &Arc<SocketDigest>) -> usize {

@@ -13,8 +13,9 @@ use crate::headers::{
 
 /// Client headers a worker never sees: credentials, identities the gateway asserts itself,
 /// and hop-by-hop headers that belong to the client's connection.
-const DROPPED_HEADERS: [&str; 18] = [
+const DROPPED_HEADERS: [&str; 19] = [
     "accept-encoding",
+    "content-length",
     "traceparent",
     "authorization",
     "idempotency-key",
@@ -116,12 +117,12 @@ pub fn outgoing_head(
     let split_cookie = cookies.next().is_some() && cookies.next().is_some();
     for (name, value) in &client.headers {
         let name_str = name.as_str();
-        if !is_dropped(name_str, pool, trusted)
-            && name != http::header::CONTENT_LENGTH
-            && name != X_FORWARDED_FOR
-            && !(split_cookie && name == http::header::COOKIE)
-            && !connection_options.iter().any(|o| o == name_str)
-        {
+        // X-Forwarded-For and split cookies are written whole below.
+        let kept_back = is_dropped(name_str, pool, trusted)
+            || name == X_FORWARDED_FOR
+            || (split_cookie && name == http::header::COOKIE)
+            || connection_options.iter().any(|o| o == name_str);
+        if !kept_back {
             header.append_header(name.clone(), value.clone())?;
         }
     }
@@ -130,7 +131,7 @@ pub fn outgoing_head(
     if split_cookie {
         header.insert_header(
             http::header::COOKIE,
-            joined(client, http::header::COOKIE, "; "),
+            joined(client.headers.get_all(http::header::COOKIE), b"; ", &[])?,
         )?;
     }
     // An HTTP/2 client names the host in `:authority`, not `Host`; a worker gets `Host`
@@ -172,18 +173,22 @@ fn forwarding_headers(
     client: &RequestHeader,
     peer: Peer,
 ) -> pingora::Result<()> {
-    let earlier = if peer.trusted && client.headers.contains_key(X_FORWARDED_FOR) {
-        Some(joined(client, X_FORWARDED_FOR, ", "))
-    } else {
-        None
+    let earlier = client
+        .headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter(|_| peer.trusted);
+    let peer_ip = peer.ip.map(|ip| ip.to_string());
+    let peer_part;
+    let last: &[&[u8]] = match &peer_ip {
+        Some(ip) => {
+            peer_part = [ip.as_bytes()];
+            &peer_part
+        }
+        None => &[],
     };
-    let chain = match (earlier, peer.ip) {
-        (Some(earlier), Some(ip)) => Some(format!("{earlier}, {ip}")),
-        (Some(earlier), None) => Some(earlier),
-        (None, Some(ip)) => Some(ip.to_string()),
-        (None, None) => None,
-    };
-    if let Some(chain) = chain {
+    let chain = joined(earlier, b", ", last)?;
+    if !chain.is_empty() {
         header.insert_header(X_FORWARDED_FOR, chain)?;
     }
     if !(peer.trusted && client.headers.contains_key(X_FORWARDED_PROTO)) {
@@ -192,14 +197,24 @@ fn forwarding_headers(
     Ok(())
 }
 
-/// Every value of header `name`, in order, joined by `separator`.
-fn joined(client: &RequestHeader, name: http::HeaderName, separator: &str) -> String {
-    let mut out = String::new();
-    for value in client.headers.get_all(name).iter() {
+/// `values`, then `more`, joined by `separator`: bytes as they came, whatever they hold.
+fn joined<'a>(
+    values: impl IntoIterator<Item = &'a http::HeaderValue>,
+    separator: &[u8],
+    more: &[&[u8]],
+) -> pingora::Result<http::HeaderValue> {
+    let mut out = Vec::new();
+    let parts = values
+        .into_iter()
+        .map(|v| v.as_bytes())
+        .chain(more.iter().copied());
+    for part in parts {
         if !out.is_empty() {
-            out.push_str(separator);
+            out.extend_from_slice(separator);
         }
-        out.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        out.extend_from_slice(part);
     }
-    out
+    http::HeaderValue::from_bytes(&out).map_err(|e| {
+        pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "a joined header", e)
+    })
 }

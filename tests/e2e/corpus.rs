@@ -103,28 +103,48 @@ fn fill(bytes: &[u8], gw: &TestGateway) -> Vec<u8> {
     text.into_bytes()
 }
 
-/// How long a connection that got every answer it expects is watched for one more.
+/// How long a connection that got every answer it expects, the last a success, is watched
+/// for one more (it may stay open for the next request).
 const QUIET: Duration = Duration::from_millis(500);
 
+/// What a connection's bytes got: the statuses, and whether the gateway then closed it.
+struct Answers {
+    statuses: Vec<u16>,
+    closed: bool,
+}
+
 /// Sends one connection's bytes and reads every answer until the gateway closes the
-/// connection, or, once the `expected` answers are in, until it stays quiet for [`QUIET`].
-/// The client does not half-close: a client that closes its side before its answer has
-/// gone away (SPEC §2), and its call is cancelled.
-fn statuses(gw: &TestGateway, bytes: &[u8], name: &str, expected: usize) -> Vec<u16> {
+/// connection, or, once the `expected` answers are in and the last was a success, until it
+/// stays quiet for [`QUIET`]. After a refusal the connection must close, within the read
+/// timeout: whatever followed is never read as a request. The client does not half-close: a
+/// client that closes its side before its answer has gone away (SPEC §2).
+fn answers(gw: &TestGateway, bytes: &[u8], name: &str, expected: usize) -> Answers {
     let stream = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
     let mut writer = stream.try_clone().unwrap();
     let _ = writer.write_all(bytes);
     let mut reader = BufReader::new(stream);
     let mut statuses = Vec::new();
     loop {
-        let wait = if statuses.len() < expected {
+        let last_refused = statuses.last().is_some_and(|s| *s >= 400);
+        let wait = if statuses.len() < expected || last_refused {
             Duration::from_secs(15)
         } else {
             QUIET
         };
         reader.get_ref().set_read_timeout(Some(wait)).unwrap();
         match reader.fill_buf() {
-            Ok([]) | Err(_) => return statuses,
+            Ok([]) => {
+                return Answers {
+                    statuses,
+                    closed: true,
+                }
+            }
+            Err(_) => {
+                return Answers {
+                    statuses,
+                    closed: false,
+                }
+            }
             Ok(_) => {}
         }
         let reply = raw::read_response(&mut reader, format!("{name} #{}", statuses.len()));
@@ -141,8 +161,17 @@ fn every_fixture_gets_its_answers_and_the_worker_only_the_calls_served() {
     let mut problems = Vec::new();
     for case in &cases {
         let before = w.count();
-        let got = statuses(&gw, &fill(&case.bytes, &gw), &case.name, case.expect.len());
+        let Answers {
+            statuses: got,
+            closed,
+        } = answers(&gw, &fill(&case.bytes, &gw), &case.name, case.expect.len());
         let served = got.iter().filter(|s| (200..300).contains(*s)).count();
+        if got.last().is_some_and(|s| *s >= 400) && !closed {
+            problems.push(format!(
+                "{}: the connection stayed open after {got:?}",
+                case.name
+            ));
+        }
         // The worker may still be finishing the last call it was sent.
         let seen = wait_for_count(&w, before + served) - before;
         if got != case.expect {

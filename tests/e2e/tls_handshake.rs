@@ -52,6 +52,16 @@ fn a_handshake_not_finished_within_the_header_timeout_is_cut_off() {
             "an unfinished handshake was cut off after {open:?}"
         );
     }
+    // A handshake that fails (plain HTTP to the TLS port) closes at once, deadline or not.
+    let open = open_for(
+        tls_port,
+        b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n",
+        Duration::from_secs(20),
+    );
+    assert!(
+        open < Duration::from_millis(900),
+        "a failed handshake's connection stayed open {open:?}"
+    );
     // A whole handshake, then a call, is unaffected.
     let (reply, _) = https_h1(
         tls_port,

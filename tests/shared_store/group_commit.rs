@@ -115,7 +115,8 @@ fn a_call_refused_before_admission_sends_redis_nothing() {
     let redis = RedisServer::start();
     let w = Worker::start("w1");
     let gw = on_redis(&w, json!(redis.url()), json!({"key_cache_ttl": "1m"}))
-        .policy("standard", json!({"requests": {"rate": 10, "per": "1s"}}))
+        // Slow enough that the numbers the instance remembers do not refill meanwhile.
+        .policy("standard", json!({"requests": {"rate": 10, "per": "1m"}}))
         .start();
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     // Its admission, its settlement, and its settled marker let go.

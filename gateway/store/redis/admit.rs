@@ -84,13 +84,11 @@ impl RedisStore {
     }
 
     /// The `RateLimit-*` numbers of `call`'s key from its last admission on this instance,
-    /// refilled since; a full bucket when it has had none here. No round trip: a refusal
-    /// before admission must not cost Redis anything.
+    /// refilled since; none when it has had none here (a guess could tell a client to spend
+    /// what others took). No round trip: a refusal before admission costs Redis nothing.
     pub(super) fn known_quota(&self, call: &Admission<'_>) -> Option<Quota> {
-        match self.quotas.get(call.key_id) {
-            Some((quota, at_ms)) => Some(quota.after(call.now_ms.saturating_sub(at_ms))),
-            None => turnpike_core::admission::peek_quota(None, None, call),
-        }
+        let (quota, at_ms) = self.quotas.get(call.key_id)?;
+        Some(quota.after(call.now_ms.saturating_sub(at_ms)))
     }
 
     async fn ask(&self, invocation: Invocation) -> Result<Vec<i64>, StoreError> {

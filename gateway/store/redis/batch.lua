@@ -6,9 +6,10 @@
 -- ARGV: per call its kind, its key count and its argument count, then its arguments; KEYS:
 -- each call's keys, in the same order. Reply: per call its own reply, or the text of its error.
 -- A settled call's marker, given a short life once the gateway knows the outcome: long
--- enough for a duplicate still on its way to find it. ARGV: the grace in ms.
+-- enough for a duplicate still on its way to find it. KEYS: the marker.
 local function forget(KEYS, ARGV)
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  local grace_ms = unpack(ARGV, 1, 1)
+  redis.call('PEXPIRE', KEYS[1], grace_ms)
   return 1
 end
 

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::link::{reply_kind, Link, Op};
 use super::names::{hash_tag, MARKER_GRACE_MS};
-use super::protocol::{Invocation, BATCH_LUA};
+use super::protocol::{ForgetArgs, Invocation, BATCH_LUA};
 use crate::store::{StoreError, StoreErrorKind};
 
 /// The most calls one run carries: enough to share the work, few enough that no run holds
@@ -107,15 +107,64 @@ impl GroupCommit {
             .map_err(|e| StoreError::new(StoreErrorKind::Refused, format!("unexpected reply: {e}")))
     }
 
-    /// Gives a settled call's marker its last [`MARKER_GRACE_MS`] in the next run of its
-    /// lane, without waiting: one lost is a marker that stays (a few bytes), never a
+    /// Gives a settled call's marker its last [`MARKER_GRACE_MS`], riding the next run of its
+    /// lane (one that [`GroupCommit::start_idle`] starts, if no call comes): it costs no run
+    /// of its own while calls flow. One lost is a marker that lives its full time, never a
     /// settlement applied twice.
     pub fn forget(self: &Arc<Self>, marker: String) {
         let invocation = Invocation {
             keys: vec![marker],
-            args: vec![MARKER_GRACE_MS.to_string()],
+            args: ForgetArgs {
+                grace_ms: MARKER_GRACE_MS,
+            }
+            .encode(),
         };
-        drop(self.enqueue(Kind::Forget, invocation));
+        let lane = self.lane_of(&invocation);
+        let (answer, _) = oneshot::channel();
+        let waiting = Waiting {
+            kind: Kind::Forget,
+            invocation,
+            since: Instant::now(),
+            answer,
+        };
+        let mut lanes = self.lanes.lock().expect("lanes");
+        lanes.entry(lane).or_default().waiting.push(waiting);
+    }
+
+    /// Starts a run in every lane where something waits and nothing runs (forgets no call
+    /// took along).
+    pub fn start_idle(self: &Arc<Self>) {
+        let idle: Vec<String> = {
+            let mut lanes = self.lanes.lock().expect("lanes");
+            lanes
+                .iter_mut()
+                .filter(|(_, lane)| !lane.running && !lane.waiting.is_empty())
+                .map(|(name, lane)| {
+                    lane.running = true;
+                    name.clone()
+                })
+                .collect()
+        };
+        for lane in idle {
+            self.spawn_runner(lane);
+        }
+    }
+
+    fn lane_of(&self, invocation: &Invocation) -> String {
+        match (self.by_tag, invocation.keys.first()) {
+            (true, Some(key)) => hash_tag(key).to_owned(),
+            _ => String::new(),
+        }
+    }
+
+    fn spawn_runner(self: &Arc<Self>, lane: String) {
+        // Its own task: a caller that goes away does not stop the run the others wait on.
+        let runner = Runner {
+            commit: Arc::clone(self),
+            lane,
+            done: false,
+        };
+        tokio::spawn(runner.run_lane());
     }
 
     /// Puts `invocation` in its lane, starting the lane's runner when none runs; the
@@ -125,10 +174,7 @@ impl GroupCommit {
         kind: Kind,
         invocation: Invocation,
     ) -> oneshot::Receiver<Result<Value, StoreError>> {
-        let lane = match (self.by_tag, invocation.keys.first()) {
-            (true, Some(key)) => hash_tag(key).to_owned(),
-            _ => String::new(),
-        };
+        let lane = self.lane_of(&invocation);
         let (answer, answered) = oneshot::channel();
         let start = {
             let mut lanes = self.lanes.lock().expect("lanes");
@@ -142,13 +188,7 @@ impl GroupCommit {
             !std::mem::replace(&mut waiting.running, true)
         };
         if start {
-            // Its own task: a caller that goes away does not stop the run the others wait on.
-            let runner = Runner {
-                commit: Arc::clone(self),
-                lane,
-                done: false,
-            };
-            tokio::spawn(runner.run_lane());
+            self.spawn_runner(lane);
         }
         answered
     }
@@ -192,8 +232,11 @@ impl GroupCommit {
     }
 
     fn answer(&self, waiting: Waiting, reply: Result<Value, StoreError>) {
-        self.link
-            .observe(waiting.kind.op(), waiting.since.elapsed(), reply.is_err());
+        // A forget is no operation of a call's: it is neither timed nor counted.
+        if waiting.kind != Kind::Forget {
+            self.link
+                .observe(waiting.kind.op(), waiting.since.elapsed(), reply.is_err());
+        }
         // A caller that stopped waiting (its client went away) needs no answer.
         drop(waiting.answer.send(reply));
     }

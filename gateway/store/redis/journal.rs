@@ -1,11 +1,13 @@
 //! The settlement journal: an append-only file of JSON lines in `store.journal_dir`, one
-//! `{"held":{"seq":N,"owed":...}}` per settlement held and one `{"done":N}` once it is
-//! written. The file belongs to a thread of its own, so a slow disk never stalls the calls:
-//! a held settlement's line is handed to it, and the caller waits (without blocking its
-//! thread) until the line is written to the OS, so it survives the gateway being killed.
-//! The thread fsyncs what was written within [`SYNC_EVERY`], so a machine crash can lose at
-//! most that window. When nothing is owed the file is emptied. One gateway at a time: the
-//! directory is locked while the journal is open.
+//! `{"held":{"seq":N,"at_ms":T,"owed":...}}` per settlement held (T: when it was held) and
+//! one `{"done":N}` once it is written. The file belongs to a thread of its own, so a slow
+//! disk never stalls the calls: a held settlement's line is handed to it, and the caller
+//! waits (without blocking its thread) until the line is written to the OS, so it survives
+//! the gateway being killed; a `done` line is waited for until it is on disk, since what
+//! follows it (the settlement's markers let go) must not outrun it. The thread fsyncs
+//! everything else within [`SYNC_EVERY`], so a machine crash can lose at most that window.
+//! When nothing is owed the file is emptied. One gateway at a time: the directory is locked
+//! while the journal is open.
 
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -28,24 +30,40 @@ const LOCK: &str = "journal.lock";
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Line<T> {
-    Held { seq: u64, owed: T },
+    Held {
+        seq: u64,
+        /// Unix ms when it was held (0 in journals written before this was kept).
+        #[serde(default)]
+        at_ms: u64,
+        owed: T,
+    },
     Done(u64),
 }
 
-/// What a journal still owes from an earlier run, by sequence number, oldest first.
-pub type Owing<T> = Vec<(u64, T)>;
+/// A settlement a journal holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry<T> {
+    pub seq: u64,
+    /// Unix ms when it was held; 0 when not known.
+    pub at_ms: u64,
+    pub owed: T,
+}
 
-/// Resolves once a held settlement's line is written to the OS (or could not be: the
-/// error is logged, and the settlement is then held in memory only).
+/// Resolves once a line is written to the OS (a `done` line: on disk), or could not be (the
+/// error is logged).
 pub type Written = oneshot::Receiver<()>;
 
 /// What the writer thread is asked to do, in order.
 enum Command {
     Append {
         text: String,
+        /// Fsync before answering.
+        durable: bool,
+        written: Option<oneshot::Sender<()>>,
+    },
+    Empty {
         written: oneshot::Sender<()>,
     },
-    Empty,
 }
 
 /// A journal of `T`, what each held settlement owes.
@@ -61,9 +79,9 @@ pub struct Journal<T> {
 }
 
 impl<T: Serialize + DeserializeOwned> Journal<T> {
-    /// Opens (or creates) the journal in `dir`, returning with it what it still owes; the
-    /// file is rewritten to hold only that.
-    pub fn open(dir: &Path) -> std::io::Result<(Self, Owing<T>)> {
+    /// Opens (or creates) the journal in `dir`, returning with it what it still owes, oldest
+    /// first; the file is rewritten to hold only that.
+    pub fn open(dir: &Path) -> std::io::Result<(Self, Vec<Entry<T>>)> {
         std::fs::create_dir_all(dir)?;
         let lock = OpenOptions::new()
             .create(true)
@@ -91,33 +109,53 @@ impl<T: Serialize + DeserializeOwned> Journal<T> {
             _lock: lock,
             _owes: PhantomData,
         };
-        Ok((journal, owed.into_iter().collect()))
+        Ok((journal, owed.into_values().collect()))
     }
 
-    /// Appends a held settlement; returns its sequence number, and when its line is written.
-    pub fn append(&self, owed: &T) -> (u64, Written) {
+    /// Appends a settlement held at `at_ms`; returns its sequence number, and when its line
+    /// is written.
+    pub fn append(&self, owed: &T, at_ms: u64) -> (u64, Written) {
         let (written, done) = oneshot::channel();
         let mut state = self.state.lock();
         let seq = state.0;
         state.0 += 1;
-        let text = line_text(&Line::Held { seq, owed });
-        let _ = state.1.send(Command::Append { text, written });
+        let text = line_text(&Line::Held { seq, at_ms, owed });
+        let _ = state.1.send(Command::Append {
+            text,
+            durable: false,
+            written: Some(written),
+        });
         (seq, done)
     }
 
     /// Marks a settlement written (or given up); when `nothing_owed`, empties the file.
-    pub fn done(&self, seq: u64, nothing_owed: bool) {
+    /// Returns when that is on disk.
+    pub fn done(&self, seq: u64, nothing_owed: bool) -> Written {
+        let (written, done) = oneshot::channel();
         let state = self.state.lock();
         let command = if nothing_owed {
-            Command::Empty
+            Command::Empty { written }
         } else {
-            let (written, _) = oneshot::channel();
             Command::Append {
                 text: line_text(&Line::<&T>::Done(seq)),
-                written,
+                durable: true,
+                written: Some(written),
             }
         };
         let _ = state.1.send(command);
+        done
+    }
+
+    /// Returns once everything handed over so far is on disk.
+    pub fn synced(&self) -> Written {
+        let (written, done) = oneshot::channel();
+        let state = self.state.lock();
+        let _ = state.1.send(Command::Append {
+            text: String::new(),
+            durable: true,
+            written: Some(written),
+        });
+        done
     }
 }
 
@@ -128,12 +166,17 @@ fn line_text<T: Serialize>(line: &Line<T>) -> String {
 }
 
 /// The thread that owns the file: writes what it is handed, in order, and fsyncs what it
-/// wrote within [`SYNC_EVERY`]. It ends when the journal is dropped.
+/// wrote within [`SYNC_EVERY`] (at once when asked to). It ends when the journal is dropped.
 fn spawn_writer(
     mut file: File,
     path: PathBuf,
 ) -> std::io::Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
     let (commands, incoming) = mpsc::channel::<Command>();
+    let sync = move |file: &File| {
+        if let Err(error) = file.sync_data() {
+            tracing::error!(%error, "could not fsync the settlement journal");
+        }
+    };
     let writer = std::thread::Builder::new()
         .name("turnpike-journal".into())
         .spawn(move || {
@@ -142,8 +185,12 @@ fn spawn_writer(
                 let wait = unsynced_since.map_or(Duration::from_secs(3600), |since| {
                     SYNC_EVERY.saturating_sub(since.elapsed())
                 });
-                match incoming.recv_timeout(wait) {
-                    Ok(Command::Append { text, written }) => {
+                let (wrote, durable, written) = match incoming.recv_timeout(wait) {
+                    Ok(Command::Append {
+                        text,
+                        durable,
+                        written,
+                    }) => {
                         if let Err(error) = file.write_all(text.as_bytes()) {
                             tracing::error!(
                                 %error,
@@ -152,26 +199,30 @@ fn spawn_writer(
                                 "could not write the settlement journal: this settlement is held in memory only"
                             );
                         }
-                        let _ = written.send(());
-                        unsynced_since.get_or_insert_with(Instant::now);
+                        (true, durable, written)
                     }
-                    Ok(Command::Empty) => {
+                    Ok(Command::Empty { written }) => {
                         if let Err(error) = file.set_len(0) {
                             tracing::error!(%error, path = %path.display(), "could not empty the settlement journal");
                         }
-                        unsynced_since.get_or_insert_with(Instant::now);
+                        (true, true, Some(written))
                     }
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Timeout) => (false, false, None),
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        let _ = file.sync_data();
+                        sync(&file);
                         return;
                     }
+                };
+                if wrote {
+                    unsynced_since.get_or_insert_with(Instant::now);
                 }
-                if unsynced_since.is_some_and(|since| since.elapsed() >= SYNC_EVERY) {
-                    if let Err(error) = file.sync_data() {
-                        tracing::error!(%error, "could not fsync the settlement journal");
-                    }
+                let due = unsynced_since.is_some_and(|since| since.elapsed() >= SYNC_EVERY);
+                if unsynced_since.is_some() && (durable || due) {
+                    sync(&file);
                     unsynced_since = None;
+                }
+                if let Some(written) = written {
+                    let _ = written.send(());
                 }
             }
         })?;
@@ -193,13 +244,24 @@ impl<T> Drop for Journal<T> {
 
 /// What the journal's lines still owe, by sequence number. A torn last line (the gateway
 /// died while writing it) is skipped: its settlement was never acknowledged as held.
-fn read_owed<T: DeserializeOwned>(file: File) -> std::io::Result<BTreeMap<u64, T>> {
+fn read_owed<T: DeserializeOwned>(file: File) -> std::io::Result<BTreeMap<u64, Entry<T>>> {
     let mut owed = BTreeMap::new();
     for line in BufReader::new(file).lines() {
         let line = line?;
         match serde_json::from_str::<Line<T>>(&line) {
-            Ok(Line::Held { seq, owed: writes }) => {
-                owed.insert(seq, writes);
+            Ok(Line::Held {
+                seq,
+                at_ms,
+                owed: writes,
+            }) => {
+                owed.insert(
+                    seq,
+                    Entry {
+                        seq,
+                        at_ms,
+                        owed: writes,
+                    },
+                );
             }
             Ok(Line::Done(seq)) => {
                 owed.remove(&seq);
@@ -215,14 +277,15 @@ fn read_owed<T: DeserializeOwned>(file: File) -> std::io::Result<BTreeMap<u64, T
 
 /// Replaces the journal by one holding only `owed`, on disk before it takes the old one's
 /// place; returns it open for appending.
-fn rewrite<T: Serialize>(path: &Path, owed: &BTreeMap<u64, T>) -> std::io::Result<File> {
+fn rewrite<T: Serialize>(path: &Path, owed: &BTreeMap<u64, Entry<T>>) -> std::io::Result<File> {
     let fresh = path.with_extension("journal.new");
     {
         let mut file = File::create(&fresh)?;
-        for (seq, writes) in owed {
+        for entry in owed.values() {
             let line = Line::Held {
-                seq: *seq,
-                owed: writes,
+                seq: entry.seq,
+                at_ms: entry.at_ms,
+                owed: &entry.owed,
             };
             let mut text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
             text.push('\n');
@@ -267,7 +330,15 @@ mod tests {
         vec![format!("write {n}")]
     }
 
-    type Opened = (Journal<Vec<String>>, Owing<Vec<String>>);
+    type Opened = (Journal<Vec<String>>, Vec<Entry<Vec<String>>>);
+
+    fn entry(seq: u64, n: u8) -> Entry<Vec<String>> {
+        Entry {
+            seq,
+            at_ms: 1000 + seq,
+            owed: owed(n),
+        }
+    }
 
     fn open(dir: &TempDir) -> std::io::Result<Opened> {
         Journal::open(dir.path())
@@ -279,15 +350,15 @@ mod tests {
         {
             let (journal, owed_now) = open(&dir).unwrap();
             assert!(owed_now.is_empty());
-            let (first, _) = journal.append(&owed(1));
-            journal.append(&owed(2));
-            journal.append(&owed(3));
+            let (first, _) = journal.append(&owed(1), 1001);
+            journal.append(&owed(2), 1002);
+            journal.append(&owed(3), 1003);
             journal.done(first, false);
         }
         let (journal, owed_now) = open(&dir).unwrap();
-        assert_eq!(owed_now, vec![(2, owed(2)), (3, owed(3))]);
+        assert_eq!(owed_now, vec![entry(2, 2), entry(3, 3)]);
         // Numbering goes on after the highest owed, so no two lines share one.
-        assert_eq!(journal.append(&owed(4)).0, 4);
+        assert_eq!(journal.append(&owed(4), 1004).0, 4);
     }
 
     #[test]
@@ -295,7 +366,7 @@ mod tests {
         let dir = TempDir::new("torn");
         {
             let (journal, _) = open(&dir).unwrap();
-            journal.append(&owed(1));
+            journal.append(&owed(1), 1001);
         }
         let mut file = OpenOptions::new()
             .append(true)
@@ -304,11 +375,43 @@ mod tests {
         file.write_all(b"{\"held\":{\"seq\":2,\"ow").unwrap();
         drop(file);
         let (journal, owed_now) = open(&dir).unwrap();
-        assert_eq!(owed_now, vec![(1, owed(1))]);
+        assert_eq!(owed_now, vec![entry(1, 1)]);
         journal.done(1, true);
         drop(journal);
         let (_, owed_now) = open(&dir).unwrap();
         assert!(owed_now.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_done_line_is_on_disk_when_it_is_answered() {
+        let dir = TempDir::new("durable");
+        let (journal, _) = open(&dir).unwrap();
+        let (first, written) = journal.append(&owed(1), 1001);
+        written.await.unwrap();
+        journal.append(&owed(2), 1002);
+        journal.done(first, false).await.unwrap();
+        let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert!(text.ends_with("{\"done\":1}\n"), "{text}");
+    }
+
+    #[test]
+    fn a_line_from_before_times_were_kept_reads_as_held_at_zero() {
+        let dir = TempDir::new("old-line");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        std::fs::write(
+            dir.path().join(FILE),
+            "{\"held\":{\"seq\":7,\"owed\":[\"write 1\"]}}\n",
+        )
+        .unwrap();
+        let (_, owed_now) = open(&dir).unwrap();
+        assert_eq!(
+            owed_now,
+            vec![Entry {
+                seq: 7,
+                at_ms: 0,
+                owed: owed(1)
+            }]
+        );
     }
 
     #[test]

@@ -18,12 +18,14 @@ pub const SEEDED: &str = "turnpike:seeded";
 /// Pub/sub channel announcing changed keys (`records::KeyEvent`).
 pub const KEY_EVENTS: &str = "turnpike:keys";
 
-/// A settled call's marker (which makes a retried settlement change nothing) is kept with
-/// no expiry: a settlement held in the journal may be replayed after any outage, and must
-/// find it. Once the gateway knows the outcome, the marker is given this much more life, for
-/// a duplicate still on its way (a write whose answer was lost, a settle racing its own
-/// retry), then goes.
-pub const MARKER_KEPT: u64 = 0;
+/// How long a settled call's marker (which makes a retried settlement change nothing) lives
+/// unless the gateway shortens it: long enough for a settlement held in the journal to be
+/// replayed after any outage worth riding out. The journal replays nothing older (its
+/// marker may be gone), and logs it whole instead.
+pub const SETTLED_MARKER_MS: u64 = 30 * 24 * 3_600_000;
+/// Once the gateway knows a write's outcome (and, for a held one, the journal says so), its
+/// marker lives this much longer, for a duplicate still on its way (a write whose answer
+/// was lost, a settlement racing its own retry), then goes.
 pub const MARKER_GRACE_MS: u64 = 60_000;
 
 /// Everything of one account shares this hash tag. The fixed `account:` inside the braces

@@ -168,13 +168,6 @@ local function flush()
   end
 end
 
--- Sets a call's marker unless it is there: false when it was. A ttl of '0' keeps it until
--- the gateway lets it go (batch.lua's `forget`).
-local function mark(key, value, ttl_ms)
-  if ttl_ms == '0' then return redis.call('SET', key, value, 'NX') end
-  return redis.call('SET', key, value, 'NX', 'PX', ttl_ms)
-end
-
 -- Gives back call `id`'s reservation, if it still holds one, and ends its lease. Amounts stay
 -- decimal strings: Redis adds them as 64-bit integers, exactly.
 local function release_held(account, leases, id)

@@ -102,6 +102,23 @@ pub const SETTLE_SCOPE_ARGS: [&str; 7] = [
 #[cfg(test)]
 pub const SETTLED: [(&str, i64); 2] = [("already", 0), ("applied", 1)];
 
+/// batch.lua's `forget`: a settled call's marker given its last grace.
+pub const FORGET_ARGS: [&str; 1] = ["grace_ms"];
+
+/// batch.lua's `forget` arguments.
+pub struct ForgetArgs {
+    pub grace_ms: u64,
+}
+
+impl ForgetArgs {
+    /// The arguments in [`FORGET_ARGS`] order.
+    pub fn encode(&self) -> Vec<String> {
+        let mut args = Vec::with_capacity(FORGET_ARGS.len());
+        args.push(self.grace_ms.to_string());
+        args
+    }
+}
+
 /// log_usage.lua's arguments, then the entry's [`USAGE_FIELDS`] as field and value pairs.
 pub const LOG_USAGE_ARGS: [&str; 3] = ["call_id", "marker_ttl_ms", "stream_maxlen"];
 /// A usage log entry's fields, in order, as settle.lua and log_usage.lua write them.

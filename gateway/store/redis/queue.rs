@@ -2,15 +2,20 @@
 //! one is safe: every write it owes is idempotent per call id. With `store.journal_dir` set,
 //! each held settlement is also appended to a journal on disk as it is held, and marked done
 //! once written, so a gateway stopped or killed during an outage replays, after its restart,
-//! exactly the settlements it still owed.
+//! exactly the settlements it still owed. A replay finds a write already applied by its
+//! marker, which lives [`SETTLED_MARKER_MS`] unless the gateway shortens it; a journalled
+//! settlement older than that is not replayed (it may have been applied, and its marker
+//! gone) but logged whole, for an operator to reconcile.
 
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
 use std::collections::VecDeque;
 use std::path::Path;
 
-use super::journal::{Journal, Written};
+use super::journal::{Entry, Journal, Written};
+use super::names::SETTLED_MARKER_MS;
 use super::protocol::Invocation;
+use crate::clock::unix_ms;
 use crate::store::StoreError;
 
 /// One write a settlement owes Redis.
@@ -30,6 +35,10 @@ pub struct Held {
     pub seq: u64,
     pub owed: Vec<Owed>,
 }
+
+/// How much younger than its markers' life a journalled settlement must be to be replayed:
+/// a margin for clocks and for the time the replay itself takes.
+const REPLAY_MARGIN_MS: u64 = 24 * 3_600_000;
 
 pub struct SettlementQueue {
     items: Mutex<VecDeque<Held>>,
@@ -51,6 +60,7 @@ impl SettlementQueue {
         let (journal, owed) = match journal_dir {
             Some(dir) => {
                 let (journal, owed) = Journal::open(dir)?;
+                let owed = replayable(&journal, owed, unix_ms(), &dropped);
                 (Some(journal), owed)
             }
             None => (None, Vec::new()),
@@ -63,7 +73,10 @@ impl SettlementQueue {
         }
         let items: VecDeque<Held> = owed
             .into_iter()
-            .map(|(seq, owed)| Held { seq, owed })
+            .map(|entry| Held {
+                seq: entry.seq,
+                owed: entry.owed,
+            })
             .collect();
         queued.set(items.len() as i64);
         Ok(Self {
@@ -92,7 +105,7 @@ impl SettlementQueue {
         }
         let (seq, written) = match &self.journal {
             Some(journal) => {
-                let (seq, written) = journal.append(&owed);
+                let (seq, written) = journal.append(&owed, unix_ms());
                 (seq, Some(written))
             }
             None => (0, None),
@@ -118,11 +131,17 @@ impl SettlementQueue {
     }
 
     /// A held settlement is written (or what Redis refused of it given up): the journal
-    /// forgets it.
-    pub fn written(&self, held: Held) {
+    /// forgets it. With a journal, returns when that is on disk.
+    pub fn written(&self, held: Held) -> Option<Written> {
+        let journal = self.journal.as_ref()?;
+        let items = self.items.lock();
+        Some(journal.done(held.seq, items.is_empty()))
+    }
+
+    /// Returns when the journal has everything handed to it on disk (at once without one).
+    pub async fn synced(&self) {
         if let Some(journal) = &self.journal {
-            let items = self.items.lock();
-            journal.done(held.seq, items.is_empty());
+            let _ = journal.synced().await;
         }
     }
 
@@ -169,4 +188,28 @@ impl SettlementQueue {
 /// The writes as one JSON line, for a log an operator can replay from.
 fn as_json(owed: &[Owed]) -> String {
     serde_json::to_string(owed).unwrap_or_default()
+}
+
+/// What a journal owes that may be replayed at `now_ms`: a settlement held longer ago than
+/// its markers live is logged whole, counted as dropped and marked done instead.
+fn replayable(
+    journal: &Journal<Vec<Owed>>,
+    owed: Vec<Entry<Vec<Owed>>>,
+    now_ms: u64,
+    dropped: &IntCounter,
+) -> Vec<Entry<Vec<Owed>>> {
+    let oldest_safe = now_ms.saturating_sub(SETTLED_MARKER_MS - REPLAY_MARGIN_MS);
+    let (replayable, too_old): (Vec<_>, Vec<_>) = owed
+        .into_iter()
+        .partition(|entry| entry.at_ms == 0 || entry.at_ms >= oldest_safe);
+    for entry in too_old {
+        dropped.inc();
+        tracing::error!(
+            held_at_ms = entry.at_ms,
+            settlement = %as_json(&entry.owed),
+            "a journalled settlement is older than its markers live, so a replay could apply it twice: not replayed; reconcile it by hand (its call id is in it)"
+        );
+        drop(journal.done(entry.seq, false));
+    }
+    replayable
 }

@@ -1,8 +1,7 @@
 -- Settlement of one call, or the refund of an admission another script refused (cluster
 -- mode, where the agent's buckets live in another slot). Mirrors turnpike_core::admission.
 -- Idempotent: the first run sets a marker for the call id; a second run changes nothing.
--- The marker is kept (marker_ttl_ms 0) until the gateway, knowing the outcome, lets it go
--- after a grace (batch.lua's `forget`): a held settlement replayed however late finds it.
+-- The gateway shortens the marker's life (batch.lua's `forget`) once it knows the outcome.
 -- prelude.lua comes first.
 --
 -- The calling convention, which protocol.rs holds to these lines in a test: the arguments,
@@ -19,7 +18,7 @@ local function settle(KEYS, ARGV)
     output_tokens, total_tokens, key_id, agent, account, stream, stream_maxlen, request_id,
     session_id, status, scope_count = unpack(ARGV, 1, 18)
   local SCOPE_ARGS = 7
-  if not mark(KEYS[1], '1', marker_ttl_ms) then return ALREADY end
+  if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', marker_ttl_ms) then return ALREADY end
 
   local charge = tonumber(cost)
   local total = tonumber(total_tokens)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use turnpike_core::admission::Settlement;
 
 use super::batch::Kind;
-use super::names::{usage_marker, MARKER_KEPT, USAGE_STREAM};
+use super::names::{usage_marker, SETTLED_MARKER_MS, USAGE_STREAM};
 use super::protocol::{log_usage_args, Invocation};
 use super::queue::{Held, Owed, SettlementQueue};
 use super::split::{self, Purpose};
@@ -32,7 +32,11 @@ impl RedisStore {
     /// usage is not lost while Redis is away.
     pub(super) async fn write_or_hold(&self, call: &Settlement<'_>, purpose: Purpose) {
         let mut owed = self.owed_by(call, purpose);
-        if self.write(&mut owed).await.is_err() {
+        let mut markers = Vec::new();
+        let outcome = self.write(&mut owed, &mut markers).await;
+        // What was written is done (a hold journals only the rest): its markers can go.
+        self.forget(markers);
+        if outcome.is_err() {
             // Durable before the call's answer leaves (SPEC §2): its journal line written.
             if let Some(written) = self.queue.hold(owed) {
                 let _ = written.await;
@@ -71,12 +75,17 @@ impl RedisStore {
         ];
         Invocation {
             keys: vec![usage_marker(call.call_id), USAGE_STREAM.to_owned()],
-            args: log_usage_args(call.call_id, MARKER_KEPT, self.stream_maxlen, values),
+            args: log_usage_args(call.call_id, SETTLED_MARKER_MS, self.stream_maxlen, values),
         }
     }
 
-    /// Writes the owed writes in order; what could not be written is left in `owed`.
-    async fn write(&self, owed: &mut Vec<Owed>) -> Result<(), StoreError> {
+    /// Writes the owed writes in order; what could not be written is left in `owed`, and the
+    /// markers of what was are added to `markers`.
+    async fn write(
+        &self,
+        owed: &mut Vec<Owed>,
+        markers: &mut Vec<String>,
+    ) -> Result<(), StoreError> {
         let mut written = 0;
         let mut outcome = Ok(());
         for write in owed.iter() {
@@ -92,19 +101,28 @@ impl RedisStore {
                 outcome = Err(error);
                 break;
             }
-            // Applied now or before: its marker has done its work once the grace is over.
-            if let Some(marker) = invocation.keys.first() {
-                self.batches.forget(marker.clone());
-            }
+            markers.extend(invocation.keys.first().cloned());
             written += 1;
         }
         owed.drain(..written);
         outcome
     }
 
+    /// Lets the markers of written writes go after their grace: applied now or before, they
+    /// have done their work.
+    fn forget(&self, markers: Vec<String>) {
+        for marker in markers {
+            self.batches.forget(marker);
+        }
+    }
+
     /// Writes the held settlements, oldest first, until one fails: `Ok` once every one was
     /// written or dropped. One flush at a time (the flusher's, or the last one before exit);
     /// a flush cancelled mid-write puts the settlement it had taken back first in line.
+    ///
+    /// A held settlement's markers are let go only once it is written whole and the journal
+    /// says so on disk: until then a restart replays every write its line lists, and each
+    /// already applied must still find its marker.
     async fn flush(&self) -> Result<(), StoreError> {
         let _one_at_a_time = self.flushing.lock().await;
         while let Some(held) = self.queue.next() {
@@ -113,8 +131,9 @@ impl RedisStore {
                 held: Some(held),
             };
             let owed = &mut taken.held.as_mut().expect("just taken").owed;
+            let mut markers = Vec::new();
             loop {
-                match self.write(owed).await {
+                match self.write(owed, &mut markers).await {
                     Ok(()) => break,
                     // Redis refused this write for good: retrying cannot help, and must not
                     // hold up the settlement's other writes or those queued behind it.
@@ -127,7 +146,10 @@ impl RedisStore {
                 }
             }
             if let Some(held) = taken.held.take() {
-                self.queue.written(held);
+                if let Some(on_disk) = self.queue.written(held) {
+                    let _ = on_disk.await;
+                }
+                self.forget(markers);
             }
         }
         Ok(())
@@ -177,17 +199,24 @@ impl RedisStore {
                 "Redis did not take every held settlement before exit: out of time"
             ),
         }
+        // The process exits next, without dropping the journal: what it was handed goes
+        // to disk first.
+        self.queue.synced().await;
         self.queue.leave_behind()
     }
 }
 
 /// Writes held settlements whenever Redis takes them, backing off while it does not; brings
-/// the link back up when Redis answers again.
+/// the link back up when Redis answers again. Also sends the markers to let go that no call
+/// took along.
 pub(super) async fn flush_held_settlements(store: Weak<RedisStore>) {
     let mut wait = FLUSH_EVERY;
     loop {
         tokio::time::sleep(wait).await;
         let Some(store) = store.upgrade() else { return };
+        if !store.link.is_down() {
+            store.batches.start_idle();
+        }
         if !store.link.is_down() && store.queue.is_empty() {
             wait = FLUSH_EVERY;
             continue;

@@ -9,7 +9,7 @@ use turnpike_core::admission::{
 use turnpike_core::limits::{BucketKind, Mode, Policy, Quota};
 
 use super::names::{
-    account_hash, account_leases, account_tag, agent_tag, usage_hash, Limiter, MARKER_KEPT,
+    account_hash, account_leases, account_tag, agent_tag, usage_hash, Limiter, SETTLED_MARKER_MS,
     USAGE_STREAM,
 };
 use super::protocol::{
@@ -371,7 +371,7 @@ pub fn settle_sides(
             }
             let args = SettleArgs {
                 call_id: call.call_id,
-                marker_ttl_ms: MARKER_KEPT,
+                marker_ttl_ms: SETTLED_MARKER_MS,
                 refund: matches!(purpose, Purpose::Refund { .. }),
                 account_side,
                 cost: call.cost,

@@ -128,12 +128,12 @@ impl Worker {
         self.shared.seen.lock().unwrap().len()
     }
 
-    /// How many requests the worker has finished with (answered or dropped).
     /// When the gateway closed a connection while the worker was thinking over its call.
     pub fn hang_ups(&self) -> Vec<Instant> {
         self.shared.hung_up.lock().unwrap().clone()
     }
 
+    /// How many requests the worker has finished with (answered or dropped).
     pub fn finished(&self) -> usize {
         self.shared.finished.load(Ordering::SeqCst)
     }

@@ -100,6 +100,16 @@ fn the_scripts_declare_the_same_protocol_as_rust() {
     );
     assert!(LOG_USAGE_LUA.contains(&format!("local FIELDS_AT = {}\n", LOG_USAGE_ARGS.len() + 1)));
     assert_eq!(constants(LOG_USAGE_LUA, "ALREADY"), owned_codes(SETTLED));
+    let forget = format!(
+        "local {} = unpack(ARGV, 1, {})",
+        FORGET_ARGS.join(", "),
+        FORGET_ARGS.len()
+    );
+    assert!(BATCH_LUA.contains(&forget), "batch.lua's forget: {forget}");
+    assert_eq!(
+        ForgetArgs { grace_ms: 60_000 }.encode().len(),
+        FORGET_ARGS.len()
+    );
 }
 
 #[test]
