@@ -4,7 +4,8 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 
-use turnpike::config::AccountSeed;
+use std::sync::Arc;
+use turnpike::config::{AccountSeed, ConfigKeys};
 use turnpike::store::{AdminStore, CallStore, MemoryStore};
 use turnpike_core::admission::{self, Admission, LimiterState, Settlement};
 use turnpike_core::billing::{cost, AccountState, Pricing};
@@ -155,7 +156,9 @@ fn memory_store(c: &mut Criterion) {
         id: "acct_jane".into(),
         balance: i64::MAX / 2,
     }];
-    runtime.block_on(store.seed(&[], &seed)).unwrap();
+    runtime
+        .block_on(store.apply_config(&Arc::new(ConfigKeys::new(Vec::new())), &seed))
+        .unwrap();
     let policy = policy();
     let mut now = 0;
     c.bench_function("MemoryStore admit + settle", |b| {

@@ -6,12 +6,16 @@ calls grow. Three parts, each on by its flag (all three without flags):
                  calling once every `--interval` seconds, for `--minutes`; its RSS (from /proc)
                  sampled every 10 s: at start, largest, at end.
 --big-config     A config of `--agents` agents and `--keys` keys: how long `serve` takes to
-                 answer /readyz, how long `POST /admin/reload` of the whole set takes, and the
-                 latency of one-at-a-time calls while reloads run against without.
+                 answer /readyz, how long `POST /admin/reload` takes after one policy change,
+                 and the latency of one-at-a-time calls while reloads run against without;
+                 with `--redis`, on the embedded store and on a Redis store of its own in the
+                 same run, with the Redis commands a start and a reload cost (INFO stats) and
+                 `--instances` instances on one Redis reloading at once.
 --redis-memory   Turnpike on its own redis-server after 3 s of calls by one key: Redis's
                  `MEMORY USAGE` of each kind of key a key, an account and a call leave behind.
 
-Usage: benches/scale.py [--connections 1000] [--minutes 10] [--big-config] [--redis-memory]
+Usage: benches/scale.py [--connections 1000] [--minutes 10] [--big-config [--redis] [--instances 4]]
+                        [--redis-memory]
 Needs the release build (built here) and nginx (the worker); prints what it measured.
 """
 import argparse
@@ -123,13 +127,13 @@ def connections(args, tmp, worker_port):
         stop(gw)
 
 
-def big_config(args, tmp, worker_port):
-    """Start-up and reload time of a large config, and what reloads do to call latency."""
-    port, admin_port = load.free_port(), load.free_port()
-    path = os.path.join(tmp, "big.yaml")
+def write_big_config(args, tmp, name, worker_port, port, admin_port, redis_port=None):
+    """`args.agents` agents, `args.keys` keys over 1,000 accounts, one policy (`bench`)."""
+    path = os.path.join(tmp, name)
     digest = hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
     bench_key = hashlib.sha256(load.KEY.encode()).hexdigest()
     others = args.agents - 1
+    store = f'store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/", timeout: 1s}}\n' if redis_port else ""
     with open(path, "w") as f:
         # The bench agent and key first (the calls use them), then more of the same shape.
         f.write(f"""threads: 1
@@ -137,7 +141,7 @@ upstreams:
   pool: {{endpoints: ["127.0.0.1:{worker_port}"], path: "/invoke"}}
 listen: "127.0.0.1:{port}"
 admin: {{listen: "127.0.0.1:{admin_port}", token_sha256: "{digest}"}}
-agents:
+{store}agents:
   - {{id: {load.AGENT}, upstream: pool, policy: bench}}
 """)
         f.writelines(f"  - {{id: ag_{i:06d}, upstream: pool, policy: bench}}\n" for i in range(others))
@@ -148,40 +152,134 @@ agents:
             f'  - {{id: key_{i:06d}, sha256: "{hashlib.sha256(f"ak_scale{i:032d}".encode()).hexdigest()}", '
             f'account: acct_{i % 1000:04d}, agents: [ag_{i % others:06d}], policy: bench}}\n'
             for i in range(args.keys - 1))
+    return path
+
+
+def redis_commands(port):
+    """Commands the Redis server on `port` has run (INFO stats), less this probe."""
+    if port is None:
+        return 0
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "stats"], capture_output=True, text=True,
+                         check=True).stdout
+    return int(out.split("total_commands_processed:")[1].split()[0])
+
+
+def reload_now(admin_port):
+    """`POST /admin/reload`; returns how long it took to answer 200."""
+    req = urllib.request.Request(f"http://127.0.0.1:{admin_port}/admin/reload", method="POST",
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, data=b"")
+    t = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=120) as r:
+        json.load(r)
+    return time.perf_counter() - t
+
+
+def change_policy(tmp, generation):
+    """One policy's `rate` changed in the policy directory (the reload an SRE makes)."""
+    with open(os.path.join(tmp, "policies", "bench.yaml"), "w") as f:
+        f.write(f"policies:\n  bench:\n    requests: {{rate: {10_000_000 + generation}, per: 1s}}\n"
+                "    tokens: {rate: 1000000000000, per: 1s}\n    concurrency: 100000\n")
+
+
+def big_config(args, tmp, worker_port):
+    """Start-up and reload of a large config on each store, the Redis commands each costs, and
+    what reloads do to call latency; with `--instances N`, also N instances on one Redis
+    reloading at once."""
+    redis_port = load.free_port() if args.redis else None
+    redis = load.redis_server(tmp, redis_port) if redis_port else None
+    rows = []
+    try:
+        stores = [("embedded", None)] + ([("redis", redis_port)] if redis_port else [])
+        for store, store_port in stores:
+            rows.append(one_big_config(args, tmp, worker_port, store, store_port))
+        if redis_port and args.instances > 1:
+            rows.append(many_reloading(args, tmp, worker_port, redis_port))
+    finally:
+        stop(redis)
+    print(f"{args.agents} agents, {args.keys} keys, 1000 accounts, one policy; {args.reloads} reloads after one "
+          f"policy change each:")
+    print(f"{'store':24} {'ready s':>8} {'start cmds':>11} {'RSS MiB':>8} {'reload s (median, max)':>23} "
+          f"{'reload cmds':>12} {'p50/p99 us quiet':>17} {'p50/p99 us reloading':>21}")
+    for r in rows:
+        print(f"{r['store']:24} {r['ready']:8.2f} {r['start_cmds']:11d} {r['rss']:8.0f} "
+              f"{statistics.median(r['reloads']):11.2f} {max(r['reloads']):11.2f} {r['reload_cmds']:12d} "
+              f"{r.get('quiet', '-'):>17} {r.get('busy', '-'):>21}")
+
+
+def one_big_config(args, tmp, worker_port, store, redis_port):
+    port, admin_port = load.free_port(), load.free_port()
+    name = f"big-{store}.yaml"
+    path = write_big_config(args, tmp, name, worker_port, port, admin_port, redis_port)
     size_mib = os.path.getsize(path) / 2**20
+    before = redis_commands(redis_port)
     started = time.perf_counter()
-    gw = serve(tmp, "big.yaml")
+    gw = serve(tmp, name, f"big-{store}")
     try:
         wait_ready(admin_port)
         ready_s = time.perf_counter() - started
+        start_cmds = redis_commands(redis_port) - before
         rss = rss_mib(gw.pid)
         lua = load.post_lua(tmp)
         route = f"/v1/agents/{load.AGENT}/chat"
         quiet = load.run_wrk(port, route, args.seconds, 1, lua)
-        reloads = []
+        # One reload with no calls running: the Redis commands it costs are its own (and
+        # the background checks', two a second).
+        change_policy(tmp, 1000)
+        commands = redis_commands(redis_port)
+        reloads = [reload_now(admin_port)]
+        reload_cmds = redis_commands(redis_port) - commands
 
         def reload_all():
-            for _ in range(args.reloads):
+            for generation in range(args.reloads):
                 time.sleep(args.seconds / (args.reloads + 1))
-                os.utime(path)
-                req = urllib.request.Request(f"http://127.0.0.1:{admin_port}/admin/reload", method="POST",
-                                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, data=b"")
-                t = time.perf_counter()
-                with urllib.request.urlopen(req, timeout=30) as r:
-                    json.load(r)
-                reloads.append(time.perf_counter() - t)
+                change_policy(tmp, generation)
+                reloads.append(reload_now(admin_port))
 
         reloader = threading.Thread(target=reload_all)
         reloader.start()
         busy = load.run_wrk(port, route, args.seconds, 1, lua)
         reloader.join()
-        print(f"{args.agents} agents, {args.keys} keys, 1000 accounts ({size_mib:.1f} MiB of YAML): ready in "
-              f"{ready_s:.2f} s, RSS {rss:.0f} MiB; {len(reloads)} reloads of the whole set: median "
-              f"{statistics.median(reloads):.2f} s, longest {max(reloads):.2f} s")
-        print(f"  one call at a time, p50/p99: {quiet['latency']['50%']:.0f}/{quiet['latency']['99%']:.0f} us "
-              f"without reloads, {busy['latency']['50%']:.0f}/{busy['latency']['99%']:.0f} us while they run")
+        print(f"{store}: {size_mib:.1f} MiB of YAML, ready in {ready_s:.2f} s")
+        return {"store": store, "ready": ready_s, "start_cmds": start_cmds, "rss": rss, "reloads": reloads,
+                "reload_cmds": reload_cmds,
+                "quiet": f"{quiet['latency']['50%']:.0f}/{quiet['latency']['99%']:.0f}",
+                "busy": f"{busy['latency']['50%']:.0f}/{busy['latency']['99%']:.0f}"}
     finally:
         stop(gw)
+
+
+def many_reloading(args, tmp, worker_port, redis_port):
+    """`args.instances` instances of the big config on one Redis, reloading at once."""
+    gateways, admins = [], []
+    try:
+        for i in range(args.instances):
+            port, admin_port = load.free_port(), load.free_port()
+            name = f"big-many-{i}.yaml"
+            write_big_config(args, tmp, name, worker_port, port, admin_port, redis_port)
+            gateways.append(serve(tmp, name, f"big-many-{i}"))
+            admins.append(admin_port)
+        started = time.perf_counter()
+        for admin_port in admins:
+            wait_ready(admin_port, timeout=300)
+        ready_s = time.perf_counter() - started
+        reloads, reload_cmds = [], []
+        for generation in range(args.reloads):
+            change_policy(tmp, 100 + generation)
+            commands = redis_commands(redis_port)
+            threads, took = [], []
+            for admin_port in admins:
+                t = threading.Thread(target=lambda p=admin_port: took.append(reload_now(p)))
+                t.start()
+                threads.append(t)
+            for t in threads:
+                t.join()
+            reloads.append(max(took))
+            reload_cmds.append((redis_commands(redis_port) - commands) // args.instances)
+        return {"store": f"redis, {args.instances} at once", "ready": ready_s, "start_cmds": 0,
+                "rss": max(rss_mib(g.pid) for g in gateways), "reloads": reloads,
+                "reload_cmds": max(reload_cmds)}
+    finally:
+        stop(*gateways)
 
 
 def redis_memory(args, tmp, worker_port):
@@ -208,9 +306,8 @@ def redis_memory(args, tmp, worker_port):
 
         calls = int(cli("XLEN", "turnpike:usage"))
         account = "turnpike:{account:acct_bench}"
+        # Config keys are read from the file: Redis holds no record of them.
         rows = [
-            ("key record (turnpike:key:<sha256>)", first("turnpike:key:*"), 1),
-            ("key id index", first("turnpike:keyid:*"), 1),
             ("key buckets (limits hash)", f"{account}:key:key_bench:limits", 1),
             ("account hash (balance, reserved)", f"{account}:account", 1),
             ("account usage hash (one key x agent row)", f"{account}:usage", 1),
@@ -220,7 +317,7 @@ def redis_memory(args, tmp, worker_port):
         for label, key, per in rows:
             print(f"  {label:48} {int(cli('MEMORY', 'USAGE', key) or 0) // per:>8}")
         marker = first(f"{account}:settled:*")
-        print(f"  {'settled marker, per call (kept 1 h)':48} {int(cli('MEMORY', 'USAGE', marker)):>8}")
+        print(f"  {'settled marker, per call (~60 s once settled)':48} {int(cli('MEMORY', 'USAGE', marker)):>8}")
         stream = int(cli("MEMORY", "USAGE", "turnpike:usage", "SAMPLES", "0"))
         print(f"  {'usage stream entry, per call':48} {stream // max(calls, 1):>8}")
         print(f"  used_memory {cli('INFO', 'memory').split('used_memory:')[1].split()[0]} bytes in all, "
@@ -239,6 +336,9 @@ def main():
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--seconds", type=int, default=10, help="length of each latency run (--big-config)")
     ap.add_argument("--reloads", type=int, default=5)
+    ap.add_argument("--redis", action="store_true", help="--big-config on a Redis store too, beside the embedded")
+    ap.add_argument("--instances", type=int, default=4,
+                    help="--big-config --redis: also this many instances on one Redis reloading at once")
     ap.add_argument("--redis-memory", action="store_true")
     args = ap.parse_args()
     everything = not (args.connections or args.big_config or args.redis_memory)

@@ -87,8 +87,8 @@ impl Reloader {
     }
 
     /// Everything that can fail, in order, with the store touched last: a refused set
-    /// changes nothing, and keys are seeded only just before the snapshot that knows their
-    /// policies.
+    /// changes nothing, and the keys and accounts go in force only just before the snapshot
+    /// that knows their policies.
     async fn prepare(
         &self,
         sources: &Sources,
@@ -100,9 +100,9 @@ impl Reloader {
             .map_err(|e| one_error(path, format!("building upstream pools: {e}")))?;
         self.services
             .store
-            .seed(&snapshot.config.keys, &snapshot.config.accounts)
+            .apply_config(&snapshot.config.keys, &snapshot.config.accounts)
             .await
-            .map_err(|e| one_error(path, format!("seeding keys and accounts: {e}")))?;
+            .map_err(|e| one_error(path, format!("putting keys and accounts in force: {e}")))?;
         Ok((runtime.sources, runtime.process, snapshot))
     }
 

@@ -27,7 +27,7 @@ pub enum StartError {
     Config(#[from] ConfigErrors),
     #[error("{0}")]
     Store(#[from] StoreError),
-    #[error("seeding the store: {0}")]
+    #[error("putting the config's keys and accounts in force: {0}")]
     Seed(StoreError),
     #[error("building upstream pools: {0}")]
     Pools(std::io::Error),
@@ -39,7 +39,7 @@ pub enum StartError {
     TlsListener(std::io::Error),
 }
 
-/// Builds the store and seeds it with the config's keys and accounts. The store gets a
+/// Builds the store and puts the config's keys and accounts in force on it. The store gets a
 /// runtime of its own for its connections and background tasks, alive as long as the process
 /// (returned, for the drain's last writes).
 fn open_store(
@@ -63,7 +63,7 @@ fn open_store(
     };
     let config = &snapshot.config;
     handle
-        .block_on(store.seed(&config.keys, &config.accounts))
+        .block_on(store.apply_config(&config.keys, &config.accounts))
         .map_err(StartError::Seed)?;
     Ok((store, handle))
 }

@@ -27,8 +27,8 @@ use super::spec::{
 };
 use super::validate;
 use super::{
-    AccountSeed, Agent, CallConfig, Limits, PoolConfig, ProcessConfig, StoreConfig, StoreKind,
-    TlsListenerConfig, MAX_BODY_BYTES_CEILING, MAX_HEADER_BYTES_CEILING,
+    AccountSeed, Agent, CallConfig, ConfigKeys, Limits, PoolConfig, ProcessConfig, StoreConfig,
+    StoreKind, TlsListenerConfig, MAX_BODY_BYTES_CEILING, MAX_HEADER_BYTES_CEILING,
 };
 
 /// Compiles the whole file against the policies already compiled from its directory.
@@ -74,7 +74,9 @@ pub fn compile(
         .collect();
     let agents = compile_agents(file.agents, &pool_rules, &policies, report);
     let accounts = compile_accounts(file.accounts, report);
-    let keys = compile_keys(file.keys, &agents, &accounts, &policies, report);
+    let keys = Arc::new(ConfigKeys::new(compile_keys(
+        file.keys, &agents, &accounts, &policies, report,
+    )));
     let process = ProcessConfig {
         listen: file.listen,
         admin_listen: file.admin.listen,

@@ -113,9 +113,48 @@ pub struct CallConfig {
     pub pools: BTreeMap<String, PoolConfig>,
     pub agents: HashMap<String, Arc<Agent>>,
     pub policies: HashMap<String, Arc<Policy>>,
-    /// Seeded into the store at start and on every reload.
-    pub keys: Vec<(KeyHash, KeyRecord)>,
+    /// The file's keys: looked up by every instance in its own copy, never written to a
+    /// shared store (only their revocations are).
+    pub keys: Arc<ConfigKeys>,
+    /// Each account's starting balance, given it where the store has no balance.
     pub accounts: Vec<AccountSeed>,
+}
+
+/// The config file's keys, by hash (a call's lookup) and by public id (the admin API's).
+#[derive(Debug, Default)]
+pub struct ConfigKeys {
+    by_hash: HashMap<KeyHash, Arc<KeyRecord>>,
+    by_id: HashMap<String, KeyHash>,
+}
+
+impl ConfigKeys {
+    pub fn new(keys: Vec<(KeyHash, KeyRecord)>) -> Self {
+        let mut by_hash = HashMap::with_capacity(keys.len());
+        let mut by_id = HashMap::with_capacity(keys.len());
+        for (hash, record) in keys {
+            by_id.insert(record.id.clone(), hash);
+            by_hash.insert(hash, Arc::new(record));
+        }
+        Self { by_hash, by_id }
+    }
+
+    pub fn get(&self, hash: &KeyHash) -> Option<&Arc<KeyRecord>> {
+        self.by_hash.get(hash)
+    }
+
+    /// The key with this public id, and its hash.
+    pub fn by_id(&self, id: &str) -> Option<(KeyHash, &Arc<KeyRecord>)> {
+        let hash = self.by_id.get(id)?;
+        Some((*hash, self.by_hash.get(hash)?))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

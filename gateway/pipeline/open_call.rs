@@ -212,7 +212,10 @@ mod tests {
             id: "acct".into(),
             balance,
         };
-        store.seed(&[], &[account]).await.unwrap();
+        store
+            .apply_config(&Default::default(), &[account])
+            .await
+            .unwrap();
     }
 
     /// Lets the tasks a drop spawned run.

@@ -16,26 +16,29 @@ use turnpike_core::limits::Quota;
 use super::{
     AdminStore, BalanceChange, BalanceOutcome, CallStore, StoreError, UsageFilter, UsageTotals,
 };
-use crate::config::AccountSeed;
+use crate::config::{AccountSeed, ConfigKeys};
 
-/// Keys are read on every call and written rarely, so they sit in a copy-on-write map that
-/// readers load without a lock. Everything an admission must change atomically sits under
-/// one mutex: its critical section is a few integer operations and map lookups, with no
-/// I/O and no allocation once a key, agent and account have been seen.
+/// Keys are read on every call and written rarely, so they sit in copy-on-write maps that
+/// readers load without a lock: the config's own (put in force whole, never copied) and the
+/// ones made through the admin API with the revocations of config keys. Everything an
+/// admission must change atomically sits under one mutex: its critical section is a few
+/// integer operations and map lookups, with no I/O and no allocation once a key, agent and
+/// account have been seen.
 #[derive(Default)]
 pub struct MemoryStore {
+    config_keys: ArcSwap<ConfigKeys>,
     keys: ArcSwap<KeyTable>,
     /// Serialises key writers so none loses another's change.
     key_writer: Mutex<()>,
     ledger: Mutex<Ledger>,
 }
 
+/// Keys made through the admin API, and the hashes of config keys revoked.
 #[derive(Default, Clone)]
 struct KeyTable {
     by_hash: HashMap<KeyHash, Arc<KeyRecord>>,
     by_id: HashMap<String, KeyHash>,
-    /// Ids of the keys the config file brought, so a key deleted from it goes away.
-    from_config: HashSet<String>,
+    revoked_config_keys: HashSet<KeyHash>,
 }
 
 impl KeyTable {
@@ -71,6 +74,23 @@ impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// A config key as it stands: revoked once revoked, whatever the file says.
+    fn config_key(
+        &self,
+        table: &KeyTable,
+        hash: &KeyHash,
+        record: &Arc<KeyRecord>,
+    ) -> Arc<KeyRecord> {
+        if table.revoked_config_keys.contains(hash) {
+            Arc::new(KeyRecord {
+                revoked: true,
+                ..KeyRecord::clone(record)
+            })
+        } else {
+            Arc::clone(record)
+        }
+    }
 }
 
 impl Ledger {
@@ -103,7 +123,11 @@ fn entry<'m, V: Default>(map: &'m mut HashMap<String, V>, id: &str) -> &'m mut V
 #[async_trait]
 impl CallStore for MemoryStore {
     async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        Ok(self.keys.load().by_hash.get(hash).cloned())
+        let table = self.keys.load();
+        if let Some(record) = self.config_keys.load().get(hash) {
+            return Ok(Some(self.config_key(&table, hash, record)));
+        }
+        Ok(table.by_hash.get(hash).cloned())
     }
 
     async fn admit(&self, call: &Admission<'_>) -> Result<Result<Admitted, Refusal>, StoreError> {
@@ -159,6 +183,9 @@ impl CallStore for MemoryStore {
 impl AdminStore for MemoryStore {
     async fn key_by_id(&self, id: &str) -> Result<Option<Arc<KeyRecord>>, StoreError> {
         let table = self.keys.load();
+        if let Some((hash, record)) = self.config_keys.load().by_id(id) {
+            return Ok(Some(self.config_key(&table, &hash, record)));
+        }
         Ok(table
             .by_id
             .get(id)
@@ -168,6 +195,10 @@ impl AdminStore for MemoryStore {
 
     async fn create_key(&self, hash: KeyHash, record: KeyRecord) -> Result<bool, StoreError> {
         let _writer = self.key_writer.lock();
+        let config = self.config_keys.load();
+        if config.by_id(&record.id).is_some() || config.get(&hash).is_some() {
+            return Ok(false);
+        }
         let mut table = KeyTable::clone(&self.keys.load());
         if table.by_id.contains_key(&record.id) || table.by_hash.contains_key(&hash) {
             return Ok(false);
@@ -180,6 +211,11 @@ impl AdminStore for MemoryStore {
     async fn revoke_key(&self, id: &str) -> Result<bool, StoreError> {
         let _writer = self.key_writer.lock();
         let mut table = KeyTable::clone(&self.keys.load());
+        if let Some((hash, _)) = self.config_keys.load().by_id(id) {
+            table.revoked_config_keys.insert(hash);
+            self.keys.store(Arc::new(table));
+            return Ok(true);
+        }
         let Some(hash) = table.by_id.get(id).copied() else {
             return Ok(false);
         };
@@ -190,34 +226,12 @@ impl AdminStore for MemoryStore {
         Ok(true)
     }
 
-    async fn seed(
+    async fn apply_config(
         &self,
-        keys: &[(KeyHash, KeyRecord)],
+        keys: &Arc<ConfigKeys>,
         accounts: &[AccountSeed],
     ) -> Result<(), StoreError> {
-        {
-            let _writer = self.key_writer.lock();
-            let mut table = KeyTable::clone(&self.keys.load());
-            let seeded: HashSet<String> =
-                keys.iter().map(|(_, record)| record.id.clone()).collect();
-            for gone in table.from_config.difference(&seeded) {
-                if let Some(hash) = table.by_id.remove(gone) {
-                    table.by_hash.remove(&hash);
-                }
-            }
-            table.from_config = seeded;
-            for (hash, record) in keys {
-                let revoked = table.by_hash.get(hash).is_some_and(|r| r.revoked);
-                table.insert(
-                    *hash,
-                    KeyRecord {
-                        revoked,
-                        ..record.clone()
-                    },
-                );
-            }
-            self.keys.store(Arc::new(table));
-        }
+        self.config_keys.store(Arc::clone(keys));
         let mut ledger = self.ledger.lock();
         for seed in accounts {
             ledger

@@ -17,7 +17,7 @@ use turnpike_core::billing::AccountState;
 use turnpike_core::keys::{KeyHash, KeyRecord};
 use turnpike_core::limits::Quota;
 
-use crate::config::AccountSeed;
+use crate::config::{AccountSeed, ConfigKeys};
 
 /// A store operation that failed, with what that says about the store.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +109,8 @@ pub enum BalanceChange {
 /// What every call asks of the store: at most one round trip each.
 #[async_trait]
 pub trait CallStore: Send + Sync {
-    /// The key with this hash, whether live or not; `None` when unknown.
+    /// The key with this hash, whether live or not (a config key first, then one made
+    /// through the admin API); `None` when unknown.
     async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError>;
 
     /// Checks every bucket of the key and agent policies, the concurrency slots and the
@@ -140,21 +141,25 @@ pub trait CallStore: Send + Sync {
 /// What the operator (admin API, start-up and reload) asks of the store.
 #[async_trait]
 pub trait AdminStore: Send + Sync {
-    /// The key with this public id; `None` when unknown.
+    /// The key with this public id (a config key first); `None` when unknown.
     async fn key_by_id(&self, id: &str) -> Result<Option<Arc<KeyRecord>>, StoreError>;
 
-    /// Adds a key; `Ok(false)` when its id or hash is already taken.
+    /// Adds a key; `Ok(false)` when its id or hash is already taken (by a config key too).
     async fn create_key(&self, hash: KeyHash, record: KeyRecord) -> Result<bool, StoreError>;
 
-    /// Marks the key revoked (it stays visible, refused); `Ok(false)` when unknown.
+    /// Marks the key revoked (it stays visible, refused), a config key as much as one made
+    /// through the admin API; `Ok(false)` when unknown.
     async fn revoke_key(&self, id: &str) -> Result<bool, StoreError>;
 
-    /// Makes the config file's keys and accounts known. Keys are replaced (a revoked key
-    /// stays revoked) and a key the previous seeding brought that the file no longer lists is
-    /// removed; an account that already exists keeps its live balance.
-    async fn seed(
+    /// Puts a config's keys and accounts in force, at start and on every reload. The keys
+    /// are looked up in this instance's copy from now on and are never written to a shared
+    /// store: only their revocations live there, and a revocation wins over the file. Each
+    /// account the store has no balance for gets its starting balance; one that has a
+    /// balance keeps it. The store's work is in proportion to what changed since the last
+    /// config put in force here (its new accounts), not to the number of keys.
+    async fn apply_config(
         &self,
-        keys: &[(KeyHash, KeyRecord)],
+        keys: &Arc<ConfigKeys>,
         accounts: &[AccountSeed],
     ) -> Result<(), StoreError>;
 

@@ -224,6 +224,7 @@ fn an_empty_restart_is_seeded_again_and_the_held_charge_comes_off_the_starting_b
     let w = Worker::start("w1");
     let gw = crate::outage::gateway(&redis, &w, "fail_open");
     let starting = gw.balance("acct_jane").balance;
+    gw.admin_delete("/admin/keys/key_bob").assert_status(200);
     redis.stop();
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
 
@@ -249,9 +250,15 @@ fn an_empty_restart_is_seeded_again_and_the_held_charge_comes_off_the_starting_b
         "{}",
         ready.body
     );
+    // The revocation this instance knew is in Redis again, for every instance to read.
+    let bob = sha256_hex(gw.bob());
+    assert_eq!(
+        redis.cli(&["SISMEMBER", "turnpike:revoked_keys", &bob]),
+        "(integer) 1"
+    );
+    gw.chat(AGENT, gw.bob(), "hi").error(401, "invalid_api_key");
     // Config keys work again without a reload, and the account is not locked.
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
-    gw.chat(AGENT, gw.bob(), "hi").assert_status(200);
     assert_eq!(gw.settled_balance("acct_jane").balance, starting - 2 * COST);
     assert_eq!(gw.usage("account=acct_jane").requests, 2);
     assert_eq!(dropped(&gw), 0.0);

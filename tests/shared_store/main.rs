@@ -9,6 +9,7 @@
 mod support;
 
 mod cluster;
+mod config_files;
 mod faults;
 mod group_commit;
 mod mirror;

@@ -184,8 +184,8 @@ async fn run(store: &dyn Store, prefix: &str) -> Vec<(String, Vec<Decision>, Opt
             format!("ag_{prefix}{i}"),
         );
         store
-            .seed(
-                &[],
+            .apply_config(
+                &Default::default(),
                 &[AccountSeed {
                     id: account.clone(),
                     balance: case.balance,
@@ -333,8 +333,8 @@ fn an_admission_sent_twice_takes_nothing_twice() {
     };
     runtime.block_on(async {
         store
-            .seed(
-                &[],
+            .apply_config(
+                &Default::default(),
                 &[AccountSeed {
                     id: "acct1".into(),
                     balance: 1000,

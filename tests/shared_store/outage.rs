@@ -251,8 +251,10 @@ fn under_fail_closed_an_outage_serves_no_key_and_a_revoked_one_never() {
     let served = w.count();
     redis.stop();
     std::thread::sleep(Duration::from_millis(1100));
-    a.chat(AGENT, a.jane(), "hi")
-        .error(503, "store_unavailable");
+    // A config key is read from the file: the revocation this instance learned refuses it
+    // without Redis. Any other key waits for the store.
+    a.chat(AGENT, a.jane(), "hi").error(401, "invalid_api_key");
+    a.chat(AGENT, a.bob(), "hi").error(503, "store_unavailable");
     a.chat(AGENT, &made, "hi").error(503, "store_unavailable");
     assert_eq!(w.count(), served);
     redis.restart();

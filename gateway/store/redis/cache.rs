@@ -157,9 +157,9 @@ impl KnownKeys {
         }
     }
 
-    /// Whether this instance learned that `hash` was revoked.
-    pub fn is_revoked(&self, hash: &KeyHash) -> bool {
-        self.table.read().revoked.contains(hash)
+    /// Every key this instance learned was revoked.
+    pub fn revoked(&self) -> Vec<KeyHash> {
+        self.table.read().revoked.iter().copied().collect()
     }
 
     /// `record` as this instance knows it: revoked if it learned so.

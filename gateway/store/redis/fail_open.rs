@@ -1,16 +1,14 @@
 //! `on_unavailable: fail_open`: while Redis cannot be asked, calls are judged on this
-//! instance's own buckets (same policies, no balance check), and keys are recognised from
-//! what this instance last knew. Every such admission is logged and counted.
+//! instance's own buckets (same policies, no balance check), and keys made through the admin
+//! API are recognised from what this instance last knew (config keys always are: they are
+//! read from the file). Every such admission is logged and counted.
 
-use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use prometheus::IntCounter;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use turnpike_core::admission::{Admission, Admitted, Refusal, Settlement};
-use turnpike_core::keys::{KeyHash, KeyRecord};
 
 use crate::store::{CallStore, MemoryStore, StoreError};
 
@@ -23,8 +21,6 @@ pub struct FailOpen {
     local_calls: Mutex<HashSet<String>>,
     /// How many of those there are, read without the lock on every settlement.
     local_open: AtomicUsize,
-    /// The config file's keys, by hash: recognised when Redis cannot be asked.
-    config_keys: ArcSwap<HashMap<KeyHash, Arc<KeyRecord>>>,
     admissions: IntCounter,
 }
 
@@ -35,7 +31,6 @@ impl FailOpen {
             local: MemoryStore::new(),
             local_calls: Mutex::new(HashSet::new()),
             local_open: AtomicUsize::new(0),
-            config_keys: ArcSwap::default(),
             admissions,
         }
     }
@@ -73,18 +68,5 @@ impl FailOpen {
             self.local_open.fetch_sub(1, Ordering::Relaxed);
             self.local.settle(call).await;
         }
-    }
-
-    pub fn remember_config_keys(&self, keys: &[(KeyHash, KeyRecord)]) {
-        self.config_keys.store(Arc::new(
-            keys.iter()
-                .map(|(hash, record)| (*hash, Arc::new(record.clone())))
-                .collect(),
-        ));
-    }
-
-    /// The config file's record of a key.
-    pub fn config_key(&self, hash: &KeyHash) -> Option<Arc<KeyRecord>> {
-        self.config_keys.load().get(hash).cloned()
     }
 }

@@ -47,7 +47,7 @@ use super::{
     AdminStore, BalanceChange, BalanceOutcome, CallStore, StoreError, StoreErrorKind, UsageFilter,
     UsageTotals,
 };
-use crate::config::{AccountSeed, FailMode, StoreConfig};
+use crate::config::{AccountSeed, ConfigKeys, FailMode, StoreConfig};
 use crate::metrics::Metrics;
 
 pub struct RedisStore {
@@ -58,6 +58,9 @@ pub struct RedisStore {
     stream_maxlen: u64,
     balance_script: Script,
     seed_account_script: Script,
+    /// The config file's keys: this instance's copy, looked up first.
+    config_keys: arc_swap::ArcSwap<ConfigKeys>,
+    /// Keys made through the admin API as last read, and every revocation learned.
     keys: KnownKeys,
     /// The `RateLimit-*` numbers each key's last admission here returned.
     quotas: QuotaMemo,
@@ -104,6 +107,7 @@ impl RedisStore {
             stream_maxlen: config.usage_stream_maxlen,
             balance_script: Script::new(protocol::CHANGE_BALANCE_LUA),
             seed_account_script: Script::new(protocol::SEED_ACCOUNT_LUA),
+            config_keys: Default::default(),
             keys: KnownKeys::new(config.key_cache_ttl),
             quotas: QuotaMemo::default(),
             seeding: Arc::new(Seeding::new(metrics.store_state_lost.clone())),
@@ -167,12 +171,12 @@ impl AdminStore for RedisStore {
         self.revoke_record(id).await
     }
 
-    async fn seed(
+    async fn apply_config(
         &self,
-        keys: &[(KeyHash, KeyRecord)],
+        keys: &Arc<ConfigKeys>,
         accounts: &[AccountSeed],
     ) -> Result<(), StoreError> {
-        self.seed_records(keys, accounts).await
+        self.apply_config_on_redis(keys, accounts).await
     }
 
     async fn balance(&self, account: &str) -> Result<Option<AccountState>, StoreError> {

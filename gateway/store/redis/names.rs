@@ -9,11 +9,16 @@ use turnpike_core::keys::KeyHash;
 pub const USAGE_STREAM: &str = "turnpike:usage";
 /// Every account that has a key or a balance, for usage queries over all accounts.
 pub const ACCOUNTS: &str = "turnpike:accounts";
-/// Ids of the keys the config file seeded, so a key deleted from the file goes away.
+/// Ids of the config keys an older build wrote into Redis; removed (with those keys) when a
+/// gateway that reads config keys from its file starts.
 pub const CONFIG_KEYS: &str = "turnpike:config_keys";
-/// Hashes (hex) of every key revoked, so a re-seed after Redis lost its state keeps them revoked.
+/// Hashes (hex) of every key revoked, config keys' too: read at start, and written back by
+/// the instances that know them after Redis lost its state.
 pub const REVOKED_KEYS: &str = "turnpike:revoked_keys";
-/// Set by every seed, last: when it is gone, Redis lost its state (an empty restart).
+/// Counts revocations: an instance that sees it move learns the revocations again.
+pub const REVOCATIONS: &str = "turnpike:revocations";
+/// Set once the first config is in force (and after every re-seed): when it is gone, Redis
+/// lost its state (an empty restart).
 pub const SEEDED: &str = "turnpike:seeded";
 /// Pub/sub channel announcing changed keys (`records::KeyEvent`).
 pub const KEY_EVENTS: &str = "turnpike:keys";

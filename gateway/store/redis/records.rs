@@ -1,10 +1,13 @@
-//! Key records in Redis: looked up on the hot path through the instance's last-known key
-//! table, created, revoked and seeded by the operator, and every change announced on pub/sub
-//! so each instance re-reads its copy (a revocation arrives with the key it revokes).
+//! Keys on the Redis store. The config file's keys are this instance's own copy, looked up
+//! first and never written to Redis; keys made through the admin API live in Redis, looked
+//! up through the instance's last-known key table. Revocations (of either kind) live in
+//! Redis, and every change is announced on pub/sub so each instance applies it (a
+//! revocation arrives with the key it revokes); a counter of revocations, read each second,
+//! catches one whose announcement was missed.
 
 use futures_util::StreamExt;
 use redis::{RedisResult, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -13,21 +16,29 @@ use turnpike_core::keys::{AgentScope, KeyHash, KeyRecord};
 use super::cache::{KnownKeys, Lookup};
 use super::link::{Op, ADMIN_TIMEOUT};
 use super::names::{
-    account_hash, key_index, key_record, ACCOUNTS, CONFIG_KEYS, KEY_EVENTS, REVOKED_KEYS, SEEDED,
+    account_hash, key_index, key_record, ACCOUNTS, CONFIG_KEYS, KEY_EVENTS, REVOCATIONS,
+    REVOKED_KEYS, SEEDED,
 };
 use super::protocol::Invocation;
 use super::RedisStore;
-use crate::config::AccountSeed;
+use crate::config::{AccountSeed, ConfigKeys};
 use crate::store::StoreError;
 
+/// Accounts given their starting balance at once, as a start or a reload puts them in force.
+const ACCOUNTS_AT_ONCE: usize = 32;
+
 impl RedisStore {
-    /// A key by hash: from the table while fresh, else from Redis. Under `fail_open`, a
-    /// lookup Redis cannot answer now falls back to the key as last known, then to the
-    /// config file's record; a revocation this instance learned holds either way.
+    /// A key by hash: a config key from this instance's copy (revoked if this instance knows
+    /// so); else from the table while fresh, else from Redis. Under `fail_open`, a lookup
+    /// Redis cannot answer now falls back to the key as last known; a revocation this
+    /// instance learned holds either way.
     pub(super) async fn lookup_key(
         &self,
         hash: &KeyHash,
     ) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        if let Some(record) = self.config_keys.load().get(hash) {
+            return Ok(Some(self.keys.as_known(hash, Arc::clone(record))));
+        }
         let last_known = match self.keys.get(hash) {
             Lookup::Fresh(record) => return Ok(record),
             Lookup::LastKnown(record) => Some(record),
@@ -35,19 +46,11 @@ impl RedisStore {
         };
         let epoch = self.keys.epoch();
         match self.fetch_key(hash).await {
-            Ok(record) => {
-                if record.is_none() && self.fail_open.config_key(hash).is_some() {
-                    // Redis lost a key the config file seeds: it may have lost everything.
-                    self.seeding.check_soon();
-                }
-                Ok(self.keys.put(*hash, record, epoch))
-            }
-            Err(error) if self.fail_open.enabled && error.kind.is_transient() => {
-                match last_known.or_else(|| self.fail_open.config_key(hash)) {
-                    Some(record) => Ok(Some(self.keys.as_known(hash, record))),
-                    None => Err(error),
-                }
-            }
+            Ok(record) => Ok(self.keys.put(*hash, record, epoch)),
+            Err(error) if self.fail_open.enabled && error.kind.is_transient() => match last_known {
+                Some(record) => Ok(Some(self.keys.as_known(hash, record))),
+                None => Err(error),
+            },
             Err(error) => Err(error),
         }
     }
@@ -68,6 +71,9 @@ impl RedisStore {
         &self,
         id: &str,
     ) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        if let Some((hash, record)) = self.config_keys.load().by_id(id) {
+            return Ok(Some(self.keys.as_known(&hash, Arc::clone(record))));
+        }
         let Some(hash) = self.hash_of(id).await? else {
             return Ok(None);
         };
@@ -75,7 +81,7 @@ impl RedisStore {
             .link
             .admin(redis::cmd("HGETALL").arg(key_record(&hash)))
             .await?;
-        Ok(parse_record(&fields).map(Arc::new))
+        Ok(parse_record(&fields).map(|record| self.keys.as_known(&hash, Arc::new(record))))
     }
 
     pub(super) async fn create_record(
@@ -83,6 +89,10 @@ impl RedisStore {
         hash: KeyHash,
         record: KeyRecord,
     ) -> Result<bool, StoreError> {
+        let config = self.config_keys.load();
+        if config.by_id(&record.id).is_some() || config.get(&hash).is_some() {
+            return Ok(false);
+        }
         let claimed: Option<String> = self
             .link
             .admin_once(
@@ -111,126 +121,168 @@ impl RedisStore {
     }
 
     pub(super) async fn revoke_record(&self, id: &str) -> Result<bool, StoreError> {
-        let Some(hash) = self.hash_of(id).await? else {
-            return Ok(false);
+        let hash = match self.config_keys.load().by_id(id) {
+            Some((hash, _)) => hash,
+            None => {
+                let Some(hash) = self.hash_of(id).await? else {
+                    return Ok(false);
+                };
+                self.link
+                    .admin::<Value>(
+                        redis::cmd("HSET")
+                            .arg(key_record(&hash))
+                            .arg("revoked")
+                            .arg("1"),
+                    )
+                    .await?;
+                hash
+            }
         };
-        self.link
-            .admin::<Value>(
-                redis::cmd("HSET")
-                    .arg(key_record(&hash))
-                    .arg("revoked")
-                    .arg("1"),
-            )
-            .await?;
-        // Kept apart too, so a re-seed after Redis lost its state revokes it again.
+        // Every revocation is kept apart, and counted: an instance that missed the
+        // announcement reads the set again when the count moves, and a revocation outlives
+        // a Redis that lost it (instances write back what they learned).
         self.link
             .admin::<Value>(redis::cmd("SADD").arg(REVOKED_KEYS).arg(hash.to_hex()))
+            .await?;
+        self.link
+            .admin::<Value>(redis::cmd("INCR").arg(REVOCATIONS))
             .await?;
         self.announce(KeyEvent::Revoked(hash)).await;
         Ok(true)
     }
 
-    pub(super) async fn seed_records(
+    /// Puts a config's keys and accounts in force. The keys go in this instance's copy; the
+    /// first time, the revocations Redis keeps are read, and the keys an older build seeded
+    /// into Redis are removed. Accounts new since the last config put in force here get
+    /// their starting balance where Redis has none (a few at a time); then the seed marker,
+    /// whose absence later means Redis lost its state.
+    pub(super) async fn apply_config_on_redis(
         &self,
-        keys: &[(KeyHash, KeyRecord)],
+        keys: &Arc<ConfigKeys>,
         accounts: &[AccountSeed],
     ) -> Result<(), StoreError> {
-        // One seed at a time: a reload and a re-seed after lost state must not interleave.
+        // One at a time: a reload and a re-seed after lost state must not interleave.
         let _one_at_a_time = self.seeding.lock().await;
-        let listed: HashSet<&str> = keys.iter().map(|(_, r)| r.id.as_str()).collect();
+        let before = self.seeding.last();
+        if before.is_none() {
+            self.read_revocations().await?;
+            self.remove_seeded_config_keys().await?;
+        }
+        let new: Vec<&AccountSeed> = match &before {
+            Some(before) => accounts.iter().filter(|a| !before.has(&a.id)).collect(),
+            None => accounts.iter().collect(),
+        };
+        self.give_starting_balances(&new).await?;
+        self.config_keys.store(Arc::clone(keys));
+        if before.is_none() {
+            self.link
+                .admin::<Value>(redis::cmd("SET").arg(SEEDED).arg("1"))
+                .await?;
+        }
+        self.seeding.remember(accounts);
+        Ok(())
+    }
+
+    /// After Redis lost its state: every account's starting balance where it has none (less
+    /// what held settlements charged meanwhile), the revocations this instance learned, and
+    /// the seed marker.
+    pub(super) async fn seed_again(&self, accounts: &[AccountSeed]) -> Result<(), StoreError> {
+        let _one_at_a_time = self.seeding.lock().await;
+        let all: Vec<&AccountSeed> = accounts.iter().collect();
+        self.give_starting_balances(&all).await?;
+        let revoked = self.keys.revoked();
+        if !revoked.is_empty() {
+            let mut cmd = redis::cmd("SADD");
+            cmd.arg(REVOKED_KEYS);
+            for hash in &revoked {
+                cmd.arg(hash.to_hex());
+            }
+            self.link.admin::<Value>(&cmd).await?;
+            self.link
+                .admin::<Value>(redis::cmd("INCR").arg(REVOCATIONS))
+                .await?;
+        }
+        self.link
+            .admin::<Value>(redis::cmd("SET").arg(SEEDED).arg("1"))
+            .await?;
+        Ok(())
+    }
+
+    /// Gives each account its starting balance where Redis has none (seed_account.lua), a
+    /// few at a time, and lists them for usage queries over every account.
+    async fn give_starting_balances(&self, accounts: &[&AccountSeed]) -> Result<(), StoreError> {
+        if accounts.is_empty() {
+            return Ok(());
+        }
+        let invocations: Vec<Invocation> = accounts
+            .iter()
+            .map(|account| Invocation {
+                keys: vec![account_hash(&account.id)],
+                args: vec![account.balance.to_string()],
+            })
+            .collect();
+        let seeded: Vec<Result<Value, StoreError>> = futures_util::stream::iter(invocations)
+            .map(|invocation| self.seed_account(invocation))
+            .buffer_unordered(ACCOUNTS_AT_ONCE)
+            .collect()
+            .await;
+        seeded.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let mut listed = redis::cmd("SADD");
+        listed.arg(ACCOUNTS);
+        for account in accounts {
+            listed.arg(&account.id);
+        }
+        self.link.admin::<Value>(&listed).await?;
+        Ok(())
+    }
+
+    async fn seed_account(&self, invocation: Invocation) -> Result<Value, StoreError> {
+        self.link
+            .invoke_within(
+                Op::Admin,
+                ADMIN_TIMEOUT,
+                &self.seed_account_script,
+                &invocation,
+            )
+            .await
+    }
+
+    /// Learns every revocation Redis keeps (of config keys too); returns the revocation
+    /// count they go with.
+    pub(super) async fn read_revocations(&self) -> Result<u64, StoreError> {
+        let count: Option<u64> = self.link.admin(redis::cmd("GET").arg(REVOCATIONS)).await?;
+        let revoked: Vec<String> = self
+            .link
+            .admin(redis::cmd("SMEMBERS").arg(REVOKED_KEYS))
+            .await?;
+        for hash in revoked.iter().filter_map(|hex| KeyHash::from_hex(hex)) {
+            self.keys.revoke(&hash);
+        }
+        let count = count.unwrap_or(0);
+        self.seeding.saw_revocations(count);
+        Ok(count)
+    }
+
+    /// Config keys an older build wrote into Redis (and listed in [`CONFIG_KEYS`]) are
+    /// removed once, so a key taken out of the file does not live on there.
+    async fn remove_seeded_config_keys(&self) -> Result<(), StoreError> {
         let seeded: Vec<String> = self
             .link
             .admin(redis::cmd("SMEMBERS").arg(CONFIG_KEYS))
             .await?;
-        let mut revoked: HashSet<String> = self
-            .link
-            .admin(redis::cmd("SMEMBERS").arg(REVOKED_KEYS))
-            .await?;
-        // A revocation this instance learned outlives a Redis that lost it.
-        for (hash, _) in keys {
-            if self.keys.is_revoked(hash) && revoked.insert(hash.to_hex()) {
-                self.link
-                    .admin::<Value>(redis::cmd("SADD").arg(REVOKED_KEYS).arg(hash.to_hex()))
-                    .await?;
-            }
+        if seeded.is_empty() {
+            return Ok(());
         }
-        for gone in seeded.iter().filter(|id| !listed.contains(id.as_str())) {
-            self.remove_key(gone).await?;
-            self.link
-                .admin::<Value>(redis::cmd("SREM").arg(CONFIG_KEYS).arg(gone))
-                .await?;
+        for id in &seeded {
+            self.remove_key(id).await?;
         }
-        for (hash, record) in keys {
-            if self.hash_of(&record.id).await?.is_some_and(|p| p != *hash) {
-                // The file gave this id a new secret: the old one stops working.
-                self.remove_key(&record.id).await?;
-            }
-            let mut fields = record_fields(record);
-            // A key revoked in the store stays revoked, even once Redis lost it.
-            fields.retain(|(field, _)| *field != "revoked");
-            let revoked_before = if revoked.contains(&hash.to_hex()) {
-                "1"
-            } else {
-                "0"
-            };
-            let mut cmd = redis::cmd("HSET");
-            cmd.arg(key_record(hash));
-            for (field, value) in fields {
-                cmd.arg(field).arg(value);
-            }
-            let commands = [
-                cmd,
-                redis::cmd("HSETNX")
-                    .arg(key_record(hash))
-                    .arg("revoked")
-                    .arg(revoked_before)
-                    .clone(),
-                redis::cmd("SET")
-                    .arg(key_index(&record.id))
-                    .arg(hash.to_hex())
-                    .clone(),
-                redis::cmd("SADD").arg(CONFIG_KEYS).arg(&record.id).clone(),
-                redis::cmd("SADD")
-                    .arg(ACCOUNTS)
-                    .arg(&record.account)
-                    .clone(),
-            ];
-            for cmd in &commands {
-                self.link.admin::<Value>(cmd).await?;
-            }
-        }
-        for account in accounts {
-            // An account that exists keeps its live balance: a restart resets nothing. One
-            // that lost it starts again from the file, less what was settled meanwhile.
-            let invocation = Invocation {
-                keys: vec![account_hash(&account.id)],
-                args: vec![account.balance.to_string()],
-            };
-            self.link
-                .invoke_within::<Value>(
-                    Op::Admin,
-                    ADMIN_TIMEOUT,
-                    &self.seed_account_script,
-                    &invocation,
-                )
-                .await?;
-            self.link
-                .admin::<Value>(redis::cmd("SADD").arg(ACCOUNTS).arg(&account.id))
-                .await?;
-        }
-        self.fail_open.remember_config_keys(keys);
-        for (hash, _) in keys {
-            if revoked.contains(&hash.to_hex()) {
-                self.keys.revoke(hash);
-            }
-        }
-        // Last: its presence says everything above is in Redis; from now on its absence
-        // means Redis lost it.
         self.link
-            .admin::<Value>(redis::cmd("SET").arg(SEEDED).arg("1"))
+            .admin::<Value>(redis::cmd("DEL").arg(CONFIG_KEYS))
             .await?;
-        self.seeding.remember(keys, accounts);
-        self.announce(KeyEvent::AllChanged).await;
+        tracing::info!(
+            keys = seeded.len(),
+            "removed the config keys an older build wrote into Redis: they are read from the file now"
+        );
         Ok(())
     }
 
