@@ -417,9 +417,10 @@ fn compile_keys(
     policies: &PolicySet,
     report: &mut Report,
 ) -> Vec<(KeyHash, KeyRecord)> {
+    let account_ids: HashSet<&str> = accounts.iter().map(|a| a.id.as_str()).collect();
     let mut ids = HashSet::new();
     let mut hashes = HashSet::new();
-    let mut keys = Vec::new();
+    let mut keys = Vec::with_capacity(specs.len());
     for (i, spec) in specs.into_iter().enumerate() {
         let key = format!("keys[{i}]");
         if !ids.insert(spec.id.clone()) {
@@ -439,7 +440,7 @@ fn compile_keys(
             }
             Some(_) => {}
         }
-        if !accounts.iter().any(|a| a.id == spec.account) {
+        if !account_ids.contains(spec.account.as_str()) {
             report.error(
                 format!("{key}.account"),
                 validate::KeyProblem::UnknownAccount(spec.account.clone()),

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::locate::locate;
+use super::locate::Locator;
 
 /// One problem in a config or policy file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,17 +69,42 @@ impl std::error::Error for ConfigErrors {}
 /// Collects problems against one file, each placed at its key's line and column.
 pub struct Report<'a> {
     pub file: &'a Path,
-    /// The file's text, to find the line of a key.
-    pub text: &'a str,
+    /// The file's lines, split when the first problem needs them.
+    locator: Option<Locator<'a>>,
+    text: &'a str,
+    located: usize,
     pub errors: &'a mut Vec<ConfigError>,
 }
 
-impl Report<'_> {
+/// Problems past this many are listed by key path alone: finding a line costs a walk of the
+/// file, and a generated file with a mistake on every entry must still be checked in seconds.
+const LOCATED_AT_MOST: usize = 200;
+
+impl<'a> Report<'a> {
+    pub fn new(file: &'a Path, text: &'a str, errors: &'a mut Vec<ConfigError>) -> Self {
+        Self {
+            file,
+            locator: None,
+            text,
+            located: 0,
+            errors,
+        }
+    }
+
     pub fn error(&mut self, key: impl Into<String>, message: impl fmt::Display) {
         let key = key.into();
+        let location = if self.located < LOCATED_AT_MOST {
+            self.located += 1;
+            let text = self.text;
+            self.locator
+                .get_or_insert_with(|| Locator::new(text))
+                .locate(&key)
+        } else {
+            None
+        };
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),
-            location: locate(self.text, &key),
+            location,
             key,
             message: message.to_string(),
         });

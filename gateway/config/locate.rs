@@ -3,36 +3,51 @@
 //! style operators write (and flow mappings kept on one line); when a path cannot be
 //! followed to the end it answers with the deepest part it found.
 
-/// 1-based line and column of `path` in `text`.
-pub fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut found = None;
-    let mut scope = Scope::Block {
-        from: 0,
-        to: lines.len(),
-        item_indent: None,
-    };
-    for segment in segments(path) {
-        let step = match (&scope, segment) {
-            (Scope::Inline { line }, Segment::Key(name)) => inline_key(lines[*line], name)
-                .map(|column| ((*line + 1, column + 1), Scope::Inline { line: *line })),
-            // An item of a one-line sequence: the line's key is as close as it gets.
-            (Scope::Inline { .. }, Segment::Index(_)) => None,
-            (
-                Scope::Block {
-                    from,
-                    to,
-                    item_indent,
-                },
-                Segment::Key(name),
-            ) => find_key(&lines, *from, *to, *item_indent, name),
-            (Scope::Block { from, to, .. }, Segment::Index(n)) => find_item(&lines, *from, *to, n),
-        };
-        let Some((hit, next)) = step else { break };
-        found = Some(hit);
-        scope = next;
+/// A file's lines, split once for every path looked up in it.
+pub struct Locator<'a> {
+    lines: Vec<&'a str>,
+}
+
+impl<'a> Locator<'a> {
+    pub fn new(text: &'a str) -> Self {
+        Self {
+            lines: text.lines().collect(),
+        }
     }
-    found
+
+    /// 1-based line and column of `path`.
+    pub fn locate(&self, path: &str) -> Option<(usize, usize)> {
+        let lines = &self.lines;
+        let mut found = None;
+        let mut scope = Scope::Block {
+            from: 0,
+            to: lines.len(),
+            item_indent: None,
+        };
+        for segment in segments(path) {
+            let step = match (&scope, segment) {
+                (Scope::Inline { line }, Segment::Key(name)) => inline_key(lines[*line], name)
+                    .map(|column| ((*line + 1, column + 1), Scope::Inline { line: *line })),
+                // An item of a one-line sequence: the line's key is as close as it gets.
+                (Scope::Inline { .. }, Segment::Index(_)) => None,
+                (
+                    Scope::Block {
+                        from,
+                        to,
+                        item_indent,
+                    },
+                    Segment::Key(name),
+                ) => find_key(lines, *from, *to, *item_indent, name),
+                (Scope::Block { from, to, .. }, Segment::Index(n)) => {
+                    find_item(lines, *from, *to, n)
+                }
+            };
+            let Some((hit, next)) = step else { break };
+            found = Some(hit);
+            scope = next;
+        }
+        found
+    }
 }
 
 enum Segment<'a> {
@@ -178,7 +193,11 @@ fn find_item(lines: &[&str], from: usize, to: usize, n: usize) -> Option<((usize
 
 #[cfg(test)]
 mod tests {
-    use super::locate;
+    use super::Locator;
+
+    fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
+        Locator::new(text).locate(path)
+    }
 
     const CONFIG: &str = "\
 listen: \"0.0.0.0:8080\"

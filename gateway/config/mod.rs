@@ -262,11 +262,7 @@ fn build(
     mut errors: Vec<ConfigError>,
 ) -> Result<Runtime, ConfigErrors> {
     let policies = policy::compile_files(policy_files, &mut errors);
-    let mut report = Report {
-        file: &source.path,
-        text: &source.text,
-        errors: &mut errors,
-    };
+    let mut report = Report::new(&source.path, &source.text, &mut errors);
     for key in unknown_keys {
         report.error(key.as_str(), "unknown field");
     }
@@ -315,6 +311,23 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_file_wrong_everywhere_lists_every_error_and_places_the_first_ones() {
+        let mut config =
+            String::from("upstreams:\n  pool: {endpoints: [\"127.0.0.1:9001\"]}\nagents:\n");
+        for i in 0..1000 {
+            config.push_str(&format!("  - {{id: ag_{i}, upstream: nowhere}}\n"));
+        }
+        let errors = parse(&Source::new("turnpike.yaml", &config), &[])
+            .unwrap_err()
+            .0;
+        assert_eq!(errors.len(), 1000, "every error listed");
+        assert_eq!(errors[0].location, Some((4, 16)));
+        assert_eq!(errors[199].location, Some((203, 18)));
+        // Placing each of thousands would walk the file thousands of times.
+        assert_eq!(errors[200].key, "agents[200].upstream");
+        assert_eq!(errors[200].location, None);
+    }
     #[test]
     fn a_valid_text_compiles_apart_from_its_files() {
         let config =

@@ -29,11 +29,7 @@ pub fn compile_files(files: &[Source], errors: &mut Vec<ConfigError>) -> PolicyS
     for file in files {
         match parse_yaml::<PolicyFile>(file) {
             Ok(parsed) => {
-                let mut report = Report {
-                    file: &file.path,
-                    text: &file.text,
-                    errors,
-                };
+                let mut report = Report::new(&file.path, &file.text, errors);
                 for (name, spec) in parsed.policies {
                     if set.claim(&name, &mut report) {
                         set.compile(name, spec, &mut report);
@@ -76,11 +72,7 @@ impl PolicySet {
             return;
         };
         let mut first = Some(first);
-        let mut report = Report {
-            file: &file.path,
-            text: &file.text,
-            errors,
-        };
+        let mut report = Report::new(&file.path, &file.text, errors);
         for (name, value) in loose.policies {
             let Some(name) = name.as_str() else { continue };
             if !self.claim(name, &mut report) {

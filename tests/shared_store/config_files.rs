@@ -167,3 +167,35 @@ fn a_reload_sends_redis_nothing_per_key() {
         5
     );
 }
+
+#[test]
+fn a_restart_on_a_seeded_store_sends_redis_nothing_per_account() {
+    const ACCOUNTS: usize = 300;
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(redis.url()), json!({}))
+        .config(|c: &mut Value| {
+            let accounts = c["accounts"].as_array_mut().unwrap();
+            for i in 0..ACCOUNTS {
+                accounts.push(json!({"id": format!("acct_extra_{i}"), "balance": 1000 + i}));
+            }
+        })
+        .start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    let spent = gw.admin_get("/admin/accounts/acct_jane/balance").json()["balance"].clone();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = commands_run(&redis);
+    gw.restart();
+    let during = commands_run(&redis) - before;
+    // A script for each of the 302 accounts would be over 600 commands.
+    assert!(during < 40, "{during} Redis commands for a restart");
+    // Balances as they were, not written again; a new account still gets its own.
+    assert_eq!(
+        gw.admin_get("/admin/accounts/acct_jane/balance").json()["balance"],
+        spent
+    );
+    assert_eq!(
+        gw.admin_get("/admin/accounts/acct_extra_7/balance").json()["balance"],
+        1007
+    );
+}

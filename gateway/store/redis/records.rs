@@ -26,6 +26,8 @@ use crate::store::StoreError;
 
 /// Accounts given their starting balance at once, as a start or a reload puts them in force.
 const ACCOUNTS_AT_ONCE: usize = 32;
+/// Accounts asked about in one `SMISMEMBER` at start.
+const LISTED_AT_ONCE: usize = 4096;
 
 impl RedisStore {
     /// A key by hash: a config key from this instance's copy (revoked if this instance knows
@@ -170,7 +172,7 @@ impl RedisStore {
         }
         let new: Vec<&AccountSeed> = match &before {
             Some(before) => accounts.iter().filter(|a| !before.has(&a.id)).collect(),
-            None => accounts.iter().collect(),
+            None => self.not_yet_listed(accounts).await?,
         };
         self.give_starting_balances(&new).await?;
         self.config_keys.store(Arc::clone(keys));
@@ -206,6 +208,35 @@ impl RedisStore {
             .admin::<Value>(redis::cmd("SET").arg(SEEDED).arg("1"))
             .await?;
         Ok(())
+    }
+
+    /// The accounts a store that has been seeded does not list yet; every account when it
+    /// has not been (empty, or its state lost). A restart then costs a command per
+    /// `LISTED_AT_ONCE` accounts, not a script per account.
+    async fn not_yet_listed<'a>(
+        &self,
+        accounts: &'a [AccountSeed],
+    ) -> Result<Vec<&'a AccountSeed>, StoreError> {
+        let seeded: i64 = self.link.admin(redis::cmd("EXISTS").arg(SEEDED)).await?;
+        if seeded == 0 {
+            return Ok(accounts.iter().collect());
+        }
+        let mut new = Vec::new();
+        for some in accounts.chunks(LISTED_AT_ONCE) {
+            let mut cmd = redis::cmd("SMISMEMBER");
+            cmd.arg(ACCOUNTS);
+            for account in some {
+                cmd.arg(&account.id);
+            }
+            let listed: Vec<bool> = self.link.admin(&cmd).await?;
+            new.extend(
+                some.iter()
+                    .zip(listed)
+                    .filter(|(_, listed)| !listed)
+                    .map(|(account, _)| account),
+            );
+        }
+        Ok(new)
     }
 
     /// Gives each account its starting balance where Redis has none (seed_account.lua), a
