@@ -211,19 +211,18 @@ impl AdminStore for MemoryStore {
     async fn revoke_key(&self, id: &str) -> Result<bool, StoreError> {
         let _writer = self.key_writer.lock();
         let mut table = KeyTable::clone(&self.keys.load());
-        if let Some((hash, _)) = self.config_keys.load().by_id(id) {
+        let config = self.config_keys.load().by_id(id).map(|(hash, _)| hash);
+        if let Some(hash) = config {
             table.revoked_config_keys.insert(hash);
-            self.keys.store(Arc::new(table));
-            return Ok(true);
         }
-        let Some(hash) = table.by_id.get(id).copied() else {
-            return Ok(false);
-        };
-        if let Some(record) = table.by_hash.get_mut(&hash) {
+        // An admin-made key whose id a later config file took is revoked with it: the
+        // config key hides it from every lookup by id, so this is its only way out.
+        let made = table.by_id.get(id).copied();
+        if let Some(record) = made.and_then(|hash| table.by_hash.get_mut(&hash)) {
             Arc::make_mut(record).revoked = true;
         }
         self.keys.store(Arc::new(table));
-        Ok(true)
+        Ok(config.is_some() || made.is_some())
     }
 
     async fn apply_config(

@@ -217,6 +217,40 @@ fn a_key_can_be_created_with_a_chosen_id_and_config_keys_can_be_revoked() {
 }
 
 #[test]
+fn revoking_an_id_a_later_file_gave_a_config_key_revokes_the_admin_made_key_too() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let r = gw.admin_post(
+        "/admin/keys",
+        &json!({"id": "key_shared_id", "account": "acct_jane", "agents": "*", "policy": "standard"}),
+    );
+    r.assert_status(201);
+    let made = r.json()["key"].as_str().unwrap().to_string();
+    // A later file lists a config key under the same id (a different secret).
+    let mut config = gw.files.config.clone();
+    config["keys"].as_array_mut().unwrap().push(json!({
+        "id": "key_shared_id",
+        "sha256": sha256_hex("ak_shared_id_0123456789abcdef0123456789ab"),
+        "account": "acct_jane",
+        "agents": "*",
+    }));
+    gw.files.write_config(&config);
+    gw.admin_post("/admin/reload", &json!({}))
+        .assert_status(200);
+    gw.chat(AGENT, &made, "hi").assert_status(200);
+
+    gw.admin_delete("/admin/keys/key_shared_id")
+        .assert_status(200);
+    wait_until(Duration::from_secs(2), "both keys are refused", || {
+        gw.chat(AGENT, &made, "hi").status == 401
+            && gw
+                .chat(AGENT, "ak_shared_id_0123456789abcdef0123456789ab", "hi")
+                .status
+                == 401
+    });
+}
+
+#[test]
 fn secrets_never_appear_in_logs_metrics_or_admin_answers() {
     let w = Worker::start("w1");
     let gw = TestGateway::builder().worker(&w).start();

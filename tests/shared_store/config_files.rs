@@ -189,7 +189,7 @@ fn a_restart_on_a_seeded_store_sends_redis_nothing_per_account() {
     let during = commands_run(&redis) - before;
     // A script for each of the 302 accounts would be over 600 commands.
     assert!(during < 40, "{during} Redis commands for a restart");
-    // Balances as they were, not written again; a new account still gets its own.
+    // Balances as they were, not written again.
     assert_eq!(
         gw.admin_get("/admin/accounts/acct_jane/balance").json()["balance"],
         spent
@@ -197,5 +197,58 @@ fn a_restart_on_a_seeded_store_sends_redis_nothing_per_account() {
     assert_eq!(
         gw.admin_get("/admin/accounts/acct_extra_7/balance").json()["balance"],
         1007
+    );
+    // An account first listed across a restart gets its starting balance.
+    let mut more = gw.files.config.clone();
+    more["accounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": "acct_new", "balance": 4321}));
+    gw.files.write_config(&more);
+    gw.restart();
+    assert_eq!(
+        gw.admin_get("/admin/accounts/acct_new/balance").json()["balance"],
+        4321
+    );
+}
+
+#[test]
+fn an_instance_that_finds_redis_seeded_by_another_after_a_loss_adds_what_it_knows() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let files = on_redis(&w, json!(redis.url()), json!({}))
+        .config(|c: &mut Value| {
+            c["accounts"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"id": "acct_only_a", "balance": 777}));
+        })
+        .write();
+    let second = files.sibling();
+    // The second instance's file lacks the first's extra account.
+    let mut narrower = second.config.clone();
+    narrower["accounts"].as_array_mut().unwrap().pop();
+    second.write_config(&narrower);
+    let a = files.start();
+    a.admin_delete("/admin/keys/key_jane").assert_status(200);
+
+    // Redis loses everything while the first instance is paused, and the second starts on
+    // the empty Redis first: it seeds Redis (its own accounts, no revocations) and sets
+    // the marker the first then finds.
+    a.signal("STOP");
+    redis.restart_empty();
+    let b = second.start();
+    b.chat(AGENT, b.jane(), "hi").assert_status(200);
+    a.signal("CONT");
+
+    wait_until(
+        Duration::from_secs(10),
+        "the first instance's revocation reaches the second",
+        || b.chat(AGENT, b.jane(), "hi").status == 401,
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the first instance's own account is funded",
+        || a.admin_get("/admin/accounts/acct_only_a/balance").json()["balance"] == 777,
     );
 }

@@ -60,6 +60,9 @@ pub struct RedisStore {
     seed_account_script: Script,
     /// The config file's keys: this instance's copy, looked up first.
     config_keys: arc_swap::ArcSwap<ConfigKeys>,
+    /// Ids of the config keys an older build wrote into Redis (`turnpike:config_keys`):
+    /// their records are left for instances of that build still running, and ignored here.
+    legacy_config_ids: arc_swap::ArcSwap<std::collections::HashSet<String>>,
     /// Keys made through the admin API as last read, and every revocation learned.
     keys: KnownKeys,
     /// The `RateLimit-*` numbers each key's last admission here returned.
@@ -108,6 +111,7 @@ impl RedisStore {
             balance_script: Script::new(protocol::CHANGE_BALANCE_LUA),
             seed_account_script: Script::new(protocol::SEED_ACCOUNT_LUA),
             config_keys: Default::default(),
+            legacy_config_ids: Default::default(),
             keys: KnownKeys::new(config.key_cache_ttl),
             quotas: QuotaMemo::default(),
             seeding: Arc::new(Seeding::new(metrics.store_state_lost.clone())),

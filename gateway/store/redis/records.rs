@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use turnpike_core::ids::random_id;
 use turnpike_core::keys::{AgentScope, KeyHash, KeyRecord};
 
 use super::cache::{KnownKeys, Lookup};
@@ -20,6 +21,7 @@ use super::names::{
     REVOKED_KEYS, SEEDED,
 };
 use super::protocol::Invocation;
+use super::split::Plan;
 use super::RedisStore;
 use crate::config::{AccountSeed, ConfigKeys};
 use crate::store::StoreError;
@@ -66,7 +68,12 @@ impl RedisStore {
                 redis::cmd("HGETALL").arg(key_record(hash)),
             )
             .await?;
-        Ok(parse_record(&fields).map(Arc::new))
+        Ok(self.made_here(parse_record(&fields)).map(Arc::new))
+    }
+
+    /// A record from Redis, unless an older build wrote it for a config key.
+    fn made_here(&self, record: Option<KeyRecord>) -> Option<KeyRecord> {
+        record.filter(|r| !self.legacy_config_ids.load().contains(&r.id))
     }
 
     pub(super) async fn key_by_public_id(
@@ -83,7 +90,9 @@ impl RedisStore {
             .link
             .admin(redis::cmd("HGETALL").arg(key_record(&hash)))
             .await?;
-        Ok(parse_record(&fields).map(|record| self.keys.as_known(&hash, Arc::new(record))))
+        Ok(self
+            .made_here(parse_record(&fields))
+            .map(|record| self.keys.as_known(&hash, Arc::new(record))))
     }
 
     pub(super) async fn create_record(
@@ -123,33 +132,42 @@ impl RedisStore {
     }
 
     pub(super) async fn revoke_record(&self, id: &str) -> Result<bool, StoreError> {
-        let hash = match self.config_keys.load().by_id(id) {
-            Some((hash, _)) => hash,
-            None => {
-                let Some(hash) = self.hash_of(id).await? else {
-                    return Ok(false);
-                };
-                self.link
-                    .admin::<Value>(
-                        redis::cmd("HSET")
-                            .arg(key_record(&hash))
-                            .arg("revoked")
-                            .arg("1"),
-                    )
-                    .await?;
-                hash
-            }
-        };
+        let config = self.config_keys.load().by_id(id).map(|(hash, _)| hash);
+        // An admin-made key whose id a later config file took is revoked with it: the
+        // config key hides it from every lookup by id, so this is its only way out.
+        let made = self
+            .hash_of(id)
+            .await?
+            .filter(|hash| Some(*hash) != config && !self.legacy_config_ids.load().contains(id));
+        if let Some(hash) = made {
+            self.link
+                .admin::<Value>(
+                    redis::cmd("HSET")
+                        .arg(key_record(&hash))
+                        .arg("revoked")
+                        .arg("1"),
+                )
+                .await?;
+        }
+        let hashes: Vec<KeyHash> = config.into_iter().chain(made).collect();
+        if hashes.is_empty() {
+            return Ok(false);
+        }
         // Every revocation is kept apart, and counted: an instance that missed the
         // announcement reads the set again when the count moves, and a revocation outlives
         // a Redis that lost it (instances write back what they learned).
-        self.link
-            .admin::<Value>(redis::cmd("SADD").arg(REVOKED_KEYS).arg(hash.to_hex()))
-            .await?;
+        let mut kept = redis::cmd("SADD");
+        kept.arg(REVOKED_KEYS);
+        for hash in &hashes {
+            kept.arg(hash.to_hex());
+        }
+        self.link.admin::<Value>(&kept).await?;
         self.link
             .admin::<Value>(redis::cmd("INCR").arg(REVOCATIONS))
             .await?;
-        self.announce(KeyEvent::Revoked(hash)).await;
+        for hash in hashes {
+            self.announce(KeyEvent::Revoked(hash)).await;
+        }
         Ok(true)
     }
 
@@ -168,7 +186,7 @@ impl RedisStore {
         let before = self.seeding.last();
         if before.is_none() {
             self.read_revocations().await?;
-            self.remove_seeded_config_keys().await?;
+            self.learn_legacy_config_keys().await?;
         }
         let new: Vec<&AccountSeed> = match &before {
             Some(before) => accounts.iter().filter(|a| !before.has(&a.id)).collect(),
@@ -177,9 +195,7 @@ impl RedisStore {
         self.give_starting_balances(&new).await?;
         self.config_keys.store(Arc::clone(keys));
         if before.is_none() {
-            self.link
-                .admin::<Value>(redis::cmd("SET").arg(SEEDED).arg("1"))
-                .await?;
+            self.mark_seeded().await?;
         }
         self.seeding.remember(accounts);
         Ok(())
@@ -204,9 +220,22 @@ impl RedisStore {
                 .admin::<Value>(redis::cmd("INCR").arg(REVOCATIONS))
                 .await?;
         }
+        self.mark_seeded().await
+    }
+
+    /// Sets the seed marker to a value of this instance's own unless another instance set
+    /// one first, and remembers the value in force: the watcher seeds again when it changes.
+    async fn mark_seeded(&self) -> Result<(), StoreError> {
         self.link
-            .admin::<Value>(redis::cmd("SET").arg(SEEDED).arg("1"))
+            .admin::<Value>(
+                redis::cmd("SET")
+                    .arg(SEEDED)
+                    .arg(random_id("seed_", 16))
+                    .arg("NX"),
+            )
             .await?;
+        let marker: Option<String> = self.link.admin(redis::cmd("GET").arg(SEEDED)).await?;
+        self.seeding.saw_marker(marker);
         Ok(())
     }
 
@@ -217,8 +246,10 @@ impl RedisStore {
         &self,
         accounts: &'a [AccountSeed],
     ) -> Result<Vec<&'a AccountSeed>, StoreError> {
+        // On a Cluster the list and the marker live on one shard, and a shard that lost
+        // the accounts' balances would go unnoticed: there every account is seeded.
         let seeded: i64 = self.link.admin(redis::cmd("EXISTS").arg(SEEDED)).await?;
-        if seeded == 0 {
+        if seeded == 0 || matches!(self.plan, Plan::Cluster) {
             return Ok(accounts.iter().collect());
         }
         let mut new = Vec::new();
@@ -294,26 +325,23 @@ impl RedisStore {
         Ok(count)
     }
 
-    /// Config keys an older build wrote into Redis (and listed in [`CONFIG_KEYS`]) are
-    /// removed once, so a key taken out of the file does not live on there.
-    async fn remove_seeded_config_keys(&self) -> Result<(), StoreError> {
-        let seeded: Vec<String> = self
+    /// Learns which config keys an older build wrote into Redis (listed in [`CONFIG_KEYS`]).
+    /// Their records stay, so instances of that build still serve them during a rolling
+    /// upgrade, but are never taken for admin-made keys here: a key taken out of the file
+    /// does not live on through them.
+    async fn learn_legacy_config_keys(&self) -> Result<(), StoreError> {
+        let ids: Vec<String> = self
             .link
             .admin(redis::cmd("SMEMBERS").arg(CONFIG_KEYS))
             .await?;
-        if seeded.is_empty() {
-            return Ok(());
+        if !ids.is_empty() {
+            tracing::info!(
+                keys = ids.len(),
+                "config keys an older build wrote into Redis are ignored: they are read from the file now"
+            );
         }
-        for id in &seeded {
-            self.remove_key(id).await?;
-        }
-        self.link
-            .admin::<Value>(redis::cmd("DEL").arg(CONFIG_KEYS))
-            .await?;
-        tracing::info!(
-            keys = seeded.len(),
-            "removed the config keys an older build wrote into Redis: they are read from the file now"
-        );
+        self.legacy_config_ids
+            .store(Arc::new(ids.into_iter().collect()));
         Ok(())
     }
 
@@ -346,18 +374,6 @@ impl RedisStore {
             .admin(redis::cmd("GET").arg(key_index(id)))
             .await?;
         Ok(hex.as_deref().and_then(KeyHash::from_hex))
-    }
-
-    async fn remove_key(&self, id: &str) -> Result<(), StoreError> {
-        if let Some(hash) = self.hash_of(id).await? {
-            self.link
-                .admin::<Value>(redis::cmd("DEL").arg(key_record(&hash)))
-                .await?;
-        }
-        self.link
-            .admin::<Value>(redis::cmd("DEL").arg(key_index(id)))
-            .await?;
-        Ok(())
     }
 }
 

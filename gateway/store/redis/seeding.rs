@@ -1,5 +1,6 @@
 //! A Redis that lost its state (restarted empty, or failed over to a replica that had
-//! nothing) is found by the seed marker's absence, checked every [`CHECK_EVERY`]. It is
+//! nothing) is found by the seed marker's absence, or its change (another instance seeded
+//! it first), checked every [`CHECK_EVERY`]. It is
 //! seeded again straight away from what this instance last put in force, without a reload:
 //! the accounts' starting balances, less what held settlements charge on top, and the
 //! revocations this instance learned. Config keys need nothing: they are read from the
@@ -36,6 +37,9 @@ pub struct Seeding {
     lost_at_ms: AtomicU64,
     /// The revocation count this instance's revocations are up to date with.
     revocations_seen: AtomicU64,
+    /// The seed marker's value this instance has seeded against: a new value means another
+    /// instance seeded Redis after it lost its state, and this one adds what it knows.
+    marker_seen: Mutex<Option<String>>,
 }
 
 /// The accounts a config put in force.
@@ -58,7 +62,12 @@ impl Seeding {
             lost,
             lost_at_ms: AtomicU64::new(0),
             revocations_seen: AtomicU64::new(0),
+            marker_seen: Mutex::new(None),
         }
+    }
+
+    pub fn saw_marker(&self, marker: Option<String>) {
+        *self.marker_seen.lock() = marker;
     }
 
     /// For `/readyz`: what the last loss of state took with it.
@@ -115,18 +124,32 @@ pub(super) async fn watch_for_lost_state(store: Weak<RedisStore>, seeding: Arc<S
                 }
             }
         }
-        let present: Result<i64, _> = store.link.admin(redis::cmd("EXISTS").arg(SEEDED)).await;
-        if present.ok() != Some(0) {
+        let Ok(marker) = store
+            .link
+            .admin::<Option<String>>(redis::cmd("GET").arg(SEEDED))
+            .await
+        else {
+            continue;
+        };
+        if marker.is_some() && marker == *seeding.marker_seen.lock() {
             continue;
         }
+        // Gone: Redis lost its state. Changed: it did, and another instance (one starting,
+        // or one that looked first) seeded it; this one still adds its own accounts and the
+        // revocations it learned, which the other may not know.
         tracing::error!(
             marker = SEEDED,
+            found = if marker.is_none() { "gone" } else { "changed" },
             "Redis lost its state (an empty restart?): seeding balances and revocations again; {LOST}"
         );
         seeding.lost_at_ms.store(unix_ms(), Ordering::Relaxed);
         seeding.lost.inc();
-        match store.seed_again(&seeded.accounts).await {
-            Ok(()) => tracing::warn!("Redis seeded again after losing its state"),
+        let seeded_again = async {
+            store.seed_again(&seeded.accounts).await?;
+            store.read_revocations().await
+        };
+        match seeded_again.await {
+            Ok(_) => tracing::warn!("Redis seeded again after losing its state"),
             Err(error) => tracing::error!(%error, "could not seed Redis again; retrying"),
         }
     }
