@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::clock::unix_now;
-use crate::config::{self, ConfigError, ConfigErrors, ProcessConfig, Sources};
+use crate::config::{self, ConfigError, ConfigErrors, ParsedFile, ProcessConfig, Sources};
 use crate::services::{Services, Snapshot};
 
 /// How often the watcher looks at the files.
@@ -27,6 +27,8 @@ pub struct Reloader {
     /// change.
     one_at_a_time: tokio::sync::Mutex<ProcessConfig>,
     watched: parking_lot::Mutex<Watched>,
+    /// The config file as last parsed: a reload that finds the same text skips the parse.
+    last_parse: parking_lot::Mutex<ParsedFile>,
 }
 
 /// The files in force, as the last load attempt found them.
@@ -36,7 +38,12 @@ struct Watched {
 }
 
 impl Reloader {
-    pub fn new(services: Arc<Services>, sources: Sources, process: ProcessConfig) -> Self {
+    pub fn new(
+        services: Arc<Services>,
+        sources: Sources,
+        process: ProcessConfig,
+        parsed: ParsedFile,
+    ) -> Self {
         let fingerprint = fingerprint(&sources);
         Self {
             services,
@@ -45,6 +52,7 @@ impl Reloader {
                 sources,
                 fingerprint,
             }),
+            last_parse: parking_lot::Mutex::new(parsed),
         }
     }
 
@@ -94,7 +102,9 @@ impl Reloader {
         sources: &Sources,
     ) -> Result<(Sources, ProcessConfig, Snapshot), ConfigErrors> {
         let path = &sources.config;
-        let runtime = config::load(path)?;
+        let last = self.last_parse.lock().clone();
+        let runtime = config::load_reusing(path, Some(&last))?;
+        *self.last_parse.lock() = runtime.parsed.clone();
         let generation = self.services.snapshot().generation + 1;
         let snapshot = Snapshot::build(runtime.calls, generation, &self.services.metrics)
             .map_err(|e| one_error(path, format!("building upstream pools: {e}")))?;

@@ -78,6 +78,7 @@ pub fn run(
         sources,
         process,
         calls,
+        parsed,
     } = runtime;
     let metrics = Metrics::new();
     let snapshot = Snapshot::build(calls, 1, &metrics).map_err(StartError::Pools)?;
@@ -89,6 +90,7 @@ pub fn run(
         Arc::clone(&services),
         sources,
         process.clone(),
+        parsed,
     ));
 
     // Until the watcher takes SIGHUP over, a reload signal must not end the process.

@@ -31,10 +31,12 @@ use super::{
     StoreKind, TlsListenerConfig, MAX_BODY_BYTES_CEILING, MAX_HEADER_BYTES_CEILING,
 };
 
-/// Compiles the whole file against the policies already compiled from its directory.
+/// Compiles the whole file against the policies already compiled from its directory;
+/// `compiled_keys`, when given, are the file's keys as a load of the same text compiled them.
 pub fn compile(
     file: ConfigFile,
     policies: PolicySet,
+    compiled_keys: Option<Arc<ConfigKeys>>,
     report: &mut Report,
 ) -> (ProcessConfig, CallConfig) {
     check_addr(report, "listen", &file.listen);
@@ -74,9 +76,11 @@ pub fn compile(
         .collect();
     let agents = compile_agents(file.agents, &pool_rules, &policies, report);
     let accounts = compile_accounts(file.accounts, report);
-    let keys = Arc::new(ConfigKeys::new(compile_keys(
-        file.keys, &agents, &accounts, &policies, report,
-    )));
+    let keys = compiled_keys.unwrap_or_else(|| {
+        Arc::new(ConfigKeys::new(compile_keys(
+            file.keys, &agents, &accounts, &policies, report,
+        )))
+    });
     let process = ProcessConfig {
         listen: file.listen,
         admin_listen: file.admin.listen,

@@ -52,6 +52,31 @@ pub struct Runtime {
     pub sources: Sources,
     pub process: ProcessConfig,
     pub calls: CallConfig,
+    /// The config file as parsed, for the next load to reuse.
+    pub parsed: ParsedFile,
+}
+
+/// What a load keeps of its config file so the next load of the same text (a reload after a
+/// policy edit) neither parses it nor compiles its keys again: for 100,000 keys those are
+/// most of a reload's time. The keys are the ones in force, so this holds no second copy.
+#[derive(Debug, Clone)]
+pub struct ParsedFile {
+    text_sha256: [u8; 32],
+    /// The file as parsed, its keys left out.
+    keyless: Arc<ConfigFile>,
+    /// The file's fields the format has no place for.
+    unknown_keys: Arc<Vec<String>>,
+    keys: Arc<ConfigKeys>,
+}
+
+impl ParsedFile {
+    /// Whether every policy the keys name is in `policies`: reused keys were validated
+    /// against the policies of their own load.
+    fn keys_fit(&self, policies: &policy::PolicySet) -> bool {
+        self.keys
+            .records()
+            .all(|record| record.policy.is_empty() || policies.names.contains(&record.policy))
+    }
 }
 
 /// The files a load read: what a reload reads again and the watcher watches.
@@ -148,6 +173,10 @@ impl ConfigKeys {
         Some((*hash, self.by_hash.get(hash)?))
     }
 
+    pub fn records(&self) -> impl Iterator<Item = &Arc<KeyRecord>> {
+        self.by_hash.values()
+    }
+
     pub fn len(&self) -> usize {
         self.by_hash.len()
     }
@@ -216,12 +245,17 @@ pub struct AccountSeed {
 
 /// Reads and validates `path` and the policy directory it names.
 pub fn load(path: &Path) -> Result<Runtime, ConfigErrors> {
-    load_with(path, None)
+    load_with(path, None, None)
+}
+
+/// As [`load`], reusing `last`'s parse when the config text is the one it was parsed from.
+pub fn load_reusing(path: &Path, last: Option<&ParsedFile>) -> Result<Runtime, ConfigErrors> {
+    load_with(path, None, last)
 }
 
 /// Reads and validates `path` with the policies of `policies_dir` instead of its own.
 pub fn load_with_policies(path: &Path, policies_dir: &Path) -> Result<Runtime, ConfigErrors> {
-    load_with(path, Some(policies_dir))
+    load_with(path, Some(policies_dir), None)
 }
 
 /// Validates a config text and policy texts already in memory: what `load` does after
@@ -229,18 +263,46 @@ pub fn load_with_policies(path: &Path, policies_dir: &Path) -> Result<Runtime, C
 pub fn parse(config: &Source, policies: &[Source]) -> Result<Runtime, ConfigErrors> {
     let (file, unknown) = files::parse_yaml_and_unknown_keys(config).map_err(ConfigErrors::one)?;
     let policies_dir = own_policies_dir(&config.path, &file);
-    build(config, file, &unknown, policies_dir, policies, Vec::new())
+    let parse = Parse::Fresh(Box::new(file), unknown);
+    let text_sha256 = KeyHash::of(&config.text).0;
+    build(
+        config,
+        text_sha256,
+        parse,
+        policies_dir,
+        policies,
+        Vec::new(),
+    )
 }
 
-fn load_with(path: &Path, policies_dir: Option<&Path>) -> Result<Runtime, ConfigErrors> {
+/// A config file read for a load: parsed now, or the same text as the last load's.
+enum Parse {
+    Fresh(Box<ConfigFile>, Vec<String>),
+    Same(ParsedFile),
+}
+
+fn load_with(
+    path: &Path,
+    policies_dir: Option<&Path>,
+    last: Option<&ParsedFile>,
+) -> Result<Runtime, ConfigErrors> {
     let source = Source::read(path).map_err(ConfigErrors::one)?;
-    let (file, unknown) = files::parse_yaml_and_unknown_keys(&source).map_err(ConfigErrors::one)?;
-    let policies_dir = match policies_dir {
-        Some(dir) => dir.to_path_buf(),
-        None => own_policies_dir(path, &file),
+    let text_sha256 = KeyHash::of(&source.text).0;
+    let parse = match last.filter(|last| last.text_sha256 == text_sha256) {
+        Some(last) => Parse::Same(last.clone()),
+        None => {
+            let (file, unknown) =
+                files::parse_yaml_and_unknown_keys(&source).map_err(ConfigErrors::one)?;
+            Parse::Fresh(Box::new(file), unknown)
+        }
+    };
+    let policies_dir = match (policies_dir, &parse) {
+        (Some(dir), _) => dir.to_path_buf(),
+        (None, Parse::Fresh(file, _)) => own_policies_dir(path, file),
+        (None, Parse::Same(last)) => own_policies_dir(path, &last.keyless),
     };
     let (policies, errors) = files::read_policy_dir(&policies_dir);
-    build(&source, file, &unknown, policies_dir, &policies, errors)
+    build(&source, text_sha256, parse, policies_dir, &policies, errors)
 }
 
 /// `policies_dir`, relative to the config file.
@@ -251,25 +313,49 @@ fn own_policies_dir(config: &Path, file: &ConfigFile) -> PathBuf {
         .join(&file.policies_dir)
 }
 
-/// Compiles the file and its policies; `unknown_keys` are the file's fields the format has
-/// no place for, reported with everything else found wrong.
+/// Compiles the file and its policies; the file's fields the format has no place for are
+/// reported with everything else found wrong.
 fn build(
     source: &Source,
-    file: ConfigFile,
-    unknown_keys: &[String],
+    text_sha256: [u8; 32],
+    parse: Parse,
     policies_dir: PathBuf,
     policy_files: &[Source],
     mut errors: Vec<ConfigError>,
 ) -> Result<Runtime, ConfigErrors> {
     let policies = policy::compile_files(policy_files, &mut errors);
+    // The last load's keys, while every policy they name is still there; else the text is
+    // parsed again, so a key naming a policy that went is reported at its line.
+    let (mut file, unknown, compiled_keys) = match parse {
+        Parse::Same(last) if last.keys_fit(&policies) => (
+            ConfigFile::clone(&last.keyless),
+            last.unknown_keys,
+            Some(last.keys),
+        ),
+        Parse::Same(_) => {
+            let (file, unknown) =
+                files::parse_yaml_and_unknown_keys(source).map_err(ConfigErrors::one)?;
+            (file, Arc::new(unknown), None)
+        }
+        Parse::Fresh(file, unknown) => (*file, Arc::new(unknown), None),
+    };
     let mut report = Report::new(&source.path, &source.text, &mut errors);
-    for key in unknown_keys {
+    for key in unknown.iter() {
         report.error(key.as_str(), "unknown field");
     }
-    let (process, calls) = compile::compile(file, policies, &mut report);
+    let key_specs = std::mem::take(&mut file.keys);
+    let keyless = Arc::new(file.clone());
+    file.keys = key_specs;
+    let (process, calls) = compile::compile(file, policies, compiled_keys, &mut report);
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
+    let parsed = ParsedFile {
+        text_sha256,
+        keyless,
+        unknown_keys: unknown,
+        keys: Arc::clone(&calls.keys),
+    };
     Ok(Runtime {
         sources: Sources {
             config: source.path.clone(),
@@ -277,6 +363,7 @@ fn build(
         },
         process,
         calls,
+        parsed,
     })
 }
 
@@ -328,6 +415,44 @@ mod tests {
         assert_eq!(errors[200].key, "agents[200].upstream");
         assert_eq!(errors[200].location, None);
     }
+    #[test]
+    fn a_load_of_the_same_text_reuses_the_last_ones_keys_while_their_policies_last() {
+        let dir = std::env::temp_dir().join(format!("turnpike-reuse-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        let config = dir.join("turnpike.yaml");
+        let text = "upstreams:\n  pool: {endpoints: [\"127.0.0.1:9001\"]}\n\
+            agents:\n  - {id: ag_one, upstream: pool}\naccounts:\n  - {id: acct_a, balance: 5}\n\
+            keys:\n  - {id: key_a, sha256: \"c7b8b1e1d1e9f3a6a6f4b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2\", account: acct_a, agents: \"*\", policy: p}\n";
+        std::fs::write(&config, text).unwrap();
+        let policies = dir.join("policies/p.yaml");
+        std::fs::write(&policies, "policies:\n  p: {concurrency: 2}\n").unwrap();
+        let first = load(&config).unwrap();
+
+        // A policy edit: the same keys, not compiled again.
+        std::fs::write(&policies, "policies:\n  p: {concurrency: 3}\n").unwrap();
+        let second = load_reusing(&config, Some(&first.parsed)).unwrap();
+        assert!(Arc::ptr_eq(&second.calls.keys, &first.calls.keys));
+        assert_eq!(second.calls.policies["p"].concurrency, Some(3));
+
+        // The policy a key names is gone: the text is read again and the key's line named.
+        std::fs::write(&policies, "policies:\n  q: {concurrency: 3}\n").unwrap();
+        let errors = load_reusing(&config, Some(&second.parsed)).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "keys[0].policy");
+        assert_eq!(
+            errors[0].location,
+            Some((8, 1 + text.lines().nth(7).unwrap().find("policy").unwrap()))
+        );
+
+        // A changed text is parsed and compiled anew.
+        std::fs::write(&policies, "policies:\n  p: {concurrency: 2}\n").unwrap();
+        std::fs::write(&config, text.replace("balance: 5", "balance: 6")).unwrap();
+        let third = load_reusing(&config, Some(&second.parsed)).unwrap();
+        assert!(!Arc::ptr_eq(&third.calls.keys, &first.calls.keys));
+        assert_eq!(third.calls.accounts[0].balance, 6);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_valid_text_compiles_apart_from_its_files() {
         let config =

@@ -6,7 +6,7 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct ConfigFile {
     #[serde(default = "default_listen")]
     pub listen: String,
@@ -42,7 +42,7 @@ pub struct ConfigFile {
     pub keys: Vec<KeySpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct LimitsSpec {
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
@@ -77,7 +77,7 @@ impl Default for LimitsSpec {
 
 /// The HTTPS listener: its address, and its certificate chain and key (PEM), relative to
 /// the config file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct TlsSpec {
     pub listen: String,
     pub cert: String,
@@ -85,20 +85,20 @@ pub struct TlsSpec {
 }
 
 /// A certificate chain and key (PEM), relative to the config file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct CertSpec {
     pub cert: String,
     pub key: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 pub struct MetricsSpec {
     /// Also count requests and tokens per key id. Off by default: one series set per key.
     #[serde(default)]
     pub per_key: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct AdminSpec {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
@@ -117,7 +117,7 @@ impl Default for AdminSpec {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 pub struct StoreSpec {
     #[serde(default)]
     pub kind: StoreKind,
@@ -154,14 +154,14 @@ pub enum FailMode {
     FailOpen,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct UpstreamSpec {
     pub endpoints: Vec<String>,
     #[serde(default)]
@@ -203,7 +203,7 @@ pub enum BalanceSpec {
     Session,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct AgentSpec {
     pub id: String,
     pub upstream: String,
@@ -211,7 +211,7 @@ pub struct AgentSpec {
     pub pricing: Option<PricingSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct PricingSpec {
     pub input_per_mtok: u64,
     pub output_per_mtok: u64,
@@ -219,14 +219,14 @@ pub struct PricingSpec {
     pub reserve: i64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct AccountSpec {
     pub id: String,
     #[serde(default)]
     pub balance: i64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct KeySpec {
     pub id: String,
     pub sha256: String,
@@ -237,7 +237,7 @@ pub struct KeySpec {
 }
 
 /// `"*"` or a list of agent ids.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum AgentsSpec {
     Wildcard(String),
@@ -245,14 +245,14 @@ pub enum AgentsSpec {
 }
 
 /// One policy file: `policies: {name: {...}}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     #[serde(default)]
     pub policies: BTreeMap<String, PolicySpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
     pub requests: Option<BucketFileSpec>,
@@ -262,7 +262,7 @@ pub struct PolicySpec {
     pub mode: ModeSpec,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BucketFileSpec {
     pub rate: u64,
