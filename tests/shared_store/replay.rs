@@ -36,42 +36,70 @@ fn redis_balance(redis: &RedisServer) -> i64 {
 
 #[test]
 fn a_settlement_applied_before_its_answer_was_lost_replays_once_two_hours_later() {
-    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
-    let w = Worker::start("w1");
-    let gw = journalled_on(&redis, &w).start();
-    let start = gw.balance("acct_jane").balance;
-    // The settlement goes to a Redis that sleeps: its answer is lost, so the gateway holds
-    // it (and journals it); Redis applies it when it wakes, after the gateway is killed.
-    std::thread::scope(|s| {
-        let reply = with_a_call_in_flight(&gw, &w, 1.0, || {
-            s.spawn(|| redis.cli(&["DEBUG", "SLEEP", "4"]));
-            wait_until(Duration::from_secs(5), "Redis sleeps", || {
-                !answers_ping(&redis)
+    // The scenario needs the settlement to reach the sleeping Redis before the gateway counts
+    // it as down; on a busy machine a background command that timed out first can mark it
+    // down, and the settlement is then only held. Such a run shows nothing of what is tested
+    // here, so the scenario is set up again (on fresh processes), a few times at most.
+    for attempt in 1..=3 {
+        let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+        let w = Worker::start("w1");
+        let gw = journalled_on(&redis, &w).start();
+        let start = gw.balance("acct_jane").balance;
+        // The settlement goes to a Redis that sleeps: its answer is lost, so the gateway
+        // holds it (and journals it); Redis applies it when it wakes, after the gateway is
+        // killed.
+        std::thread::scope(|s| {
+            let reply = with_a_call_in_flight(&gw, &w, 1.0, || {
+                s.spawn(|| redis.cli(&["DEBUG", "SLEEP", "4"]));
+                wait_until(Duration::from_secs(5), "Redis sleeps", || {
+                    !answers_ping(&redis)
+                });
             });
+            reply.assert_status(200);
+            assert!(gw.metric("turnpike_store_settlements_queued", &[]) >= 1.0);
+            gw.kill();
         });
-        reply.assert_status(200);
-        assert!(gw.metric("turnpike_store_settlements_queued", &[]) >= 1.0);
-        gw.kill();
-    });
-    wait_until(Duration::from_secs(10), "Redis wakes", || {
-        answers_ping(&redis)
-    });
-    // What Redis had read of the dead connection runs once it wakes.
-    wait_until(
-        Duration::from_secs(5),
-        "the settlement is applied as Redis wakes",
-        || redis_balance(&redis) == start - COST,
-    );
+        wait_until(Duration::from_secs(10), "Redis wakes", || {
+            answers_ping(&redis)
+        });
+        // What Redis had read of the dead connection runs once it wakes.
+        let applied = eventually(Duration::from_secs(5), || {
+            redis_balance(&redis) == start - COST
+        });
+        if !applied {
+            assert!(
+                attempt < 3,
+                "the settlement never reached Redis before it slept"
+            );
+            eprintln!(
+                "attempt {attempt}: the settlement did not reach Redis before it slept; again"
+            );
+            continue;
+        }
 
-    two_hours_pass(&redis);
-    gw.restart();
-    wait_until(Duration::from_secs(20), "the journal is replayed", || {
-        let journal = gw.files.dir.path().join("journal/settlements.journal");
-        gw.log().contains("settlement journal holds")
-            && std::fs::metadata(journal).is_ok_and(|m| m.len() == 0)
-    });
-    wait_for_balance(&gw, "acct_jane", start - COST);
-    assert_recorded_once(&gw, &redis, 1);
-    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
-    assert_eq!(gw.settled_balance("acct_jane").balance, start - 2 * COST);
+        two_hours_pass(&redis);
+        gw.restart();
+        wait_until(Duration::from_secs(20), "the journal is replayed", || {
+            let journal = gw.files.dir.path().join("journal/settlements.journal");
+            gw.log().contains("settlement journal holds")
+                && std::fs::metadata(journal).is_ok_and(|m| m.len() == 0)
+        });
+        wait_for_balance(&gw, "acct_jane", start - COST);
+        assert_recorded_once(&gw, &redis, 1);
+        gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+        assert_eq!(gw.settled_balance("acct_jane").balance, start - 2 * COST);
+        return;
+    }
+}
+
+/// Whether `cond` holds within `timeout`, asked every 10 ms.
+fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
 }
