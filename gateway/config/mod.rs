@@ -177,6 +177,11 @@ impl ConfigKeys {
         self.by_hash.values()
     }
 
+    /// Whether a config key has this hash or this id: an admin-made key may take neither.
+    pub fn claims(&self, hash: &KeyHash, id: &str) -> bool {
+        self.by_hash.contains_key(hash) || self.by_id.contains_key(id)
+    }
+
     pub fn len(&self) -> usize {
         self.by_hash.len()
     }

@@ -83,10 +83,7 @@ impl MemoryStore {
         record: &Arc<KeyRecord>,
     ) -> Arc<KeyRecord> {
         if table.revoked_config_keys.contains(hash) {
-            Arc::new(KeyRecord {
-                revoked: true,
-                ..KeyRecord::clone(record)
-            })
+            record.as_revoked()
         } else {
             Arc::clone(record)
         }
@@ -195,8 +192,7 @@ impl AdminStore for MemoryStore {
 
     async fn create_key(&self, hash: KeyHash, record: KeyRecord) -> Result<bool, StoreError> {
         let _writer = self.key_writer.lock();
-        let config = self.config_keys.load();
-        if config.by_id(&record.id).is_some() || config.get(&hash).is_some() {
+        if self.config_keys.load().claims(&hash, &record.id) {
             return Ok(false);
         }
         let mut table = KeyTable::clone(&self.keys.load());

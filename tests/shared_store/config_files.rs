@@ -28,6 +28,14 @@ fn commands_run(redis: &RedisServer) -> u64 {
         .sum()
 }
 
+/// Makes one call and lets its own writes (its settlement, its marker let go) land; returns
+/// Redis's command count from then.
+fn after_a_settled_call(gw: &TestGateway, redis: &RedisServer) -> u64 {
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    std::thread::sleep(Duration::from_millis(500));
+    commands_run(redis)
+}
+
 /// `n` more config keys (`key_extra_<i>`, on acct_jane), each with a key no test uses.
 fn extra_keys(n: usize) -> impl FnOnce(&mut Value) {
     move |c: &mut Value| {
@@ -143,10 +151,7 @@ fn a_reload_sends_redis_nothing_per_key() {
     let gw = on_redis(&w, json!(redis.url()), json!({}))
         .config(extra_keys(KEYS))
         .start();
-    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
-    // Let the call's own writes (its settlement, its marker let go) land first.
-    std::thread::sleep(Duration::from_millis(500));
-    let before = commands_run(&redis);
+    let before = after_a_settled_call(&gw, &redis);
     gw.files.write_policies(&json!({
         "standard": {"requests": {"rate": 5, "per": "1s"}},
     }));
@@ -181,10 +186,8 @@ fn a_restart_on_a_seeded_store_sends_redis_nothing_per_account() {
             }
         })
         .start();
-    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    let before = after_a_settled_call(&gw, &redis);
     let spent = gw.admin_get("/admin/accounts/acct_jane/balance").json()["balance"].clone();
-    std::thread::sleep(Duration::from_millis(500));
-    let before = commands_run(&redis);
     gw.restart();
     let during = commands_run(&redis) - before;
     // A script for each of the 302 accounts would be over 600 commands.

@@ -69,6 +69,14 @@ impl KeyRecord {
     pub fn is_live(&self, now_unix: i64) -> bool {
         !self.revoked && self.expires_at.is_none_or(|at| now_unix < at)
     }
+
+    /// The same key, revoked.
+    pub fn as_revoked(&self) -> std::sync::Arc<KeyRecord> {
+        std::sync::Arc::new(KeyRecord {
+            revoked: true,
+            ..self.clone()
+        })
+    }
 }
 
 /// No `Authorization: Bearer <token>` a key could be read from: absent or garbled.

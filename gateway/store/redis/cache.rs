@@ -91,7 +91,7 @@ impl KnownKeys {
         match record {
             Some(record) => {
                 let record = if table.revoked.contains(&hash) && !record.revoked {
-                    revoked(&record)
+                    record.as_revoked()
                 } else {
                     record
                 };
@@ -141,7 +141,7 @@ impl KnownKeys {
         table.revoked.insert(*hash);
         table.unknown.remove(hash);
         if let Some(known) = table.known.get_mut(hash) {
-            known.record = revoked(&known.record);
+            known.record = known.record.as_revoked();
             known.current = false;
         }
     }
@@ -165,18 +165,11 @@ impl KnownKeys {
     /// `record` as this instance knows it: revoked if it learned so.
     pub fn as_known(&self, hash: &KeyHash, record: Arc<KeyRecord>) -> Arc<KeyRecord> {
         if !record.revoked && self.table.read().revoked.contains(hash) {
-            revoked(&record)
+            record.as_revoked()
         } else {
             record
         }
     }
-}
-
-fn revoked(record: &KeyRecord) -> Arc<KeyRecord> {
-    Arc::new(KeyRecord {
-        revoked: true,
-        ..record.clone()
-    })
 }
 
 #[cfg(test)]

@@ -100,8 +100,7 @@ impl RedisStore {
         hash: KeyHash,
         record: KeyRecord,
     ) -> Result<bool, StoreError> {
-        let config = self.config_keys.load();
-        if config.by_id(&record.id).is_some() || config.get(&hash).is_some() {
+        if self.config_keys.load().claims(&hash, &record.id) {
             return Ok(false);
         }
         let claimed: Option<String> = self
