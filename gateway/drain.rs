@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::lifecycle::{Shutdown, STORE_FLUSH_LIMIT};
+use crate::lifecycle::{Shutdown, STORE_FLUSH_LIMIT, STREAM_END_LIMIT};
 use crate::services::Services;
 
 /// How often the drain looks at what is still open.
@@ -114,8 +114,9 @@ impl Drain {
                 quiet_since = None;
             }
             if now >= self.cut_at {
+                self.end_streams();
                 tracing::warn!(
-                    in_flight,
+                    in_flight = lifecycle.in_flight(),
                     "shutdown_grace is over: the calls still in flight are cut"
                 );
                 break;
@@ -125,6 +126,22 @@ impl Drain {
         flush_store(&self.services, &self.store_runtime);
         // Log lines still gathered are written by the logger's exit hook.
         std::process::exit(0);
+    }
+}
+
+impl Drain {
+    /// Tells the streams still running to end, and gives them `STREAM_END_LIMIT` to send
+    /// their last event and settle.
+    fn end_streams(&self) {
+        let lifecycle = &self.services.lifecycle;
+        if lifecycle.in_flight() <= 0 {
+            return;
+        }
+        lifecycle.end_streams();
+        let until = Instant::now() + STREAM_END_LIMIT;
+        while lifecycle.in_flight() > 0 && Instant::now() < until {
+            std::thread::sleep(POLL);
+        }
     }
 }
 

@@ -17,6 +17,9 @@ use std::time::Duration;
 
 /// The longest the store may take, after the calls, to write what it still owes.
 pub const STORE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+/// Once `shutdown_grace` is over, how long streams still running get to send their last
+/// event and settle what they used.
+pub const STREAM_END_LIMIT: Duration = Duration::from_secs(2);
 
 /// Whether the gateway is draining, and what is open: the gauges are the state, so what a
 /// dashboard shows is what the drain decides on.
@@ -29,6 +32,8 @@ pub struct Lifecycle {
     requests: IntGauge,
     /// Set once the public listener accepts no more connections.
     listener_closed: AtomicBool,
+    /// Turns true when `shutdown_grace` is over: streams still running end themselves.
+    streams_must_end: tokio::sync::watch::Sender<bool>,
 }
 
 impl Lifecycle {
@@ -38,7 +43,20 @@ impl Lifecycle {
             connections,
             requests,
             listener_closed: AtomicBool::new(false),
+            streams_must_end: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// `shutdown_grace` is over: every stream still running ends now.
+    pub fn end_streams(&self) {
+        self.streams_must_end.send_replace(true);
+    }
+
+    /// Resolves once streams must end (at once when they already must).
+    pub async fn streams_must_end(&self) {
+        let mut told = self.streams_must_end.subscribe();
+        // The sender lives as long as `self`: `wait_for` cannot fail while it is borrowed.
+        let _ = told.wait_for(|must| *must).await;
     }
 
     /// True from the shutdown signal on: `/readyz` fails and answers close their connection.
@@ -108,6 +126,6 @@ impl Shutdown {
     /// What Pingora is told to wait before it drops every task: past the drain's own end, so
     /// the drain, not Pingora, decides when the process exits.
     pub fn pingora_backstop_seconds(&self) -> u64 {
-        (self.delay + self.grace + STORE_FLUSH_LIMIT).as_secs() + 2
+        (self.delay + self.grace + STREAM_END_LIMIT + STORE_FLUSH_LIMIT).as_secs() + 2
     }
 }

@@ -18,6 +18,16 @@ pub const NO_AGENT: &str = "-";
 
 /// Seconds, for a gateway: 100 µs (an answer from the edge) to 2 min (the longest agent
 /// call a pool's `timeout` usually allows).
+/// How a streamed answer can end: the `end` label of `turnpike_streams_total`.
+pub const STREAM_ENDS: [&str; 6] = [
+    "done",
+    "no_usage",
+    "cut",
+    "client_gone",
+    "worker_gone",
+    "timeout",
+];
+
 const DURATION_BUCKETS: [f64; 19] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0, 60.0, 120.0,
@@ -87,6 +97,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub request_duration: Histogram,
     pub upstream_duration: Histogram,
+    pub stream_first_byte: Histogram,
+    pub streams: IntCounterVec,
     pub tokens: IntCounterVec,
     pub cost: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -155,6 +167,15 @@ impl Metrics {
             upstream_duration: histogram(
                 "turnpike_upstream_duration_seconds",
                 "Seconds from choosing a worker to the end of its answer",
+            ),
+            stream_first_byte: histogram(
+                "turnpike_stream_first_byte_seconds",
+                "Seconds from a streamed call's start to the first byte the client was sent",
+            ),
+            streams: counter(
+                "turnpike_streams_total",
+                "Streamed answers, by agent and how they ended (done, no_usage, cut, client_gone, worker_gone, timeout)",
+                &["agent", "end"],
             ),
             tokens: counter(
                 "turnpike_tokens_total",
@@ -359,6 +380,9 @@ impl Metrics {
             self.tokens.with_label_values(&[agent, kind]);
         }
         self.cost.with_label_values(&[agent]);
+        for end in STREAM_ENDS {
+            self.streams.with_label_values(&[agent, end]);
+        }
         self.insufficient_balance.with_label_values(&[agent]);
         for bucket in BucketKind::ALL {
             for scope in Scope::ALL {

@@ -301,6 +301,8 @@ fn compile_pool(name: &str, spec: UpstreamSpec, report: &mut Report) -> Option<P
     };
     let connect_timeout = duration("connect_timeout", &spec.connect_timeout);
     let timeout = duration("timeout", &spec.timeout);
+    let stream_idle_timeout = duration("stream_idle_timeout", &spec.stream_idle_timeout);
+    let max_stream = duration("max_stream", &spec.max_stream);
     let mut headers = Vec::new();
     for (header, value) in &spec.headers {
         match (
@@ -324,6 +326,8 @@ fn compile_pool(name: &str, spec: UpstreamSpec, report: &mut Report) -> Option<P
         path: path?,
         connect_timeout: connect_timeout?,
         timeout: timeout?,
+        stream_idle_timeout: stream_idle_timeout?,
+        max_stream: max_stream?,
         headers,
         on_invalid_usage: spec.on_invalid_usage,
         tls,
@@ -384,6 +388,7 @@ fn compile_agents(
             id: spec.id.clone(),
             pool: spec.upstream,
             policy,
+            on_exhaustion: spec.on_exhaustion,
             pricing: spec.pricing.map(|p| Pricing {
                 input_per_mtok: p.input_per_mtok,
                 output_per_mtok: p.output_per_mtok,

@@ -19,7 +19,9 @@ pub mod validate;
 
 pub use errors::{ConfigError, ConfigErrors};
 pub use files::Source;
-pub use spec::{AgentsSpec, BalanceSpec as Balance, FailMode, InvalidUsageRule, StoreKind};
+pub use spec::{
+    AgentsSpec, BalanceSpec as Balance, ExhaustionRule, FailMode, InvalidUsageRule, StoreKind,
+};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -225,7 +227,12 @@ pub struct PoolConfig {
     pub balance: Balance,
     pub path: PathTemplate,
     pub connect_timeout: Duration,
+    /// The whole JSON answer; for a stream, until its head.
     pub timeout: Duration,
+    /// A stream: the longest wait for its next event.
+    pub stream_idle_timeout: Duration,
+    /// A stream: the longest it may run in all.
+    pub max_stream: Duration,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub on_invalid_usage: InvalidUsageRule,
     /// Set when the endpoints are `https://`.
@@ -239,6 +246,7 @@ pub struct Agent {
     pub pool: String,
     pub policy: Option<Arc<Policy>>,
     pub pricing: Option<Pricing>,
+    pub on_exhaustion: ExhaustionRule,
 }
 
 /// An account as the config file declares it.

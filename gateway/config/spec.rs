@@ -170,8 +170,15 @@ pub struct UpstreamSpec {
     pub path: String,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: String,
+    /// The whole JSON answer; for a stream, until its head.
     #[serde(default = "default_timeout")]
     pub timeout: String,
+    /// A stream: the longest wait for its next event.
+    #[serde(default = "default_stream_idle_timeout")]
+    pub stream_idle_timeout: String,
+    /// A stream: the longest it may run in all.
+    #[serde(default = "default_max_stream")]
+    pub max_stream: String,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// HTTPS endpoints only: the CA bundle (PEM) their certificates must chain to, instead
@@ -209,6 +216,20 @@ pub struct AgentSpec {
     pub upstream: String,
     pub policy: Option<String>,
     pub pricing: Option<PricingSpec>,
+    #[serde(default)]
+    pub on_exhaustion: ExhaustionRule,
+}
+
+/// What becomes of a stream whose running usage exhausts its account or its key's token
+/// bucket.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExhaustionRule {
+    /// It runs to its end, and is charged all it used (the balance may go below zero).
+    #[default]
+    Finish,
+    /// It is ended with `event: error`, and charged what it used until then.
+    Cut,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -321,6 +342,14 @@ fn default_upstream_path() -> String {
 fn default_connect_timeout() -> String {
     "1s".into()
 }
+fn default_stream_idle_timeout() -> String {
+    "60s".into()
+}
+
+fn default_max_stream() -> String {
+    "1h".into()
+}
+
 fn default_timeout() -> String {
     "120s".into()
 }

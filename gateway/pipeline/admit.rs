@@ -16,7 +16,8 @@ use crate::services::{Services, Snapshot};
 use crate::store::CallStore;
 
 /// How much longer than its pool's timeout a call's slots and reservation are held, so a
-/// lease never runs out under a call that is still being settled.
+/// lease never runs out under a call that is still being settled. A stream renews its
+/// leases as it runs (`pipeline::stream`).
 const LEASE_GRACE_MS: u64 = 60_000;
 
 /// A call the store admitted: everything the rest of the pipeline needs.
@@ -36,6 +37,7 @@ pub async fn admit<'s>(
     ids: &CallIds,
 ) -> Result<Admitted<'s>, Refused> {
     let agent = &caller.route.agent;
+    let lease_ms = caller.route.pool.config.timeout.as_millis() as u64 + LEASE_GRACE_MS;
     let admission = Admission {
         call_id: &ids.call_id,
         key_id: &caller.key.id,
@@ -45,7 +47,7 @@ pub async fn admit<'s>(
         agent_policy: agent.policy.as_deref(),
         pricing: agent.pricing.as_ref(),
         now_ms: services.clock.now_ms(),
-        lease_ms: caller.route.pool.config.timeout.as_millis() as u64 + LEASE_GRACE_MS,
+        lease_ms,
     };
     let decision = services
         .store
@@ -68,6 +70,7 @@ pub async fn admit<'s>(
                 agent: Arc::clone(agent),
                 key_policy: caller.key_policy.clone(),
                 reservation: admitted.reservation,
+                lease_ms,
             };
             let open = OpenCall::new(store, services.clock, hold);
             Ok(Admitted {

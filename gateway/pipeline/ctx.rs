@@ -4,13 +4,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use turnpike_core::ids::new_call_id;
 use turnpike_core::keys::KeyRecord;
 use turnpike_core::trace::TraceParent;
 use turnpike_core::usage::Usage;
 
+use super::stream::End;
 use crate::config::Agent;
 use crate::error::GatewayError;
 use crate::metrics::NO_AGENT;
@@ -56,6 +57,18 @@ pub struct CallRecord {
     pub cost: i64,
     /// The error the gateway answered with.
     pub refusal: Option<GatewayError>,
+    /// Set when the worker's answer was a stream.
+    pub stream: Option<StreamRecord>,
+}
+
+/// What the access line and metrics tell of a streamed answer.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamRecord {
+    /// Events the worker sent.
+    pub events: u64,
+    /// From the call's start to the first byte the client was sent.
+    pub first_byte: Duration,
+    pub end: End,
 }
 
 impl RequestCtx {

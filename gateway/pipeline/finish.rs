@@ -38,6 +38,7 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
     let (input, output) = record
         .usage
         .map_or((0, 0), |u| (u.input_tokens, u.output_tokens));
+    let stream = record.stream.as_ref();
     tracing::info!(
         target: "access",
         call_id = %ctx.ids.call_id,
@@ -61,6 +62,10 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
         input_tokens = input,
         output_tokens = output,
         cost = record.cost,
+        stream = stream.is_some(),
+        events = stream.map_or(0, |s| s.events),
+        first_byte_ms = stream.map_or(0, |s| s.first_byte.as_millis() as u64),
+        stream_end = stream.map_or("", |s| s.end.label()),
     );
 }
 

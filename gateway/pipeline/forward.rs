@@ -84,7 +84,7 @@ fn peer(session: &Session, config: &CallConfig) -> Peer {
 /// reset or its connection closed. The whole body has been read, so anything more it sends
 /// is a request pipelined behind this one: the connection is then not kept alive (pipelining
 /// is off, RFC 9112 §9.3.2 lets a server close) and the client is no longer watched.
-async fn client_gone(session: &mut Session) {
+pub(super) async fn client_gone(session: &mut Session) {
     match session.as_downstream_mut().read_body_or_idle(true).await {
         Err(error)
             if matches!(

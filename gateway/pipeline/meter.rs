@@ -10,7 +10,6 @@ use super::open_call::Bill;
 use crate::config::InvalidUsageRule;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::upstream::{AnswerBody, WorkerAnswer};
 
 /// A worker's answer as the client will get it, and what the call is charged for.
 pub struct MeteredAnswer {
@@ -33,10 +32,9 @@ pub fn meter(
     agent_id: &str,
     session_id: &str,
     rule: InvalidUsageRule,
-    answer: WorkerAnswer,
+    header: Box<ResponseHeader>,
+    body: Bytes,
 ) -> Result<MeteredAnswer, GatewayError> {
-    let AnswerBody::Buffered(body) = answer.body;
-    let header = answer.header;
     if !header.status.is_success() {
         return Ok(MeteredAnswer {
             header,

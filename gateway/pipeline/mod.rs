@@ -16,6 +16,10 @@
 //! reply                 the client's answer
 //! ```
 //!
+//! A worker that answers with a stream (2xx `text/event-stream`) leaves `forward` with its
+//! head, and one stage takes over from there: `stream::relay` sends the head at once, then
+//! relays and meters event by event, settles, and only then sends the last bytes.
+//!
 //! The call is settled before the client is written to, so a slow or vanished client can
 //! neither delay nor lose its metering; a client that vanishes before the worker answers
 //! ends the exchange and is charged nothing. [`ctx::RequestCtx`] only records what the end
@@ -29,6 +33,7 @@ pub mod intake;
 pub mod meter;
 pub mod open_call;
 pub mod reply;
+pub mod stream;
 
 use pingora::proxy::Session;
 
@@ -38,15 +43,20 @@ use self::intake::Authenticated;
 use self::meter::MeteredAnswer;
 use self::open_call::Bill;
 use self::reply::{Common, Refused};
+use self::stream::Streaming;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::services::{Services, Snapshot};
+use crate::upstream::{AnswerBody, WorkerAnswer};
 use turnpike_core::limits::Quota;
 
-/// The worker's answer as the client gets it.
-struct Answered {
-    answer: MeteredAnswer,
-    quota: Option<Quota>,
+/// The worker's answer as the client gets it: whole, or a stream still to relay.
+enum Answered<'s> {
+    Whole {
+        answer: MeteredAnswer,
+        quota: Option<Quota>,
+    },
+    Stream(Box<Streaming<'s>>),
 }
 
 /// Runs one call on the config in force and writes its answer. `Err` only when the client
@@ -64,13 +74,29 @@ pub async fn serve(
     }
     let write_timeout = snapshot.config.limits.write_timeout;
     match outcome {
-        Ok(Answered { answer, quota }) => {
+        Ok(Answered::Whole { answer, quota }) => {
             let common = Common {
                 request_id: &ctx.ids.request_id,
                 quota,
                 write_timeout,
             };
             reply::send_answer(session, &common, answer).await
+        }
+        Ok(Answered::Stream(streaming)) => {
+            let common = Common {
+                request_id: &ctx.ids.request_id,
+                quota: streaming.admitted.quota,
+                write_timeout,
+            };
+            stream::relay(
+                services,
+                session,
+                &common,
+                *streaming,
+                &mut ctx.record,
+                ctx.started,
+            )
+            .await
         }
         Err(Refused {
             error: GatewayError::ClientGone,
@@ -95,13 +121,13 @@ pub async fn serve(
     }
 }
 
-async fn run(
+async fn run<'s>(
     services: &Services,
-    snapshot: &Snapshot,
+    snapshot: &'s Snapshot,
     session: &mut Session,
     ids: &CallIds,
     record: &mut CallRecord,
-) -> Result<Answered, Refused> {
+) -> Result<Answered<'s>, Refused> {
     intake::well_formed(session).map_err(Refused::plain)?;
     let caller = intake::authenticate(services, snapshot, session, record)
         .await
@@ -121,13 +147,39 @@ async fn run(
         Err(refused) => return Err(refused),
     };
     let route = admitted.caller.route;
-    let answer = forward::forward(services, session, &admitted, &snapshot.config, ids, record)
-        .await
-        .and_then(|answer| {
+    let answer =
+        forward::forward(services, session, &admitted, &snapshot.config, ids, record).await;
+    let answer = match answer {
+        Ok(WorkerAnswer {
+            header,
+            body: AnswerBody::Stream(worker),
+            ..
+        }) => {
+            let streaming = Streaming {
+                admitted,
+                header,
+                worker,
+            };
+            return Ok(Answered::Stream(Box::new(streaming)));
+        }
+        Ok(WorkerAnswer {
+            header,
+            body: AnswerBody::Buffered(body),
+            ..
+        }) => {
             let rule = route.pool.config.on_invalid_usage;
             let session_id = &admitted.chat.session_id;
-            meter::meter(&services.metrics, &route.agent.id, session_id, rule, answer)
-        });
+            meter::meter(
+                &services.metrics,
+                &route.agent.id,
+                session_id,
+                rule,
+                header,
+                body,
+            )
+        }
+        Err(error) => Err(error),
+    };
     let (bill, status) = match &answer {
         Ok(answer) => (answer.bill, answer.status()),
         Err(_) => (Bill::Nothing, 0),
@@ -135,7 +187,7 @@ async fn run(
     let quota = admitted.quota;
     settle(&services.metrics, admitted, bill, status, record).await;
     match answer {
-        Ok(answer) => Ok(Answered { answer, quota }),
+        Ok(answer) => Ok(Answered::Whole { answer, quota }),
         Err(error) => Err(Refused { error, quota }),
     }
 }

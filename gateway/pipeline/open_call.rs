@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use turnpike_core::admission::{Reservation, Settlement};
+use turnpike_core::admission::{Extended, Extension, Reservation, Settlement};
 use turnpike_core::billing::cost;
 use turnpike_core::keys::KeyRecord;
 use turnpike_core::limits::Policy;
@@ -14,7 +14,7 @@ use turnpike_core::usage::Usage;
 
 use crate::clock::Clock;
 use crate::config::Agent;
-use crate::store::CallStore;
+use crate::store::{CallStore, StoreError};
 
 /// What an admitted call holds, and what its settlement must name.
 #[derive(Clone)]
@@ -27,6 +27,8 @@ pub struct Hold {
     pub agent: Arc<Agent>,
     pub key_policy: Option<Arc<Policy>>,
     pub reservation: Reservation,
+    /// How long the store holds the call's slots and reservation unless renewed.
+    pub lease_ms: u64,
 }
 
 /// What a finished call is charged for.
@@ -92,6 +94,40 @@ impl OpenCall {
     }
 }
 
+impl OpenCall {
+    /// What the call holds of its account now.
+    pub fn held(&self) -> i64 {
+        self.hold.reservation.reserve
+    }
+
+    /// A stream still running asks to hold `hold_to` in all and renews its leases (see
+    /// [`CallStore::extend`]).
+    pub async fn extend(&mut self, hold_to: i64) -> Result<Extended, StoreError> {
+        let hold = &self.hold;
+        let extension = Extension {
+            call_id: &hold.call_id,
+            key_id: &hold.key.id,
+            account: &hold.key.account,
+            agent: &hold.agent.id,
+            key_policy: hold.key_policy.as_deref(),
+            agent_policy: hold.agent.policy.as_deref(),
+            reservation: hold.reservation,
+            priced: hold.agent.pricing.is_some(),
+            hold_to,
+            now_ms: self.clock.now_ms(),
+            lease_ms: hold.lease_ms,
+        };
+        let extended = self.store.extend(&extension).await?;
+        self.hold.reservation.reserve = self.hold.reservation.reserve.max(extended.held);
+        Ok(extended)
+    }
+
+    /// How long the store keeps the call's hold unless renewed.
+    pub fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.hold.lease_ms)
+    }
+}
+
 impl Hold {
     /// The settlement of this call: it gives back what admission took and charges `charge`
     /// (nothing, by default).
@@ -140,7 +176,7 @@ impl Drop for OpenCall {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use turnpike_core::admission::{Admission, Admitted, Refusal};
+    use turnpike_core::admission::{Admission, Admitted, Extended, Extension, Refusal};
     use turnpike_core::billing::Pricing;
     use turnpike_core::keys::{AgentScope, KeyHash};
     use turnpike_core::limits::Quota;
@@ -172,6 +208,7 @@ mod tests {
                     pool: "pool".into(),
                     policy: None,
                     pricing: Some(pricing),
+                    on_exhaustion: Default::default(),
                 }),
                 policy,
             }
@@ -202,6 +239,7 @@ mod tests {
                 agent: Arc::clone(&self.agent),
                 key_policy: self.policy.clone(),
                 reservation: admitted.expect("admitted").reservation,
+                lease_ms: 60_000,
             };
             OpenCall::new(store, Clock::start(), hold)
         }
@@ -280,6 +318,10 @@ mod tests {
 
         fn quota(&self, call: &Admission<'_>) -> Option<Quota> {
             self.store.quota(call)
+        }
+
+        async fn extend(&self, call: &Extension<'_>) -> Result<Extended, StoreError> {
+            self.store.extend(call).await
         }
 
         async fn settle(&self, call: &Settlement<'_>) {

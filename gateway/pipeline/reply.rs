@@ -64,7 +64,48 @@ pub async fn send_answer(
     common: &Common<'_>,
     answer: MeteredAnswer,
 ) -> pingora::Result<()> {
-    let mut header = answer.header;
+    let mut header = client_head(answer.header, common)?;
+    header.insert_header(
+        http::header::CONTENT_LENGTH,
+        HeaderValue::from(answer.body.len()),
+    )?;
+    write(session, header, answer.body, common.write_timeout).await
+}
+
+/// Writes a streamed answer's head: the worker's status and headers, the gateway's own,
+/// and no length: chunked over HTTP/1.1 (Pingora's HTTP/2 writer drops the header and
+/// frames the body itself). Sent at once, so the client's first byte waits for nothing.
+pub async fn send_stream_head(
+    session: &mut Session,
+    common: &Common<'_>,
+    header: Box<ResponseHeader>,
+) -> pingora::Result<()> {
+    let mut header = client_head(header, common)?;
+    header.remove_header(&http::header::CONTENT_LENGTH);
+    header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    within(
+        common.write_timeout,
+        session.write_response_header(header, false),
+    )
+    .await
+}
+
+/// Writes the next bytes of a streamed answer; `end` ends it.
+pub async fn send_stream_bytes(
+    session: &mut Session,
+    write_timeout: Duration,
+    bytes: Bytes,
+    end: bool,
+) -> pingora::Result<()> {
+    within(write_timeout, session.write_response_body(Some(bytes), end)).await
+}
+
+/// The worker's head as the client gets it: its status and the headers about the answer,
+/// with the gateway's own added.
+fn client_head(
+    mut header: Box<ResponseHeader>,
+    common: &Common<'_>,
+) -> pingora::Result<Box<ResponseHeader>> {
     // The worker may have answered over HTTP/2; the client gets the answer in its own
     // protocol (Pingora's HTTP/2 writer ignores the version, its HTTP/1 writer needs 1.1).
     header.set_version(http::Version::HTTP_11);
@@ -74,12 +115,8 @@ pub async fn send_answer(
     for name in HOP_BY_HOP.iter().chain(&WORKER_ONLY) {
         header.remove_header(*name);
     }
-    header.insert_header(
-        http::header::CONTENT_LENGTH,
-        HeaderValue::from(answer.body.len()),
-    )?;
     add_common_headers(&mut header, common)?;
-    write(session, header, answer.body, common.write_timeout).await
+    Ok(header)
 }
 
 /// Writes `error` in the contract's shape. A body the client was still sending is left

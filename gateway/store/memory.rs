@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use turnpike_core::admission::{
-    self, Admission, Admitted, LimiterState, Refusal, Reservation, Settlement,
+    self, Admission, Admitted, Extended, Extension, LimiterState, Refusal, Reservation, Settlement,
 };
 use turnpike_core::billing::AccountState;
 use turnpike_core::keys::{KeyHash, KeyRecord};
@@ -145,6 +145,25 @@ impl CallStore for MemoryStore {
         let key = ledger.key_limits.get(call.key_id);
         let agent = ledger.agent_limits.get(call.agent);
         admission::peek_quota(key, agent, call)
+    }
+
+    async fn extend(&self, call: &Extension<'_>) -> Result<Extended, StoreError> {
+        let mut guard = self.ledger.lock();
+        let ledger = &mut *guard;
+        // Leases are a networked store's: in this process a call is open until settled.
+        let Some(reservation) = ledger.open_calls.get_mut(call.call_id) else {
+            return Ok(Extended::default());
+        };
+        let key = entry(&mut ledger.key_limits, call.key_id);
+        let account = call
+            .priced
+            .then(|| entry(&mut ledger.accounts, call.account));
+        Ok(admission::extend(
+            key,
+            account,
+            &mut reservation.reserve,
+            call,
+        ))
     }
 
     async fn settle(&self, call: &Settlement<'_>) {

@@ -12,7 +12,7 @@ pub use self::redis::RedisStore;
 use async_trait::async_trait;
 use std::sync::Arc;
 
-use turnpike_core::admission::{Admission, Admitted, Refusal, Settlement};
+use turnpike_core::admission::{Admission, Admitted, Extended, Extension, Refusal, Settlement};
 use turnpike_core::billing::AccountState;
 use turnpike_core::keys::{KeyHash, KeyRecord};
 use turnpike_core::limits::Quota;
@@ -122,6 +122,12 @@ pub trait CallStore: Send + Sync {
     /// anything and without a round trip to a networked store (`call_id` unused): for a
     /// refusal before admission, which must cost the store nothing.
     fn quota(&self, call: &Admission<'_>) -> Option<Quota>;
+
+    /// A stream still running (SPEC §5): grows the call's hold towards `hold_to` as far as
+    /// the account has free, renews the leases of its hold and slots so none expires under
+    /// it, and reads the key's token bucket. One round trip; a call already settled gets
+    /// nothing more.
+    async fn extend(&self, call: &Extension<'_>) -> Result<Extended, StoreError>;
 
     /// Releases the call's reservation and slots, debits cost and token buckets, and records
     /// usage. Idempotent per `call_id`: settling twice changes nothing the second time.

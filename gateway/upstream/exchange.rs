@@ -1,11 +1,14 @@
-//! One call's exchange with a worker: send the validated request, read the whole answer.
+//! One call's exchange with a worker: send the validated request, read the answer.
 //!
-//! Turnpike must read a worker's answer completely before the client sees it (the `usage`
+//! Turnpike must read a JSON answer completely before the client sees it (the `usage`
 //! decides the charge, and `session_id` may have to be added), so the upstream leg is a
 //! buffered exchange on Pingora's connector and keep-alive pool rather than Pingora's
 //! streaming proxy. That gives the answer an exact `Content-Length` (one write to the
 //! client), a real whole-answer timeout, and a call the client cannot cancel by hanging up:
 //! a worker's answer is always read, so it is always metered.
+//!
+//! A 2xx `text/event-stream` answer is the exception: the exchange ends with its head, and
+//! hands the relay a [`WorkerStream`] that owns the worker's connection (SPEC §5).
 
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
@@ -15,6 +18,7 @@ use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -29,7 +33,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Connections to workers, shared by every call.
 pub struct Upstreams {
-    connector: Connector,
+    connector: Arc<Connector>,
 }
 
 /// A worker's answer: its head, and its body as it arrives.
@@ -40,12 +44,40 @@ pub struct WorkerAnswer {
     pub endpoint: SocketAddr,
 }
 
-/// How an answer's body reaches the gateway. Today every answer is read whole, because its
-/// `usage` decides the charge before the client sees a byte. A streamed answer (SSE, usage in
-/// its last event) will be a second variant the pipeline relays event by event, metering as
-/// it goes and settling when the stream ends; every other stage stays as it is.
+/// How an answer's body reaches the gateway.
 pub enum AnswerBody {
+    /// Read whole: its `usage` decides the charge before the client sees a byte.
     Buffered(Bytes),
+    /// A 2xx `text/event-stream` answer, its head read: the relay reads its events.
+    Stream(Box<WorkerStream>),
+}
+
+/// The worker's connection while its streamed answer is relayed. Dropped before the answer
+/// ended, it closes the connection, so the worker learns at once that nobody is listening.
+pub struct WorkerStream {
+    session: HttpSession,
+    peer: HttpPeer,
+    connector: Arc<Connector>,
+}
+
+impl WorkerStream {
+    /// The next bytes of the answer; `None` at its end. An error: the worker broke off.
+    pub async fn read(&mut self) -> pingora::Result<Option<Bytes>> {
+        self.session.read_response_body().await
+    }
+
+    /// The relay is done with the answer: a connection whose answer ended goes back to the
+    /// pool; one cut off mid-answer is closed (an HTTP/2 stream is reset), so the worker
+    /// can stop working.
+    pub async fn finish(mut self) {
+        if self.session.response_done() {
+            self.connector
+                .release_http_session(self.session, &self.peer, Some(IDLE_TIMEOUT))
+                .await;
+        } else {
+            self.session.shutdown().await;
+        }
+    }
 }
 
 /// Why no worker's answer could be had.
@@ -88,13 +120,16 @@ enum Failure {
 impl Default for Upstreams {
     fn default() -> Self {
         Self {
-            connector: Connector::new(Some(ConnectorOptions::new(KEEPALIVE_POOL_SIZE))),
+            connector: Arc::new(Connector::new(Some(ConnectorOptions::new(
+                KEEPALIVE_POOL_SIZE,
+            )))),
         }
     }
 }
 
 impl Upstreams {
-    /// Sends the call to the pool and returns the worker's whole answer. A failed connect
+    /// Sends the call to the pool and returns the worker's whole answer, or a stream's head
+    /// and the stream. A failed connect
     /// (or a stale pooled connection) moves on to an endpoint not tried yet; the pool's
     /// `timeout` bounds everything after the worker is chosen.
     pub async fn exchange(
@@ -144,7 +179,7 @@ impl Upstreams {
             .await
             .map_err(|_| Failure::Connect)?;
         let answer = match send(&mut session, host, call).await {
-            Ok(()) => receive(&mut session, call.max_answer_bytes, addr).await,
+            Ok(()) => receive(&mut session, call.max_answer_bytes).await,
             // As Go's client does for a request that is not idempotent: resent only when the
             // worker cannot have had all of it. Once written whole, a worker that did the
             // work and dropped the connection must not run it twice.
@@ -152,12 +187,25 @@ impl Upstreams {
             Err(e) => Err(e),
         };
         match answer {
-            Ok(answer) => {
+            Ok(Received::Whole(header, body)) => {
                 self.connector
                     .release_http_session(session, peer, Some(IDLE_TIMEOUT))
                     .await;
-                Ok(answer)
+                Ok(WorkerAnswer {
+                    header,
+                    body: AnswerBody::Buffered(body),
+                    endpoint: addr,
+                })
             }
+            Ok(Received::StreamHead(header)) => Ok(WorkerAnswer {
+                header,
+                body: AnswerBody::Stream(Box::new(WorkerStream {
+                    session,
+                    peer: peer.clone(),
+                    connector: Arc::clone(&self.connector),
+                })),
+                endpoint: addr,
+            }),
             Err(failure) => {
                 session.shutdown().await;
                 Err(failure)
@@ -212,11 +260,13 @@ async fn send(
         .map_err(|e| classify(&e))
 }
 
-async fn receive(
-    session: &mut HttpSession,
-    max_bytes: usize,
-    endpoint: SocketAddr,
-) -> Result<WorkerAnswer, Failure> {
+/// What `receive` read: a whole answer, or the head of a stream.
+enum Received {
+    Whole(Box<ResponseHeader>, Bytes),
+    StreamHead(Box<ResponseHeader>),
+}
+
+async fn receive(session: &mut HttpSession, max_bytes: usize) -> Result<Received, Failure> {
     loop {
         session
             .read_response_header()
@@ -230,6 +280,9 @@ async fn receive(
         }
     }
     let header = session.response_header().ok_or(Failure::Broken)?;
+    if header.status.is_success() && is_event_stream(header) {
+        return Ok(Received::StreamHead(Box::new(header.clone())));
+    }
     let declared = header
         .headers
         .get(http::header::CONTENT_LENGTH)
@@ -250,11 +303,17 @@ async fn receive(
         }
         body.extend_from_slice(&piece);
     }
-    Ok(WorkerAnswer {
-        header,
-        body: AnswerBody::Buffered(body.freeze()),
-        endpoint,
-    })
+    Ok(Received::Whole(header, body.freeze()))
+}
+
+/// `Content-Type: text/event-stream`, with or without parameters.
+fn is_event_stream(header: &ResponseHeader) -> bool {
+    header
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
 fn classify(error: &Error) -> Failure {

@@ -6,7 +6,7 @@
 pub mod exchange;
 pub mod head;
 
-pub use exchange::{AnswerBody, ExchangeFailure, Outgoing, Upstreams, WorkerAnswer};
+pub use exchange::{AnswerBody, ExchangeFailure, Outgoing, Upstreams, WorkerAnswer, WorkerStream};
 
 use pingora::lb::selection::{Consistent, RoundRobin};
 use pingora::lb::{Backend, LoadBalancer};

@@ -28,6 +28,7 @@ mod reload;
 mod sessions;
 mod shutdown;
 mod slow_clients;
+mod streaming;
 mod tls;
 mod tls_handshake;
 mod upstream_failures;

@@ -178,6 +178,65 @@ pub struct Settlement<'a> {
     pub status: u16,
 }
 
+/// A running stream asking to go on (SPEC §5): that its call may hold `hold_to` of its
+/// account in all (a hold extended, as a pending transfer is), and that its leases run
+/// `lease_ms` from now. Plain data, like [`Admission`].
+#[derive(Debug, Clone, Copy)]
+pub struct Extension<'a> {
+    pub call_id: &'a str,
+    pub key_id: &'a str,
+    pub account: &'a str,
+    pub agent: &'a str,
+    pub key_policy: Option<&'a Policy>,
+    pub agent_policy: Option<&'a Policy>,
+    /// What admission took: which slots' leases to renew, whether the account is held.
+    pub reservation: Reservation,
+    pub priced: bool,
+    /// The hold the stream wants now, in the balance's unit.
+    pub hold_to: i64,
+    pub now_ms: u64,
+    pub lease_ms: u64,
+}
+
+/// What an extension left the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Extended {
+    /// The call's hold now: `hold_to`, or less when the account could not cover it all.
+    pub held: i64,
+    /// Whole tokens in the key's enforced token bucket now (below zero in debt); `None`
+    /// when the key's policy has no enforced token bucket.
+    pub tokens_left: Option<i64>,
+}
+
+/// Grows the call's hold (`held`) towards `call.hold_to` by what the account has free,
+/// never beyond it, and reads the key's token bucket. A hold never shrinks here: what it
+/// does not use goes back at settlement.
+pub fn extend(
+    key: &LimiterState,
+    account: Option<&mut AccountState>,
+    held: &mut i64,
+    call: &Extension,
+) -> Extended {
+    if let Some(account) = account.filter(|_| call.priced) {
+        let free = account.balance.saturating_sub(account.reserved).max(0);
+        let grow = call.hold_to.saturating_sub(*held).clamp(0, free);
+        account.reserve(grow);
+        *held = held.saturating_add(grow);
+    }
+    let tokens_left = call
+        .key_policy
+        .filter(|p| p.mode == Mode::Enforce)
+        .and_then(|p| p.tokens)
+        .map(|spec| {
+            let bucket = current(key.tokens, &spec, call.now_ms);
+            bucket.level.div_euclid(spec.unit().max(1))
+        });
+    Extended {
+        held: *held,
+        tokens_left,
+    }
+}
+
 /// Releases the reservation and slots, debits the cost and the token buckets.
 pub fn settle(
     key: &mut LimiterState,

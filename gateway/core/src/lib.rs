@@ -12,6 +12,7 @@
 //! - [`admission`]: the admission and settlement decisions over buckets, slots and balance.
 //! - [`billing`]: prices, cost and the balance rule.
 //! - [`usage`]: reading and judging the `usage` a worker reports.
+//! - [`sse`]: a streamed answer cut into events, and what they report.
 //! - [`units`]: durations and times as operators write them.
 //! - [`trace`]: the W3C `traceparent` a worker receives.
 
@@ -24,6 +25,7 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod route;
+pub mod sse;
 pub mod trace;
 pub mod units;
 pub mod usage;

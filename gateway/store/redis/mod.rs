@@ -7,7 +7,8 @@
 //! - `protocol`: the scripts' arguments and replies, by name.
 //! - `names` and `split`: where state lives, and a call split into per-slot sides.
 //! - `admit`, `settle` (with `queue` and its `journal`), `fail_open`: the hot path and its
-//!   outage behaviour; `batch`: the group commit both go through.
+//!   outage behaviour; `batch`: the group commit both go through; `extend`: a running
+//!   stream's hold and leases.
 //! - `records` (with `cache`, the last-known key table), `accounts`, and `seeding` (which
 //!   finds a Redis that lost its state and seeds it again): keys, balances and usage.
 
@@ -15,6 +16,7 @@ mod accounts;
 mod admit;
 mod batch;
 mod cache;
+mod extend;
 mod fail_open;
 mod journal;
 mod link;
@@ -30,7 +32,7 @@ use async_trait::async_trait;
 use redis::Script;
 use std::sync::Arc;
 
-use turnpike_core::admission::{Admission, Admitted, Refusal, Settlement};
+use turnpike_core::admission::{Admission, Admitted, Extended, Extension, Refusal, Settlement};
 use turnpike_core::billing::AccountState;
 use turnpike_core::keys::{KeyHash, KeyRecord};
 use turnpike_core::limits::Quota;
@@ -57,6 +59,7 @@ pub struct RedisStore {
     plan: Plan,
     stream_maxlen: u64,
     balance_script: Script,
+    extend_script: Script,
     seed_account_script: Script,
     /// The config file's keys: this instance's copy, looked up first.
     config_keys: arc_swap::ArcSwap<ConfigKeys>,
@@ -109,6 +112,7 @@ impl RedisStore {
             },
             stream_maxlen: config.usage_stream_maxlen,
             balance_script: Script::new(protocol::CHANGE_BALANCE_LUA),
+            extend_script: Script::new(protocol::EXTEND_LUA),
             seed_account_script: Script::new(protocol::SEED_ACCOUNT_LUA),
             config_keys: Default::default(),
             legacy_config_ids: Default::default(),
@@ -150,6 +154,10 @@ impl CallStore for RedisStore {
 
     fn quota(&self, call: &Admission<'_>) -> Option<Quota> {
         self.known_quota(call)
+    }
+
+    async fn extend(&self, call: &Extension<'_>) -> Result<Extended, StoreError> {
+        self.extend_on_redis(call).await
     }
 
     async fn settle(&self, call: &Settlement<'_>) {

@@ -36,6 +36,8 @@ pub const LOG_USAGE_LUA: &str = concat!(
     "return log_usage(KEYS, ARGV)\n"
 );
 pub const SEED_ACCOUNT_LUA: &str = include_str!("seed_account.lua");
+/// A running stream's extension; not batched (a stream asks rarely).
+pub const EXTEND_LUA: &str = concat!(include_str!("prelude.lua"), include_str!("extend.lua"));
 
 /// admit.lua's arguments, then [`ADMIT_SCOPE_ARGS`] once per scope.
 pub const ADMIT_ARGS: [&str; 4] = ["call_id", "lease_ms", "reserve", "scope_count"];
@@ -338,7 +340,7 @@ pub fn log_usage_args(
     args
 }
 
-fn flag(on: bool) -> String {
+pub fn flag(on: bool) -> String {
     if on { "1" } else { "0" }.to_owned()
 }
 

@@ -4,7 +4,7 @@
 //! combined into the one decision the embedded store would have made. Pure: no connection.
 
 use turnpike_core::admission::{
-    rule_text, Admission, Admitted, Refusal, Reservation, Scope, Settlement, ShadowHit,
+    rule_text, Admission, Admitted, Extension, Refusal, Reservation, Scope, Settlement, ShadowHit,
 };
 use turnpike_core::limits::{BucketKind, Mode, Policy, Quota};
 
@@ -13,7 +13,7 @@ use super::names::{
     USAGE_STREAM,
 };
 use super::protocol::{
-    AdmitArgs, AdmitReply, Invocation, Outcome, ScopeLimits, SettleArgs, SettleScope,
+    flag, AdmitArgs, AdmitReply, Invocation, Outcome, ScopeLimits, SettleArgs, SettleScope,
 };
 
 /// How a deployment splits a call across scripts.
@@ -90,6 +90,56 @@ fn group<'a>(
     groups
         .into_iter()
         .filter(|(account_side, scopes): &(bool, Vec<Limited>)| *account_side || !scopes.is_empty())
+        .collect()
+}
+
+/// The extension scripts (extend.lua) for a running stream, one per side: the hold and the
+/// key's scope with the account, the agent's slot in its own slot on a Cluster. A side with
+/// nothing to do is left out.
+pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
+    let scopes = limited(
+        call.account,
+        call.key_id,
+        call.agent,
+        call.key_policy,
+        call.agent_policy,
+    );
+    group(plan, call.priced, scopes)
+        .into_iter()
+        .map(|(priced, scopes)| {
+            let mut keys = Vec::with_capacity(2 + 2 * scopes.len());
+            let mut args = vec![
+                call.call_id.to_owned(),
+                call.lease_ms.to_string(),
+                call.hold_to.to_string(),
+                flag(priced),
+                scopes.len().to_string(),
+            ];
+            if priced {
+                keys.push(account_hash(call.account));
+                keys.push(account_leases(call.account));
+            }
+            for s in &scopes {
+                keys.extend(s.limiter.keys());
+                let holds_slot = match s.scope {
+                    Scope::Key => call.reservation.key_slot,
+                    Scope::Agent => call.reservation.agent_slot,
+                };
+                let read_tokens = s.scope == Scope::Key && s.policy.mode == Mode::Enforce;
+                let (rate, period, burst) = s
+                    .policy
+                    .tokens
+                    .map_or((0, 0, 0), |b| (b.rate, b.period_ms, b.burst));
+                args.extend([
+                    flag(holds_slot),
+                    flag(read_tokens),
+                    rate.to_string(),
+                    period.to_string(),
+                    burst.to_string(),
+                ]);
+            }
+            Invocation { keys, args }
+        })
         .collect()
 }
 

@@ -11,6 +11,7 @@ pub mod prometheus;
 pub mod raw;
 pub mod redis;
 pub mod script;
+pub mod sse;
 pub mod tls;
 pub mod tls_worker;
 pub mod worker;

@@ -69,6 +69,21 @@ pub struct Script {
     /// Answers with `Connection: X-Worker-Hop`, `X-Worker-Hop`, `X-Worker-Kept` and `Server`.
     pub hop_header: bool,
     pub ending: Option<Ending>,
+    /// Answers with a `text/event-stream` instead of JSON.
+    pub stream: Option<StreamScript>,
+}
+
+/// A streamed answer: `events` text deltas `gap_ms` apart (the first names the session
+/// unless `nosession`), then the usage event (left out under `badusage missing`, wrong
+/// under another `badusage`), then `data: [DONE]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamScript {
+    pub events: u32,
+    pub gap_ms: u64,
+    /// Every delta carries the running usage so far (cumulative, the output growing).
+    pub running_usage: bool,
+    /// After the deltas, sends nothing more and keeps the connection open.
+    pub stall: bool,
 }
 
 impl Script {
@@ -132,6 +147,43 @@ impl Script {
         }
     }
 
+    pub fn stream(events: u32, gap_ms: u64) -> Self {
+        Self {
+            stream: Some(StreamScript {
+                events,
+                gap_ms,
+                ..StreamScript::default()
+            }),
+            ..Self::default()
+        }
+    }
+
+    /// Every delta of the stream carries the running usage.
+    pub fn running_usage(mut self) -> Self {
+        if let Some(stream) = self.stream.as_mut() {
+            stream.running_usage = true;
+        }
+        self
+    }
+
+    /// The stream stalls after its deltas.
+    pub fn stall(mut self) -> Self {
+        if let Some(stream) = self.stream.as_mut() {
+            stream.stall = true;
+        }
+        self
+    }
+
+    pub fn and_no_session(mut self) -> Self {
+        self.no_session = true;
+        self
+    }
+
+    pub fn and_bad_usage(mut self, how: BadUsage) -> Self {
+        self.bad_usage = Some(how);
+        self
+    }
+
     pub fn and_usage(mut self, input: i64, output: i64) -> Self {
         self.usage = Some((input, output));
         self
@@ -166,6 +218,26 @@ impl Script {
                 "status" => script.status = Some(number(&mut words, "status")? as u16),
                 "padding" => script.padding = Some(number(&mut words, "padding")? as usize),
                 "hold" => script.hold = true,
+                "stream" => {
+                    let events = number(&mut words, "stream")? as u32;
+                    let gap_ms = number(&mut words, "stream")? as u64;
+                    script.stream = Some(StreamScript {
+                        events,
+                        gap_ms,
+                        ..StreamScript::default()
+                    });
+                }
+                "runningusage" | "stall" => {
+                    let stream = script
+                        .stream
+                        .as_mut()
+                        .ok_or(format!("{word}: only after 'stream'"))?;
+                    if word == "stall" {
+                        stream.stall = true;
+                    } else {
+                        stream.running_usage = true;
+                    }
+                }
                 "nosession" => script.no_session = true,
                 "hopheader" => script.hop_header = true,
                 "close" => script.ending = Some(Ending::Close),
@@ -213,6 +285,15 @@ impl fmt::Display for Script {
         if self.hop_header {
             f.write_str(" hopheader")?;
         }
+        if let Some(stream) = self.stream {
+            write!(f, " stream {} {}", stream.events, stream.gap_ms)?;
+            if stream.running_usage {
+                f.write_str(" runningusage")?;
+            }
+            if stream.stall {
+                f.write_str(" stall")?;
+            }
+        }
         match self.ending {
             Some(Ending::Close) => f.write_str(" close"),
             Some(Ending::Garbage) => f.write_str(" garbage"),
@@ -233,6 +314,10 @@ fn scripts_read_back_as_written_and_unknown_words_are_refused() {
         Script::hop_header(),
         Script::close(),
         Script::garbage(),
+        Script::stream(3, 10)
+            .running_usage()
+            .stall()
+            .and_usage(5, 6),
         Script::default(),
     ];
     for script in scripts {

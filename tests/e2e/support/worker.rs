@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::script::{BadUsage, Ending, Script};
+use super::script::{BadUsage, Ending, Script, StreamScript};
 
 /// One request as the worker received it.
 #[derive(Debug, Clone)]
@@ -280,6 +280,9 @@ fn answer(out: &mut TcpStream, name: &str, body: &Value, shared: &Shared) -> boo
         return false;
     }
     let (input, output) = script.usage.unwrap_or((45, 32));
+    if let Some(stream) = script.stream {
+        return write_stream(out, name, body, &script, stream, shared);
+    }
     let mut resp = json!({
         "response": format!("{name}: {message}"),
         "usage": {"input_tokens": input, "output_tokens": output, "total_tokens": input + output},
@@ -318,6 +321,72 @@ fn answer(out: &mut TcpStream, name: &str, body: &Value, shared: &Shared) -> boo
         ""
     };
     write_answer(out, script.status.unwrap_or(200), &resp, extra)
+}
+
+/// Streams the answer `script` asks for as chunked `text/event-stream`, an event per chunk,
+/// each flushed; records a hang-up when the gateway closes the connection mid-stream.
+/// False when the connection must end.
+fn write_stream(
+    out: &mut TcpStream,
+    name: &str,
+    body: &Value,
+    script: &Script,
+    stream: StreamScript,
+    shared: &Shared,
+) -> bool {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if out.write_all(head.as_bytes()).is_err() {
+        return false;
+    }
+    let (input, output) = script.usage.unwrap_or((45, 32));
+    let session = match &body["session_id"] {
+        Value::String(s) if !s.is_empty() => s.clone(),
+        _ => "sess_worker_made".into(),
+    };
+    let send = |out: &mut TcpStream, data: &str| -> bool {
+        let event = format!("data: {data}\n\n");
+        let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+        let ok = out.write_all(chunk.as_bytes()).is_ok() && out.flush().is_ok();
+        if !ok {
+            shared.hung_up.lock().unwrap().push(Instant::now());
+        }
+        ok
+    };
+    for i in 0..stream.events {
+        if i > 0 && !think(out, Duration::from_millis(stream.gap_ms), shared) {
+            return false;
+        }
+        let mut delta = json!({"delta": format!("{name}-{i} ")});
+        if i == 0 && !script.no_session {
+            delta["session_id"] = Value::String(session.clone());
+        }
+        if stream.running_usage {
+            let so_far = output * (i as i64 + 1) / stream.events as i64;
+            delta["usage"] = json!({"input_tokens": input, "output_tokens": so_far, "total_tokens": input + so_far});
+        }
+        if !send(out, &delta.to_string()) {
+            return false;
+        }
+    }
+    if stream.stall {
+        // Holds the connection until the gateway gives up on it.
+        think(out, Duration::from_secs(120), shared);
+        return false;
+    }
+    let usage = match script.bad_usage {
+        Some(BadUsage::Missing) => None,
+        Some(BadUsage::Negative) => Some(json!({"input_tokens": -5, "output_tokens": 3})),
+        Some(_) => Some(json!({"input_tokens": 10, "output_tokens": 3, "total_tokens": 14})),
+        None => Some(
+            json!({"input_tokens": input, "output_tokens": output, "total_tokens": input + output}),
+        ),
+    };
+    if let Some(usage) = usage {
+        if !send(out, &json!({ "usage": usage }).to_string()) {
+            return false;
+        }
+    }
+    send(out, "[DONE]") && out.write_all(b"0\r\n\r\n").is_ok() && out.flush().is_ok()
 }
 
 /// Thinks for `time` while watching the connection, as an agent that stops working when its

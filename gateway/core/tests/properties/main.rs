@@ -12,4 +12,5 @@ mod hpack_encoder;
 mod json;
 mod keys;
 mod route;
+mod sse;
 mod usage;
