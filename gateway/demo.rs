@@ -2,9 +2,10 @@
 //! with a fresh key, so a newcomer can make a real call with nothing else installed.
 
 use async_trait::async_trait;
-use http::Response;
+use bytes::Bytes;
 use parking_lot::Mutex;
-use pingora::apps::http_app::ServeHttp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::{background_service, BackgroundService};
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use turnpike_core::ids::random_id;
@@ -26,6 +28,8 @@ const DEMO_POLICIES: [(&str, &str); 2] = [
 ];
 /// Conversations the demo worker remembers before it starts forgetting.
 const MAX_SESSIONS: usize = 10_000;
+/// A streamed answer's pace: a word this often, as a model writes.
+const WORD_GAP: Duration = Duration::from_millis(60);
 
 /// Where the demo listens.
 pub struct DemoAddrs {
@@ -87,6 +91,10 @@ pub fn instructions(setup: &DemoSetup) -> String {
          \n  curl -s http://{listen}/v1/agents/ag_demo_support/chat \\\n    \
          -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    \
          -d '{{\"message\": \"What are your business hours?\"}}'\n\
+         \nStreamed, word by word (the demo worker streams when the body says \"stream\": true):\n\
+         \n  curl -sN http://{listen}/v1/agents/ag_demo_support/chat \\\n    \
+         -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    \
+         -d '{{\"message\": \"Tell me about refunds\", \"stream\": true}}'\n\
          \n  curl -s http://{admin}/admin/accounts/acct_demo/balance -H 'Authorization: Bearer {admin_token}'\n\
          \n  curl -s http://{admin}/metrics | grep turnpike_\n\
          \nPress Ctrl-C to stop.\n",
@@ -142,17 +150,27 @@ pub fn worker_service(addr: &str) -> Service<DemoWorker> {
 }
 
 /// A toy agent: answers every message plausibly, remembers each conversation by
-/// `session_id`, and reports token usage the way real workers do.
+/// `session_id`, and reports token usage the way real workers do. Asked for
+/// `"stream": true`, it streams its answer a word at a time as server-sent events, the
+/// usage in the last event before `[DONE]`.
 #[derive(Default)]
 pub struct DemoWorker {
     conversations: Mutex<HashMap<String, Vec<String>>>,
 }
 
 #[async_trait]
-impl ServeHttp for DemoWorker {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+impl HttpServerApp for DemoWorker {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut http: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if !matches!(http.read_request().await, Ok(true)) {
+            return None;
+        }
+        http.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
         let mut body = Vec::new();
-        while let Ok(Some(chunk)) = session.read_request_body().await {
+        while let Ok(Some(chunk)) = http.read_request_body().await {
             body.extend_from_slice(&chunk);
         }
         let request: Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -162,19 +180,56 @@ impl ServeHttp for DemoWorker {
             .unwrap_or("sess_demo")
             .to_owned();
         let (reply, context_words) = self.reply(&session_id, &message);
-        let answer = json!({
-            "response": reply,
-            "session_id": session_id,
-            "usage": usage(context_words, &reply),
-        });
-        let bytes = serde_json::to_vec(&answer).unwrap_or_default();
-        Response::builder()
-            .status(200)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::CONTENT_LENGTH, bytes.len())
-            .body(bytes)
-            .unwrap_or_default()
+        let usage = usage(context_words, &reply);
+        let answered = if request["stream"] == Value::Bool(true) {
+            stream_answer(&mut http, &reply, &session_id, usage).await
+        } else {
+            let answer = json!({"response": reply, "session_id": session_id, "usage": usage});
+            json_answer(&mut http, &answer).await
+        };
+        if answered.is_err() {
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&http);
+        let reusable = http.finish().await.ok().flatten()?;
+        Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
     }
+}
+
+async fn json_answer(http: &mut ServerSession, answer: &Value) -> pingora::Result<()> {
+    let bytes = serde_json::to_vec(answer).unwrap_or_default();
+    let mut head = ResponseHeader::build(200, Some(2))?;
+    head.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    head.insert_header(http::header::CONTENT_LENGTH, bytes.len())?;
+    http.write_response_header(Box::new(head)).await?;
+    http.write_response_body(bytes.into(), true).await
+}
+
+/// The reply a word per event, the first naming the session, then the usage and `[DONE]`.
+async fn stream_answer(
+    http: &mut ServerSession,
+    reply: &str,
+    session_id: &str,
+    usage: Value,
+) -> pingora::Result<()> {
+    let mut head = ResponseHeader::build(200, Some(3))?;
+    head.insert_header(http::header::CONTENT_TYPE, "text/event-stream")?;
+    head.insert_header(http::header::CACHE_CONTROL, "no-cache")?;
+    head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    http.write_response_header(Box::new(head)).await?;
+    let event = |data: &Value| Bytes::from(format!("data: {data}\n\n"));
+    for (i, word) in reply.split_inclusive(' ').enumerate() {
+        let mut delta = json!({ "delta": word });
+        if i == 0 {
+            delta["session_id"] = Value::from(session_id);
+        }
+        http.write_response_body(event(&delta), false).await?;
+        tokio::time::sleep(WORD_GAP).await;
+    }
+    http.write_response_body(event(&json!({ "usage": usage })), false)
+        .await?;
+    http.write_response_body(Bytes::from_static(b"data: [DONE]\n\n"), true)
+        .await
 }
 
 impl DemoWorker {

@@ -64,7 +64,7 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
         cost = record.cost,
         stream = stream.is_some(),
         events = stream.map_or(0, |s| s.events),
-        first_byte_ms = stream.map_or(0, |s| s.first_byte.as_millis() as u64),
+        first_byte_ms = stream.map_or(0.0, |s| s.first_byte.as_secs_f64() * 1000.0),
         stream_end = stream.map_or("", |s| s.end.label()),
     );
 }

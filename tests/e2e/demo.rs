@@ -49,30 +49,47 @@ fn the_printed_curl_line_works_the_instant_it_is_printed() {
         }
     });
     let until = Instant::now() + Duration::from_secs(30);
-    let mut curl = Vec::new();
-    loop {
-        let left = until.saturating_duration_since(Instant::now());
-        let line = printed
-            .recv_timeout(left)
-            .expect("the demo printed its curl line within 30 s");
-        if curl.is_empty() && !line.trim_start().starts_with("curl -s http") {
-            continue;
+    let next_command = |starts: &str| {
+        let mut curl = Vec::new();
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let line = printed
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("the demo printed its '{starts}' line within 30 s"));
+            if curl.is_empty() && !line.trim_start().starts_with(starts) {
+                continue;
+            }
+            let continues = line.ends_with('\\');
+            curl.push(line);
+            if !continues {
+                return curl.join("\n");
+            }
         }
-        let continues = line.ends_with('\\');
-        curl.push(line);
-        if !continues {
-            break;
-        }
-    }
-    assert!(curl.len() >= 2, "the chat curl line: {curl:?}");
+    };
+    let chat = next_command("curl -s http");
+    let streamed = next_command("curl -sN http");
     // At once, as printed: no wait, no retry.
-    let out = Command::new("sh")
-        .args(["-c", &curl.join("\n")])
-        .output()
-        .expect("sh runs the curl line");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "curl failed: {text} {:?}", out.status);
+    let run = |command: &str| {
+        let out = Command::new("sh")
+            .args(["-c", command])
+            .output()
+            .expect("sh runs the curl line");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "curl failed: {text} {:?}", out.status);
+        text
+    };
+    let text = run(&chat);
     let answer: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert!(answer["response"].is_string(), "{answer}");
     assert!(answer["usage"]["total_tokens"].is_u64(), "{answer}");
+    // The streamed one: a word per event, the usage, then [DONE].
+    let text = run(&streamed);
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert!(data.len() > 3, "{text}");
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    let usage: Value = serde_json::from_str(data[data.len() - 2]).unwrap();
+    assert!(usage["usage"]["total_tokens"].is_u64(), "{text}");
 }

@@ -381,3 +381,81 @@ fn a_json_answer_keeps_its_length_and_path() {
     assert!(call.header("content-length").is_some());
     assert_eq!(streams_ended(&gw, "done"), 0.0);
 }
+
+#[test]
+fn sigterm_lets_a_stream_run_for_the_grace_then_ends_it_and_settles_it() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .config(|c| {
+            c["shutdown_delay"] = json!("0s");
+            c["shutdown_grace"] = json!("1s");
+        })
+        .start();
+    wait_until(
+        Duration::from_secs(10),
+        "the stop signals are watched",
+        || gw.log().contains("watching for stop signals"),
+    );
+    // 100 deltas 50 ms apart: five seconds, longer than the grace.
+    let script = Script::stream(100, 50).running_usage().and_usage(10, 100);
+    let mut call = StreamCall::open(gw.port(), AGENT, gw.jane(), &body(&script));
+    call.next_event().expect("an event");
+    let signalled = Instant::now();
+    gw.signal("TERM");
+    let (events, ended) = call.all();
+    let lasted = signalled.elapsed();
+    assert!(ended, "the stream ends properly");
+    let error = until_error(&events);
+    assert_eq!(error["error"]["code"], "upstream_unavailable");
+    assert!(
+        deltas(&events).len() >= 10,
+        "it ran on during the grace: {events:?}"
+    );
+    assert!(
+        lasted >= Duration::from_millis(900) && lasted < Duration::from_secs(4),
+        "ended {lasted:?} after the signal"
+    );
+    wait_until(Duration::from_secs(15), "the gateway exits", || {
+        gw.exited().is_some()
+    });
+    assert!(gw.exited().unwrap().success());
+    // Settled before the process went: its access line carries the usage it was charged.
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("stream_end=\"timeout\"") || l.contains("stream_end=timeout"))
+        .unwrap_or_else(|| panic!("no access line for the stream:\n{log}"));
+    assert!(line.contains("input_tokens=10"), "{line}");
+}
+
+#[test]
+fn two_hundred_concurrent_streams_fit_in_bounded_memory() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let rss = || gw.metric("process_resident_memory_bytes", &[]);
+    let before = rss();
+    let script = Script::stream(30, 100);
+    let calls: Vec<StreamCall> = (0..200)
+        .map(|_| StreamCall::open(gw.port(), AGENT, gw.jane(), &body(&script)))
+        .collect();
+    wait_until(Duration::from_secs(10), "200 streams are running", || {
+        gw.metric("turnpike_inflight_requests", &[]) >= 200.0
+    });
+    let during = rss();
+    let grew = (during - before) / (1024.0 * 1024.0);
+    assert!(grew < 48.0, "200 streams took {grew:.1} MiB");
+    let finished: Vec<bool> = std::thread::scope(|s| {
+        let readers: Vec<_> = calls
+            .into_iter()
+            .map(|call| s.spawn(move || call.all().1))
+            .collect();
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert!(finished.iter().all(|ended| *ended));
+    gw.wait_metric(
+        "turnpike_streams_total",
+        &[("agent", AGENT), ("end", "done")],
+        200.0,
+    );
+}
