@@ -16,18 +16,46 @@ use turnpike_core::usage::UsageProblem;
 /// The agent label for a call that never reached a known agent.
 pub const NO_AGENT: &str = "-";
 
+/// How a streamed answer ended: the `end` label of `turnpike_streams_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The worker ended it, with usage.
+    Done,
+    /// The worker ended it without usage: nothing charged.
+    NoUsage,
+    /// Its running usage exhausted the balance or the key's token bucket.
+    Cut,
+    ClientGone,
+    /// The worker broke off, sent an event too large, or a usage that is refused.
+    WorkerGone,
+    /// `stream_idle_timeout`, `max_stream`, or the drain's `shutdown_grace`.
+    Timeout,
+}
+
+impl StreamEnd {
+    pub const ALL: [StreamEnd; 6] = [
+        StreamEnd::Done,
+        StreamEnd::NoUsage,
+        StreamEnd::Cut,
+        StreamEnd::ClientGone,
+        StreamEnd::WorkerGone,
+        StreamEnd::Timeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamEnd::Done => "done",
+            StreamEnd::NoUsage => "no_usage",
+            StreamEnd::Cut => "cut",
+            StreamEnd::ClientGone => "client_gone",
+            StreamEnd::WorkerGone => "worker_gone",
+            StreamEnd::Timeout => "timeout",
+        }
+    }
+}
+
 /// Seconds, for a gateway: 100 µs (an answer from the edge) to 2 min (the longest agent
 /// call a pool's `timeout` usually allows).
-/// How a streamed answer can end: the `end` label of `turnpike_streams_total`.
-pub const STREAM_ENDS: [&str; 6] = [
-    "done",
-    "no_usage",
-    "cut",
-    "client_gone",
-    "worker_gone",
-    "timeout",
-];
-
 const DURATION_BUCKETS: [f64; 19] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0, 60.0, 120.0,
@@ -79,7 +107,7 @@ const NO_AGENT_STATUSES: [&str; 9] = [
 /// `turnpike_auth_failures_total`'s reasons (`GatewayError::auth_failure_reason`).
 pub const AUTH_FAILURE_REASONS: [&str; 3] = ["missing", "invalid", "admin"];
 /// `turnpike_store_*{op}`: the Redis store's operations (the embedded store never fails).
-pub const STORE_OPS: [&str; 5] = ["key", "admit", "settle", "admin", "admin_once"];
+pub const STORE_OPS: [&str; 6] = ["key", "admit", "settle", "extend", "admin", "admin_once"];
 /// `turnpike_upstream_attempts_total`'s outcomes (`exchange`).
 pub const ATTEMPT_OUTCOMES: [&str; 5] = [
     "answered",
@@ -380,8 +408,8 @@ impl Metrics {
             self.tokens.with_label_values(&[agent, kind]);
         }
         self.cost.with_label_values(&[agent]);
-        for end in STREAM_ENDS {
-            self.streams.with_label_values(&[agent, end]);
+        for end in StreamEnd::ALL {
+            self.streams.with_label_values(&[agent, end.label()]);
         }
         self.insufficient_balance.with_label_values(&[agent]);
         for bucket in BucketKind::ALL {

@@ -85,7 +85,12 @@ pub fn run(
     let (store, store_runtime) = open_store(&process, &snapshot, &metrics)?;
     metrics.config_reloads.with_label_values(&["success"]).inc();
     metrics.config_last_success.set(unix_now());
-    let services = Arc::new(Services::new(snapshot, store, metrics));
+    let services = Arc::new(Services::new(
+        snapshot,
+        store,
+        metrics,
+        process.store.lease_grace,
+    ));
     let reloader = Arc::new(Reloader::new(
         Arc::clone(&services),
         sources,

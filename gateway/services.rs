@@ -20,10 +20,17 @@ pub struct Services {
     pub clock: Clock,
     /// Whether the gateway is draining, and what is in flight.
     pub lifecycle: Lifecycle,
+    /// `store.lease_grace`: how much longer than its pool's `timeout` a call is leased.
+    pub lease_grace: std::time::Duration,
 }
 
 impl Services {
-    pub fn new(snapshot: Snapshot, store: Arc<dyn Store>, metrics: Metrics) -> Self {
+    pub fn new(
+        snapshot: Snapshot,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+        lease_grace: std::time::Duration,
+    ) -> Self {
         metrics.config_generation.set(snapshot.generation as i64);
         zero_agents(&metrics, &snapshot.config);
         Self {
@@ -37,6 +44,7 @@ impl Services {
             metrics,
             upstreams: Upstreams::default(),
             clock: Clock::start(),
+            lease_grace,
         }
     }
 

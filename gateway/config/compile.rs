@@ -223,6 +223,7 @@ fn compile_trusted_proxies(specs: &[String], report: &mut Report) -> Vec<ipnet::
 /// Long enough for a busy Redis on a loaded machine; with one resend of a lost answer, a call
 /// waits at most twice this before the store counts as unavailable.
 const DEFAULT_STORE_TIMEOUT_MS: u64 = 250;
+const DEFAULT_LEASE_GRACE_MS: u64 = 60_000;
 
 fn compile_store(spec: StoreSpec, report: &mut Report) -> StoreConfig {
     let (urls, cluster) = match spec.url {
@@ -257,6 +258,7 @@ fn compile_store(spec: StoreSpec, report: &mut Report) -> StoreConfig {
     };
     let timeout = duration("timeout", spec.timeout, DEFAULT_STORE_TIMEOUT_MS);
     let key_cache_ttl = duration("key_cache_ttl", spec.key_cache_ttl, 1000);
+    let lease_grace = duration("lease_grace", spec.lease_grace, DEFAULT_LEASE_GRACE_MS);
     if spec.settlement_queue == Some(0) {
         report.error("store.settlement_queue", "must be a positive integer");
     }
@@ -267,6 +269,7 @@ fn compile_store(spec: StoreSpec, report: &mut Report) -> StoreConfig {
         on_unavailable: spec.on_unavailable,
         timeout,
         key_cache_ttl,
+        lease_grace,
         usage_stream_maxlen: spec.usage_stream_maxlen.unwrap_or(1_000_000),
         settlement_queue: spec.settlement_queue.unwrap_or(100_000),
         journal_dir: spec.journal_dir.map(|dir| beside_config(report, &dir)),

@@ -214,6 +214,9 @@ pub struct StoreConfig {
     pub on_unavailable: FailMode,
     pub timeout: Duration,
     pub key_cache_ttl: Duration,
+    /// How much longer than its pool's `timeout` a call's slots and reservation are leased,
+    /// so a lease never runs out under a call that is still being settled.
+    pub lease_grace: Duration,
     pub usage_stream_maxlen: u64,
     pub settlement_queue: usize,
     /// Where held settlements are journalled, resolved against the config file's directory.

@@ -129,6 +129,9 @@ pub struct StoreSpec {
     pub timeout: Option<String>,
     /// Redis only: how long a key lookup is cached per instance (default 1s).
     pub key_cache_ttl: Option<String>,
+    /// Redis only: how much longer than its pool's `timeout` a call holds its slots and
+    /// reservation when its instance dies without settling it (default 60s).
+    pub lease_grace: Option<String>,
     /// Redis only: the approximate length `turnpike:usage` is trimmed to.
     pub usage_stream_maxlen: Option<u64>,
     /// Redis only: settlements held while Redis is unreachable before new ones are dropped.

@@ -15,11 +15,6 @@ use crate::metrics::Metrics;
 use crate::services::{Services, Snapshot};
 use crate::store::CallStore;
 
-/// How much longer than its pool's timeout a call's slots and reservation are held, so a
-/// lease never runs out under a call that is still being settled. A stream renews its
-/// leases as it runs (`pipeline::stream`).
-const LEASE_GRACE_MS: u64 = 60_000;
-
 /// A call the store admitted: everything the rest of the pipeline needs.
 pub struct Admitted<'s> {
     pub caller: Caller<'s>,
@@ -37,7 +32,9 @@ pub async fn admit<'s>(
     ids: &CallIds,
 ) -> Result<Admitted<'s>, Refused> {
     let agent = &caller.route.agent;
-    let lease_ms = caller.route.pool.config.timeout.as_millis() as u64 + LEASE_GRACE_MS;
+    // A stream renews its leases as it runs (`OpenCall::lease_keeper`).
+    let lease = caller.route.pool.config.timeout + services.lease_grace;
+    let lease_ms = lease.as_millis() as u64;
     let admission = Admission {
         call_id: &ids.call_id,
         key_id: &caller.key.id,

@@ -11,10 +11,9 @@ use turnpike_core::keys::KeyRecord;
 use turnpike_core::trace::TraceParent;
 use turnpike_core::usage::Usage;
 
-use super::stream::End;
 use crate::config::Agent;
 use crate::error::GatewayError;
-use crate::metrics::NO_AGENT;
+use crate::metrics::{StreamEnd, NO_AGENT};
 
 pub struct RequestCtx {
     pub started: Instant,
@@ -68,7 +67,7 @@ pub struct StreamRecord {
     pub events: u64,
     /// From the call's start to the first byte the client was sent.
     pub first_byte: Duration,
-    pub end: End,
+    pub end: StreamEnd,
 }
 
 impl RequestCtx {

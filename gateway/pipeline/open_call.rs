@@ -1,8 +1,9 @@
 //! An admitted call's hold on the store — its reservation and concurrency slots — until it
 //! is settled, exactly once. [`OpenCall::settle`] consumes it; an `OpenCall` dropped
 //! unsettled (a panic, a cancelled task) settles itself in the background: released without
-//! a charge, or, when its settlement had begun, with that settlement's charge. No slot or
-//! reservation is ever kept by a call that is gone, and no charge is lost by a cut-short one.
+//! a charge, or with the charge it last knew (a running stream's, [`OpenCall::note`]; a
+//! settlement's that had begun). No slot or reservation is ever kept by a call that is gone,
+//! and no charge is lost by a cut-short one.
 
 use std::sync::Arc;
 
@@ -74,23 +75,29 @@ impl OpenCall {
     /// Settles the call as `bill` says, or, with nothing to bill, only releases it. Returns
     /// the usage recorded and what it was charged.
     pub async fn settle(mut self, bill: Bill, worker_status: u16) -> (Option<Usage>, i64) {
+        // Recorded first: were this future dropped while the store works, `drop` sends the
+        // same settlement again, and the store applies whichever arrives first, once.
+        self.note(bill, worker_status);
+        let settlement = self.hold.settlement(&self.charge, self.clock.now_ms());
+        self.store.settle(&settlement).await;
+        self.settled = true;
+        (self.charge.usage, self.charge.cost)
+    }
+
+    /// What the call would be charged were it dropped now: a running stream notes its usage
+    /// as it grows, so a stream cut short by a cancelled task is still charged it.
+    pub fn note(&mut self, bill: Bill, worker_status: u16) {
         let pricing = self.hold.agent.pricing.as_ref();
         let (usage, cost) = match bill {
             Bill::Nothing => (None, 0),
             Bill::Usage(usage) => (Some(usage), pricing.map_or(0, |p| cost(&usage, p))),
             Bill::Reserve => (Some(Usage::default()), pricing.map_or(0, |p| p.reserve)),
         };
-        // Recorded first: were this future dropped while the store works, `drop` sends the
-        // same settlement again, and the store applies whichever arrives first, once.
         self.charge = Charge {
             usage,
             cost,
             worker_status,
         };
-        let settlement = self.hold.settlement(&self.charge, self.clock.now_ms());
-        self.store.settle(&settlement).await;
-        self.settled = true;
-        (usage, cost)
     }
 }
 
@@ -103,32 +110,74 @@ impl OpenCall {
     /// A stream still running asks to hold `hold_to` in all and renews its leases (see
     /// [`CallStore::extend`]).
     pub async fn extend(&mut self, hold_to: i64) -> Result<Extended, StoreError> {
-        let hold = &self.hold;
         let extension = Extension {
-            call_id: &hold.call_id,
-            key_id: &hold.key.id,
-            account: &hold.key.account,
-            agent: &hold.agent.id,
-            key_policy: hold.key_policy.as_deref(),
-            agent_policy: hold.agent.policy.as_deref(),
-            reservation: hold.reservation,
-            priced: hold.agent.pricing.is_some(),
             hold_to,
             now_ms: self.clock.now_ms(),
-            lease_ms: hold.lease_ms,
+            ..self.hold.extension()
         };
         let extended = self.store.extend(&extension).await?;
         self.hold.reservation.reserve = self.hold.reservation.reserve.max(extended.held);
         Ok(extended)
     }
 
-    /// How long the store keeps the call's hold unless renewed.
-    pub fn lease(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.hold.lease_ms)
+    /// What renews the call's leases while a stream runs, apart from the stream's own work.
+    pub fn lease_keeper(&self) -> LeaseKeeper {
+        LeaseKeeper {
+            store: Arc::clone(&self.store),
+            clock: self.clock,
+            hold: self.hold.clone(),
+        }
+    }
+}
+
+/// Renews a running stream's leases at half their length, so none runs out under it (a
+/// networked store sweeps the holds and slots of calls whose instance died).
+pub struct LeaseKeeper {
+    store: Arc<dyn CallStore>,
+    clock: Clock,
+    hold: Hold,
+}
+
+impl LeaseKeeper {
+    /// Runs until dropped.
+    pub async fn keep(self) -> std::convert::Infallible {
+        // Never busier than ten times a second, however short the lease.
+        let every = std::time::Duration::from_millis(self.hold.lease_ms / 2)
+            .max(std::time::Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            let hold = &self.hold;
+            // A total of 0 grows nothing: only the leases are renewed.
+            let renewal = Extension {
+                hold_to: 0,
+                now_ms: self.clock.now_ms(),
+                ..hold.extension()
+            };
+            if let Err(error) = self.store.extend(&renewal).await {
+                tracing::warn!(request_id = %hold.request_id, %error, "could not renew a stream's leases");
+            }
+        }
     }
 }
 
 impl Hold {
+    /// This call's extension, holding nothing more, as of time 0.
+    fn extension(&self) -> Extension<'_> {
+        Extension {
+            call_id: &self.call_id,
+            key_id: &self.key.id,
+            account: &self.key.account,
+            agent: &self.agent.id,
+            key_policy: self.key_policy.as_deref(),
+            agent_policy: self.agent.policy.as_deref(),
+            reservation: self.reservation,
+            priced: self.agent.pricing.is_some(),
+            hold_to: 0,
+            now_ms: 0,
+            lease_ms: self.lease_ms,
+        }
+    }
+
     /// The settlement of this call: it gives back what admission took and charges `charge`
     /// (nothing, by default).
     fn settlement(&self, charge: &Charge, now_ms: u64) -> Settlement<'_> {

@@ -74,7 +74,8 @@ pub async fn send_answer(
 
 /// Writes a streamed answer's head: the worker's status and headers, the gateway's own,
 /// and no length: chunked over HTTP/1.1 (Pingora's HTTP/2 writer drops the header and
-/// frames the body itself). Sent at once, so the client's first byte waits for nothing.
+/// frames the body itself); to an HTTP/1.0 client, which knows no chunks, the answer ends
+/// when the connection closes. Sent at once, so the client's first byte waits for nothing.
 pub async fn send_stream_head(
     session: &mut Session,
     common: &Common<'_>,
@@ -82,7 +83,11 @@ pub async fn send_stream_head(
 ) -> pingora::Result<()> {
     let mut header = client_head(header, common)?;
     header.remove_header(&http::header::CONTENT_LENGTH);
-    header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    if session.req_header().version == http::Version::HTTP_10 {
+        session.set_keepalive(None);
+    } else {
+        header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    }
     within(
         common.write_timeout,
         session.write_response_header(header, false),

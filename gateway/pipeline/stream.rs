@@ -6,7 +6,8 @@
 //! relay loop    each whole event read, judged, written                  (one event held)
 //!               `event: session` before the first, when it names none
 //!               `on_exhaustion: cut`: the hold extended as usage grows
-//!               ends: worker done | client gone | idle or max_stream | cut | drain
+//!               ends: worker done | client gone | idle | cut | worker broke off
+//!               beside it: max_stream, the drain, the leases renewed (LeaseKeeper)
 //! worker        released to the pool (answer ended) or closed (cut short)
 //! settle        the running usage, or the reservation for a client gone without one
 //! last bytes    `[DONE]` (held back until settled) or `event: error`, then the end
@@ -29,6 +30,7 @@ use super::open_call::Bill;
 use super::reply::{self, Common};
 use crate::config::{ExhaustionRule, InvalidUsageRule};
 use crate::error::GatewayError;
+use crate::metrics::StreamEnd as End;
 use crate::services::Services;
 use crate::upstream::WorkerStream;
 
@@ -43,48 +45,36 @@ pub struct Streaming<'s> {
     pub worker: Box<WorkerStream>,
 }
 
-/// How a stream ended: the `end` label of `turnpike_streams_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// The worker ended it, with usage.
-    Done,
-    /// The worker ended it without usage: nothing charged.
-    NoUsage,
-    /// Its running usage exhausted the balance or the key's token bucket.
-    Cut,
-    ClientGone,
-    /// The worker broke off, sent an event too large, or a usage that is refused.
-    WorkerGone,
-    /// `stream_idle_timeout`, `max_stream`, or the drain's `shutdown_grace`.
-    Timeout,
-}
+/// How long a worker that sent `[DONE]` gets to end its answer before the relay ends it.
+const AFTER_DONE: Duration = Duration::from_secs(1);
+/// How long the worker's connection gets to go back to the pool, or close.
+const FINISH_LIMIT: Duration = Duration::from_secs(1);
+/// After a store error, how long a stream runs on before it asks the store again.
+const EXTEND_BACKOFF: Duration = Duration::from_secs(1);
 
-impl End {
-    pub fn label(self) -> &'static str {
-        match self {
-            End::Done => "done",
-            End::NoUsage => "no_usage",
-            End::Cut => "cut",
-            End::ClientGone => "client_gone",
-            End::WorkerGone => "worker_gone",
-            End::Timeout => "timeout",
-        }
-    }
-}
-
-/// Why the relay loop stopped, and the error event the client gets for it.
+/// Why the relay stopped, and the error event the client gets for it.
 struct Stop {
     end: End,
     error: Option<GatewayError>,
 }
 
 impl Stop {
+    fn quiet(end: End) -> Self {
+        Self { end, error: None }
+    }
+
     fn with(end: End, error: GatewayError) -> Self {
         Self {
             end,
             error: Some(error),
         }
     }
+}
+
+/// What ends a stream from outside its relay loop.
+enum Outside {
+    MaxStream,
+    Drain,
 }
 
 /// Relays the stream, settles it, and writes its last bytes. `Err` only when the client
@@ -108,40 +98,50 @@ pub async fn relay(
     let mut relay = Relay {
         services,
         admitted,
+        status,
         write_timeout: common.write_timeout,
         reader: EventReader::new(),
         reading: StreamReading::default(),
         session_named: false,
         held_done: None,
+        writing: false,
         client_ok: true,
         spend: Spend::default(),
         invalid_rule: pool.on_invalid_usage,
+        on_exhaustion: agent.on_exhaustion,
     };
-    let head = reply::send_stream_head(session, common, header).await;
-    let first_byte = started.elapsed();
-    services
-        .metrics
-        .stream_first_byte
-        .observe(first_byte.as_secs_f64());
     record.stream = Some(StreamRecord {
         events: 0,
-        first_byte,
+        first_byte: Duration::ZERO,
         end: End::ClientGone,
     });
-    let stop = match head {
+    let stop = match reply::send_stream_head(session, common, header).await {
         Ok(()) => {
-            let limits = (pool.stream_idle_timeout, pool.max_stream);
-            relay
-                .run(session, &mut worker, limits, agent.on_exhaustion)
-                .await
+            let first_byte = started.elapsed();
+            let metrics = &services.metrics;
+            metrics.stream_first_byte.observe(first_byte.as_secs_f64());
+            if let Some(stream) = record.stream.as_mut() {
+                stream.first_byte = first_byte;
+            }
+            let keeper = relay.admitted.open.lease_keeper();
+            let ends_at = tokio::time::Instant::now() + pool.max_stream;
+            let idle = pool.stream_idle_timeout;
+            let inside = tokio::select! {
+                biased;
+                () = services.lifecycle.streams_must_end() => Err(Outside::Drain),
+                () = tokio::time::sleep_until(ends_at) => Err(Outside::MaxStream),
+                never = keeper.keep() => match never {},
+                stop = relay.run(session, &mut worker, idle) => Ok(stop),
+            };
+            relay.last_word(inside)
         }
-        Err(_) => Stop {
-            end: End::ClientGone,
-            error: None,
-        },
+        Err(_) => {
+            relay.client_ok = false;
+            Stop::quiet(End::ClientGone)
+        }
     };
     // The worker first: a connection cut short closes now, so the agent can stop working.
-    worker.finish().await;
+    let _ = tokio::time::timeout(FINISH_LIMIT, worker.finish()).await;
     record.upstream_finished = Some(Instant::now());
     let bill = relay.bill(stop.end);
     let Relay {
@@ -162,7 +162,7 @@ pub async fn relay(
         .streams
         .with_label_values(&[&agent.id, stop.end.label()])
         .inc();
-    if stop.end == End::ClientGone || !client_ok {
+    if !client_ok {
         return pingora::Error::e_explain(
             pingora::ErrorType::ConnectionClosed,
             "the client went away during the stream",
@@ -184,90 +184,78 @@ pub async fn relay(
     reply::send_stream_bytes(session, common.write_timeout, last, true).await
 }
 
-/// The relay loop's state.
+/// The relay's state.
 struct Relay<'a, 's> {
     services: &'a Services,
     admitted: Admitted<'s>,
+    /// The worker's status, for the usage record.
+    status: u16,
     write_timeout: Duration,
     reader: EventReader,
     reading: StreamReading,
     /// Whether the client has learnt its session (from the worker's first event or ours).
     session_named: bool,
-    /// A `[DONE]` event, sent only once the stream is settled.
+    /// The worker's `[DONE]`, sent only once the stream is settled.
     held_done: Option<Bytes>,
-    /// False once a write to the client failed.
+    /// True while a write to the client is under way: one cut short leaves its framing
+    /// broken, so nothing more may be written.
+    writing: bool,
+    /// False once the client cannot be written to.
     client_ok: bool,
     spend: Spend,
     invalid_rule: InvalidUsageRule,
+    on_exhaustion: ExhaustionRule,
 }
 
 /// What `on_exhaustion: cut` knows of what the call may still spend.
 #[derive(Default)]
 struct Spend {
-    /// Whole tokens the key's bucket held at the last look; `None`: not looked yet.
-    tokens_left: Option<Option<i64>>,
+    /// The key's token bucket at the last look.
+    tokens: TokensSeen,
+    /// After a store error, no extension is asked for before this.
+    quiet_until: Option<Instant>,
+}
+
+#[derive(Default, Clone, Copy)]
+enum TokensSeen {
+    #[default]
+    NotLooked,
+    /// The key's policy has no enforced token bucket.
+    NoBucket,
+    Left(i64),
 }
 
 impl Relay<'_, '_> {
+    /// Reads and passes on events until the worker ends, the client leaves, the worker goes
+    /// quiet for `idle`, or the stream is cut.
     async fn run(
         &mut self,
         session: &mut Session,
         worker: &mut WorkerStream,
-        (idle, longest): (Duration, Duration),
-        on_exhaustion: ExhaustionRule,
+        idle: Duration,
     ) -> Stop {
-        let lifecycle = &self.services.lifecycle;
-        let ends_at = tokio::time::Instant::now() + longest;
-        // Leases are renewed at half their length, so none runs out under a live stream.
-        let renew_every = self.admitted.open.lease() / 2;
-        let mut renew_at = tokio::time::Instant::now() + renew_every;
         loop {
+            let wait = if self.held_done.is_some() {
+                idle.min(AFTER_DONE)
+            } else {
+                idle
+            };
             let read = tokio::select! {
                 biased;
-                read = timeout(idle, worker.read()) => read,
-                () = client_gone(session) => return Stop { end: End::ClientGone, error: None },
-                () = tokio::time::sleep_until(ends_at) => {
-                    return Stop::with(End::Timeout, GatewayError::UpstreamTimeout);
-                }
-                () = lifecycle.streams_must_end() => {
-                    return Stop::with(End::Timeout, GatewayError::UpstreamUnavailable);
-                }
-                () = tokio::time::sleep_until(renew_at) => {
-                    renew_at = tokio::time::Instant::now() + renew_every;
-                    let held = self.admitted.open.held();
-                    if let Err(error) = self.admitted.open.extend(held).await {
-                        tracing::warn!(%error, "could not renew a stream's leases");
-                    }
-                    continue;
-                }
+                () = client_gone(session) => return Stop::quiet(End::ClientGone),
+                read = timeout(wait, worker.read()) => read,
             };
             let bytes = match read {
                 Err(_) => return Stop::with(End::Timeout, GatewayError::UpstreamTimeout),
                 Ok(Err(_)) => {
                     return Stop::with(End::WorkerGone, GatewayError::UpstreamUnavailable)
                 }
-                Ok(Ok(None)) => {
-                    // A last event ended by a CR is whole only now.
-                    self.reader.close();
-                    while let Next::Event(event) = self.reader.next_event() {
-                        if let Some(stop) = self.pass_on(session, event, on_exhaustion).await {
-                            return stop;
-                        }
-                    }
-                    let end = if self.reading.running.is_some() {
-                        End::Done
-                    } else {
-                        End::NoUsage
-                    };
-                    return Stop { end, error: None };
-                }
+                Ok(Ok(None)) => return Stop::quiet(self.finished()),
                 Ok(Ok(Some(bytes))) => bytes,
             };
             self.reader.push(&bytes);
-            while let Next::Event(event) = self.reader.next_event() {
-                if let Some(stop) = self.pass_on(session, event, on_exhaustion).await {
-                    return stop;
-                }
+            if let Some(stop) = self.pass_on_whole_events(session).await {
+                return stop;
             }
             if self.reader.pending() > MAX_EVENT_BYTES {
                 tracing::warn!(
@@ -279,15 +267,53 @@ impl Relay<'_, '_> {
         }
     }
 
+    /// How a stream the worker ended, ended.
+    fn finished(&self) -> End {
+        if self.reading.running.is_some() {
+            End::Done
+        } else {
+            End::NoUsage
+        }
+    }
+
+    /// The stop, once the relay loop and what runs beside it are done. A stream whose worker
+    /// already sent `[DONE]` ended well whatever stopped it after; a write cut short by the
+    /// drain or `max_stream` leaves nothing more to say to the client.
+    fn last_word(&mut self, inside: Result<Stop, Outside>) -> Stop {
+        let stop = match inside {
+            Ok(stop) => stop,
+            Err(_) if self.writing => {
+                self.client_ok = false;
+                Stop::quiet(End::Timeout)
+            }
+            Err(Outside::MaxStream) => Stop::with(End::Timeout, GatewayError::UpstreamTimeout),
+            Err(Outside::Drain) => Stop::with(End::Timeout, GatewayError::UpstreamUnavailable),
+        };
+        match stop.end {
+            End::ClientGone => {
+                self.client_ok = false;
+                stop
+            }
+            _ if self.held_done.is_some() && self.client_ok => Stop::quiet(self.finished()),
+            _ => stop,
+        }
+    }
+
+    /// Passes on every whole event read so far; `Some` when the stream must stop.
+    async fn pass_on_whole_events(&mut self, session: &mut Session) -> Option<Stop> {
+        while let Next::Event(event) = self.reader.next_event() {
+            if let Some(stop) = self.pass_on(session, event).await {
+                return Some(stop);
+            }
+        }
+        None
+    }
+
     /// Reads one event and writes it to the client; `Some` when the stream must stop.
-    async fn pass_on(
-        &mut self,
-        session: &mut Session,
-        event: Event,
-        on_exhaustion: ExhaustionRule,
-    ) -> Option<Stop> {
+    async fn pass_on(&mut self, session: &mut Session, event: Event) -> Option<Stop> {
         let news = self.reading.read(&event);
-        if !self.session_named {
+        // The first event with data decides: does the client learn its session from it?
+        if !self.session_named && event.data.is_some() {
             self.session_named = true;
             if !news.names_session {
                 let named = session_event(&self.admitted.chat.session_id);
@@ -296,37 +322,44 @@ impl Relay<'_, '_> {
                 }
             }
         }
-        if let Some(problem) = news.invalid {
-            if let Some(stop) = self.invalid_usage(problem) {
-                return Some(stop);
-            }
-        }
-        if news.usage && on_exhaustion == ExhaustionRule::Cut {
-            if let Some(error) = self.exhausted().await {
-                return Some(Stop::with(End::Cut, error));
-            }
+        if news.usage || news.invalid.is_some() {
+            let bill = self.bill(End::Done);
+            self.admitted.open.note(bill, self.status);
         }
         if event.data.as_deref() == Some("[DONE]") {
             self.held_done = Some(event.raw);
             return None;
         }
-        self.write(session, event.raw).await
+        if let Some(stop) = self.write(session, event.raw).await {
+            return Some(stop);
+        }
+        if let Some(problem) = news.invalid {
+            if let Some(stop) = self.invalid_usage(problem) {
+                return Some(stop);
+            }
+        }
+        if news.usage && self.on_exhaustion == ExhaustionRule::Cut {
+            if let Some(error) = self.exhausted().await {
+                return Some(Stop::with(End::Cut, error));
+            }
+        }
+        None
     }
 
     async fn write(&mut self, session: &mut Session, bytes: Bytes) -> Option<Stop> {
+        self.writing = true;
         let written = reply::send_stream_bytes(session, self.write_timeout, bytes, false).await;
+        self.writing = false;
         if written.is_err() {
             self.client_ok = false;
-            return Some(Stop {
-                end: End::ClientGone,
-                error: None,
-            });
+            return Some(Stop::quiet(End::ClientGone));
         }
         None
     }
 
     /// A `usage` that is wrong is counted; under `on_invalid_usage: reject` it ends the
-    /// stream (nothing charged), under `charge_reserve` the stream goes on.
+    /// stream, under `charge_reserve` the stream goes on. Either way the stream is never
+    /// free (see [`Self::bill`]).
     fn invalid_usage(&mut self, problem: UsageProblem) -> Option<Stop> {
         let metrics = &self.services.metrics;
         let agent = self.admitted.caller.route.agent.id.as_str();
@@ -348,47 +381,45 @@ impl Relay<'_, '_> {
 
     /// Under `on_exhaustion: cut`, whether the running usage has exhausted the account (its
     /// hold cannot grow to cover it) or the key's token bucket: the error the stream ends
-    /// with. The store is asked only when the hold must grow, or the bucket may be empty.
+    /// with. The store is asked only when the hold must grow (then by as much again, so a
+    /// stream asks a handful of times in all) or the bucket may be empty.
     async fn exhausted(&mut self) -> Option<GatewayError> {
         let usage = self.reading.running?;
-        let route = self.admitted.caller.route;
-        let pricing = route.agent.pricing.as_ref();
+        let caller = &self.admitted.caller;
+        let pricing = caller.route.agent.pricing.as_ref();
         let running_cost = pricing.map_or(0, |p| cost(&usage, p));
         let open = &mut self.admitted.open;
-        let tokens_bucket = self
-            .admitted
-            .caller
-            .key_policy
-            .as_deref()
-            .and_then(|p| p.tokens);
         let must_grow = running_cost > open.held();
-        let may_be_empty = match self.spend.tokens_left {
-            None => tokens_bucket.is_some(),
-            Some(left) => left.is_some_and(|left| usage.total_tokens as i64 > left),
+        let may_be_empty = match self.spend.tokens {
+            TokensSeen::NotLooked => true,
+            TokensSeen::NoBucket => false,
+            TokensSeen::Left(left) => usage.total_tokens as i64 > left,
         };
-        if !must_grow && !may_be_empty {
+        let quiet = self.spend.quiet_until.is_some_and(|t| Instant::now() < t);
+        if !(must_grow || may_be_empty) || quiet {
             return None;
         }
-        // One reservation's headroom beyond the running cost, so the next events need no
-        // store call.
-        let hold_to = running_cost.saturating_add(pricing.map_or(0, |p| p.reserve));
-        let extended = match open.extend(hold_to.max(open.held())).await {
+        let headroom = running_cost.max(pricing.map_or(0, |p| p.reserve));
+        let extended = match open.extend(running_cost.saturating_add(headroom)).await {
             Ok(extended) => extended,
             Err(error) => {
-                // The store cannot say: the stream runs on (as `finish` would), charged in full.
+                // The store cannot say: the stream runs on (as under `finish`), charged in full.
                 tracing::warn!(%error, "could not extend a stream's hold; it runs on");
+                self.spend.quiet_until = Some(Instant::now() + EXTEND_BACKOFF);
                 return None;
             }
         };
-        self.spend.tokens_left = Some(extended.tokens_left);
+        self.spend.tokens = extended
+            .tokens_left
+            .map_or(TokensSeen::NoBucket, TokensSeen::Left);
         if extended.held < running_cost {
             return Some(GatewayError::InsufficientBalance);
         }
-        match (extended.tokens_left, tokens_bucket) {
+        let policy = caller.key_policy.as_deref()?;
+        match (extended.tokens_left, policy.tokens) {
             (Some(left), Some(spec)) if usage.total_tokens as i64 > left => {
                 let deficit = (usage.total_tokens as i64 - left) as u128 * spec.period_ms as u128;
                 let wait_ms = deficit.div_ceil(spec.rate.max(1) as u128) as u64;
-                let policy = self.admitted.caller.key_policy.as_deref()?;
                 Some(GatewayError::RateLimited {
                     bucket: BucketKind::Tokens,
                     rule: turnpike_core::admission::rule_text(BucketKind::Tokens, policy),
@@ -399,17 +430,24 @@ impl Relay<'_, '_> {
         }
     }
 
-    /// What the call is charged, by how the stream ended.
+    /// What the call is charged, by how the stream ended: its running usage; at least the
+    /// reservation when a usage it sent was wrong (a stream already under way cannot be
+    /// refused whole, so it is never free); the reservation for a client gone before any
+    /// usage; nothing for a stream that ended without usage.
     fn bill(&self, end: End) -> Bill {
-        let priced = self.admitted.caller.route.agent.pricing.is_some();
-        match (self.reading.invalid, self.reading.running, end) {
-            (Some(_), _, _) => match self.invalid_rule {
-                InvalidUsageRule::Reject => Bill::Nothing,
-                InvalidUsageRule::ChargeReserve => Bill::Reserve,
-            },
+        let pricing = self.admitted.caller.route.agent.pricing.as_ref();
+        let reserve = pricing.map_or(0, |p| p.reserve);
+        let running = self.reading.running;
+        let at_least_reserve = |usage| match pricing {
+            Some(p) if cost(&usage, p) < reserve => Bill::Reserve,
+            _ => Bill::Usage(usage),
+        };
+        match (self.reading.invalid, running, end) {
+            (Some(_), Some(usage), _) => at_least_reserve(usage),
+            (Some(_), None, _) => Bill::Reserve,
             (None, Some(usage), _) => Bill::Usage(usage),
             // An abandoned stream is never free: what it held, when it reported nothing.
-            (None, None, End::ClientGone) if priced => Bill::Reserve,
+            (None, None, End::ClientGone) if reserve > 0 => Bill::Reserve,
             (None, None, _) => Bill::Nothing,
         }
     }

@@ -124,9 +124,10 @@ pub trait CallStore: Send + Sync {
     fn quota(&self, call: &Admission<'_>) -> Option<Quota>;
 
     /// A stream still running (SPEC §5): grows the call's hold towards `hold_to` as far as
-    /// the account has free, renews the leases of its hold and slots so none expires under
-    /// it, and reads the key's token bucket. One round trip; a call already settled gets
-    /// nothing more.
+    /// the account has free (a total: asking twice takes nothing more), renews the leases of
+    /// its hold and slots so none expires under it, and reads the key's token bucket. A
+    /// round trip per side (one on a single Redis server). Asked only for a call not yet
+    /// settled; the embedded store gives a settled call nothing.
     async fn extend(&self, call: &Extension<'_>) -> Result<Extended, StoreError>;
 
     /// Releases the call's reservation and slots, debits cost and token buckets, and records

@@ -266,6 +266,11 @@ fn a_stream_that_outspends_its_account_is_cut_and_charged_what_it_used() {
     let error = until_error(&events);
     assert_eq!(error["error"]["code"], "insufficient_balance");
     assert_eq!(error["error"]["status"], 402);
+    // The event that went over reached the client before the error.
+    let over = &events[events.len() - 2].json()["usage"];
+    let over_cost =
+        over["input_tokens"].as_i64().unwrap() + 2 * over["output_tokens"].as_i64().unwrap();
+    assert!(over_cost > 1_000, "{over}");
     assert!(deltas(&events).len() < 40);
     wait_until(Duration::from_secs(3), "the worker is closed", || {
         !w.hang_ups().is_empty()
@@ -458,4 +463,107 @@ fn two_hundred_concurrent_streams_fit_in_bounded_memory() {
         &[("agent", AGENT), ("end", "done")],
         200.0,
     );
+}
+
+#[test]
+fn a_worker_that_keeps_its_stream_open_after_done_still_ends_it_well() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let script = Script::stream(2, 10).linger();
+    let call = StreamCall::open(gw.port(), AGENT, gw.jane(), &body(&script));
+    let sent_at = call.sent_at;
+    let (events, ended) = call.all();
+    assert!(ended);
+    assert_eq!(events.last().unwrap().data, "[DONE]", "{events:?}");
+    assert!(sent_at.elapsed() < Duration::from_secs(5));
+    gw.wait_metric(
+        "turnpike_streams_total",
+        &[("agent", AGENT), ("end", "done")],
+        1.0,
+    );
+    assert_eq!(gw.usage_after("account=acct_jane", 1).total_tokens, 77);
+}
+
+#[test]
+fn a_wrong_usage_after_good_ones_ends_the_stream_and_is_never_free() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .balance(1_000)
+        .reserve(50)
+        .start();
+    // Deltas carry good running usage (45 in, up to 32 out); the final usage is negative.
+    let script = Script::stream(3, 10)
+        .running_usage()
+        .and_bad_usage(BadUsage::Negative);
+    let (events, ended) = StreamCall::open(gw.port(), AGENT, gw.jane(), &body(&script)).all();
+    assert!(ended);
+    let error = until_error(&events);
+    assert_eq!(error["error"]["code"], "upstream_invalid_usage");
+    // Charged the good running usage (45 + 2 × 32), which is more than the reservation.
+    assert_eq!(gw.settled_balance("acct_jane").balance, 1_000 - 109);
+    // Without any good usage first, the reservation.
+    let script = Script::stream(1, 0).and_bad_usage(BadUsage::Negative);
+    StreamCall::open(gw.port(), AGENT, gw.jane(), &body(&script)).all();
+    gw.usage_after("account=acct_jane", 2);
+    assert_eq!(gw.settled_balance("acct_jane").balance, 1_000 - 109 - 50);
+}
+
+#[test]
+fn an_http10_client_gets_the_stream_until_the_connection_closes() {
+    use std::io::{Read, Write};
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).start();
+    let body = body(&Script::stream(3, 10)).to_string();
+    let request = format!(
+        "POST {} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        crate::support::chat_path(AGENT),
+        gw.jane(),
+        body.len()
+    );
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, rest) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1."), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert!(rest.starts_with("data: "), "no chunk sizes: {rest:?}");
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest:?}");
+}
+
+#[test]
+fn a_stream_keeps_its_slot_and_reservation_past_its_first_lease() {
+    let w = Worker::start("w1");
+    // Leased for 300 ms + 700 ms: on Redis the lease runs out after a second unless renewed.
+    let gw = TestGateway::builder()
+        .worker(&w)
+        .timeout("300ms")
+        .reserve(70)
+        .policy(
+            "one",
+            json!({"requests": {"rate": 1000, "per": "1s"}, "concurrency": 1}),
+        )
+        .key_policy("one")
+        .config(|c| c["store"]["lease_grace"] = json!("700ms"))
+        .start();
+    let mut call = StreamCall::open(gw.port(), AGENT, gw.jane(), &body(&Script::stream(30, 100)));
+    call.next_event().expect("an event");
+    std::thread::sleep(Duration::from_millis(2_000));
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(429);
+    assert_eq!(
+        gw.balance("acct_jane").reserved,
+        70,
+        "the reservation is still held"
+    );
+    let (events, ended) = call.all();
+    assert!(ended);
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
 }

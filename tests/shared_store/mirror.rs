@@ -277,6 +277,7 @@ async fn run(store: &dyn Store, prefix: &str) -> Vec<(String, Vec<Decision>, Opt
 /// A Redis store on `urls` (a Cluster's seed nodes when `cluster`), and the runtime it runs on.
 fn connect(urls: Vec<String>, cluster: bool) -> (tokio::runtime::Runtime, Arc<RedisStore>) {
     let config = StoreConfig {
+        lease_grace: std::time::Duration::from_secs(60),
         kind: StoreKind::Redis,
         cluster,
         urls,

@@ -5,7 +5,9 @@
 //!
 //! A line ends with CRLF, LF or CR; an event ends with an empty line. Lines starting with
 //! `:` are comments. `data` lines add up, joined with `\n`. A CR that is the last byte read
-//! may be the first half of a CRLF, so it waits for the next read (or the stream's end).
+//! ends its line at once; a LF that follows it in the next read is the rest of that line
+//! ending (and is passed on with the next event's bytes). A byte-order mark that starts the
+//! stream is not part of its first field.
 
 use bytes::{Bytes, BytesMut};
 
@@ -29,8 +31,10 @@ pub struct EventReader {
     /// Where the line under scan starts: the bytes before it are whole lines of the event
     /// being read, so a new read resumes there rather than at the event's start.
     line_start: usize,
-    /// The stream has ended: a CR read last is a whole line ending.
-    closed: bool,
+    /// The last line ended with a CR read last: a LF that comes next belongs to it.
+    after_cr: bool,
+    /// No event has been cut yet: a byte-order mark may start the stream.
+    at_start: bool,
 }
 
 /// What the bytes read so far hold.
@@ -43,17 +47,15 @@ pub enum Next {
 
 impl EventReader {
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            at_start: true,
+            ..Self::default()
+        }
     }
 
     /// Adds bytes read from the worker.
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
-    }
-
-    /// The stream has ended: no more bytes will come, so a CR read last ends its line.
-    pub fn close(&mut self) {
-        self.closed = true;
     }
 
     /// Bytes held that are not yet a whole event.
@@ -64,6 +66,16 @@ impl EventReader {
     /// The next whole event, if the bytes pushed so far hold one.
     pub fn next_event(&mut self) -> Next {
         let mut at = self.line_start;
+        if self.after_cr {
+            let Some(&next) = self.buf.get(at) else {
+                return Next::NeedMore;
+            };
+            self.after_cr = false;
+            if next == b'\n' {
+                at += 1;
+                self.line_start = at;
+            }
+        }
         loop {
             let Some(offset) = self.buf[at..]
                 .iter()
@@ -78,11 +90,10 @@ impl EventReader {
                 _ => match self.buf.get(end_of_line + 1) {
                     Some(b'\n') => 2,
                     Some(_) => 1,
-                    None if self.closed => 1,
-                    // A CR last: it may be half a CRLF.
+                    // A CR last: its line has ended, whatever comes next.
                     None => {
-                        self.line_start = at;
-                        return Next::NeedMore;
+                        self.after_cr = true;
+                        1
                     }
                 },
             };
@@ -91,25 +102,28 @@ impl EventReader {
             if empty_line {
                 self.line_start = 0;
                 let raw = self.buf.split_to(at).freeze();
-                return Next::Event(read_fields(raw));
+                let bom = std::mem::take(&mut self.at_start) && raw.starts_with(BOM);
+                return Next::Event(read_fields(raw, if bom { BOM.len() } else { 0 }));
             }
         }
     }
 
-    /// At the stream's end (after [`Self::close`] and the events it let out): the bytes of
-    /// an event it never finished (dropped by a client's parser, as by this one), to be
-    /// passed on as they are.
+    /// At the stream's end: the bytes of an event it never finished (dropped by a client's
+    /// parser, as by this one), to be passed on as they are.
     pub fn finish(&mut self) -> Bytes {
         self.line_start = 0;
         self.buf.split().freeze()
     }
 }
 
-/// The fields of one whole event.
-fn read_fields(raw: Bytes) -> Event {
+/// The UTF-8 byte-order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The fields of one whole event, read from `skip` on.
+fn read_fields(raw: Bytes, skip: usize) -> Event {
     let mut name = None;
     let mut data: Option<String> = None;
-    for line in lines(&raw) {
+    for line in lines(&raw[skip..]) {
         if line.is_empty() || line[0] == b':' {
             continue;
         }
@@ -234,10 +248,6 @@ mod tests {
                 out.push(event);
             }
         }
-        reader.close();
-        while let Next::Event(event) = reader.next_event() {
-            out.push(event);
-        }
         (out, reader.finish())
     }
 
@@ -255,14 +265,33 @@ mod tests {
         let (got, _) = events(&["data: 1\r", "\n\r", "\ndata: 2\r\rdata: 3\n\n"]);
         let data: Vec<_> = got.iter().map(|e| e.data.clone().unwrap()).collect();
         assert_eq!(data, ["1", "2", "3"]);
-        assert_eq!(&got[0].raw[..], b"data: 1\r\n\r\n");
+        assert_eq!(&got[0].raw[..], b"data: 1\r\n\r");
+        assert_eq!(&got[1].raw[..], b"\ndata: 2\r\r", "a CRLF cut after its CR");
     }
 
     #[test]
-    fn a_cr_read_last_ends_its_line_once_the_stream_has_ended() {
-        let (got, rest) = events(&["data: 1\r\r"]);
-        assert_eq!(got.len(), 1);
-        assert!(rest.is_empty());
+    fn a_cr_read_last_ends_its_line_at_once_and_a_lf_after_it_joins_it() {
+        let (got, rest) = events(&["data: 1\r\r", "\ndata: 2\r", "\n\r", "\n"]);
+        let data: Vec<_> = got.iter().map(|e| e.data.clone().unwrap()).collect();
+        assert_eq!(data, ["1", "2"]);
+        assert_eq!(
+            &rest[..],
+            b"\n",
+            "the last LF stays behind, passed on at the end"
+        );
+        let (got, _) = events(&["data: 3\r", "\r"]);
+        assert_eq!(
+            got[0].data.as_deref(),
+            Some("3"),
+            "dispatched before any next read"
+        );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_field() {
+        let (got, _) = events(&["\u{feff}data: a\n\n\u{feff}data: b\n\n"]);
+        assert_eq!(got[0].data.as_deref(), Some("a"));
+        assert_eq!(got[1].data, None, "only the stream's first");
     }
 
     #[test]

@@ -19,7 +19,7 @@ impl RedisStore {
             let reply: Vec<i64> = self
                 .link
                 .invoke_within(
-                    Op::Admit,
+                    Op::Extend,
                     self.link.timeout,
                     &self.extend_script,
                     &invocation,

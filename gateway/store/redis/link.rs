@@ -27,6 +27,8 @@ pub enum Op {
     Key,
     Admit,
     Settle,
+    /// A running stream's hold and leases.
+    Extend,
     /// The operator's reads and idempotent writes (`SET`, `HSET`, `SADD`, `DEL`).
     Admin,
     /// The operator's changes that must not be sent twice (a balance `add`, a `SET NX`).
@@ -34,13 +36,21 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 5] = [Op::Key, Op::Admit, Op::Settle, Op::Admin, Op::AdminOnce];
+    const ALL: [Op; 6] = [
+        Op::Key,
+        Op::Admit,
+        Op::Settle,
+        Op::Extend,
+        Op::Admin,
+        Op::AdminOnce,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Op::Key => "key",
             Op::Admit => "admit",
             Op::Settle => "settle",
+            Op::Extend => "extend",
             Op::Admin | Op::AdminOnce => "admin",
         }
     }
@@ -48,7 +58,8 @@ impl Op {
     /// Whether sending the operation twice has the effect of sending it once: reads and
     /// idempotent writes; settlement, whose scripts mark each call id done; and admission,
     /// whose script takes nothing twice for a call id that holds a reservation or a slot (a
-    /// call that holds neither may lose one more request token, never more).
+    /// call that holds neither may lose one more request token, never more); an extension,
+    /// which asks for a total, not an increment.
     fn resend_safe(self) -> bool {
         !matches!(self, Op::AdminOnce)
     }
@@ -182,7 +193,7 @@ pub struct Link {
     /// Milliseconds since `epoch` until which Redis counts as down (0: up).
     down_until_ms: AtomicU64,
     epoch: Instant,
-    ops: [OpMetrics; 5],
+    ops: [OpMetrics; 6],
 }
 
 impl Link {

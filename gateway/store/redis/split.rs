@@ -94,8 +94,9 @@ fn group<'a>(
 }
 
 /// The extension scripts (extend.lua) for a running stream, one per side: the hold and the
-/// key's scope with the account, the agent's slot in its own slot on a Cluster. A side with
-/// nothing to do is left out.
+/// key's scope with the account, the agent's slot in its own slot on a Cluster. A scope that
+/// holds no slot and whose tokens are not read, and a side left with nothing to do, are
+/// left out.
 pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
     let scopes = limited(
         call.account,
@@ -104,8 +105,21 @@ pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
         call.key_policy,
         call.agent_policy,
     );
+    let holds_slot = |scope: Scope| match scope {
+        Scope::Key => call.reservation.key_slot,
+        Scope::Agent => call.reservation.agent_slot,
+    };
+    let reads_tokens = |s: &Limited| s.scope == Scope::Key && s.policy.mode == Mode::Enforce;
     group(plan, call.priced, scopes)
         .into_iter()
+        .map(|(priced, scopes)| {
+            let scopes: Vec<Limited> = scopes
+                .into_iter()
+                .filter(|s| holds_slot(s.scope) || reads_tokens(s))
+                .collect();
+            (priced, scopes)
+        })
+        .filter(|(priced, scopes)| *priced || !scopes.is_empty())
         .map(|(priced, scopes)| {
             let mut keys = Vec::with_capacity(2 + 2 * scopes.len());
             let mut args = vec![
@@ -121,18 +135,13 @@ pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
             }
             for s in &scopes {
                 keys.extend(s.limiter.keys());
-                let holds_slot = match s.scope {
-                    Scope::Key => call.reservation.key_slot,
-                    Scope::Agent => call.reservation.agent_slot,
-                };
-                let read_tokens = s.scope == Scope::Key && s.policy.mode == Mode::Enforce;
                 let (rate, period, burst) = s
                     .policy
                     .tokens
                     .map_or((0, 0, 0), |b| (b.rate, b.period_ms, b.burst));
                 args.extend([
-                    flag(holds_slot),
-                    flag(read_tokens),
+                    flag(holds_slot(s.scope)),
+                    flag(reads_tokens(s)),
                     rate.to_string(),
                     period.to_string(),
                     burst.to_string(),

@@ -84,6 +84,8 @@ pub struct StreamScript {
     pub running_usage: bool,
     /// After the deltas, sends nothing more and keeps the connection open.
     pub stall: bool,
+    /// After `[DONE]`, keeps the answer open instead of ending it.
+    pub linger: bool,
 }
 
 impl Script {
@@ -166,6 +168,14 @@ impl Script {
         self
     }
 
+    /// The stream stays open after its `[DONE]`.
+    pub fn linger(mut self) -> Self {
+        if let Some(stream) = self.stream.as_mut() {
+            stream.linger = true;
+        }
+        self
+    }
+
     /// The stream stalls after its deltas.
     pub fn stall(mut self) -> Self {
         if let Some(stream) = self.stream.as_mut() {
@@ -227,15 +237,15 @@ impl Script {
                         ..StreamScript::default()
                     });
                 }
-                "runningusage" | "stall" => {
+                "runningusage" | "stall" | "linger" => {
                     let stream = script
                         .stream
                         .as_mut()
                         .ok_or(format!("{word}: only after 'stream'"))?;
-                    if word == "stall" {
-                        stream.stall = true;
-                    } else {
-                        stream.running_usage = true;
+                    match word {
+                        "stall" => stream.stall = true,
+                        "linger" => stream.linger = true,
+                        _ => stream.running_usage = true,
                     }
                 }
                 "nosession" => script.no_session = true,
@@ -293,6 +303,9 @@ impl fmt::Display for Script {
             if stream.stall {
                 f.write_str(" stall")?;
             }
+            if stream.linger {
+                f.write_str(" linger")?;
+            }
         }
         match self.ending {
             Some(Ending::Close) => f.write_str(" close"),
@@ -318,6 +331,7 @@ fn scripts_read_back_as_written_and_unknown_words_are_refused() {
             .running_usage()
             .stall()
             .and_usage(5, 6),
+        Script::stream(1, 0).linger(),
         Script::default(),
     ];
     for script in scripts {

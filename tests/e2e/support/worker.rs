@@ -386,7 +386,14 @@ fn write_stream(
             return false;
         }
     }
-    send(out, "[DONE]") && out.write_all(b"0\r\n\r\n").is_ok() && out.flush().is_ok()
+    if !send(out, "[DONE]") {
+        return false;
+    }
+    if stream.linger {
+        think(out, Duration::from_secs(120), shared);
+        return false;
+    }
+    out.write_all(b"0\r\n\r\n").is_ok() && out.flush().is_ok()
 }
 
 /// Thinks for `time` while watching the connection, as an agent that stops working when its

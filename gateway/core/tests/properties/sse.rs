@@ -123,15 +123,25 @@ proptest! {
                 got.push(event);
             }
         }
-        reader.close();
-        while let Next::Event(event) = reader.next_event() {
-            got.push(event);
-        }
         let tail = reader.finish();
+        // A CRLF cut after its CR: the CR ended the line at once, and the LF travels with
+        // the next event's bytes (or stays behind at the end). Moved back, each event's
+        // bytes are exactly what was written.
+        let mut raws: Vec<Vec<u8>> = got.iter().map(|e| e.raw.to_vec()).collect();
+        raws.push(tail.to_vec());
+        for i in 1..raws.len() {
+            if raws[i].first() == Some(&b'\n') && raws[i - 1].last() == Some(&b'\r')
+                && written[i - 1].0.ends_with("\r\n")
+            {
+                raws[i].remove(0);
+                raws[i - 1].push(b'\n');
+            }
+        }
+        let tail = raws.pop().unwrap_or_default();
         prop_assert!(tail.is_empty(), "every event was whole: {:?}", tail);
         prop_assert_eq!(got.len(), written.len());
-        for (event, (text, data, name)) in got.iter().zip(&written) {
-            prop_assert_eq!(&event.raw[..], text.as_bytes());
+        for ((event, raw), (text, data, name)) in got.iter().zip(&raws).zip(&written) {
+            prop_assert_eq!(&raw[..], text.as_bytes());
             prop_assert_eq!(&event.data, data);
             prop_assert_eq!(&event.name, name);
         }
@@ -147,10 +157,6 @@ proptest! {
             while let Next::Event(event) = reader.next_event() {
                 out.extend_from_slice(&event.raw);
             }
-        }
-        reader.close();
-        while let Next::Event(event) = reader.next_event() {
-            out.extend_from_slice(&event.raw);
         }
         out.extend_from_slice(&reader.finish());
         prop_assert_eq!(out, bytes);

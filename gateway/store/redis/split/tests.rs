@@ -249,3 +249,53 @@ fn combining_sides_decides_as_one_store_would() {
     assert_eq!(ok.reservation.reserve, 10);
     assert_eq!(ok.quota.unwrap().remaining, 0, "the tightest quota");
 }
+
+fn extension<'a>(
+    key: Option<&'a Policy>,
+    agent: Option<&'a Policy>,
+    priced: bool,
+    reservation: Reservation,
+) -> Extension<'a> {
+    Extension {
+        call_id: "c1",
+        key_id: "k1",
+        account: "acct",
+        agent: "ag_x",
+        key_policy: key,
+        agent_policy: agent,
+        reservation,
+        priced,
+        hold_to: 0,
+        now_ms: 0,
+        lease_ms: 1000,
+    }
+}
+
+#[test]
+fn an_extension_asks_only_the_sides_that_hold_something() {
+    let with_slot = limited_policy(Some(2));
+    let both_slots = Reservation {
+        reserve: 10,
+        key_slot: true,
+        agent_slot: true,
+    };
+    let call = extension(Some(&with_slot), Some(&with_slot), true, both_slots);
+    // One server: one script, the account and both scopes.
+    let single = extend_sides(&call, Plan::Single);
+    assert_eq!(single.len(), 1);
+    assert_eq!(single[0].keys.len(), 2 + 2 * 2);
+    // A Cluster: the agent's slot on its own side.
+    let cluster = extend_sides(&call, Plan::Cluster);
+    assert_eq!(cluster.len(), 2);
+    assert!(cluster[1].keys.iter().all(|k| k.contains("{agent:ag_x}")));
+    // An agent scope holding no slot reads nothing and renews nothing: no second trip.
+    let key_slot_only = Reservation {
+        agent_slot: false,
+        ..both_slots
+    };
+    let call = extension(Some(&with_slot), Some(&with_slot), true, key_slot_only);
+    assert_eq!(extend_sides(&call, Plan::Cluster).len(), 1);
+    // A free call with no slots: nothing to ask at all.
+    let call = extension(None, Some(&with_slot), false, Reservation::default());
+    assert!(extend_sides(&call, Plan::Cluster).is_empty());
+}
