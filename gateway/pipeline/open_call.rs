@@ -139,13 +139,13 @@ pub struct LeaseKeeper {
 }
 
 impl LeaseKeeper {
-    /// Runs until dropped.
+    /// Runs until dropped. The first renewal is at once: the lease began at admission, and
+    /// the stream's head may have taken most of it.
     pub async fn keep(self) -> std::convert::Infallible {
         // Never busier than ten times a second, however short the lease.
         let every = std::time::Duration::from_millis(self.hold.lease_ms / 2)
             .max(std::time::Duration::from_millis(100));
         loop {
-            tokio::time::sleep(every).await;
             let hold = &self.hold;
             // A total of 0 grows nothing: only the leases are renewed.
             let renewal = Extension {
@@ -153,9 +153,16 @@ impl LeaseKeeper {
                 now_ms: self.clock.now_ms(),
                 ..hold.extension()
             };
-            if let Err(error) = self.store.extend(&renewal).await {
-                tracing::warn!(request_id = %hold.request_id, %error, "could not renew a stream's leases");
+            match self.store.extend(&renewal).await {
+                Ok(renewed) if renewed.held == 0 && hold.reservation.reserve > 0 => {
+                    tracing::warn!(request_id = %hold.request_id, "a stream's hold was gone when its lease was renewed");
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(request_id = %hold.request_id, %error, "could not renew a stream's leases");
+                }
             }
+            tokio::time::sleep(every).await;
         }
     }
 }

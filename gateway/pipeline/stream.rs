@@ -20,7 +20,9 @@ use tokio::time::timeout;
 
 use turnpike_core::billing::cost;
 use turnpike_core::limits::BucketKind;
-use turnpike_core::sse::{error_event, session_event, Event, EventReader, Next, StreamReading};
+use turnpike_core::sse::{
+    error_event, session_event, Event, EventReader, Next, StreamReading, BOM,
+};
 use turnpike_core::usage::UsageProblem;
 
 use super::admit::Admitted;
@@ -104,6 +106,7 @@ pub async fn relay(
         reading: StreamReading::default(),
         session_named: false,
         held_done: None,
+        done_by: None,
         writing: false,
         client_ok: true,
         spend: Spend::default(),
@@ -123,6 +126,9 @@ pub async fn relay(
             if let Some(stream) = record.stream.as_mut() {
                 stream.first_byte = first_byte;
             }
+            // Billed from now on even if this task is cut short: a client gone, until usage.
+            let abandoned = relay.bill(End::ClientGone);
+            relay.admitted.open.note(abandoned, status);
             let keeper = relay.admitted.open.lease_keeper();
             let ends_at = tokio::time::Instant::now() + pool.max_stream;
             let idle = pool.stream_idle_timeout;
@@ -195,8 +201,10 @@ struct Relay<'a, 's> {
     reading: StreamReading,
     /// Whether the client has learnt its session (from the worker's first event or ours).
     session_named: bool,
-    /// The worker's `[DONE]`, sent only once the stream is settled.
+    /// The worker's `[DONE]` (and anything after it), sent only once the stream is settled.
     held_done: Option<Bytes>,
+    /// Once `[DONE]` is in, when the worker must have ended its answer.
+    done_by: Option<tokio::time::Instant>,
     /// True while a write to the client is under way: one cut short leaves its framing
     /// broken, so nothing more may be written.
     writing: bool,
@@ -235,10 +243,9 @@ impl Relay<'_, '_> {
         idle: Duration,
     ) -> Stop {
         loop {
-            let wait = if self.held_done.is_some() {
-                idle.min(AFTER_DONE)
-            } else {
-                idle
+            let wait = match self.done_by {
+                Some(by) => by.saturating_duration_since(tokio::time::Instant::now()),
+                None => idle,
             };
             let read = tokio::select! {
                 biased;
@@ -312,25 +319,42 @@ impl Relay<'_, '_> {
     /// Reads one event and writes it to the client; `Some` when the stream must stop.
     async fn pass_on(&mut self, session: &mut Session, event: Event) -> Option<Stop> {
         let news = self.reading.read(&event);
+        if news.usage || news.invalid.is_some() {
+            let bill = self.bill(End::ClientGone);
+            self.admitted.open.note(bill, self.status);
+        }
+        let mut raw = event.raw;
         // The first event with data decides: does the client learn its session from it?
         if !self.session_named && event.data.is_some() {
             self.session_named = true;
             if !news.names_session {
+                // A byte-order mark belongs at the very start: it goes with the first event.
+                if raw.starts_with(BOM) {
+                    raw = raw.slice(BOM.len()..);
+                }
                 let named = session_event(&self.admitted.chat.session_id);
                 if let Some(stop) = self.write(session, named).await {
                     return Some(stop);
                 }
             }
         }
-        if news.usage || news.invalid.is_some() {
-            let bill = self.bill(End::Done);
-            self.admitted.open.note(bill, self.status);
-        }
-        if event.data.as_deref() == Some("[DONE]") {
-            self.held_done = Some(event.raw);
+        // `[DONE]`, and anything the worker still sends after it, waits for the settlement.
+        if let Some(done) = self.held_done.as_mut() {
+            if done.len() + raw.len() > MAX_EVENT_BYTES {
+                return Some(Stop::with(
+                    End::WorkerGone,
+                    GatewayError::UpstreamUnavailable,
+                ));
+            }
+            *done = [done.as_ref(), raw.as_ref()].concat().into();
             return None;
         }
-        if let Some(stop) = self.write(session, event.raw).await {
+        if event.data.as_deref() == Some("[DONE]") {
+            self.held_done = Some(raw);
+            self.done_by = Some(tokio::time::Instant::now() + AFTER_DONE);
+            return None;
+        }
+        if let Some(stop) = self.write(session, raw).await {
             return Some(stop);
         }
         if let Some(problem) = news.invalid {
@@ -381,8 +405,7 @@ impl Relay<'_, '_> {
 
     /// Under `on_exhaustion: cut`, whether the running usage has exhausted the account (its
     /// hold cannot grow to cover it) or the key's token bucket: the error the stream ends
-    /// with. The store is asked only when the hold must grow (then by as much again, so a
-    /// stream asks a handful of times in all) or the bucket may be empty.
+    /// with. The store is asked only when the hold must grow or the bucket may be empty.
     async fn exhausted(&mut self) -> Option<GatewayError> {
         let usage = self.reading.running?;
         let caller = &self.admitted.caller;
@@ -399,8 +422,15 @@ impl Relay<'_, '_> {
         if !(must_grow || may_be_empty) || quiet {
             return None;
         }
-        let headroom = running_cost.max(pricing.map_or(0, |p| p.reserve));
-        let extended = match open.extend(running_cost.saturating_add(headroom)).await {
+        // An eighth more (at least a reservation), so a stream asks a few dozen times in
+        // all, yet holds little its account's other calls could have used.
+        let hold_to = if must_grow {
+            let headroom = (running_cost / 8).max(pricing.map_or(0, |p| p.reserve));
+            running_cost.saturating_add(headroom)
+        } else {
+            open.held()
+        };
+        let extended = match open.extend(hold_to).await {
             Ok(extended) => extended,
             Err(error) => {
                 // The store cannot say: the stream runs on (as under `finish`), charged in full.

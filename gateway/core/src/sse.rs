@@ -117,7 +117,7 @@ impl EventReader {
 }
 
 /// The UTF-8 byte-order mark.
-const BOM: &[u8] = b"\xEF\xBB\xBF";
+pub const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// The fields of one whole event, read from `skip` on.
 fn read_fields(raw: Bytes, skip: usize) -> Event {

@@ -3,8 +3,8 @@
 -- lease_ms from now, and the key's token bucket is read. Sending it twice changes nothing
 -- more (hold_to is a total). prelude.lua comes first.
 --
--- KEYS: [account hash, reservation leases] when priced = 1, then per scope its limiter hash
--- and in-flight lease set. ARGV: the arguments below, then for each of scope_count scopes:
+-- KEYS: [account hash, reservation leases, the call's settled marker] when priced = 1, then
+-- per scope its limiter hash and in-flight lease set. A call already settled gets nothing. ARGV: the arguments below, then for each of scope_count scopes:
 -- holds_slot (1 | 0), read_tokens (1 | 0), tokens_rate, tokens_period, tokens_burst.
 -- Reply: held, has_tokens (1 | 0), tokens_left.
 local call_id, lease_ms, hold_to, priced, scope_count = unpack(ARGV, 1, 5)
@@ -14,8 +14,9 @@ local held, has_tokens, tokens_left = 0, 0, 0
 local next_key = 1
 
 if priced == '1' then
-  local account, leases = KEYS[1], KEYS[2]
-  next_key = 3
+  local account, leases, settled = KEYS[1], KEYS[2], KEYS[3]
+  if redis.call('EXISTS', settled) == 1 then return { 0, 0, 0 } end
+  next_key = 4
   local field = 'held:' .. call_id
   held = tonumber(redis.call('HGET', account, field)) or 0
   local want = tonumber(hold_to) - held

@@ -109,7 +109,9 @@ pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
         Scope::Key => call.reservation.key_slot,
         Scope::Agent => call.reservation.agent_slot,
     };
-    let reads_tokens = |s: &Limited| s.scope == Scope::Key && s.policy.mode == Mode::Enforce;
+    let reads_tokens = |s: &Limited| {
+        s.scope == Scope::Key && s.policy.mode == Mode::Enforce && s.policy.tokens.is_some()
+    };
     group(plan, call.priced, scopes)
         .into_iter()
         .map(|(priced, scopes)| {
@@ -132,6 +134,7 @@ pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
             if priced {
                 keys.push(account_hash(call.account));
                 keys.push(account_leases(call.account));
+                keys.push(settled_marker(call.account, call.call_id));
             }
             for s in &scopes {
                 keys.extend(s.limiter.keys());
@@ -376,6 +379,16 @@ impl Purpose {
     }
 }
 
+/// The marker a settlement of `call_id` for `purpose` leaves under `tag`.
+fn marker(tag: &str, purpose: Purpose, call_id: &str) -> String {
+    format!("{tag}:{}:{call_id}", purpose.marker())
+}
+
+/// The marker a call's settlement leaves on its account's side.
+fn settled_marker(account: &str, call_id: &str) -> String {
+    marker(&account_tag(account), Purpose::Settle, call_id)
+}
+
 /// What a settlement script run gives back and records.
 pub struct SettleSide {
     pub invocation: Invocation,
@@ -416,7 +429,7 @@ pub fn settle_sides(
                 agent_tag(call.agent)
             };
             let writes_stream = plan == Plan::Single && account_side && metered;
-            let mut keys = vec![format!("{tag}:{}:{}", purpose.marker(), call.call_id)];
+            let mut keys = vec![marker(&tag, purpose, call.call_id)];
             if account_side {
                 keys.push(account_hash(call.account));
                 keys.push(account_leases(call.account));

@@ -283,7 +283,7 @@ fn an_extension_asks_only_the_sides_that_hold_something() {
     // One server: one script, the account and both scopes.
     let single = extend_sides(&call, Plan::Single);
     assert_eq!(single.len(), 1);
-    assert_eq!(single[0].keys.len(), 2 + 2 * 2);
+    assert_eq!(single[0].keys.len(), 3 + 2 * 2);
     // A Cluster: the agent's slot on its own side.
     let cluster = extend_sides(&call, Plan::Cluster);
     assert_eq!(cluster.len(), 2);
