@@ -5,7 +5,10 @@ GAP_MS apart, then its usage and `[DONE]`. Turnpike (one thread, embedded store,
 it. Reported, from one run:
 
 - time to first event through Turnpike minus direct to the worker, p50 and p99, at
-  `--connections` concurrent streams (keep-alive, one after another on each connection);
+  `--connections` concurrent streams (keep-alive, one after another on each connection):
+  once with events GAP_MS apart, where the Python worker and clients keep core 1 busy, and
+  once PACED_GAP_MS apart, each call after a random pause of up to PACED_GAP_MS, where they
+  do not, so what remains is Turnpike's;
 - events relayed per second per core, and CPU per event (Turnpike's CPU from /proc over the
   events it relayed);
 - Turnpike's RSS with `--stream-open` streams open at once (each a long, slow stream), against
@@ -13,6 +16,7 @@ it. Reported, from one run:
 """
 import asyncio
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -24,6 +28,7 @@ import load
 
 EVENTS = 20
 GAP_MS = 5
+PACED_GAP_MS = 50
 # The long streams the RSS run holds open: 600 events a second apart, far longer than the run.
 LONG_EVENTS, LONG_GAP_MS = 600, 1000
 USAGE = b'data: {"usage": {"input_tokens": 45, "output_tokens": 320, "total_tokens": 365}}\n\n'
@@ -43,8 +48,9 @@ async def worker(reader, writer):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":", 1)[1])
             await reader.readexactly(length)
-            long = b" /long " in head.split(b"\r\n", 1)[0] + b" "
-            events, gap = (LONG_EVENTS, LONG_GAP_MS) if long else (EVENTS, GAP_MS)
+            target = head.split(b" ", 2)[1]
+            events, gap = {b"/long": (LONG_EVENTS, LONG_GAP_MS), b"/paced": (EVENTS, PACED_GAP_MS)}.get(
+                target, (EVENTS, GAP_MS))
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                          b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
             for i in range(events):
@@ -83,8 +89,9 @@ async def one_stream(reader, writer, wire):
         events += data.count(b"\n\n")
 
 
-async def closed_loop(port, path, seconds, connections):
-    """`connections` connections, each streaming one call after another for `seconds`."""
+async def closed_loop(port, path, seconds, connections, jitter=0.0):
+    """`connections` connections, each streaming one call after another for `seconds`, each
+    call after a random pause of up to `jitter` seconds (so calls do not all start at once)."""
     wire = request(port, path)
     firsts, counts = [], []
     stop_at = time.perf_counter() + seconds
@@ -92,6 +99,7 @@ async def closed_loop(port, path, seconds, connections):
     async def connection():
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         while time.perf_counter() < stop_at:
+            await asyncio.sleep(random.uniform(0, jitter))
             first, events = await one_stream(reader, writer, wire)
             firsts.append(first)
             counts.append(events)
@@ -129,9 +137,11 @@ def config(tmp, worker_port, port, admin_port):
 upstreams:
   fast: {{endpoints: ["127.0.0.1:{worker_port}"], path: "/fast"}}
   long: {{endpoints: ["127.0.0.1:{worker_port}"], path: "/long"}}
+  paced: {{endpoints: ["127.0.0.1:{worker_port}"], path: "/paced"}}
 agents:
   - {{id: {load.AGENT}, upstream: fast, policy: bench, pricing: {{input_per_mtok: 3000000, output_per_mtok: 15000000}}}}
   - {{id: ag_long, upstream: long, policy: bench, pricing: {{input_per_mtok: 3000000, output_per_mtok: 15000000}}}}
+  - {{id: ag_paced, upstream: paced, policy: bench, pricing: {{input_per_mtok: 3000000, output_per_mtok: 15000000}}}}
 accounts:
   - {{id: acct_bench, balance: 9000000000000000}}
 keys:
@@ -175,6 +185,10 @@ async def measure(args, gateway, worker_port, port):
     before = load.cpu_seconds(gateway.pid)
     through, events = await closed_loop(port, chat, seconds, c)
     cpu = load.cpu_seconds(gateway.pid) - before
+    # Paced calls start at random moments, as independent clients' do, not all at once.
+    jitter = PACED_GAP_MS / 1000
+    paced_direct, _ = await closed_loop(worker_port, "/paced", seconds, c, jitter)
+    paced_through, _ = await closed_loop(port, "/v1/agents/ag_paced/chat", seconds, c, jitter)
     idle_rss = rss_mib(gateway.pid)
     opened = await hold_open(port, "/v1/agents/ag_long/chat", args.stream_open)
     await asyncio.sleep(1)
@@ -186,11 +200,12 @@ async def measure(args, gateway, worker_port, port):
     ms = lambda s: s * 1000
     print(f"\nstreams: {EVENTS} events {GAP_MS} ms apart, then usage and [DONE]; {c} concurrent streams, "
           f"{seconds} s each way; Turnpike one thread on core 0, worker and clients on core 1\n")
-    print(f"{'first event':<28}{'p50 ms':>10}{'p99 ms':>10}{'streams':>10}")
-    print(f"{'direct to the worker':<28}{ms(pct(direct, .5)):>10.3f}{ms(pct(direct, .99)):>10.3f}{len(direct):>10}")
-    print(f"{'through Turnpike':<28}{ms(pct(through, .5)):>10.3f}{ms(pct(through, .99)):>10.3f}{len(through):>10}")
-    print(f"{'Turnpike - direct':<28}{ms(pct(through, .5) - pct(direct, .5)):>+10.3f}"
-          f"{ms(pct(through, .99) - pct(direct, .99)):>+10.3f}   (targets +0.3 / +1.0 ms)")
+    print(f"{'first event':<36}{'p50 ms':>10}{'p99 ms':>10}{'streams':>10}")
+    for gap, d, t in ((GAP_MS, direct, through), (PACED_GAP_MS, paced_direct, paced_through)):
+        print(f"{f'direct, events {gap} ms apart':<36}{ms(pct(d, .5)):>10.3f}{ms(pct(d, .99)):>10.3f}{len(d):>10}")
+        print(f"{f'Turnpike, events {gap} ms apart':<36}{ms(pct(t, .5)):>10.3f}{ms(pct(t, .99)):>10.3f}{len(t):>10}")
+        print(f"{'  Turnpike - direct':<36}{ms(pct(t, .5) - pct(d, .5)):>+10.3f}"
+              f"{ms(pct(t, .99) - pct(d, .99)):>+10.3f}   (targets +0.3 / +1.0 ms)")
     print(f"\nevents relayed: {events} in {seconds} s, Turnpike CPU {cpu:.2f} s: "
           f"{events / max(cpu, 1e-9):,.0f} events per CPU second, {cpu / max(events, 1) * 1e6:.1f} µs CPU per event")
     print(f"RSS: {idle_rss:.1f} MiB after the runs, {open_rss:.1f} MiB with {len(opened)} streams open "
