@@ -567,3 +567,28 @@ fn a_stream_keeps_its_slot_and_reservation_past_its_first_lease() {
     assert_eq!(events.last().unwrap().data, "[DONE]");
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
 }
+
+#[test]
+fn an_event_larger_than_the_limit_ends_the_stream_cleanly() {
+    let w = Worker::start("w1");
+    let gw = TestGateway::builder().worker(&w).balance(1_000).start();
+    // The first delta carries 1.5 MiB: more than the one event the relay holds (1 MiB).
+    let script = Script {
+        padding: Some(1_500_000),
+        ..Script::stream(3, 10)
+    };
+    let (events, ended) = StreamCall::open(gw.port(), AGENT, gw.jane(), &body(&script)).all();
+    assert!(ended, "the answer ends properly");
+    let error = until_error(&events);
+    assert_eq!(error["error"]["code"], "upstream_unavailable");
+    assert!(
+        deltas(&events).is_empty(),
+        "nothing of the oversized event went out"
+    );
+    gw.wait_metric(
+        "turnpike_streams_total",
+        &[("agent", AGENT), ("end", "worker_gone")],
+        1.0,
+    );
+    gw.assert_jane_charged_nothing(1_000);
+}

@@ -360,6 +360,9 @@ fn write_stream(
         if i == 0 && !script.no_session {
             delta["session_id"] = Value::String(session.clone());
         }
+        if let (0, Some(bytes)) = (i, script.padding) {
+            delta["padding"] = Value::String("x".repeat(bytes));
+        }
         if stream.running_usage {
             let so_far = output * (i as i64 + 1) / stream.events as i64;
             delta["usage"] = json!({"input_tokens": input, "output_tokens": so_far, "total_tokens": input + so_far});
