@@ -25,6 +25,16 @@ fn streams_ended(gw: &TestGateway, end: &str) -> f64 {
     gw.metric("turnpike_streams_total", &[("agent", AGENT), ("end", end)])
 }
 
+/// Waits until `count` streams have ended with `end` (a call is counted just after its
+/// client got its last bytes).
+fn wait_streams_ended(gw: &TestGateway, end: &str, count: f64) {
+    gw.wait_metric(
+        "turnpike_streams_total",
+        &[("agent", AGENT), ("end", end)],
+        count,
+    );
+}
+
 #[test]
 fn events_reach_the_client_before_the_worker_has_finished() {
     let w = Worker::start("w1");
@@ -54,11 +64,7 @@ fn events_reach_the_client_before_the_worker_has_finished() {
         last.duration_since(first)
     );
     assert!(first.duration_since(sent_at) < Duration::from_millis(600));
-    gw.wait_metric(
-        "turnpike_streams_total",
-        &[("agent", AGENT), ("end", "done")],
-        1.0,
-    );
+    wait_streams_ended(&gw, "done", 1.0);
     assert!(gw
         .metrics()
         .contains("turnpike_stream_first_byte_seconds_count 1"));
@@ -109,11 +115,7 @@ fn the_usage_of_the_final_event_is_metered_exactly() {
         ),
         300.0
     );
-    gw.wait_metric(
-        "turnpike_streams_total",
-        &[("agent", AGENT), ("end", "done")],
-        1.0,
-    );
+    wait_streams_ended(&gw, "done", 1.0);
 }
 
 #[test]
@@ -125,11 +127,7 @@ fn a_stream_without_usage_costs_nothing() {
     assert!(ended);
     assert_eq!(deltas(&events).len(), 2);
     assert_eq!(events.last().unwrap().data, "[DONE]");
-    gw.wait_metric(
-        "turnpike_streams_total",
-        &[("agent", AGENT), ("end", "no_usage")],
-        1.0,
-    );
+    wait_streams_ended(&gw, "no_usage", 1.0);
     gw.assert_jane_charged_nothing(1_000);
 }
 
@@ -197,11 +195,7 @@ fn a_client_that_hangs_up_mid_stream_closes_the_worker_and_pays_what_was_used() 
     );
     assert_eq!(usage.cost, 10 + 2 * usage.output_tokens);
     assert_eq!(after.balance, 100_000 - usage.cost);
-    gw.wait_metric(
-        "turnpike_streams_total",
-        &[("agent", AGENT), ("end", "client_gone")],
-        1.0,
-    );
+    wait_streams_ended(&gw, "client_gone", 1.0);
 }
 
 #[test]
@@ -280,11 +274,7 @@ fn a_stream_that_outspends_its_account_is_cut_and_charged_what_it_used() {
     assert_eq!(after.balance, 1_000 - usage.cost);
     // Cut at the first event the account could not cover: over by less than one event.
     assert!(usage.cost > 1_000 && usage.cost <= 1_000 + 40, "{usage:?}");
-    gw.wait_metric(
-        "turnpike_streams_total",
-        &[("agent", AGENT), ("end", "cut")],
-        1.0,
-    );
+    wait_streams_ended(&gw, "cut", 1.0);
 }
 
 #[test]
@@ -345,11 +335,7 @@ fn an_idle_stream_is_ended_by_the_stream_idle_timeout() {
     });
     // What it used before it stalled is charged: 5 × 1 + 10 × 2.
     assert_eq!(gw.settled_balance("acct_jane").balance, 1_000 - 25);
-    gw.wait_metric(
-        "turnpike_streams_total",
-        &[("agent", AGENT), ("end", "timeout")],
-        1.0,
-    );
+    wait_streams_ended(&gw, "timeout", 1.0);
 }
 
 #[test]
@@ -458,11 +444,7 @@ fn two_hundred_concurrent_streams_fit_in_bounded_memory() {
         readers.into_iter().map(|r| r.join().unwrap()).collect()
     });
     assert!(finished.iter().all(|ended| *ended));
-    gw.wait_metric(
-        "turnpike_streams_total",
-        &[("agent", AGENT), ("end", "done")],
-        200.0,
-    );
+    wait_streams_ended(&gw, "done", 200.0);
 }
 
 #[test]
@@ -476,11 +458,7 @@ fn a_worker_that_keeps_its_stream_open_after_done_still_ends_it_well() {
     assert!(ended);
     assert_eq!(events.last().unwrap().data, "[DONE]", "{events:?}");
     assert!(sent_at.elapsed() < Duration::from_secs(5));
-    gw.wait_metric(
-        "turnpike_streams_total",
-        &[("agent", AGENT), ("end", "done")],
-        1.0,
-    );
+    wait_streams_ended(&gw, "done", 1.0);
     assert_eq!(gw.usage_after("account=acct_jane", 1).total_tokens, 77);
 }
 
@@ -585,10 +563,6 @@ fn an_event_larger_than_the_limit_ends_the_stream_cleanly() {
         deltas(&events).is_empty(),
         "nothing of the oversized event went out"
     );
-    gw.wait_metric(
-        "turnpike_streams_total",
-        &[("agent", AGENT), ("end", "worker_gone")],
-        1.0,
-    );
+    wait_streams_ended(&gw, "worker_gone", 1.0);
     gw.assert_jane_charged_nothing(1_000);
 }

@@ -345,7 +345,7 @@ pub fn flag(on: bool) -> String {
 }
 
 /// `rate`, `period`, `burst`; a rate of 0 means no such bucket.
-fn push_bucket(args: &mut Vec<String>, spec: Option<BucketSpec>) {
+pub fn push_bucket(args: &mut Vec<String>, spec: Option<BucketSpec>) {
     let (rate, period, burst) = spec.map_or((0, 0, 0), |s| (s.rate, s.period_ms, s.burst));
     args.extend([rate.to_string(), period.to_string(), burst.to_string()]);
 }

@@ -13,7 +13,8 @@ use super::names::{
     USAGE_STREAM,
 };
 use super::protocol::{
-    flag, AdmitArgs, AdmitReply, Invocation, Outcome, ScopeLimits, SettleArgs, SettleScope,
+    flag, push_bucket, AdmitArgs, AdmitReply, Invocation, Outcome, ScopeLimits, SettleArgs,
+    SettleScope,
 };
 
 /// How a deployment splits a call across scripts.
@@ -138,17 +139,8 @@ pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
             }
             for s in &scopes {
                 keys.extend(s.limiter.keys());
-                let (rate, period, burst) = s
-                    .policy
-                    .tokens
-                    .map_or((0, 0, 0), |b| (b.rate, b.period_ms, b.burst));
-                args.extend([
-                    flag(holds_slot(s.scope)),
-                    flag(reads_tokens(s)),
-                    rate.to_string(),
-                    period.to_string(),
-                    burst.to_string(),
-                ]);
+                args.extend([flag(holds_slot(s.scope)), flag(reads_tokens(s))]);
+                push_bucket(&mut args, s.policy.tokens);
             }
             Invocation { keys, args }
         })

@@ -63,31 +63,7 @@ fn describe(request: &[u8]) -> String {
 
 /// Reads one response: head, then a Content-Length, chunked or read-to-close body.
 pub fn read_response(r: &mut impl BufRead, what: String) -> Reply {
-    let mut status_line = String::new();
-    match r.read_line(&mut status_line) {
-        Ok(0) => panic!("{what}: connection closed before any response"),
-        Ok(_) => {}
-        Err(e) => panic!("{what}: reading the status line: {e}"),
-    }
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{what}: bad status line {status_line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        let line = line.trim_end_matches(['\r', '\n']);
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-        }
-    }
+    let (status, headers) = read_head(r, &what);
     let get = |name: &str| {
         headers
             .iter()
@@ -116,6 +92,36 @@ pub fn read_response(r: &mut impl BufRead, what: String) -> Reply {
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     }
+}
+
+/// Reads a response head: its status and its headers (lowercase names, in order).
+pub fn read_head(r: &mut impl BufRead, what: &str) -> (u16, Vec<(String, String)>) {
+    let mut status_line = String::new();
+    match r.read_line(&mut status_line) {
+        Ok(0) => panic!("{what}: connection closed before any response"),
+        Ok(_) => {}
+        Err(e) => panic!("{what}: reading the status line: {e}"),
+    }
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: bad status line {status_line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    (status, headers)
 }
 
 /// A chunked body; stops quietly on a truncated stream.

@@ -1,13 +1,14 @@
 //! A streaming client: a chat call whose answer is read event by event as it arrives, each
 //! event stamped with the moment it was read, over HTTP/1.1 (chunked) or HTTP/2 (h2c).
 
-use bytes::Bytes;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use super::chat_path;
+use super::raw::read_head;
+use super::tls::{H2Request, H2Session};
 
 /// One server-sent event as the client read it.
 #[derive(Debug, Clone)]
@@ -81,27 +82,7 @@ impl StreamCall {
         let sent_at = Instant::now();
         (&stream).write_all(request.as_bytes()).unwrap();
         let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("status line");
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {line:?}"));
-        let mut headers = Vec::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                break;
-            }
-            let line = line.trim_end_matches(['\r', '\n']);
-            if line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-            }
-        }
+        let (status, headers) = read_head(&mut reader, "a streamed chat call");
         let chunked = headers
             .iter()
             .any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
@@ -133,11 +114,6 @@ impl StreamCall {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
-    }
-
-    /// The body as read so far, when the answer was not a stream.
-    pub fn text(&self) -> &str {
-        &self.events.text
     }
 
     /// The next whole event; `None` once the answer has ended (or the connection broke).
@@ -187,41 +163,22 @@ impl StreamCall {
 /// A chat call over cleartext HTTP/2 (prior knowledge): the status, and every event with
 /// the moment its bytes arrived.
 pub fn h2_stream(port: u16, agent: &str, key: &str, body: &Value) -> (u16, Vec<SseEvent>) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let request = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://localhost:{port}{}", chat_path(agent)))
-            .header("authorization", format!("Bearer {key}"))
-            .header("content-type", "application/json")
-            .body(())
-            .unwrap();
-        let mut client = client.ready().await.unwrap();
-        let (answer, mut send) = client.send_request(request, false).unwrap();
-        send.send_data(Bytes::from(body.to_string()), true).unwrap();
-        let answer = answer.await.unwrap();
-        let status = answer.status().as_u16();
-        let mut body = answer.into_body();
-        let mut events = Events::default();
-        let mut out = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.unwrap();
-            let _ = body.flow_control().release_capacity(chunk.len());
-            events.text.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(event) = events.next(Instant::now()) {
-                out.push(event);
-            }
+    let auth = format!("Bearer {key}");
+    let request = H2Request::post(
+        &chat_path(agent),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    );
+    let mut events = Events::default();
+    let mut out = Vec::new();
+    let status = H2Session::cleartext(port).stream(&request, |chunk| {
+        events.text.push_str(&String::from_utf8_lossy(chunk));
+        while let Some(event) = events.next(Instant::now()) {
+            out.push(event);
         }
-        (status, out)
-    })
+    });
+    (status, out)
 }

@@ -279,13 +279,42 @@ impl H2Session {
         self.runtime
             .block_on(one_stream(client, self.port, request.clone()))
     }
+
+    /// Sends one request as a new stream of this connection and hands each piece of the
+    /// answer's body to `on_data` the moment it arrives; returns the status.
+    pub fn stream(&self, request: &H2Request, on_data: impl FnMut(&[u8])) -> u16 {
+        let client = self.client.clone();
+        let answer = answer_body(client, self.port, request.clone(), on_data);
+        self.runtime.block_on(answer).1
+    }
 }
 
 async fn one_stream(
-    mut client: h2::client::SendRequest<Bytes>,
+    client: h2::client::SendRequest<Bytes>,
     port: u16,
     request: H2Request,
 ) -> Reply {
+    let mut bytes = Vec::new();
+    let (what, status, headers) = answer_body(client, port, request, |chunk| {
+        bytes.extend_from_slice(chunk)
+    })
+    .await;
+    Reply {
+        what,
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+/// Sends `request` as a stream of `client`'s connection and hands the answer's body to
+/// `on_data` piece by piece as it arrives; returns what was asked, the status and headers.
+async fn answer_body(
+    mut client: h2::client::SendRequest<Bytes>,
+    port: u16,
+    request: H2Request,
+    mut on_data: impl FnMut(&[u8]),
+) -> (String, u16, Vec<(String, String)>) {
     let what = format!("h2 POST {} :{port}", request.path);
     let mut builder = http::Request::builder()
         .method("POST")
@@ -312,18 +341,12 @@ async fn one_stream(
         .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
     let mut body = answer.into_body();
-    let mut bytes = Vec::new();
     while let Some(chunk) = body.data().await {
         let chunk = chunk.unwrap();
         let _ = body.flow_control().release_capacity(chunk.len());
-        bytes.extend_from_slice(&chunk);
+        on_data(&chunk);
     }
-    Reply {
-        what,
-        status,
-        headers,
-        body: String::from_utf8_lossy(&bytes).into_owned(),
-    }
+    (what, status, headers)
 }
 
 async fn h2_streams<IO>(io: IO, port: u16, requests: &[H2Request]) -> Vec<Reply>
