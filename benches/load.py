@@ -264,6 +264,26 @@ def run_open_loop(oha, port, path, seconds, connections, rate):
             "p999": pct["p99.9"] * 1e6, "non2xx": sum(n for c, n in codes.items() if not c.startswith("2"))}
 
 
+def count_syscalls(pid, run_load):
+    """System calls per call of a process (all its threads) while `run_load` runs, by strace -c."""
+    ensure = shutil.which("strace")
+    if not ensure:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "strace"], check=True)
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-q", "-o", out.name, "-p", str(pid)])
+        time.sleep(0.5)  # attached to every thread before the load starts
+        calls = max(run_load()["requests"], 1)
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(10)
+        counts = {}
+        for line in out.read().splitlines():
+            parts = line.split()
+            # "% time  seconds  usecs/call  calls  [errors]  syscall"
+            if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                counts[parts[-1]] = int(parts[3]) / calls
+        return counts
+
+
 def parse_wrk(out):
     def micros(text):
         for unit, scale in (("us", 1), ("ms", 1000), ("s", 1_000_000)):
@@ -497,6 +517,8 @@ def main():
     ap.add_argument("--open-loop", type=int, metavar="RATE", help="also run each proxy at RATE calls/s (oha)")
     ap.add_argument("--compare", metavar="BINARY", help="also run this turnpike binary on the embedded store")
     ap.add_argument("--markdown", metavar="FILE", help="also write the report there (e.g. docs/benchmarks.md)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="also count the system calls per call of Turnpike and the passthrough (strace -c)")
     ap.add_argument("--stream", action="store_true", help="run the streaming benchmark instead (stream_load.py)")
     ap.add_argument("--stream-open", type=int, default=1000, metavar="N",
                     help="--stream: streams held open at once for the RSS figure (default 1000)")
@@ -634,6 +656,8 @@ def main():
         open_loop = {name: run_open_loop(oha, port, path, args.seconds, args.connections, args.open_loop)
                      for name, (_, port) in targets.items() if clients[name] == "wrk"} if oha else {}
         redis_rtt = redis_round_trip_us(redis_port) if args.redis else None
+        syscalls = {name: count_syscalls(targets[name][0].pid, lambda: load(name, targets[name][1], 3, 4))
+                    for name in ("pingora-passthrough", "turnpike")} if args.syscalls else {}
         # A new connection per call: over TLS, a full handshake each (req/s = handshakes/s).
         new_connections = {}
         if args.tls:
@@ -694,6 +718,15 @@ def main():
         for name, r in open_loop.items():
             failed = f"  ({r['non2xx']} non-2xx)" if r["non2xx"] else ""
             report(f"{name:<24}{r['rps']:>10.0f}{r['p50']:>10.0f}{r['p99']:>10.0f}{r['p999']:>10.0f}{failed}")
+    if syscalls:
+        report("\nSystem calls per call (strace -c -f over a 3 s wrk -c4 run; strace slows the proxy, "
+               "the counts are what matter):")
+        shown = sorted({c for counts in syscalls.values() for c, n in counts.items() if n >= 0.01},
+                       key=lambda c: -syscalls["pingora-passthrough"].get(c, 0))
+        report(f"{'call':<16}" + "".join(f"{name:>22}" for name in syscalls))
+        for call in shown:
+            report(f"{call:<16}" + "".join(f"{counts.get(call, 0):>22.2f}" for counts in syscalls.values()))
+        report(f"{'all':<16}" + "".join(f"{sum(counts.values()):>22.2f}" for counts in syscalls.values()))
     if new_connections:
         report(f"\nA new connection per call (wrk -c{args.connections}, Connection: close, {args.seconds}s; "
                "over TLS each is a full handshake):")

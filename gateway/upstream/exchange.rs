@@ -15,14 +15,18 @@ use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::protocols::http::v1;
+use pingora::protocols::http::v1::client::http_req_header_to_wire;
+use pingora::protocols::Stream;
 use pingora::{Error, ErrorType};
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use super::Pool;
+use super::{Pool, WorkerPeer};
 use crate::error::GatewayError;
 use crate::metrics::EndpointMetrics;
 
@@ -56,7 +60,7 @@ pub enum AnswerBody {
 /// ended, it closes the connection, so the worker learns at once that nobody is listening.
 pub struct WorkerStream {
     session: HttpSession,
-    peer: HttpPeer,
+    peer: WorkerPeer,
     connector: Arc<Connector>,
 }
 
@@ -142,7 +146,9 @@ impl Upstreams {
         let mut resent_after_stale = false;
         while let Some(addr) = pool.select(call.session_id, &tried) {
             tried.push(addr);
-            let (peer, host) = pool.peer(addr);
+            let Some((peer, host)) = pool.peer(addr) else {
+                continue;
+            };
             let attempt =
                 tokio::time::timeout_at(deadline, self.attempt(addr, &peer, host, &call)).await;
             if let Some(metrics) = pool.endpoint_metrics(addr) {
@@ -169,16 +175,17 @@ impl Upstreams {
     async fn attempt(
         &self,
         addr: SocketAddr,
-        peer: &HttpPeer,
+        peer: &WorkerPeer,
         host: Option<&str>,
         call: &Outgoing<'_>,
     ) -> Result<WorkerAnswer, Failure> {
-        let (mut session, reused) = self
+        let (session, reused) = self
             .connector
             .get_http_session(peer)
             .await
             .map_err(|_| Failure::Connect)?;
-        let answer = match send(&mut session, host, call).await {
+        let (mut session, sent) = send(session, peer, host, call).await;
+        let answer = match sent {
             Ok(()) => receive(&mut session, call.max_answer_bytes).await,
             // As Go's client does for a request that is not idempotent: resent only when the
             // worker cannot have had all of it. Once written whole, a worker that did the
@@ -235,17 +242,50 @@ fn count_attempt(
     }
 }
 
+/// Writes the request. To an HTTP/1.1 worker, head and body leave in one write, so the
+/// worker wakes once (Pingora's session writes and flushes the head alone, then the body:
+/// a generic proxy does not have the body yet; we do). The session is then made anew on the
+/// written connection, as the connector makes one per call, to read the answer.
 async fn send(
+    session: HttpSession,
+    peer: &WorkerPeer,
+    host: Option<&str>,
+    call: &Outgoing<'_>,
+) -> (HttpSession, Result<(), Failure>) {
+    match session {
+        HttpSession::H1(h1) => {
+            let mut stream = h1.into_inner();
+            let written = write_whole(&mut stream, host, call).await;
+            let session = v1::client::HttpSession::new_with_options(stream, peer);
+            (HttpSession::H1(session), written)
+        }
+        mut framed => {
+            let sent = send_framed(&mut framed, host, call).await;
+            (framed, sent)
+        }
+    }
+}
+
+/// The request head and body, in one buffer and one write.
+async fn write_whole(
+    stream: &mut Stream,
+    host: Option<&str>,
+    call: &Outgoing<'_>,
+) -> Result<(), Failure> {
+    let header = with_host(&call.header, host)?;
+    let mut wire = http_req_header_to_wire(&header).ok_or(Failure::Broken)?;
+    wire.extend_from_slice(call.body);
+    stream.write_all(&wire).await.map_err(|_| Failure::Broken)?;
+    stream.flush().await.map_err(|_| Failure::Broken)
+}
+
+/// An HTTP/2 worker's request: Pingora's session frames head and body.
+async fn send_framed(
     session: &mut HttpSession,
     host: Option<&str>,
     call: &Outgoing<'_>,
 ) -> Result<(), Failure> {
-    let mut header = Box::new(call.header.clone());
-    if let Some(host) = host {
-        header
-            .insert_header(http::header::HOST, host)
-            .map_err(|_| Failure::Broken)?;
-    }
+    let header = Box::new(with_host(&call.header, host)?.into_owned());
     session
         .write_request_header(header)
         .await
@@ -258,6 +298,21 @@ async fn send(
         .finish_request_body()
         .await
         .map_err(|e| classify(&e))
+}
+
+/// The head with the endpoint's `Host` (an HTTPS endpoint's name), copied only then.
+fn with_host<'h>(
+    header: &'h RequestHeader,
+    host: Option<&str>,
+) -> Result<Cow<'h, RequestHeader>, Failure> {
+    let Some(host) = host else {
+        return Ok(Cow::Borrowed(header));
+    };
+    let mut header = header.clone();
+    header
+        .insert_header(http::header::HOST, host)
+        .map_err(|_| Failure::Broken)?;
+    Ok(Cow::Owned(header))
 }
 
 /// What `receive` read: a whole answer, or the head of a stream.

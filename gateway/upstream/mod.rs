@@ -5,8 +5,10 @@
 
 pub mod exchange;
 pub mod head;
+pub mod peer;
 
 pub use exchange::{AnswerBody, ExchangeFailure, Outgoing, Upstreams, WorkerAnswer, WorkerStream};
+pub use peer::WorkerPeer;
 
 use pingora::lb::selection::{Consistent, RoundRobin};
 use pingora::lb::{Backend, LoadBalancer};
@@ -29,10 +31,18 @@ enum Selector {
 pub struct Pool {
     pub config: PoolConfig,
     selector: Selector,
-    /// Each endpoint's attempt counters and passive health, in `config.endpoints` order.
-    endpoint_metrics: Vec<(SocketAddr, EndpointMetrics)>,
-    /// HTTPS pools: each endpoint's `Host`, in `config.endpoints` order.
-    https_hosts: Vec<String>,
+    /// Each endpoint's peer and counters, in `config.endpoints` order.
+    endpoints: Vec<Endpoint>,
+}
+
+/// One worker endpoint of a pool.
+struct Endpoint {
+    addr: SocketAddr,
+    peer: WorkerPeer,
+    /// The `Host` an HTTPS worker is sent; `None` in a plain-HTTP pool.
+    host: Option<String>,
+    /// Its attempt counters and passive health.
+    metrics: EndpointMetrics,
 }
 
 /// Every pool of one config, by name, with their endpoints' metrics.
@@ -51,52 +61,42 @@ pub fn build_pools(
 
 impl Pool {
     fn new(name: &str, config: PoolConfig, metrics: &Metrics) -> std::io::Result<Self> {
-        let endpoints = config.endpoints.clone();
-        let endpoint_metrics = endpoints
-            .iter()
-            .map(|addr| (*addr, metrics.endpoint(name, &addr.to_string())))
-            .collect();
         if config.tls.as_ref().is_some_and(|tls| !tls.verify) {
             tracing::warn!(
                 pool = name,
                 "upstream pool has `verify: false`: its workers' certificates are NOT checked, so anyone on the path can pose as them; use `ca:` instead"
             );
         }
-        let https_hosts = config.tls.as_ref().map_or_else(Vec::new, |tls| {
-            tls.server_names
-                .iter()
-                .zip(&config.endpoints)
-                .map(|(name, addr)| {
-                    let name = if name.contains(':') {
-                        format!("[{name}]")
-                    } else {
-                        name.clone()
-                    };
-                    match addr.port() {
-                        443 => name,
-                        port => format!("{name}:{port}"),
-                    }
-                })
-                .collect()
-        });
+        let endpoints = config
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, &addr)| Endpoint {
+                addr,
+                peer: endpoint_peer(&config, i, addr),
+                host: https_host(&config, i, addr),
+                metrics: metrics.endpoint(name, &addr.to_string()),
+            })
+            .collect();
+        let addrs = config.endpoints.clone();
         let selector = match config.balance {
-            Balance::RoundRobin => Selector::RoundRobin(LoadBalancer::try_from_iter(endpoints)?),
-            Balance::Session => Selector::Session(LoadBalancer::try_from_iter(endpoints)?),
+            Balance::RoundRobin => Selector::RoundRobin(LoadBalancer::try_from_iter(addrs)?),
+            Balance::Session => Selector::Session(LoadBalancer::try_from_iter(addrs)?),
         };
         Ok(Self {
             config,
             selector,
-            endpoint_metrics,
-            https_hosts,
+            endpoints,
         })
     }
 
     /// The metrics of the endpoint at `addr` (one of this pool's).
     pub fn endpoint_metrics(&self, addr: SocketAddr) -> Option<&EndpointMetrics> {
-        self.endpoint_metrics
-            .iter()
-            .find(|(a, _)| *a == addr)
-            .map(|(_, m)| m)
+        self.endpoint(addr).map(|e| &e.metrics)
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.addr == addr)
     }
 
     /// The next endpoint for a call, skipping those already `tried`; `None` when none is left.
@@ -111,37 +111,48 @@ impl Pool {
         backend.map(|b| b.addr_socket())
     }
 
-    /// The peer for `addr` with the connect timeout (which covers the TLS handshake too).
-    /// The answer timeout is one deadline over the whole exchange (see `exchange`), not a
-    /// timer per read. An HTTPS peer sends its endpoint's name as SNI, checks the
-    /// certificate against it and the pool's CA (unless `verify: false`), and offers HTTP/2.
-    ///
-    /// Also returns the `Host` an HTTPS worker is sent: its name (and port, unless 443), as
-    /// nginx sends `$proxy_host`, so a worker behind a name-based ingress finds its site;
-    /// `None` for plain-HTTP pools, whose workers get the client's `Host`.
-    pub fn peer(&self, addr: SocketAddr) -> (HttpPeer, Option<&str>) {
-        let tls = self.config.tls.as_ref();
-        // Only an HTTPS pool looks its endpoint up (pools are small).
-        let index = tls.and_then(|_| self.config.endpoints.iter().position(|a| *a == addr));
-        let server_name = tls
-            .zip(index)
-            .and_then(|(tls, i)| tls.server_names.get(i).cloned())
-            .unwrap_or_default();
-        let host = index
-            .and_then(|i| self.https_hosts.get(i))
-            .map(String::as_str);
-        let mut peer = HttpPeer::new(addr, tls.is_some(), server_name);
-        peer.options.connection_timeout = Some(self.config.connect_timeout);
-        peer.options.total_connection_timeout = Some(self.config.connect_timeout);
-        if let Some(tls) = tls {
-            peer.options.ca = tls.ca.clone();
-            peer.options.verify_cert = tls.verify;
-            peer.options.verify_hostname = tls.verify;
-            peer.options.alpn = pingora::protocols::ALPN::H2H1;
-            peer.group_key = tls.trust_key;
-        }
-        (peer, host)
+    /// The peer for `addr` (one of this pool's endpoints), and the `Host` an HTTPS worker is
+    /// sent (`None` for plain-HTTP pools, whose workers get the client's `Host`).
+    pub fn peer(&self, addr: SocketAddr) -> Option<(&WorkerPeer, Option<&str>)> {
+        self.endpoint(addr).map(|e| (&e.peer, e.host.as_deref()))
     }
+}
+
+/// The peer for endpoint `i` with the connect timeout (which covers the TLS handshake too).
+/// The answer timeout is one deadline over the whole exchange (see `exchange`), not a timer
+/// per read. An HTTPS peer sends its endpoint's name as SNI, checks the certificate against
+/// it and the pool's CA (unless `verify: false`), and offers HTTP/2.
+fn endpoint_peer(config: &PoolConfig, i: usize, addr: SocketAddr) -> WorkerPeer {
+    let tls = config.tls.as_ref();
+    let server_name = tls
+        .and_then(|tls| tls.server_names.get(i).cloned())
+        .unwrap_or_default();
+    let mut peer = HttpPeer::new(addr, tls.is_some(), server_name);
+    peer.options.connection_timeout = Some(config.connect_timeout);
+    peer.options.total_connection_timeout = Some(config.connect_timeout);
+    if let Some(tls) = tls {
+        peer.options.ca = tls.ca.clone();
+        peer.options.verify_cert = tls.verify;
+        peer.options.verify_hostname = tls.verify;
+        peer.options.alpn = pingora::protocols::ALPN::H2H1;
+        peer.group_key = tls.trust_key;
+    }
+    WorkerPeer(peer)
+}
+
+/// The `Host` an HTTPS worker is sent: its name (and port, unless 443), as nginx sends
+/// `$proxy_host`, so a worker behind a name-based ingress finds its site.
+fn https_host(config: &PoolConfig, i: usize, addr: SocketAddr) -> Option<String> {
+    let name = config.tls.as_ref()?.server_names.get(i)?;
+    let name = if name.contains(':') {
+        format!("[{name}]")
+    } else {
+        name.clone()
+    };
+    Some(match addr.port() {
+        443 => name,
+        port => format!("{name}:{port}"),
+    })
 }
 
 trait BackendAddr {
