@@ -150,7 +150,7 @@ impl Upstreams {
                 continue;
             };
             let attempt =
-                tokio::time::timeout_at(deadline, self.attempt(addr, &peer, host, &call)).await;
+                tokio::time::timeout_at(deadline, self.attempt(addr, peer, host, &call)).await;
             if let Some(metrics) = pool.endpoint_metrics(addr) {
                 count_attempt(metrics, &attempt);
             }
