@@ -9,6 +9,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::sync::OnceLock;
 use turnpike_core::admission::Scope;
 use turnpike_core::limits::BucketKind;
 use turnpike_core::usage::UsageProblem;
@@ -472,6 +473,43 @@ impl Metrics {
             let _ = self
                 .upstream_attempts
                 .remove_label_values(&[pool, endpoint, outcome]);
+        }
+    }
+}
+
+/// An agent's per-call counters, resolved on its first call under a config and kept with
+/// its route, so later calls look no label up (`with_label_values` hashes the labels and
+/// takes the vector's lock each time).
+#[derive(Default)]
+pub struct AgentSeries(OnceLock<AgentCounters>);
+
+pub struct AgentCounters {
+    /// `turnpike_requests_total` for each of `AGENT_STATUSES`.
+    requests: [IntCounter; AGENT_STATUSES.len()],
+    pub input_tokens: IntCounter,
+    pub output_tokens: IntCounter,
+    pub cost: IntCounter,
+}
+
+impl AgentSeries {
+    pub fn get(&self, metrics: &Metrics, agent: &str) -> &AgentCounters {
+        self.0.get_or_init(|| AgentCounters {
+            requests: AGENT_STATUSES
+                .map(|status| metrics.requests.with_label_values(&[agent, status])),
+            input_tokens: metrics.tokens.with_label_values(&[agent, "input"]),
+            output_tokens: metrics.tokens.with_label_values(&[agent, "output"]),
+            cost: metrics.cost.with_label_values(&[agent]),
+        })
+    }
+}
+
+impl AgentCounters {
+    /// Counts a call answered with `status` (a `status_label`); a status an agent's calls
+    /// rarely end with is looked up.
+    pub fn count_request(&self, metrics: &Metrics, agent: &str, status: &str) {
+        match AGENT_STATUSES.iter().position(|s| *s == status) {
+            Some(i) => self.requests[i].inc(),
+            None => metrics.requests.with_label_values(&[agent, status]).inc(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::config::{Agent, CallConfig, InvalidUsageRule};
 use crate::lifecycle::Lifecycle;
-use crate::metrics::{Metrics, ZERO_AGENTS_MAX};
+use crate::metrics::{AgentSeries, Metrics, ZERO_AGENTS_MAX};
 use crate::store::Store;
 use crate::upstream::{build_pools, Pool, Upstreams};
 
@@ -105,6 +105,8 @@ pub struct Snapshot {
 pub struct Route {
     pub agent: Arc<Agent>,
     pub pool: Arc<Pool>,
+    /// The agent's per-call counters, resolved on first use under this config.
+    pub series: Arc<AgentSeries>,
 }
 
 impl Snapshot {
@@ -117,7 +119,15 @@ impl Snapshot {
                 std::io::Error::other(format!("agent {id}: no upstream named '{}'", agent.pool))
             })?;
             let agent = Arc::clone(agent);
-            routes.insert(id.clone(), Route { agent, pool });
+            let series = Arc::default();
+            routes.insert(
+                id.clone(),
+                Route {
+                    agent,
+                    pool,
+                    series,
+                },
+            );
         }
         Ok(Self {
             generation,

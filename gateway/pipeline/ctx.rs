@@ -13,7 +13,7 @@ use turnpike_core::usage::Usage;
 
 use crate::config::Agent;
 use crate::error::GatewayError;
-use crate::metrics::{StreamEnd, NO_AGENT};
+use crate::metrics::{AgentSeries, StreamEnd, NO_AGENT};
 
 pub struct RequestCtx {
     pub started: Instant,
@@ -40,6 +40,8 @@ pub struct CallIds {
 pub struct CallRecord {
     /// The configured agent the path names, once the caller is authenticated.
     pub agent: Option<Arc<Agent>>,
+    /// That agent's counters under the config the call runs on.
+    pub agent_series: Option<Arc<AgentSeries>>,
     /// The authenticated key.
     pub key: Option<Arc<KeyRecord>>,
     /// Whether the config in force counts this call per key (`metrics.per_key`).

@@ -14,10 +14,15 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
     let record = &ctx.record;
     let status_label = status_label(status);
     let agent = record.agent_label();
-    metrics
-        .requests
-        .with_label_values(&[agent, status_label])
-        .inc();
+    match &record.agent_series {
+        Some(series) => series
+            .get(metrics, agent)
+            .count_request(metrics, agent, status_label),
+        None => metrics
+            .requests
+            .with_label_values(&[agent, status_label])
+            .inc(),
+    }
     metrics
         .request_duration
         .observe(ctx.started.elapsed().as_secs_f64());

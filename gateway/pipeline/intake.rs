@@ -113,6 +113,7 @@ pub async fn authenticate<'s>(
     let key = live_key(services, token).await?;
     let route = snapshot.route(agent_id);
     record.agent = route.map(|r| Arc::clone(&r.agent));
+    record.agent_series = route.map(|r| Arc::clone(&r.series));
     record.key = Some(Arc::clone(&key));
     record.counted_per_key = snapshot.config.metrics_per_key;
     Ok(Authenticated { key, route })

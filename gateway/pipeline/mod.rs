@@ -220,17 +220,12 @@ async fn settle(
 ) {
     let (usage, cost) = admitted.open.settle(bill, worker_status).await;
     let Some(usage) = usage else { return };
-    let agent = admitted.caller.route.agent.id.as_str();
-    metrics
-        .tokens
-        .with_label_values(&[agent, "input"])
-        .inc_by(usage.input_tokens);
-    metrics
-        .tokens
-        .with_label_values(&[agent, "output"])
-        .inc_by(usage.output_tokens);
+    let route = admitted.caller.route;
+    let counters = route.series.get(metrics, &route.agent.id);
+    counters.input_tokens.inc_by(usage.input_tokens);
+    counters.output_tokens.inc_by(usage.output_tokens);
     if cost > 0 {
-        metrics.cost.with_label_values(&[agent]).inc_by(cost as u64);
+        counters.cost.inc_by(cost as u64);
     }
     record.usage = Some(usage);
     record.cost = cost;
