@@ -105,12 +105,9 @@ pub fn outgoing_head(
     body_len: usize,
     pool: &PoolConfig,
 ) -> pingora::Result<RequestHeader> {
-    let path = pool.path.render(who.agent_id);
-    let mut header = RequestHeader::build_no_case(
-        http::Method::POST,
-        path.as_bytes(),
-        Some(client.headers.len() + 8),
-    )?;
+    // Built as a plain header map, made the head at the end: Pingora's `insert_header`
+    // turns each name into bytes and parses it back, every time.
+    let mut headers = http::HeaderMap::with_capacity(client.headers.len() + 12);
     let connection_options = connection_options(&client.headers);
     let trusted = who.peer.trusted;
     let mut cookies = client.headers.get_all(http::header::COOKIE).iter();
@@ -123,53 +120,59 @@ pub fn outgoing_head(
             || (split_cookie && name == http::header::COOKIE)
             || connection_options.iter().any(|o| o == name_str);
         if !kept_back {
-            header.append_header(name.clone(), value.clone())?;
+            headers.append(name.clone(), value.clone());
         }
     }
     // HTTP/2 may split `cookie` into crumbs; an HTTP/1.1 worker gets them as one header
     // (RFC 9113 §8.2.3).
     if split_cookie {
-        header.insert_header(
-            http::header::COOKIE,
-            joined(client.headers.get_all(http::header::COOKIE), b"; ", &[])?,
-        )?;
+        let cookie = joined(client.headers.get_all(http::header::COOKIE), b"; ", &[])?;
+        headers.insert(http::header::COOKIE, cookie);
     }
     // An HTTP/2 client names the host in `:authority`, not `Host`; a worker gets `Host`
     // either way (and an HTTP/2 worker's `:authority` is made from it).
     if !client.headers.contains_key(http::header::HOST) {
         if let Some(authority) = client.uri.authority() {
-            header.insert_header(http::header::HOST, authority.as_str())?;
+            set(&mut headers, http::header::HOST, authority.as_str())?;
         }
     }
-    forwarding_headers(&mut header, client, who.peer)?;
+    forwarding_headers(&mut headers, client, who.peer)?;
     // The answer's usage must be readable: no compression between gateway and worker.
-    header.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
-    header.insert_header(X_REQUEST_ID, who.request_id)?;
-    header.insert_header(IDEMPOTENCY_KEY, who.call_id)?;
-    header.insert_header(X_AGENT_ID, who.agent_id)?;
-    header.insert_header(X_SESSION_ID, who.session_id)?;
-    header.insert_header(X_KEY_ID, who.key_id)?;
-    header.insert_header(X_ACCOUNT_ID, who.account)?;
-    header.insert_header(TRACEPARENT, who.trace.as_str())?;
+    headers.insert(
+        http::header::ACCEPT_ENCODING,
+        http::HeaderValue::from_static("identity"),
+    );
+    set(&mut headers, X_REQUEST_ID, who.request_id)?;
+    set(&mut headers, IDEMPOTENCY_KEY, who.call_id)?;
+    set(&mut headers, X_AGENT_ID, who.agent_id)?;
+    set(&mut headers, X_SESSION_ID, who.session_id)?;
+    set(&mut headers, X_KEY_ID, who.key_id)?;
+    set(&mut headers, X_ACCOUNT_ID, who.account)?;
+    set(&mut headers, TRACEPARENT, who.trace.as_str())?;
     // `tracestate` belongs to the client's trace: kept with it, dropped with a new one.
     if !who.trace.is_from_client() {
-        header.remove_header(&TRACESTATE);
+        headers.remove(&TRACESTATE);
     }
-    header.insert_header(
+    headers.insert(
         http::header::CONTENT_LENGTH,
         http::HeaderValue::from(body_len),
-    )?;
+    );
     for (name, value) in &pool.headers {
-        header.insert_header(name.clone(), value.clone())?;
+        headers.insert(name.clone(), value.clone());
     }
-    Ok(header)
+    let path = pool.path.render(who.agent_id);
+    let head = RequestHeader::build_no_case(http::Method::POST, path.as_bytes(), Some(0))?;
+    // A head without case is its parts: the target stays the origin-form path set above.
+    let mut parts = http::request::Parts::from(head);
+    parts.headers = headers;
+    Ok(RequestHeader::from(parts))
 }
 
 /// `X-Forwarded-For` and `X-Forwarded-Proto`: a trusted proxy's chain with the peer appended
 /// and its scheme kept; anyone else's replaced by the peer's address and the listener's
 /// scheme.
 fn forwarding_headers(
-    header: &mut RequestHeader,
+    headers: &mut http::HeaderMap,
     client: &RequestHeader,
     peer: Peer,
 ) -> pingora::Result<()> {
@@ -189,11 +192,20 @@ fn forwarding_headers(
     };
     let chain = joined(earlier, b", ", last)?;
     if !chain.is_empty() {
-        header.insert_header(X_FORWARDED_FOR, chain)?;
+        headers.insert(X_FORWARDED_FOR, chain);
     }
     if !(peer.trusted && client.headers.contains_key(X_FORWARDED_PROTO)) {
-        header.insert_header(X_FORWARDED_PROTO, peer.scheme)?;
+        set(headers, X_FORWARDED_PROTO, peer.scheme)?;
     }
+    Ok(())
+}
+
+/// Sets a header to a text value, checked as a header value.
+fn set(headers: &mut http::HeaderMap, name: http::HeaderName, value: &str) -> pingora::Result<()> {
+    let value = http::HeaderValue::from_str(value).map_err(|e| {
+        pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "a header value", e)
+    })?;
+    headers.insert(name, value);
     Ok(())
 }
 
