@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use turnpike::config::{self, AccountSeed, ConfigKeys, Source};
+use turnpike::logging;
 use turnpike::metrics::Metrics;
 use turnpike::pipeline::ctx::RequestCtx;
 use turnpike::pipeline::finish;
@@ -342,14 +343,6 @@ async fn one_call(gateway: &Gateway, request: &[u8], answer: &mut Vec<u8>) {
     read_answer_off(&mut client, answer).await;
 }
 
-/// A subscriber formatting every line as the gateway's does (text), into nothing.
-fn access_log_to_sink() -> impl tracing::Subscriber + Send + Sync {
-    tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(std::io::sink)
-        .finish()
-}
-
 fn whole_call(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -361,14 +354,9 @@ fn whole_call(c: &mut Criterion) {
         services: Arc::clone(&services),
     };
     let request = chat_request();
-    let mut answer = Vec::new();
-    tracing::subscriber::with_default(access_log_to_sink(), || {
-        c.bench_function("call: whole pipeline, loopback worker", |b| {
-            b.iter(|| runtime.block_on(one_call(&gateway, &request, &mut answer)))
-        });
-    });
 
-    // The stages of that call not benchmarked above, on the same services and worker.
+    // The stages of a call not benchmarked above, on the services and worker of the whole
+    // call's benchmark (below).
     let snapshot = services.snapshot();
     let route = snapshot.route("ag_bench").unwrap();
     let key_hash = KeyHash::of(KEY);
@@ -445,10 +433,15 @@ fn whole_call(c: &mut Criterion) {
     c.bench_function("stage: metrics (no log line)", |b| {
         b.iter(|| finish::finish(&services.metrics, black_box(&ctx), 200))
     });
-    tracing::subscriber::with_default(access_log_to_sink(), || {
-        c.bench_function("stage: metrics + access-log line (text)", |b| {
-            b.iter(|| finish::finish(&services.metrics, black_box(&ctx), 200))
-        });
+    // From here on the gateway's logger is installed, batching its lines into nothing.
+    logging::init_to(logging::Format::Text, Box::new(std::io::sink()));
+    c.bench_function("stage: metrics + access-log line (text)", |b| {
+        b.iter(|| finish::finish(&services.metrics, black_box(&ctx), 200))
+    });
+
+    let mut answer = Vec::new();
+    c.bench_function("call: whole pipeline, loopback worker", |b| {
+        b.iter(|| runtime.block_on(one_call(&gateway, &request, &mut answer)))
     });
 }
 

@@ -3,9 +3,11 @@
 //! embedded store's usage log).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use super::ctx::{CallRecord, RequestCtx};
 use crate::error::GatewayError;
+use crate::logging::AccessLine;
 use crate::metrics::{status_label, Metrics, NO_AGENT};
 
 /// Counts the call and writes its access-log line; `status` is what the client was sent
@@ -40,38 +42,49 @@ pub fn finish(metrics: &Metrics, ctx: &RequestCtx, status: u16) {
     {
         metrics.auth_failures.with_label_values(&[reason]).inc();
     }
+    if let Some(line) = AccessLine::start() {
+        access_line(line, ctx, status, upstream);
+    }
+}
+
+/// The call's access-log line (see `logging::AccessLine` for its format).
+fn access_line(mut line: AccessLine, ctx: &RequestCtx, status: u16, upstream: Option<Duration>) {
+    let record = &ctx.record;
+    let key = record.key.as_deref();
     let (input, output) = record
         .usage
         .map_or((0, 0), |u| (u.input_tokens, u.output_tokens));
     let stream = record.stream.as_ref();
-    tracing::info!(
-        target: "access",
-        call_id = %ctx.ids.call_id,
-        request_id = %ctx.ids.request_id,
-        agent,
-        key_id = record.key.as_ref().map_or("", |k| k.id.as_str()),
-        account = record.key.as_ref().map_or("", |k| k.account.as_str()),
-        session_id = record.session_id.as_deref().unwrap_or(""),
-        status,
-        error = record.refusal.as_ref().map_or("", |e| e.code()),
-        decision = decision(record),
-        trace_id = ctx.ids.trace.trace_id(),
-        upstream = %Endpoint(record.upstream_endpoint),
-        duration_ms = ctx.started.elapsed().as_millis() as u64,
-        // The gateway's own time before the worker: parsing, auth, admission.
-        admit_ms = record
-            .upstream_started
-            .map_or(0, |s| s.duration_since(ctx.started).as_millis() as u64),
-        // The worker exchange alone: not the settlement, not the client's write.
-        upstream_ms = upstream.map_or(0, |u| u.as_millis() as u64),
-        input_tokens = input,
-        output_tokens = output,
-        cost = record.cost,
-        stream = stream.is_some(),
-        events = stream.map_or(0, |s| s.events),
-        first_byte_ms = stream.map_or(0.0, |s| s.first_byte.as_secs_f64() * 1000.0),
-        stream_end = stream.map_or("", |s| s.end.label()),
+    line.plain("call_id", &ctx.ids.call_id);
+    line.plain("request_id", &ctx.ids.request_id);
+    line.text("agent", record.agent_label());
+    line.text("key_id", key.map_or("", |k| k.id.as_str()));
+    line.text("account", key.map_or("", |k| k.account.as_str()));
+    line.text("session_id", record.session_id.as_deref().unwrap_or(""));
+    line.number("status", status);
+    line.text("error", record.refusal.as_ref().map_or("", |e| e.code()));
+    line.text("decision", decision(record));
+    line.text("trace_id", ctx.ids.trace.trace_id());
+    line.plain("upstream", Endpoint(record.upstream_endpoint));
+    line.number("duration_ms", ctx.started.elapsed().as_millis() as u64);
+    // The gateway's own time before the worker: parsing, auth, admission.
+    let admit = record
+        .upstream_started
+        .map(|s| s.duration_since(ctx.started));
+    line.number("admit_ms", admit.map_or(0, |a| a.as_millis() as u64));
+    // The worker exchange alone: not the settlement, not the client's write.
+    line.number("upstream_ms", upstream.map_or(0, |u| u.as_millis() as u64));
+    line.number("input_tokens", input);
+    line.number("output_tokens", output);
+    line.number("cost", record.cost);
+    line.flag("stream", stream.is_some());
+    line.number("events", stream.map_or(0, |s| s.events));
+    line.float(
+        "first_byte_ms",
+        stream.map_or(0.0, |s| s.first_byte.as_secs_f64() * 1000.0),
     );
+    line.text("stream_end", stream.map_or("", |s| s.end.label()));
+    line.write();
 }
 
 /// `metrics.per_key`: the call under its key id too.
