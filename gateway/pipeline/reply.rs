@@ -1,7 +1,7 @@
 //! Writing answers to the client: the worker's, and the gateway's own errors.
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use std::future::Future;
@@ -15,20 +15,21 @@ use crate::headers::{
     connection_options, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, X_REQUEST_ID,
 };
 
-/// Worker headers that describe the worker's connection or framing, not the answer.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Worker headers that describe the worker's connection or framing, not the answer. Names,
+/// not text: removing by text parses the text into a name first, each call.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
 
 /// Worker headers about the worker itself, not the answer: the client never learns which
 /// server software stands behind the gateway.
-const WORKER_ONLY: [&str; 1] = ["server"];
+const WORKER_ONLY: [HeaderName; 1] = [http::header::SERVER];
 
 /// How much of an answer one write hands the connection: a client that reads at all keeps
 /// its connection, one that reads nothing for `limits.write_timeout` loses it.
@@ -118,7 +119,7 @@ fn client_head(
         header.remove_header(name.as_str());
     }
     for name in HOP_BY_HOP.iter().chain(&WORKER_ONLY) {
-        header.remove_header(*name);
+        header.remove_header(name);
     }
     add_common_headers(&mut header, common)?;
     Ok(header)
