@@ -4,10 +4,11 @@
 //! cost table these make.
 //! Run: cargo bench --bench hot_path
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use std::hint::black_box;
 
 use bytes::Bytes;
+use pingora::http::ResponseHeader;
 use pingora::proxy::{ProxyHttp, Session};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -19,6 +20,9 @@ use turnpike::logging;
 use turnpike::metrics::Metrics;
 use turnpike::pipeline::ctx::RequestCtx;
 use turnpike::pipeline::finish;
+use turnpike::pipeline::meter::MeteredAnswer;
+use turnpike::pipeline::open_call::Bill;
+use turnpike::pipeline::reply::{send_answer, Common};
 use turnpike::proxy::Gateway;
 use turnpike::services::{Services, Snapshot};
 use turnpike::store::{AdminStore, CallStore, MemoryStore};
@@ -414,6 +418,56 @@ fn whole_call(c: &mut Criterion) {
             })
         },
     );
+    // Pingora's part at either end: the request head read and parsed into a session, and
+    // the worker's answer written to the client (head rewritten, one write).
+    c.bench_function("stage: request head read (Pingora session)", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let (mut client, server) = tokio::io::duplex(64 * 1024);
+                client.write_all(&request).await.unwrap();
+                let mut session = Session::new_h1(Box::new(server));
+                session.read_request().await.unwrap()
+            })
+        })
+    });
+    let common = Common {
+        request_id: "req_0123456789abcdef",
+        quota: None,
+        write_timeout: Duration::from_secs(10),
+    };
+    c.bench_function("stage: answer to the client (head rewrite, write)", |b| {
+        b.iter_batched(
+            || {
+                // A session whose request was read, and the worker's answer as Pingora's
+                // client reads it (header case kept).
+                let (mut client, server) = tokio::io::duplex(64 * 1024);
+                let mut session = Session::new_h1(Box::new(server));
+                runtime.block_on(async {
+                    client.write_all(&request).await.unwrap();
+                    session.read_request().await.unwrap();
+                    session.read_request_body().await.unwrap();
+                });
+                let mut header = ResponseHeader::build(200, Some(4)).unwrap();
+                header
+                    .append_header("Content-Type", "application/json")
+                    .unwrap();
+                header.append_header("Server", "nginx").unwrap();
+                let answer = MeteredAnswer {
+                    header: Box::new(header),
+                    body: Bytes::from_static(ANSWER.as_bytes()),
+                    bill: Bill::Nothing,
+                };
+                (client, session, answer)
+            },
+            |(client, mut session, answer)| {
+                runtime
+                    .block_on(send_answer(&mut session, &common, answer))
+                    .unwrap();
+                (client, session)
+            },
+            BatchSize::SmallInput,
+        )
+    });
     // The end of a call: its counters alone, then with its access-log line formatted.
     let ctx = {
         let mut ctx = RequestCtx::start();

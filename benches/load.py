@@ -479,8 +479,10 @@ def write_markdown(args, lines, envoy_path, targets):
         f.write("".join(f"- {m}\n" for m in missing) or "- Nothing left out: every row above ran.\n")
 
 
-def target_rows(args, targets, rps, cpu, p50, results, med, redis_rtt, new_connections):
-    """The issues' targets (issue 10: cost and scale; issue 13: TLS) against this run's figures."""
+def target_rows(args, targets, rps, cpu, p50, results, med, redis_rtt, new_connections, open_loop=None,
+                syscalls=None):
+    """The issues' targets (issue 10: cost and scale; issue 13: TLS; issue 25: the engine's floor)
+    against this run's figures."""
     embedded_profile = "`benches/profile.py` (flame graph); scaling.md, \"Where the next ceiling is\""
     redis_profile = "`benches/profile.py --redis` (flame graph); scaling.md, \"What a call costs Redis\""
     rows = []
@@ -489,8 +491,19 @@ def target_rows(args, targets, rps, cpu, p50, results, med, redis_rtt, new_conne
     if "envoy" in targets:
         ratio = rps["turnpike"] / rps["envoy"]
         rows.append(("embedded store req/s", ">= 1.2x Envoy", f"{ratio:.2f}x", ratio >= 1.2, embedded_profile))
+    ratio = cpu["turnpike"] / cpu["pingora-passthrough"]
+    rows.append(("embedded store CPU per call", "<= 1.15x passthrough", f"{ratio:.2f}x", ratio <= 1.15,
+                 embedded_profile))
     gap = p50["turnpike"] - p50["pingora-passthrough"]
     rows.append(("c=1 p50, embedded", "within 15 us of passthrough", f"{gap:+.0f} us", gap <= 15, embedded_profile))
+    if open_loop and "turnpike" in open_loop:
+        ratio = open_loop["turnpike"]["p99"] / open_loop["pingora-passthrough"]["p99"]
+        rows.append((f"open loop {args.open_loop}/s p99, embedded", "<= 1.5x passthrough", f"{ratio:.2f}x",
+                     ratio <= 1.5, embedded_profile))
+    if syscalls:
+        ours, floor = (sum(syscalls[n].values()) for n in ("turnpike", "pingora-passthrough"))
+        rows.append(("system calls per call", "fewer than the passthrough", f"{ours:.2f} vs {floor:.2f}",
+                     ours < floor, "the `strace -c` table above"))
     if "turnpike-redis" in targets:
         redis_cpu = med("turnpike-redis", lambda r: r["redis_us_per_call"])
         rows.append(("Redis CPU per call", "<= 10 us", f"{redis_cpu:.1f} us", redis_cpu <= 10, redis_profile))
@@ -792,7 +805,7 @@ def main():
 
     if args.markdown:
         write_markdown(args, lines, envoy_path, target_rows(args, targets, rps, cpu, p50, results, med,
-                                                           redis_rtt, new_connections))
+                                                           redis_rtt, new_connections, open_loop, syscalls))
 
 
 if __name__ == "__main__":
