@@ -31,6 +31,22 @@ use super::{
     StoreKind, TlsListenerConfig, MAX_BODY_BYTES_CEILING, MAX_HEADER_BYTES_CEILING,
 };
 
+/// Headers a pool may not set for its workers: the gateway frames each request itself (one
+/// write of head and body, `Content-Length` exact) and owns the connection, so a pool's
+/// `Content-Length` or `Connection` would make the worker read the body or the connection
+/// otherwise than it was sent.
+const FRAMING_HEADERS: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+];
+
 /// Compiles the whole file against the policies already compiled from its directory;
 /// `compiled_keys`, when given, are the file's keys as a load of the same text compiled them.
 pub fn compile(
@@ -312,6 +328,10 @@ fn compile_pool(name: &str, spec: UpstreamSpec, report: &mut Report) -> Option<P
             http::HeaderName::try_from(header.as_str()),
             http::HeaderValue::try_from(value.as_str()),
         ) {
+            (Ok(n), _) if FRAMING_HEADERS.contains(&n.as_str()) => report.error(
+                format!("{key}.headers.{header}"),
+                "describes the connection or the body's framing, which the gateway sets itself",
+            ),
             (Ok(n), Ok(v)) => headers.push((n, v)),
             _ => report.error(
                 format!("{key}.headers.{header}"),

@@ -415,6 +415,26 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_cannot_set_a_header_that_frames_the_request() {
+        let config = "upstreams:\n  pool:\n    endpoints: [\"127.0.0.1:9001\"]\n    \
+             headers: {Content-Length: \"5\", Transfer-Encoding: chunked, Connection: close, \
+             X-Upstream-Token: t}\nagents:\n  - {id: ag_one, upstream: pool}\n";
+        let errors = parse(&Source::new("turnpike.yaml", config), &[])
+            .unwrap_err()
+            .0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "upstreams.pool.headers.Connection",
+                "upstreams.pool.headers.Content-Length",
+                "upstreams.pool.headers.Transfer-Encoding",
+            ]
+        );
+        assert!(errors[0].message.contains("framing"), "{:?}", errors[0]);
+    }
+
+    #[test]
     fn a_file_wrong_everywhere_lists_every_error_and_places_the_first_ones() {
         let mut config =
             String::from("upstreams:\n  pool: {endpoints: [\"127.0.0.1:9001\"]}\nagents:\n");

@@ -246,6 +246,11 @@ fn count_attempt(
 /// worker wakes once (Pingora's session writes and flushes the head alone, then the body:
 /// a generic proxy does not have the body yet; we do). The session is then made anew on the
 /// written connection, as the connector makes one per call, to read the answer.
+///
+/// A pooled connection the worker closed just as it was handed out (after Pingora's check
+/// that it is still open) is seen here only if the one write fails; when the write goes
+/// through and the worker's reset comes after it, the answer's read fails instead, which is
+/// a 502, not a resend: the worker may have had the whole request.
 async fn send(
     session: HttpSession,
     peer: &WorkerPeer,

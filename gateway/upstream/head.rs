@@ -35,6 +35,11 @@ const DROPPED_HEADERS: [&str; 19] = [
     "expect",
 ];
 
+/// The most header slots reserved up front (as Pingora bounds its own hint): an HTTP/2 head
+/// may carry tens of thousands of tiny headers, and `HeaderMap::with_capacity` panics above
+/// 24,576.
+const MAX_HINT: usize = 4096;
+
 /// What a proxy in front says about the client. Believed only from a trusted proxy (as
 /// Envoy's `xff_num_trusted_hops` and nginx's `set_real_ip_from` do); from anyone else they
 /// are dropped and the gateway sends its own `X-Forwarded-For` and `X-Forwarded-Proto`.
@@ -107,7 +112,7 @@ pub fn outgoing_head(
 ) -> pingora::Result<RequestHeader> {
     // Built as a plain header map, made the head at the end: Pingora's `insert_header`
     // turns each name into bytes and parses it back, every time.
-    let mut headers = http::HeaderMap::with_capacity(client.headers.len() + 12);
+    let mut headers = http::HeaderMap::with_capacity((client.headers.len() + 12).min(MAX_HINT));
     let connection_options = connection_options(&client.headers);
     let trusted = who.peer.trusted;
     let mut cookies = client.headers.get_all(http::header::COOKIE).iter();

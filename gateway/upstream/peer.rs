@@ -1,11 +1,14 @@
 //! A worker endpoint as Pingora's connector sees it.
 
 use pingora::protocols::l4::socket::SocketAddr;
-use pingora::upstreams::peer::{HttpPeer, Peer, PeerOptions, Proxy};
+use pingora::upstreams::peer::{HttpPeer, Peer, PeerOptions, Proxy, Tracer};
+use pingora::utils::tls::CertKey;
 use std::fmt;
 use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
 
-/// An endpoint's `HttpPeer`, built once per config, save one check. Pingora asks the kernel
+/// An endpoint's `HttpPeer`, built once per config, with every trait method `HttpPeer`
+/// overrides passed on to it, save one check. Pingora asks the kernel
 /// for a pooled connection's peer address (`getpeername`) each time it hands one out, to be
 /// sure the descriptor still points where the pool says. A pooled connection owns its
 /// descriptor, so it cannot point anywhere else; and the pool is keyed by the peer (address,
@@ -41,6 +44,14 @@ impl Peer for WorkerPeer {
 
     fn get_proxy(&self) -> Option<&Proxy> {
         self.0.get_proxy()
+    }
+
+    fn get_client_cert_key(&self) -> Option<&Arc<CertKey>> {
+        self.0.get_client_cert_key()
+    }
+
+    fn get_tracer(&self) -> Option<Tracer> {
+        self.0.get_tracer()
     }
 
     fn matches_fd<V: AsRawFd>(&self, _fd: V) -> bool {
