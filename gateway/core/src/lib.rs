@@ -10,6 +10,8 @@
 //! - [`body`]: the chat request body, judged before anything is spent.
 //! - [`limits`]: token buckets in exact integer units.
 //! - [`admission`]: the admission and settlement decisions over buckets, slots and balance.
+//! - [`slices`]: slices of a shared token bucket, decided against locally (issue 23; not yet
+//!   used by the stores).
 //! - [`billing`]: prices, cost and the balance rule.
 //! - [`usage`]: reading and judging the `usage` a worker reports.
 //! - [`sse`]: a streamed answer cut into events, and what they report.
@@ -25,6 +27,7 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod route;
+pub mod slices;
 pub mod sse;
 pub mod trace;
 pub mod units;
