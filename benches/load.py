@@ -266,8 +266,8 @@ def run_open_loop(oha, port, path, seconds, connections, rate):
 
 def count_syscalls(pid, run_load):
     """System calls per call of a process (all its threads) while `run_load` runs, by strace -c."""
-    ensure = shutil.which("strace")
-    if not ensure:
+    if not shutil.which("strace"):
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", "strace"], check=True)
     with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
         tracer = subprocess.Popen(["strace", "-c", "-f", "-q", "-o", out.name, "-p", str(pid)])

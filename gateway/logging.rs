@@ -226,16 +226,24 @@ impl AccessLine {
     /// A field recorded with `%` (`Display`): unquoted in text, a string in JSON.
     pub fn plain(&mut self, name: &str, value: impl std::fmt::Display) {
         self.name(name);
-        if self.json {
-            let start = self.buf.len();
+        if !self.json {
             let _ = write!(self.buf, "{value}");
-            let shown = self.buf.split_off(start);
-            match std::str::from_utf8(&shown) {
-                Ok(text) => json_string(&mut self.buf, text),
-                Err(_) => json_string(&mut self.buf, &String::from_utf8_lossy(&shown)),
-            }
+            return;
+        }
+        // Written in place between quotes; escaped afresh only when it needs it (ids and
+        // addresses never do).
+        self.buf.push(b'"');
+        let start = self.buf.len();
+        let _ = write!(self.buf, "{value}");
+        if self.buf[start..]
+            .iter()
+            .all(|&b| b >= 0x20 && b != b'"' && b != b'\\')
+        {
+            self.buf.push(b'"');
         } else {
-            let _ = write!(self.buf, "{value}");
+            let shown = self.buf.split_off(start);
+            self.buf.pop();
+            json_string(&mut self.buf, &String::from_utf8_lossy(&shown));
         }
     }
 
@@ -377,6 +385,7 @@ mod tests {
                     agent = awkward,
                     empty = "",
                     upstream = %addr,
+                    shown = %awkward,
                     status = 200u16,
                     cost = -3i64,
                     stream = true,
@@ -389,6 +398,7 @@ mod tests {
             line.text("agent", awkward);
             line.text("empty", "");
             line.plain("upstream", addr);
+            line.plain("shown", awkward);
             line.number("status", 200u16);
             line.number("cost", -3i64);
             line.flag("stream", true);
