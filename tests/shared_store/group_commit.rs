@@ -2,6 +2,7 @@
 //! run, and each call is still judged, charged and logged exactly as if it ran alone.
 
 use std::sync::Barrier;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -14,6 +15,11 @@ const COST: i64 = 45 + 2 * 32;
 
 /// Sends one call per key in `keys`, all at once; returns their statuses in order.
 fn at_once(gw: &TestGateway, keys: &[&str]) -> Vec<u16> {
+    at_once_answered_after(gw, keys, 0.2)
+}
+
+/// As [`at_once`], with the worker answering each call after `seconds`.
+fn at_once_answered_after(gw: &TestGateway, keys: &[&str], seconds: f64) -> Vec<u16> {
     let barrier = Barrier::new(keys.len());
     std::thread::scope(|s| {
         let calls: Vec<_> = keys
@@ -22,7 +28,7 @@ fn at_once(gw: &TestGateway, keys: &[&str]) -> Vec<u16> {
                 let barrier = &barrier;
                 s.spawn(move || {
                     barrier.wait();
-                    gw.chat(AGENT, key, Script::sleep(0.2)).status
+                    gw.chat(AGENT, key, Script::sleep(seconds)).status
                 })
             })
             .collect();
@@ -98,14 +104,100 @@ fn a_call_redis_refuses_fails_alone_and_the_calls_run_with_it_pass() {
         "turnpike:{account:acct_jane}:key:key_jane:limits",
         "damaged",
     ]);
-    let keys: Vec<&str> = (0..24)
-        .map(|i| if i % 2 == 0 { gw.jane() } else { gw.bob() })
-        .collect();
-    let statuses = at_once(&gw, &keys);
+    let statuses = at_once(&gw, &interleaved(&gw, 12));
     let (jane, bob): (Vec<_>, Vec<_>) = statuses.iter().enumerate().partition(|(i, _)| i % 2 == 0);
     assert!(jane.iter().all(|(_, s)| **s == 503), "{statuses:?}");
     assert!(bob.iter().all(|(_, s)| **s == 200), "{statuses:?}");
     assert_eq!(gw.usage_after("account=acct_bob", 12).requests, 12);
+}
+
+/// Jane's and Bob's calls, alternating, `n` of each.
+fn interleaved(gw: &TestGateway, n: usize) -> Vec<&str> {
+    (0..2 * n)
+        .map(|i| if i % 2 == 0 { gw.jane() } else { gw.bob() })
+        .collect()
+}
+
+/// An account hash damaged by hand (a field that is no number) fails its own calls, at
+/// admission and at settlement, and nothing else: the calls that shared script runs with
+/// them are admitted, charged and logged exactly, and nothing of a failed call is
+/// half-applied (no lease, slot or reservation left behind).
+#[test]
+fn a_damaged_account_fails_only_its_own_calls_and_the_runs_they_share_apply_the_rest() {
+    let redis = RedisServer::start();
+    let w = Worker::start("w1");
+    let gw = on_redis(&w, json!(redis.url()), json!({}))
+        .policy(
+            "standard",
+            json!({"requests": {"rate": 1000, "per": "1s"}, "concurrency": 100}),
+        )
+        .reserve(100)
+        .account_balance("acct_jane", 1_000_000)
+        .account_balance("acct_bob", 1_000_000)
+        .start();
+    gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+    gw.chat(AGENT, gw.bob(), "hi").assert_status(200);
+    let jane = "turnpike:{account:acct_jane}:account";
+    let held_fields = |account: &str| {
+        redis
+            .cli(&["HKEYS", account])
+            .lines()
+            .filter(|f| f.contains("held:"))
+            .count()
+    };
+
+    // At admission: what Jane has reserved is no number.
+    redis.cli(&["HSET", jane, "reserved", "abc"]);
+    let statuses = at_once(&gw, &interleaved(&gw, 12));
+    let (jane_calls, bob_calls): (Vec<_>, Vec<_>) =
+        statuses.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    assert!(jane_calls.iter().all(|(_, s)| **s == 503), "{statuses:?}");
+    assert!(bob_calls.iter().all(|(_, s)| **s == 200), "{statuses:?}");
+    assert_eq!(redis.cli(&["HGET", jane, "reserved"]), "abc");
+    assert_eq!(
+        held_fields(jane),
+        0,
+        "a refused admission reserved something"
+    );
+    for (account, key) in [("acct_jane", "key_jane"), ("acct_bob", "key_bob")] {
+        let inflight = format!("turnpike:{{account:{account}}}:key:{key}:inflight");
+        assert_eq!(
+            redis.cli(&["ZCARD", &inflight]),
+            "(integer) 0",
+            "{inflight}"
+        );
+    }
+
+    // At settlement: Jane's calls are admitted, then her balance is damaged, and Redis is
+    // held up while the answers come, so her settlements and Bob's share runs.
+    redis.cli(&["HSET", jane, "reserved", "0"]);
+    let started = Instant::now();
+    let statuses = std::thread::scope(|s| {
+        let calls = s.spawn(|| at_once_answered_after(&gw, &interleaved(&gw, 12), 1.5));
+        wait_until(Duration::from_secs(5), "Jane's 12 calls admitted", || {
+            redis.cli(&["HGET", jane, "reserved"]) == "1200"
+        });
+        redis.cli(&["HSET", jane, "balance", "abc"]);
+        std::thread::sleep(Duration::from_millis(1200).saturating_sub(started.elapsed()));
+        redis.cli(&["DEBUG", "SLEEP", "0.6"]);
+        calls.join().unwrap()
+    });
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let usage = gw.usage_after("account=acct_bob", 25);
+    assert_eq!((usage.requests, usage.cost), (25, 25 * COST));
+    assert_eq!(
+        gw.settled_balance("acct_bob").balance,
+        1_000_000 - 25 * COST
+    );
+    // Jane's settlements are refused for good, counted and logged whole; none half-applied.
+    assert_eq!(
+        gw.metric("turnpike_store_settlements_dropped_total", &[]),
+        12.0
+    );
+    assert_eq!(redis.cli(&["HGET", jane, "balance"]), "abc");
+    assert_eq!(redis.cli(&["HGET", jane, "reserved"]), "1200");
+    assert_eq!(held_fields(jane), 12);
+    assert_eq!(gw.usage("account=acct_jane").requests, 1);
 }
 
 /// A call refused before admission (here a body that is not JSON) costs Redis nothing: its

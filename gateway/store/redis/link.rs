@@ -444,9 +444,9 @@ const TRANSIENT_CODES: [&str; 9] = [
 ];
 
 /// Error replies about the operation itself, which no retry can cure: a key of the wrong
-/// type, keys in different Cluster slots. A script that failed at run time is final too
+/// type, keys in different Cluster slots, a field the scripts find damaged (not an integer). A script that failed at run time is final too
 /// (its error names the script, whatever the code).
-const FINAL_CODES: [&str; 2] = ["WRONGTYPE", "CROSSSLOT"];
+const FINAL_CODES: [&str; 3] = ["WRONGTYPE", "CROSSSLOT", "DAMAGED"];
 
 /// What a failed Redis call says about the store: an error reply is transient or final by
 /// its code; a reply of the wrong shape is final; a refused connection sent nothing; any

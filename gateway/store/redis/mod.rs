@@ -127,7 +127,7 @@ impl RedisStore {
             flushing: tokio::sync::Mutex::new(()),
         });
         for url in &config.urls {
-            warn_if_evicting(url).await;
+            check_server(url).await?;
         }
         runtime.spawn(records::listen_for_key_changes(
             Arc::downgrade(&store),
@@ -216,26 +216,72 @@ impl AdminStore for RedisStore {
     }
 }
 
-/// Warns when Redis may evict keys: eviction silently resets limits and balances.
-async fn warn_if_evicting(url: &str) {
+/// The oldest Redis the scripts run on: they start with a shebang (`#!lua`), so that Redis
+/// judges `maxmemory` once before a run rather than at its first write.
+const OLDEST_REDIS: (u32, u32) = (7, 0);
+
+/// Refuses a Redis too old for the scripts, and warns when Redis may evict keys (eviction
+/// silently resets limits and balances). A server that does not answer now is not judged:
+/// the store's own checks find it when it is back.
+async fn check_server(url: &str) -> Result<(), StoreError> {
     let Ok(client) = redis::Client::open(url) else {
-        return;
+        return Ok(());
     };
     let asking = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("CONFIG")
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await?;
+        let policy: Vec<String> = redis::cmd("CONFIG")
             .arg("GET")
             .arg("maxmemory-policy")
-            .query_async::<Vec<String>>(&mut conn)
-            .await
+            .query_async(&mut conn)
+            .await?;
+        Ok::<_, redis::RedisError>((info, policy))
     };
-    if let Ok(Ok(reply)) = tokio::time::timeout(ADMIN_TIMEOUT, asking).await {
-        if let Some(policy) = reply.get(1).filter(|p| *p != "noeviction") {
-            tracing::warn!(
-                %url,
-                maxmemory_policy = %policy,
-                "Redis may evict keys, which silently resets rate limits and balances; set maxmemory-policy noeviction"
-            );
-        }
+    let Ok(Ok((info, policy))) = tokio::time::timeout(ADMIN_TIMEOUT, asking).await else {
+        return Ok(());
+    };
+    if let Some(version) = server_version(&info).filter(|v| *v < OLDEST_REDIS) {
+        return Err(StoreError::new(
+            StoreErrorKind::Refused,
+            format!(
+                "{url} runs Redis {}.{}; Turnpike needs Redis {}.{} or newer",
+                version.0, version.1, OLDEST_REDIS.0, OLDEST_REDIS.1
+            ),
+        ));
+    }
+    if let Some(policy) = policy.get(1).filter(|p| *p != "noeviction") {
+        tracing::warn!(
+            %url,
+            maxmemory_policy = %policy,
+            "Redis may evict keys, which silently resets rate limits and balances; set maxmemory-policy noeviction"
+        );
+    }
+    Ok(())
+}
+
+/// `(major, minor)` of `redis_version:` in an `INFO server` reply.
+fn server_version(info: &str) -> Option<(u32, u32)> {
+    let version = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))?;
+    let mut parts = version.trim().split('.').map(str::parse::<u32>);
+    Some((parts.next()?.ok()?, parts.next()?.ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_version_is_read_from_info() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(server_version(info), Some((7, 0)));
+        assert!(server_version("redis_version:6.2.14\r\n").unwrap() < OLDEST_REDIS);
+        assert!(server_version("redis_version:10.0.0").unwrap() > OLDEST_REDIS);
+        assert_eq!(server_version("redis_version:x\r\n"), None);
+        assert_eq!(server_version(""), None);
     }
 }

@@ -33,9 +33,13 @@ end
 -- Hash fields as this run sees them. A field is read from Redis the first time a call asks
 -- for it; `hset` and `hdel` are kept here and written by `flush`; `hincrby` adds up here
 -- and is sent by `flush` as one HINCRBY per field. So a batch of calls on one key reads and
--- writes its buckets and its account once. Values read are strings or numbers (for tonumber),
--- false when absent.
+-- writes its buckets and its account once. Values read are integer strings (checked as they
+-- are read), numbers once changed, false when absent.
 local hashes = {}
+
+-- While a call of a batch runs, what each of its `hset`, `hdel` and `hincrby` replaced, so a
+-- call that fails part-way can be taken out of the run's state (batch.lua's `undo_call`).
+local undo = nil
 
 local function hash(name)
   local h = hashes[name]
@@ -44,6 +48,16 @@ local function hash(name)
     hashes[name] = h
   end
   return h
+end
+
+-- Every field the scripts keep is an integer. One that is not (written by hand) fails the
+-- call that reads it, before that call has written anything, and no other call: `flush`
+-- never meets a field HINCRBY would refuse.
+local function checked(name, field, v)
+  if v and not (#v <= 20 and string.match(v, '^%-?%d+$')) then
+    error({ err = 'DAMAGED field ' .. field .. ' of ' .. name .. ' is not an integer' })
+  end
+  return v
 end
 
 -- The fields' values, in order (false: absent), like HMGET.
@@ -57,8 +71,7 @@ local function hmget(name, ...)
   if #unread > 0 then
     local got = redis.call('HMGET', name, unpack(unread))
     for i, f in ipairs(unread) do
-      local sum = h.added[f]
-      h.values[f] = sum and (tonumber(got[i]) or 0) + sum or got[i]
+      h.values[f] = checked(name, f, got[i])
     end
   end
   local found = {}
@@ -71,17 +84,24 @@ local function hget(name, field)
   local h = hash(name)
   local v = h.values[field]
   if v == nil then
-    v = redis.call('HGET', name, field)
-    local sum = h.added[field]
-    if sum then v = (tonumber(v) or 0) + sum end
+    v = checked(name, field, redis.call('HGET', name, field))
     h.values[field] = v
   end
   return v
 end
 
+-- Notes what a change to `field` replaces, while a batch's call runs.
+local function remember(h, field)
+  if undo then
+    undo[#undo + 1] = { h = h, field = field, value = h.values[field],
+      written = h.written[field], added = h.added[field] }
+  end
+end
+
 -- `value`: a string, or a whole number (written without exponent notation).
 local function hset(name, field, value)
   local h = hash(name)
+  remember(h, field)
   h.values[field] = value
   h.written[field] = true
 end
@@ -90,9 +110,11 @@ local function hdel(name, field)
   hset(name, field, false)
 end
 
--- Adds `delta` (a decimal string) to an integer field. Sums stay in doubles' exact range:
--- one that could leave it goes to Redis at once, which adds 64-bit integers exactly.
+-- Adds `delta` (a decimal string) to an integer field, read (and checked) first. Sums stay in
+-- doubles' exact range: one that could leave it goes to Redis at once, which adds 64-bit
+-- integers exactly (and which no undo takes back: only a balance near 2^52 gets there).
 local function hincrby(name, field, delta)
+  local known = hget(name, field)
   local h = hash(name)
   local d = tonumber(delta)
   local sum = (h.added[field] or 0) + d
@@ -102,9 +124,9 @@ local function hincrby(name, field, delta)
     h.values[field] = tostring(redis.call('HINCRBY', name, field, delta))
     return
   end
+  remember(h, field)
   h.added[field] = sum
-  local known = h.values[field]
-  if known ~= nil then h.values[field] = (tonumber(known) or 0) + d end
+  h.values[field] = (tonumber(known) or 0) + d
 end
 
 -- Sorted sets (leases) are written at once, but swept of expired members and counted once
@@ -169,9 +191,10 @@ local function flush()
 end
 
 -- Gives back call `id`'s reservation, if it still holds one, and ends its lease. Amounts stay
--- decimal strings: Redis adds them as 64-bit integers, exactly.
+-- decimal strings: Redis adds them as 64-bit integers, exactly. Both fields are read before
+-- the lease goes, so a damaged one leaves the lease in place.
 local function release_held(account, leases, id)
-  local held = hget(account, 'held:' .. id)
+  local held = hmget(account, 'held:' .. id, 'reserved')[1]
   if held then
     hincrby(account, 'reserved', '-' .. held)
     hdel(account, 'held:' .. id)

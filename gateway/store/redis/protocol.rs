@@ -20,8 +20,11 @@ pub const SETTLE_LUA: &str = concat!(
     include_str!("settle.lua"),
     "local reply = settle(KEYS, ARGV)\nflush()\nreturn reply\n"
 );
-/// Admissions and settlements as one run (`batch`, the group commit).
+/// Admissions and settlements as one run (`batch`, the group commit). The shebang has Redis
+/// (7 and later) check `maxmemory` before the run rather than at its first write: out of
+/// memory, no call of it is half-applied.
 pub const BATCH_LUA: &str = concat!(
+    "#!lua\n",
     include_str!("prelude.lua"),
     include_str!("admit.lua"),
     include_str!("settle.lua"),
@@ -37,7 +40,11 @@ pub const LOG_USAGE_LUA: &str = concat!(
 );
 pub const SEED_ACCOUNT_LUA: &str = include_str!("seed_account.lua");
 /// A running stream's extension; not batched (a stream asks rarely).
-pub const EXTEND_LUA: &str = concat!(include_str!("prelude.lua"), include_str!("extend.lua"));
+pub const EXTEND_LUA: &str = concat!(
+    "#!lua\n",
+    include_str!("prelude.lua"),
+    include_str!("extend.lua")
+);
 
 /// admit.lua's arguments, then [`ADMIT_SCOPE_ARGS`] once per scope.
 pub const ADMIT_ARGS: [&str; 4] = ["call_id", "lease_ms", "reserve", "scope_count"];

@@ -1,6 +1,7 @@
 -- Settlement of one call, or the refund of an admission another script refused (cluster
 -- mode, where the agent's buckets live in another slot). Mirrors turnpike_core::admission.
--- Idempotent: the first run sets a marker for the call id; a second run changes nothing.
+-- Idempotent: the first run sets a marker for the call id (once it has read everything it
+-- changes); a second run changes nothing.
 -- The gateway shortens the marker's life (batch.lua's `forget`) once it knows the outcome.
 -- prelude.lua comes first.
 --
@@ -18,7 +19,7 @@ local function settle(KEYS, ARGV)
     output_tokens, total_tokens, key_id, agent, account, stream, stream_maxlen, request_id,
     session_id, status, scope_count = unpack(ARGV, 1, 18)
   local SCOPE_ARGS = 7
-  if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', marker_ttl_ms) then return ALREADY end
+  if redis.call('EXISTS', KEYS[1]) == 1 then return ALREADY end
 
   local charge = tonumber(cost)
   local total = tonumber(total_tokens)
@@ -29,9 +30,44 @@ local function settle(KEYS, ARGV)
     next_key = next_key + 1
     return k
   end
-
+  local account_hash, leases, usage, row
   if account_side == '1' then
-    local account_hash, leases, usage = take_key(), take_key(), take_key()
+    account_hash, leases, usage = take_key(), take_key(), take_key()
+    row = '\31' .. key_id .. '\31' .. agent
+  end
+  local stream_key = (stream == '1') and take_key() or nil
+  local scopes = {}
+  for i = 1, tonumber(scope_count) do
+    local at = 18 + (i - 1) * SCOPE_ARGS
+    local holds_slot, tokens_rate, tokens_period, tokens_burst,
+      requests_rate, requests_period, requests_burst = unpack(ARGV, at + 1, at + SCOPE_ARGS)
+    scopes[i] = {
+      limiter = take_key(),
+      inflight = take_key(),
+      holds_slot = holds_slot == '1',
+      tokens = bucket_spec(tokens_rate, tokens_period, tokens_burst),
+      requests = bucket_spec(requests_rate, requests_period, requests_burst),
+    }
+  end
+
+  -- Everything the settlement changes is read (and checked) before anything is written: a
+  -- damaged field fails this call whole, marker and all, and no other.
+  if account_hash then
+    hmget(account_hash, 'held:' .. call_id, 'reserved', 'balance', 'debit_before_seed')
+    if metered == '1' then
+      hmget(usage, 'requests' .. row, 'input_tokens' .. row, 'output_tokens' .. row,
+        'total_tokens' .. row, 'cost' .. row)
+    end
+  end
+  for _, s in ipairs(scopes) do
+    s.debits_tokens = s.tokens and metered == '1' and total > 0
+    s.refunds_request = refund == '1' and s.requests
+    if s.debits_tokens then hmget(s.limiter, 'tl', 'tu') end
+    if s.refunds_request then hmget(s.limiter, 'rl', 'ru') end
+  end
+  redis.call('SET', KEYS[1], '1', 'PX', marker_ttl_ms)
+
+  if account_hash then
     -- The reservation is given back unless its lease already expired and gave it back.
     release_held(account_hash, leases, call_id)
     if charge > 0 then
@@ -44,7 +80,6 @@ local function settle(KEYS, ARGV)
       end
     end
     if metered == '1' then
-      local row = '\31' .. key_id .. '\31' .. agent
       hincrby(usage, 'requests' .. row, '1')
       hincrby(usage, 'input_tokens' .. row, input_tokens)
       hincrby(usage, 'output_tokens' .. row, output_tokens)
@@ -53,34 +88,28 @@ local function settle(KEYS, ARGV)
     end
   end
 
-  if stream == '1' and metered == '1' then
-    redis.call('XADD', take_key(), 'MAXLEN', '~', stream_maxlen, '*',
+  if stream_key and metered == '1' then
+    redis.call('XADD', stream_key, 'MAXLEN', '~', stream_maxlen, '*',
       'call_id', call_id, 'request_id', request_id, 'time_ms', int(now), 'account', account,
       'key_id', key_id, 'agent', agent, 'session_id', session_id,
       'status', status, 'input_tokens', input_tokens,
       'output_tokens', output_tokens, 'total_tokens', total_tokens, 'cost', cost)
   end
 
-  for i = 1, tonumber(scope_count) do
-    local at = 18 + (i - 1) * SCOPE_ARGS
-    local holds_slot, tokens_rate, tokens_period, tokens_burst,
-      requests_rate, requests_period, requests_burst = unpack(ARGV, at + 1, at + SCOPE_ARGS)
-    local limiter, inflight = take_key(), take_key()
-    if holds_slot == '1' then zrem(inflight, call_id) end
-    local tokens = bucket_spec(tokens_rate, tokens_period, tokens_burst)
-    local requests = bucket_spec(requests_rate, requests_period, requests_burst)
-    if tokens and metered == '1' and total > 0 then
-      local state = hmget(limiter, 'tl', 'tu')
-      local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), tokens)
-      hset(limiter, 'tl', math.max(level - total * tokens.period, -EXACT))
-      hset(limiter, 'tu', updated)
+  for _, s in ipairs(scopes) do
+    if s.holds_slot then zrem(s.inflight, call_id) end
+    if s.debits_tokens then
+      local state = hmget(s.limiter, 'tl', 'tu')
+      local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), s.tokens)
+      hset(s.limiter, 'tl', math.max(level - total * s.tokens.period, -EXACT))
+      hset(s.limiter, 'tu', updated)
     end
-    if refund == '1' and requests then
+    if s.refunds_request then
       -- Gives back the request token the refused admission took.
-      local state = hmget(limiter, 'rl', 'ru')
-      local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), requests)
-      hset(limiter, 'rl', math.min(level + requests.period, capacity(requests)))
-      hset(limiter, 'ru', updated)
+      local state = hmget(s.limiter, 'rl', 'ru')
+      local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), s.requests)
+      hset(s.limiter, 'rl', math.min(level + s.requests.period, capacity(s.requests)))
+      hset(s.limiter, 'ru', updated)
     end
   end
   return APPLIED
