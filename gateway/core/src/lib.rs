@@ -12,6 +12,10 @@
 //! - [`admission`]: the admission and settlement decisions over buckets, slots and balance.
 //! - [`slices`]: slices of a shared token bucket, decided against locally (issue 23; not yet
 //!   used by the stores).
+//! - [`escrow`]: slices of an account's balance, reserved and charged against locally
+//!   (issue 23; not yet used by the stores).
+//! - [`slot_blocks`]: blocks of a concurrency limit's slots, leased and seated in locally
+//!   (issue 23; not yet used by the stores).
 //! - [`billing`]: prices, cost and the balance rule.
 //! - [`usage`]: reading and judging the `usage` a worker reports.
 //! - [`sse`]: a streamed answer cut into events, and what they report.
@@ -21,6 +25,7 @@
 pub mod admission;
 pub mod billing;
 pub mod body;
+pub mod escrow;
 pub mod h2_watch;
 pub mod head;
 pub mod ids;
@@ -28,6 +33,7 @@ pub mod keys;
 pub mod limits;
 pub mod route;
 pub mod slices;
+pub mod slot_blocks;
 pub mod sse;
 pub mod trace;
 pub mod units;
