@@ -108,7 +108,15 @@ const NO_AGENT_STATUSES: [&str; 9] = [
 /// `turnpike_auth_failures_total`'s reasons (`GatewayError::auth_failure_reason`).
 pub const AUTH_FAILURE_REASONS: [&str; 3] = ["missing", "invalid", "admin"];
 /// `turnpike_store_*{op}`: the Redis store's operations (the embedded store never fails).
-pub const STORE_OPS: [&str; 6] = ["key", "admit", "settle", "extend", "admin", "admin_once"];
+pub const STORE_OPS: [&str; 7] = [
+    "key",
+    "admit",
+    "settle",
+    "extend",
+    "slice",
+    "admin",
+    "admin_once",
+];
 /// `turnpike_upstream_attempts_total`'s outcomes (`exchange`).
 pub const ATTEMPT_OUTCOMES: [&str; 5] = [
     "answered",

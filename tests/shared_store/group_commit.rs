@@ -54,6 +54,7 @@ fn concurrent_calls_share_script_runs_and_each_is_charged_and_logged_once() {
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     gw.wait_metric("turnpike_store_batch_calls_sum", &[], 3.0);
     let runs_before = gw.metric("turnpike_store_batch_calls_count", &[]);
+    let slices_before = gw.metric("turnpike_store_duration_seconds_count", &[("op", "slice")]);
     let scripts_before = redis.command_calls("evalsha");
     let calls = 48;
     let statuses = at_once(&gw, &vec![gw.jane(); calls]);
@@ -71,13 +72,19 @@ fn concurrent_calls_share_script_runs_and_each_is_charged_and_logged_once() {
         format!("(integer) {all}")
     );
     // Every operation went through a run, and some run carried more than one: fewer script
-    // calls than operations.
+    // calls than operations. The other scripts are the key's slices taken (slice.lua).
     gw.wait_metric("turnpike_store_batch_calls_sum", &[], 3.0 * all as f64);
     let runs = gw.metric("turnpike_store_batch_calls_count", &[]) - runs_before;
     assert!(runs < 3.0 * calls as f64, "{runs} runs for {calls} calls");
-    assert_eq!(
-        (redis.command_calls("evalsha") - scripts_before) as f64,
-        runs
+    let slices = || gw.metric("turnpike_store_duration_seconds_count", &[("op", "slice")]);
+    let (slices_then, scripts, slices_now) = (slices(), redis.command_calls("evalsha"), slices());
+    let scripts = (scripts - scripts_before) as f64;
+    assert!(
+        runs + slices_then - slices_before <= scripts
+            && scripts <= runs + slices_now - slices_before,
+        "{scripts} scripts, {runs} runs, {} to {} slices",
+        slices_then - slices_before,
+        slices_now - slices_before
     );
     // Nothing is left held: no reservation, no concurrency slot.
     assert_eq!(
@@ -94,7 +101,11 @@ fn a_call_redis_refuses_fails_alone_and_the_calls_run_with_it_pass() {
     let redis = RedisServer::start();
     let w = Worker::start("w1");
     let gw = on_redis(&w, json!(redis.url()), json!({}))
-        .policy("standard", json!({"requests": {"rate": 1000, "per": "1s"}}))
+        // A burst too small to slice: each admission is judged in Redis.
+        .policy(
+            "standard",
+            json!({"requests": {"rate": 1000, "per": "1s", "burst": 15}}),
+        )
         .start();
     gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
     // Damage jane's key's buckets: her admission fails in Redis (WRONGTYPE), for good.

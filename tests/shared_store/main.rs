@@ -16,6 +16,7 @@ mod mirror;
 mod outage;
 mod replay;
 mod scripts;
+mod slices;
 mod two_instances;
 
 use serde_json::{json, Value};

@@ -56,6 +56,58 @@ pub struct Reservation {
     pub reserve: i64,
     pub key_slot: bool,
     pub agent_slot: bool,
+    /// The buckets this instance judged against its own slices (issue 23): the shared
+    /// store neither judged them nor debits them; the instance does.
+    pub sliced: Sliced,
+}
+
+/// Which of a call's buckets were judged against this instance's slices of them rather
+/// than in the shared store. The embedded store slices nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sliced {
+    pub key_requests: bool,
+    pub key_tokens: bool,
+    pub agent_requests: bool,
+    pub agent_tokens: bool,
+}
+
+impl Sliced {
+    pub fn requests(&self, scope: Scope) -> bool {
+        match scope {
+            Scope::Key => self.key_requests,
+            Scope::Agent => self.agent_requests,
+        }
+    }
+
+    pub fn tokens(&self, scope: Scope) -> bool {
+        match scope {
+            Scope::Key => self.key_tokens,
+            Scope::Agent => self.agent_tokens,
+        }
+    }
+
+    pub fn set(&mut self, scope: Scope, bucket: BucketKind) {
+        match (scope, bucket) {
+            (Scope::Key, BucketKind::Requests) => self.key_requests = true,
+            (Scope::Key, BucketKind::Tokens) => self.key_tokens = true,
+            (Scope::Agent, BucketKind::Requests) => self.agent_requests = true,
+            (Scope::Agent, BucketKind::Tokens) => self.agent_tokens = true,
+            (_, BucketKind::Concurrency) => {}
+        }
+    }
+
+    /// `policy`'s request and token buckets as the shared store is to see them: the
+    /// sliced ones left out.
+    pub fn shared_buckets(
+        &self,
+        scope: Scope,
+        policy: &Policy,
+    ) -> (Option<BucketSpec>, Option<BucketSpec>) {
+        (
+            policy.requests.filter(|_| !self.requests(scope)),
+            policy.tokens.filter(|_| !self.tokens(scope)),
+        )
+    }
 }
 
 /// A would-be refusal by a policy in shadow mode.
@@ -146,6 +198,7 @@ pub fn admit(
         reserve,
         key_slot: take(key, call.key_policy),
         agent_slot: take(agent, call.agent_policy),
+        sliced: Sliced::default(),
     };
     if let (Some(account), Some(_)) = (account, call.pricing) {
         account.reserve(reserve);

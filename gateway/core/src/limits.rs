@@ -29,7 +29,7 @@ pub enum Mode {
 }
 
 /// Which bucket of a policy refused; also the `bucket` metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BucketKind {
     Requests,
     Tokens,
@@ -53,7 +53,7 @@ impl BucketKind {
 }
 
 /// How a bucket fills: `rate` tokens every `period_ms`, holding at most `burst` tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BucketSpec {
     pub rate: u64,
     pub period_ms: u64,

@@ -19,8 +19,10 @@ pub struct Sizing {
     pub horizon_ms: u64,
     /// And holds at most the bucket's burst divided by this.
     pub burst_divisor: u64,
-    /// A bucket whose largest slice would hold fewer tokens than this is not sliced: each of
-    /// its calls asks the store, as before.
+    /// A bucket whose largest slice would hold fewer tokens than this, or that refills
+    /// fewer than this in `horizon_ms`, is not sliced: each of its calls asks the store, as
+    /// before. (A slow bucket's tokens are scarce: parked in one instance's slice, they
+    /// would be refused to another for as long as it takes to refill them.)
     pub min_slice_tokens: u64,
     /// A slice no call has used for this long gives its tokens back.
     pub idle_return_ms: u64,
@@ -35,9 +37,12 @@ pub const SIZING: Sizing = Sizing {
 };
 
 impl Sizing {
-    /// Whether a bucket is large enough to be sliced.
+    /// Whether a bucket is large and fast enough to be sliced.
     pub fn slices(&self, spec: &BucketSpec) -> bool {
+        let refilled_in_horizon =
+            spec.rate as u128 * self.horizon_ms as u128 / spec.period_ms.max(1) as u128;
         self.largest(spec) >= self.min_slice_tokens
+            && refilled_in_horizon >= self.min_slice_tokens as u128
     }
 
     /// Tokens to ask for: `horizon_ms` of the instance's `tokens_per_sec`, at least
@@ -187,6 +192,15 @@ mod tests {
         assert!(SIZING.slices(&spec(16)));
         assert!(!SIZING.slices(&spec(15)));
         assert!(!SIZING.slices(&spec(1)));
+        let slow = |rate, period_ms| BucketSpec {
+            rate,
+            period_ms,
+            burst: 20,
+        };
+        assert!(SIZING.slices(&slow(4, 1000)));
+        assert!(!SIZING.slices(&slow(3, 1000)), "refills 3 a second");
+        assert!(!SIZING.slices(&slow(1, 3_600_000)), "20 an hour: per call");
+        assert!(SIZING.slices(&slow(240, 60_000)));
     }
 
     #[test]

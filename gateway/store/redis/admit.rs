@@ -1,7 +1,10 @@
-//! Admission on Redis: one script per side (one on a single server), the sides' answers
-//! combined into one decision, and what a side took given back when the call is not admitted.
+//! Admission on Redis: the buckets this instance holds slices of judged here (the ledger),
+//! the rest in one script per side (one on a single server), the sides' answers combined
+//! into one decision, and what a side took given back when the call is not admitted.
 
-use turnpike_core::admission::{Admission, Admitted, Refusal, Reservation, Scope, Settlement};
+use turnpike_core::admission::{
+    rule_text, Admission, Admitted, Refusal, Reservation, Scope, Settlement, Sliced,
+};
 use turnpike_core::limits::Quota;
 
 use super::batch::Kind;
@@ -22,11 +25,71 @@ enum SideAnswer {
 }
 
 impl RedisStore {
+    /// Judges the call's sliceable buckets against this instance's slices first, and what
+    /// is left (balance, slots, buckets without a slice) in Redis: no round trip when
+    /// nothing is left.
     pub(super) async fn admit_on_redis(
         &self,
         call: &Admission<'_>,
     ) -> Result<Result<Admitted, Refusal>, StoreError> {
-        let mut sides = split::admit_sides(call, self.plan);
+        let mut syncs = Vec::new();
+        let ledger = &self.slicer.ledger;
+        let taken = ledger.take(call, self.slicer.clock.now_ms(), &mut syncs);
+        self.slicer.send(syncs);
+        if let Some(dry) = taken.refusal {
+            ledger.untake(call, taken.sliced);
+            let policy = match dry.scope {
+                Scope::Key => call.key_policy,
+                Scope::Agent => call.agent_policy,
+            };
+            let refusal = Refusal::RateLimited {
+                scope: dry.scope,
+                bucket: dry.bucket,
+                retry_after_ms: dry.retry_after_ms,
+                rule: policy.map_or_else(String::new, |p| rule_text(dry.bucket, p)),
+                quota: taken.quota,
+                shadow_hits: Vec::new(),
+            };
+            let decision = Err(refusal);
+            self.quotas.remember(call, &decision);
+            return Ok(decision);
+        }
+        let decision = match self.admit_shared(call, taken.sliced).await {
+            Ok(Ok(mut admitted)) => {
+                admitted.reservation.sliced = taken.sliced;
+                admitted.quota = tighter(admitted.quota, taken.quota);
+                Ok(admitted)
+            }
+            Ok(Err(refusal)) => {
+                ledger.untake(call, taken.sliced);
+                Err(refusal)
+            }
+            Err(error) => {
+                ledger.untake(call, taken.sliced);
+                // Only a store that cannot answer now is worked around; one that refused
+                // the script for good (a bug or a damaged key) fails the call, whatever the
+                // mode.
+                return if self.fail_open.enabled && error.kind.is_transient() {
+                    self.fail_open.admit(call).await
+                } else {
+                    Err(error)
+                };
+            }
+        };
+        self.quotas.remember(call, &decision);
+        Ok(decision)
+    }
+
+    /// What Redis decides of the call, the `sliced` buckets left out: one script per side
+    /// (one on a single server, none when nothing is left to judge), the sides' answers
+    /// combined into one decision, and what a side took given back when the call is not
+    /// admitted.
+    async fn admit_shared(
+        &self,
+        call: &Admission<'_>,
+        sliced: Sliced,
+    ) -> Result<Result<Admitted, Refusal>, StoreError> {
+        let mut sides = split::admit_sides(call, self.plan, sliced);
         let answers = futures_util::future::join_all(
             sides
                 .iter_mut()
@@ -50,10 +113,9 @@ impl RedisStore {
             .collect();
         if replies.len() == sides.len() {
             let decision = split::combine(call, &replies);
-            self.quotas.remember(call, &decision);
             if decision.is_err() {
                 for (side, answer) in &sides {
-                    self.undo(call, side, answer).await;
+                    self.undo(call, sliced, side, answer).await;
                 }
             }
             return Ok(decision);
@@ -61,7 +123,7 @@ impl RedisStore {
         // Some side's answer was lost: whatever its script may have taken is released, and
         // whatever the other side took is given back.
         for (side, answer) in &sides {
-            self.undo(call, side, answer).await;
+            self.undo(call, sliced, side, answer).await;
         }
         // A refusal Redis did give stands, whatever happened to the other side.
         if replies.iter().any(SideReply::refused) {
@@ -71,16 +133,9 @@ impl RedisStore {
             SideAnswer::Lost { error, .. } => Some(error),
             SideAnswer::Replied(_) => None,
         });
-        let error = error.unwrap_or_else(|| {
+        Err(error.unwrap_or_else(|| {
             StoreError::new(StoreErrorKind::Unanswered, "an admission answer was lost")
-        });
-        // Only a store that cannot answer now is worked around; one that refused the
-        // script for good (a bug or a damaged key) fails the call, whatever the mode.
-        if self.fail_open.enabled && error.kind.is_transient() {
-            self.fail_open.admit(call).await
-        } else {
-            Err(error)
-        }
+        }))
     }
 
     /// The `RateLimit-*` numbers of `call`'s key from its last admission on this instance,
@@ -117,7 +172,13 @@ impl RedisStore {
     /// Undoes what one side of an admission took, or may have taken: a side that admitted
     /// a call another side refused gives everything back; a side whose answer was lost
     /// releases any reservation and slots its script may have taken.
-    async fn undo(&self, call: &Admission<'_>, side: &Side<'_>, answer: &SideAnswer) {
+    async fn undo(
+        &self,
+        call: &Admission<'_>,
+        sliced: Sliced,
+        side: &Side<'_>,
+        answer: &SideAnswer,
+    ) {
         let (key_slot, agent_slot, purpose) = match answer {
             SideAnswer::Replied(SideReply {
                 outcome:
@@ -162,6 +223,7 @@ impl RedisStore {
                 },
                 key_slot,
                 agent_slot,
+                sliced,
             },
             usage: None,
             cost: 0,
@@ -171,6 +233,14 @@ impl RedisStore {
             status: 0,
         };
         self.write_or_hold(&settlement, purpose).await;
+    }
+}
+
+/// The quota with fewer requests left, of the store's and the slices'.
+fn tighter(store: Option<Quota>, slices: Option<Quota>) -> Option<Quota> {
+    match (store, slices) {
+        (Some(a), Some(b)) => Some(if b.remaining < a.remaining { b } else { a }),
+        (a, b) => a.or(b),
     }
 }
 

@@ -36,6 +36,10 @@ impl RedisStore {
                 extended.tokens_left = Some(tokens_left);
             }
         }
+        let now = self.slicer.clock.now_ms();
+        if let Some(tokens_left) = self.slicer.ledger.tokens_left(call, now) {
+            extended.tokens_left = Some(tokens_left);
+        }
         Ok(extended)
     }
 }

@@ -29,6 +29,8 @@ pub enum Op {
     Settle,
     /// A running stream's hold and leases.
     Extend,
+    /// A slice of a bucket taken or given back (issue 23).
+    Slice,
     /// The operator's reads and idempotent writes (`SET`, `HSET`, `SADD`, `DEL`).
     Admin,
     /// The operator's changes that must not be sent twice (a balance `add`, a `SET NX`).
@@ -36,11 +38,12 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 6] = [
+    const ALL: [Op; 7] = [
         Op::Key,
         Op::Admit,
         Op::Settle,
         Op::Extend,
+        Op::Slice,
         Op::Admin,
         Op::AdminOnce,
     ];
@@ -51,6 +54,7 @@ impl Op {
             Op::Admit => "admit",
             Op::Settle => "settle",
             Op::Extend => "extend",
+            Op::Slice => "slice",
             Op::Admin | Op::AdminOnce => "admin",
         }
     }
@@ -59,7 +63,8 @@ impl Op {
     /// idempotent writes; settlement, whose scripts mark each call id done; and admission,
     /// whose script takes nothing twice for a call id that holds a reservation or a slot (a
     /// call that holds neither may lose one more request token, never more); an extension,
-    /// which asks for a total, not an increment.
+    /// which asks for a total, not an increment; a slice's sync, marked done by a key of
+    /// its own.
     fn resend_safe(self) -> bool {
         !matches!(self, Op::AdminOnce)
     }
@@ -193,7 +198,7 @@ pub struct Link {
     /// Milliseconds since `epoch` until which Redis counts as down (0: up).
     down_until_ms: AtomicU64,
     epoch: Instant,
-    ops: [OpMetrics; 6],
+    ops: [OpMetrics; 7],
 }
 
 impl Link {

@@ -19,6 +19,7 @@ mod cache;
 mod extend;
 mod fail_open;
 mod journal;
+mod ledger;
 mod link;
 mod names;
 mod protocol;
@@ -26,6 +27,7 @@ mod queue;
 mod records;
 mod seeding;
 mod settle;
+mod slicing;
 mod split;
 
 use async_trait::async_trait;
@@ -44,6 +46,7 @@ use self::fail_open::FailOpen;
 use self::link::{Link, ADMIN_TIMEOUT};
 use self::queue::SettlementQueue;
 use self::seeding::Seeding;
+use self::slicing::Slicer;
 use self::split::Plan;
 use super::{
     AdminStore, BalanceChange, BalanceOutcome, CallStore, StoreError, StoreErrorKind, UsageFilter,
@@ -56,6 +59,8 @@ pub struct RedisStore {
     link: Arc<Link>,
     /// Admissions and settlements go to Redis through it, together.
     batches: Arc<GroupCommit>,
+    /// This instance's slices of the shared buckets, and their syncs.
+    slicer: Arc<Slicer>,
     plan: Plan,
     stream_maxlen: u64,
     balance_script: Script,
@@ -102,9 +107,11 @@ impl RedisStore {
         if config.journal_dir.is_none() {
             tracing::warn!("store.journal_dir is not set: settlements held while Redis is unreachable are lost if the gateway stops before it is back");
         }
+        let slicer = Slicer::new(Arc::clone(&link));
         let store = Arc::new(Self {
             link,
             batches,
+            slicer,
             plan: if config.cluster {
                 Plan::Cluster
             } else {
@@ -134,6 +141,9 @@ impl RedisStore {
             config.urls.clone(),
         ));
         runtime.spawn(settle::flush_held_settlements(Arc::downgrade(&store)));
+        runtime.spawn(slicing::give_back_idle_slices(Arc::downgrade(
+            &store.slicer,
+        )));
         runtime.spawn(seeding::watch_for_lost_state(
             Arc::downgrade(&store),
             Arc::clone(&store.seeding),

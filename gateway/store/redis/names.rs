@@ -91,6 +91,13 @@ pub enum Limiter<'a> {
 }
 
 impl Limiter<'_> {
+    /// The limiter hash, and the leases of the slices instances hold of its buckets.
+    pub fn sliced(self) -> [String; 2] {
+        let [limits, _] = self.keys();
+        let leases = format!("{limits}:slices");
+        [limits, leases]
+    }
+
     /// The limiter hash and the in-flight lease set.
     pub fn keys(self) -> [String; 2] {
         let base = match self {

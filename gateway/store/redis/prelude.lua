@@ -17,10 +17,16 @@ local function capacity(b)
 end
 
 -- The bucket at now: a new one starts full; refill is capped; a clock step back refills nothing.
-local function refilled(level, updated, b)
-  if level == nil then return capacity(b), now end
+-- `held`: units gateway instances hold in slices of it (slice.lua), which count against its
+-- capacity: a token is in the bucket or in one slice, so the fleet never has more than a
+-- burst to hand out.
+-- (Holdings taken under an older spec may exceed a new, smaller capacity for the second or
+-- two until they go back: they never take it below empty.)
+local function refilled(level, updated, b, held)
+  local cap = capacity(b) - math.min(math.max(tonumber(held) or 0, 0), capacity(b))
+  if level == nil then return cap, now end
   local elapsed = math.max(now - updated, 0)
-  return math.min(level + elapsed * b.rate, capacity(b)), math.max(now, updated)
+  return math.min(level + elapsed * b.rate, cap), math.max(now, updated)
 end
 
 -- A bucket spec from its rate, period and burst arguments; a rate of 0: no such bucket.

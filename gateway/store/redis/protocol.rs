@@ -31,6 +31,14 @@ pub const BATCH_LUA: &str = concat!(
     include_str!("log_usage.lua"),
     include_str!("batch.lua")
 );
+/// A slice taken or given back; not batched: a slice's sync happens a few times a second,
+/// not per call.
+pub const SLICE_LUA: &str = concat!(
+    "#!lua\n",
+    include_str!("prelude.lua"),
+    include_str!("slice.lua"),
+    "local reply = slice(KEYS, ARGV)\nflush()\nreturn reply\n"
+);
 pub const CHANGE_BALANCE_LUA: &str = include_str!("change_balance.lua");
 /// log_usage.lua alone, as a test reads it (log entries always go in a `batch`).
 #[cfg(test)]
@@ -125,6 +133,61 @@ impl ForgetArgs {
         let mut args = Vec::with_capacity(FORGET_ARGS.len());
         args.push(self.grace_ms.to_string());
         args
+    }
+}
+
+/// slice.lua's arguments, and its reply.
+pub const SLICE_ARGS: [&str; 9] = [
+    "bucket",
+    "instance",
+    "rate",
+    "period",
+    "burst",
+    "ask_tokens",
+    "give_units",
+    "keep_units",
+    "lease_ms",
+];
+#[cfg(test)]
+pub const SLICE_REPLY: [&str; 2] = ["granted", "level"];
+
+/// slice.lua's arguments: `give_units` back into the bucket (below zero: a debt paid), then
+/// up to `ask_tokens` whole tokens out; `keep_units`, what `instance` still holds, and what
+/// it is granted, held for it for `lease_ms`.
+pub struct SliceArgs<'a> {
+    pub bucket: BucketKind,
+    pub instance: &'a str,
+    pub spec: BucketSpec,
+    pub ask_tokens: u64,
+    pub give_units: i64,
+    pub keep_units: i64,
+    pub lease_ms: u64,
+}
+
+impl SliceArgs<'_> {
+    /// The arguments in [`SLICE_ARGS`] order.
+    pub fn encode(&self) -> Vec<String> {
+        let mut args = Vec::with_capacity(SLICE_ARGS.len());
+        let bucket = match self.bucket {
+            BucketKind::Tokens => "t",
+            _ => "r",
+        };
+        args.push(bucket.to_owned());
+        args.push(self.instance.to_owned());
+        push_bucket(&mut args, Some(self.spec));
+        args.push(self.ask_tokens.to_string());
+        args.push(self.give_units.to_string());
+        args.push(self.keep_units.to_string());
+        args.push(self.lease_ms.to_string());
+        args
+    }
+}
+
+/// slice.lua's reply: units granted, and the bucket's level after.
+pub fn decode_slice(reply: &[i64]) -> Option<(i64, i64)> {
+    match reply {
+        [granted, level] if *granted >= 0 => Some((*granted, *level)),
+        _ => None,
     }
 }
 

@@ -24,6 +24,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl RedisStore {
     pub(super) async fn settle_on_redis(&self, call: &Settlement<'_>) {
+        let mut syncs = Vec::new();
+        let now = self.slicer.clock.now_ms();
+        self.slicer.ledger.settle(call, now, &mut syncs);
+        self.slicer.send(syncs);
         self.fail_open.settle(call).await;
         self.write_or_hold(call, Purpose::Settle).await;
     }

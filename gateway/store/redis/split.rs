@@ -5,8 +5,9 @@
 
 use turnpike_core::admission::{
     rule_text, Admission, Admitted, Extension, Refusal, Reservation, Scope, Settlement, ShadowHit,
+    Sliced,
 };
-use turnpike_core::limits::{BucketKind, Mode, Policy, Quota};
+use turnpike_core::limits::{BucketKind, BucketSpec, Mode, Policy, Quota};
 
 use super::names::{
     account_hash, account_leases, account_tag, agent_tag, usage_hash, Limiter, SETTLED_MARKER_MS,
@@ -26,11 +27,14 @@ pub enum Plan {
     Cluster,
 }
 
-/// A scope a script judges: its policy and where its state lives.
+/// A scope a script judges: its policy, the buckets of it the shared store keeps (not
+/// those this instance judged against its slices), and where its state lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Limited<'a> {
     scope: Scope,
     policy: &'a Policy,
+    requests: Option<BucketSpec>,
+    tokens: Option<BucketSpec>,
     limiter: Limiter<'a>,
 }
 
@@ -60,18 +64,21 @@ fn limited<'a>(
     agent: &'a str,
     key_policy: Option<&'a Policy>,
     agent_policy: Option<&'a Policy>,
+    sliced: Sliced,
 ) -> [Option<Limited<'a>>; 2] {
+    let limited = |scope, policy: &'a Policy, limiter| {
+        let (requests, tokens) = sliced.shared_buckets(scope, policy);
+        Limited {
+            scope,
+            policy,
+            requests,
+            tokens,
+            limiter,
+        }
+    };
     [
-        key_policy.map(|policy| Limited {
-            scope: Scope::Key,
-            policy,
-            limiter: Limiter::Key { account, key_id },
-        }),
-        agent_policy.map(|policy| Limited {
-            scope: Scope::Agent,
-            policy,
-            limiter: Limiter::Agent(agent),
-        }),
+        key_policy.map(|policy| limited(Scope::Key, policy, Limiter::Key { account, key_id })),
+        agent_policy.map(|policy| limited(Scope::Agent, policy, Limiter::Agent(agent))),
     ]
 }
 
@@ -105,14 +112,14 @@ pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
         call.agent,
         call.key_policy,
         call.agent_policy,
+        call.reservation.sliced,
     );
     let holds_slot = |scope: Scope| match scope {
         Scope::Key => call.reservation.key_slot,
         Scope::Agent => call.reservation.agent_slot,
     };
-    let reads_tokens = |s: &Limited| {
-        s.scope == Scope::Key && s.policy.mode == Mode::Enforce && s.policy.tokens.is_some()
-    };
+    let reads_tokens =
+        |s: &Limited| s.scope == Scope::Key && s.policy.mode == Mode::Enforce && s.tokens.is_some();
     group(plan, call.priced, scopes)
         .into_iter()
         .map(|(priced, scopes)| {
@@ -140,7 +147,7 @@ pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
             for s in &scopes {
                 keys.extend(s.limiter.keys());
                 args.extend([flag(holds_slot(s.scope)), flag(reads_tokens(s))]);
-                push_bucket(&mut args, s.policy.tokens);
+                push_bucket(&mut args, s.tokens);
             }
             Invocation { keys, args }
         })
@@ -150,14 +157,24 @@ pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
 /// The admission scripts for `call`, one per side; a side
 /// with nothing to judge is left out, so a call with no limits and no price costs no round
 /// trip at all.
-pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan) -> Vec<Side<'a>> {
+pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan, sliced: Sliced) -> Vec<Side<'a>> {
     let scopes = limited(
         call.account,
         call.key_id,
         call.agent,
         call.key_policy,
         call.agent_policy,
+        sliced,
     );
+    // A scope left with nothing for the store to judge asks it nothing.
+    let scopes = scopes.map(|s| {
+        s.filter(|s| {
+            s.requests.is_some()
+                || s.tokens.is_some()
+                || s.policy.concurrency.is_some()
+                || s.policy.mode == Mode::Shadow
+        })
+    });
     let priced = call.pricing.is_some();
     group(plan, priced, scopes)
         .into_iter()
@@ -178,8 +195,8 @@ pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan) -> Vec<Side<'a>> {
                     .iter()
                     .map(|s| ScopeLimits {
                         enforce: s.policy.mode == Mode::Enforce,
-                        requests: s.policy.requests,
-                        tokens: s.policy.tokens,
+                        requests: s.requests,
+                        tokens: s.tokens,
                         concurrency: s.policy.concurrency,
                     })
                     .collect(),
@@ -398,8 +415,6 @@ pub fn settle_sides(
     purpose: Purpose,
 ) -> Vec<SettleSide> {
     let metered = call.usage.is_some();
-    let tokens_debited =
-        |policy: Option<&Policy>| metered && policy.is_some_and(|p| p.tokens.is_some());
     let held = call.reservation.reserve != 0 || call.cost != 0 || metered;
     let [key, agent] = limited(
         call.account,
@@ -407,9 +422,11 @@ pub fn settle_sides(
         call.agent,
         call.key_policy,
         call.agent_policy,
+        call.reservation.sliced,
     );
-    let key_work = call.reservation.key_slot || tokens_debited(call.key_policy);
-    let agent_work = call.reservation.agent_slot || tokens_debited(call.agent_policy);
+    let tokens_debited = |s: &Option<Limited>| metered && s.is_some_and(|s| s.tokens.is_some());
+    let key_work = call.reservation.key_slot || tokens_debited(&key);
+    let agent_work = call.reservation.agent_slot || tokens_debited(&agent);
     let key = key.filter(|_| key_work || purpose.refunds(Scope::Key));
     let agent = agent.filter(|_| agent_work || purpose.refunds(Scope::Agent));
     group(plan, held, [key, agent])
@@ -457,8 +474,8 @@ pub fn settle_sides(
                                 Scope::Key => call.reservation.key_slot,
                                 Scope::Agent => call.reservation.agent_slot,
                             },
-                            tokens: s.policy.tokens,
-                            refund_requests: s.policy.requests.filter(|_| refunded),
+                            tokens: s.tokens,
+                            refund_requests: s.requests.filter(|_| refunded),
                         }
                     })
                     .collect(),

@@ -106,6 +106,31 @@ fn the_scripts_declare_the_same_protocol_as_rust() {
         FORGET_ARGS.len()
     );
     assert!(BATCH_LUA.contains(&forget), "batch.lua's forget: {forget}");
+    let (names, range) = unpacked(SLICE_LUA, "bucket");
+    assert_eq!(
+        (names, range),
+        (owned(SLICE_ARGS), format!("1, {}", SLICE_ARGS.len()))
+    );
+    let slice = SliceArgs {
+        bucket: BucketKind::Tokens,
+        instance: "i1",
+        spec: BucketSpec {
+            rate: 5,
+            period_ms: 1000,
+            burst: 20,
+        },
+        ask_tokens: 4,
+        give_units: -3,
+        keep_units: 0,
+        lease_ms: 2000,
+    };
+    assert_eq!(
+        slice.encode(),
+        ["t", "i1", "5", "1000", "20", "4", "-3", "0", "2000"]
+    );
+    assert!(SLICE_LUA.contains(&format!("return {{ {} }}", SLICE_REPLY.join(", "))));
+    assert_eq!(decode_slice(&[4000, 12]), Some((4000, 12)));
+    assert_eq!(decode_slice(&[4000]), None);
     assert_eq!(
         ForgetArgs { grace_ms: 60_000 }.encode().len(),
         FORGET_ARGS.len()

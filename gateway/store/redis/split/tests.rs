@@ -71,7 +71,7 @@ fn tag(key: &str) -> &str {
 #[test]
 fn a_call_with_no_limits_and_no_price_needs_no_round_trip() {
     for plan in [Plan::Single, Plan::Cluster] {
-        assert!(admit_sides(&admission(None, None, false), plan).is_empty());
+        assert!(admit_sides(&admission(None, None, false), plan, Sliced::default()).is_empty());
     }
 }
 
@@ -79,9 +79,9 @@ fn a_call_with_no_limits_and_no_price_needs_no_round_trip() {
 fn on_a_cluster_each_script_stays_in_one_slot() {
     let policy = limited_policy(Some(1));
     let call = admission(Some(&policy), Some(&policy), true);
-    let single = admit_sides(&call, Plan::Single);
+    let single = admit_sides(&call, Plan::Single, Sliced::default());
     assert_eq!(single.len(), 1);
-    let sides = admit_sides(&call, Plan::Cluster);
+    let sides = admit_sides(&call, Plan::Cluster, Sliced::default());
     assert_eq!(sides.len(), 2);
     for (side, expected) in sides.iter().zip(["account:acct", "agent:ag_x"]) {
         for key in &side.invocation.keys {
@@ -93,6 +93,7 @@ fn on_a_cluster_each_script_stays_in_one_slot() {
             reserve: 10,
             key_slot: true,
             agent_slot: true,
+            ..Reservation::default()
         },
         usage: Some(turnpike_core::usage::Usage::default()),
         cost: 3,
@@ -122,6 +123,7 @@ fn settling_refunding_and_releasing_a_call_each_have_their_own_marker() {
             reserve: 10,
             key_slot: true,
             agent_slot: false,
+            ..Reservation::default()
         },
         ..released(&policy, None)
     };
@@ -157,7 +159,7 @@ fn a_release_with_nothing_held_needs_no_round_trip() {
 fn a_side_reads_scope_indexes_as_its_own_scopes() {
     let policy = limited_policy(Some(1));
     let call = admission(Some(&policy), Some(&policy), false);
-    let side = &admit_sides(&call, Plan::Single)[0];
+    let side = &admit_sides(&call, Plan::Single, Sliced::default())[0];
     // outcome, slots, scope, bucket, retry_ms, has_quota, limit, remaining, reset,
     // shadow_count, then (scope, bucket) pairs: see protocol.rs.
     let admitted = decode_admit(side, &[1, 0b10, 0, 0, 0, 1, 2, 1, 1, 1, 1, 1]).unwrap();
@@ -278,6 +280,7 @@ fn an_extension_asks_only_the_sides_that_hold_something() {
         reserve: 10,
         key_slot: true,
         agent_slot: true,
+        ..Reservation::default()
     };
     let call = extension(Some(&with_slot), Some(&with_slot), true, both_slots);
     // One server: one script, the account and both scopes.

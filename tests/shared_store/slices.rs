@@ -1,0 +1,192 @@
+//! Slices of the shared buckets (issue 23): each gateway decides calls against the slices it
+//! holds, without Redis, and the fleet still admits no more than the one bucket would, nearly
+//! all of it, with an idle instance's slices back within a second.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::on_redis;
+use crate::support::redis::RedisServer;
+use crate::support::*;
+
+/// `n` gateways with the same config (the key policy `policy`) on one Redis.
+fn fleet(redis: &RedisServer, n: usize, policy: serde_json::Value) -> (Vec<TestGateway>, Worker) {
+    let w = Worker::start("w1");
+    let files = on_redis(&w, json!(redis.url()), json!({}))
+        .policy("standard", policy)
+        .write();
+    let mut gateways: Vec<TestGateway> = (1..n).map(|_| files.sibling().start()).collect();
+    gateways.insert(0, files.start());
+    (gateways, w)
+}
+
+/// Bob's calls to `agent` from `threads` threads per gateway, each call after the last, for
+/// `seconds`: when each was sent (since `start`) and whether it was admitted.
+fn offer(
+    gateways: &[TestGateway],
+    agent: &str,
+    threads: usize,
+    seconds: f64,
+) -> (Instant, Vec<(f64, bool)>) {
+    let start = Instant::now();
+    let calls = std::thread::scope(|s| {
+        let loads: Vec<_> = gateways
+            .iter()
+            .flat_map(|gw| std::iter::repeat_n(gw, threads))
+            .map(|gw| {
+                s.spawn(move || {
+                    let mut calls = Vec::new();
+                    while start.elapsed().as_secs_f64() < seconds {
+                        let sent = start.elapsed().as_secs_f64();
+                        let status = gw.chat(agent, gw.bob(), "hi").status;
+                        assert!(status == 200 || status == 429, "status {status}");
+                        calls.push((sent, status == 200));
+                    }
+                    calls
+                })
+            })
+            .collect();
+        loads
+            .into_iter()
+            .flat_map(|l| l.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    (start, calls)
+}
+
+fn store_ops(gateways: &[TestGateway], op: &str) -> f64 {
+    gateways
+        .iter()
+        .map(|gw| gw.metric("turnpike_store_duration_seconds_count", &[("op", op)]))
+        .sum()
+}
+
+/// Four gateways share a key limited to 50 calls a second with a burst of 20, offered far
+/// more: together they admit no more than `burst + rate × t`, at least 80% of it (what
+/// slices park unused at the end is the gap), and most calls are decided without an
+/// admission script.
+#[test]
+fn four_gateways_on_slices_admit_no_more_than_the_bucket_and_nearly_all_of_it() {
+    let redis = RedisServer::start();
+    let (gateways, w) = fleet(
+        &redis,
+        4,
+        json!({"requests": {"rate": 50, "per": "1s", "burst": 20}}),
+    );
+    // A free agent (Bob's key may call it): nothing but the key's bucket to judge.
+    let (start, calls) = offer(&gateways, OTHER_AGENT, 2, 3.0);
+    let elapsed = start.elapsed().as_secs_f64();
+    let admitted = calls.iter().filter(|(_, ok)| *ok).count() as f64;
+    let limit = 20.0 + 50.0 * elapsed;
+    assert!(admitted <= limit, "{admitted} admitted in {elapsed:.2} s");
+    assert_eq!(w.count() as f64, admitted);
+    // Utilisation, against what was offered (a busy machine may offer less).
+    let offered = calls.len() as f64;
+    let expected = limit.min(offered / 2.0);
+    assert!(
+        admitted >= 0.8 * expected,
+        "{admitted} admitted of {offered} offered, limit {limit:.0}"
+    );
+    // Calls decided on slices ran no admission script: only those that found their
+    // gateway's slice dry did.
+    let admissions = store_ops(&gateways, "admit");
+    eprintln!(
+        "4 gateways, 50/s burst 20, {elapsed:.2} s: {admitted} admitted of {offered} offered \
+         (limit {limit:.0}), {admissions} admission scripts, {} slice syncs",
+        store_ops(&gateways, "slice")
+    );
+    assert!(
+        admissions < 0.5 * offered,
+        "{admissions} admission scripts for {offered} calls"
+    );
+}
+
+/// Slices held while the bucket refills do not add to a burst: a token is in the bucket or
+/// in one slice. Two gateways take slices, pause (the bucket refills to full, their slices
+/// still held), then are sent far more than a burst at once: no more than the burst and what
+/// refills meanwhile is admitted.
+#[test]
+fn slices_held_while_the_bucket_refills_do_not_add_to_a_burst() {
+    let redis = RedisServer::start();
+    let (gateways, w) = fleet(
+        &redis,
+        2,
+        json!({"requests": {"rate": 40, "per": "1s", "burst": 40}}),
+    );
+    for gw in &gateways {
+        for _ in 0..12 {
+            gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+        }
+    }
+    let limits = "turnpike:{account:acct_jane}:key:key_jane:limits";
+    wait_until(Duration::from_secs(5), "slices held", || {
+        redis
+            .cli(&["HGET", limits, "ro"])
+            .parse::<i64>()
+            .is_ok_and(|held| held > 0)
+    });
+    // Refilled to full, and the slices still held (they go back after a second idle).
+    std::thread::sleep(Duration::from_millis(600));
+    let before = w.count();
+    let start = Instant::now();
+    let statuses = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..120)
+            .map(|i| {
+                let gw = &gateways[i % 2];
+                s.spawn(move || gw.chat(AGENT, gw.jane(), "hi").status)
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let admitted = statuses.iter().filter(|s| **s == 200).count() as f64;
+    assert!(
+        admitted <= 40.0 + 40.0 * elapsed,
+        "{admitted} admitted in {elapsed:.3} s: {statuses:?}"
+    );
+    assert_eq!((w.count() - before) as f64, admitted);
+}
+
+/// A gateway that stops taking calls gives its slices back after a second idle: Redis counts
+/// nothing held by it any more.
+#[test]
+fn an_idle_gateways_slices_go_back_within_about_a_second() {
+    let redis = RedisServer::start();
+    let (gateways, _w) = fleet(
+        &redis,
+        1,
+        json!({"requests": {"rate": 100, "per": "1s"}, "tokens": {"rate": 100000, "per": "1s"}}),
+    );
+    let gw = &gateways[0];
+    let limits = "turnpike:{account:acct_jane}:key:key_jane:limits";
+    let held = |field: &str| {
+        redis
+            .cli(&["HGET", limits, field])
+            .parse::<i64>()
+            .unwrap_or(0)
+    };
+    let mut last_call = Instant::now();
+    for _ in 0..20 {
+        gw.chat(AGENT, gw.jane(), "hi").assert_status(200);
+        last_call = Instant::now();
+        if held("ro") > 0 && held("to") > 0 {
+            break;
+        }
+    }
+    assert!(held("ro") > 0 && held("to") > 0, "no slices taken");
+    wait_until(Duration::from_secs(5), "the slices given back", || {
+        held("ro") == 0 && held("to") == 0
+    });
+    let idle = last_call.elapsed();
+    // A second idle, then the next quarter-second check; more only on a loaded machine.
+    assert!(idle >= Duration::from_millis(1000), "back after {idle:?}");
+    assert!(idle <= Duration::from_millis(2500), "back after {idle:?}");
+    assert!(
+        redis.cli(&["ZCARD", &format!("{limits}:slices")]) == "(integer) 0",
+        "leases left"
+    );
+}
