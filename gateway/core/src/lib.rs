@@ -10,8 +10,8 @@
 //! - [`body`]: the chat request body, judged before anything is spent.
 //! - [`limits`]: token buckets in exact integer units.
 //! - [`admission`]: the admission and settlement decisions over buckets, slots and balance.
-//! - [`slices`]: slices of a shared token bucket, decided against locally (issue 23; not yet
-//!   used by the stores).
+//! - [`slices`]: slices of a shared token bucket, decided against locally (issue 23; the
+//!   Redis store's ledger).
 //! - [`escrow`]: slices of an account's balance, reserved and charged against locally
 //!   (issue 23; not yet used by the stores).
 //! - [`slot_blocks`]: blocks of a concurrency limit's slots, leased and seated in locally

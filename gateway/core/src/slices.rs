@@ -1,12 +1,13 @@
-//! Slices of a shared token bucket: the arithmetic of issue 23's first step, not yet used by
-//! either store. An instance takes a slice of a bucket from the shared store (`grant`),
-//! decides calls against it alone (`Slice::take`, `Slice::debit`), asks for more before it
-//! runs dry (`Slice::refill_due`), and gives back what it has not used once it is idle
-//! (`Slice::give_back_due`, `give_back`). The store's sync script is to mirror `grant` and
-//! `give_back`; everything else runs in the instance.
+//! Slices of a shared token bucket (issue 23; the Redis store's `ledger` uses them). An
+//! instance takes a slice of a bucket from the shared store (`SharedBucket::sync`), decides
+//! calls against it alone (`Slice::take`, `Slice::debit`), asks for more before it runs dry
+//! (`Slice::refill_due`), and gives back what it has not used once it is idle
+//! (`Slice::give_back_due`). The store's sync script (slice.lua) mirrors `SharedBucket`;
+//! everything else runs in the instance.
 //!
 //! Every token is in one place at a time, the shared bucket or one instance's slice, so a
-//! fleet admits no more than the one bucket would: at most `burst + rate × t` calls by `t`.
+//! fleet admits no more than the one bucket would: at most `burst + rate × t` calls in any
+//! span `t`.
 //! What slicing costs is the other way: a token parked in an idle instance's slice is refused
 //! to a busy one until it comes back, at most `Sizing::idle_return_ms` later.
 
@@ -28,12 +29,13 @@ pub struct Sizing {
     pub idle_return_ms: u64,
 }
 
-/// About a second of an instance's traffic, a quarter of the burst at most.
+/// About a second of an instance's traffic, a quarter of the burst at most; idle slices go
+/// back after 750 ms, so that with a check every 250 ms they are back within a second.
 pub const SIZING: Sizing = Sizing {
     horizon_ms: 1000,
     burst_divisor: 4,
     min_slice_tokens: 4,
-    idle_return_ms: 1000,
+    idle_return_ms: 750,
 };
 
 impl Sizing {
@@ -61,24 +63,79 @@ impl Sizing {
     }
 }
 
-/// The shared side of a grant: up to `tokens` whole tokens taken from the bucket as it stands
-/// at `now_ms`. Returns the units granted: fewer than asked (or none) when the bucket holds
-/// fewer.
-pub fn grant(bucket: &mut BucketState, spec: &BucketSpec, tokens: u64, now_ms: u64) -> i64 {
-    *bucket = bucket.refilled(spec, now_ms);
-    let unit = spec.unit().max(1);
-    let whole = (bucket.level / unit).max(0);
-    let granted = whole.min(tokens.min(i64::MAX as u64) as i64) * unit;
-    bucket.level -= granted;
-    granted
+/// The shared side of a sliced bucket, as the store's sync script keeps it (slice.lua
+/// mirrors this): the bucket, and the units instances hold in slices of it, which count
+/// against its capacity wherever it is refilled. A token is in the bucket or in one slice,
+/// never both, so the fleet never has more than a burst to hand out in any span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedBucket {
+    pub state: BucketState,
+    /// Units held in slices, as their instances last reported.
+    pub held: i64,
 }
 
-/// The shared side of a return: `units` an instance did not use, back in the bucket, which
-/// never holds more than full (what refilled meanwhile is not counted twice).
-pub fn give_back(bucket: &mut BucketState, spec: &BucketSpec, units: i64, now_ms: u64) {
-    *bucket = bucket.refilled(spec, now_ms);
-    if units > 0 && bucket.level < spec.capacity() {
-        bucket.level = bucket.level.saturating_add(units).min(spec.capacity());
+impl SharedBucket {
+    pub fn full(spec: &BucketSpec, now_ms: u64) -> Self {
+        Self {
+            state: BucketState::full(spec, now_ms),
+            held: 0,
+        }
+    }
+
+    /// Capacity less what `held` units leave room for (never below empty).
+    fn room(spec: &BucketSpec, held: i64) -> i64 {
+        spec.capacity() - held.clamp(0, spec.capacity())
+    }
+
+    /// The bucket refilled to `now_ms` under the holdings.
+    fn refill(&mut self, spec: &BucketSpec, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.state.updated_ms) as i128;
+        let cap = Self::room(spec, self.held) as i128;
+        let level = (self.state.level as i128 + elapsed * spec.rate as i128).min(cap);
+        self.state = BucketState {
+            level: level as i64,
+            updated_ms: self.state.updated_ms.max(now_ms),
+        };
+    }
+
+    /// One call judged in the store, not on a slice: a token taken when one is there.
+    pub fn take(&mut self, spec: &BucketSpec, now_ms: u64) -> bool {
+        self.refill(spec, now_ms);
+        if self.state.level < spec.unit() {
+            return false;
+        }
+        self.state.level -= spec.unit();
+        true
+    }
+
+    /// An instance's sync: `give` units back (below zero, a debt paid), `keep` still held by
+    /// it, then up to `ask_tokens` whole tokens granted; `holding` is what the store records
+    /// the instance holding, before and after. Returns the units granted.
+    pub fn sync(
+        &mut self,
+        spec: &BucketSpec,
+        holding: &mut i64,
+        keep: i64,
+        give: i64,
+        ask_tokens: u64,
+        now_ms: u64,
+    ) -> i64 {
+        self.refill(spec, now_ms);
+        let keep = keep.max(0);
+        let cap = Self::room(spec, self.held - *holding + keep);
+        let level = &mut self.state.level;
+        if give > 0 {
+            *level = (*level).max(level.saturating_add(give).min(cap));
+        } else if give < 0 {
+            *level = level.saturating_add(give).max(-MAX_DEBT as i64);
+        }
+        let unit = spec.unit().max(1);
+        let whole = ((*level).min(cap) / unit).max(0);
+        let granted = whole.min(ask_tokens.min(i64::MAX as u64) as i64) * unit;
+        *level -= granted;
+        self.held += keep + granted - *holding;
+        *holding = keep + granted;
+        granted
     }
 }
 
@@ -124,10 +181,10 @@ impl Slice {
     }
 
     /// The units to give back, when no call has used the slice for `idle_return_ms`; the
-    /// slice is then empty. Debt is not given back: it waits for the next grant.
+    /// slice is then empty. A debt goes back too (below zero): it is owed to the bucket.
     pub fn give_back_due(&mut self, sizing: &Sizing, now_ms: u64) -> Option<i64> {
         let idle = now_ms.saturating_sub(self.used_ms) >= sizing.idle_return_ms;
-        if !idle || self.units <= 0 {
+        if !idle || self.units == 0 {
             return None;
         }
         Some(std::mem::take(&mut self.units))
@@ -217,25 +274,66 @@ mod tests {
 
     #[test]
     fn a_grant_takes_what_the_bucket_holds_in_whole_tokens() {
-        let mut bucket = BucketState::full(&SPEC, 0);
-        assert_eq!(grant(&mut bucket, &SPEC, 8, 0), 8 * SPEC.unit());
-        assert_eq!(grant(&mut bucket, &SPEC, 50, 0), 12 * SPEC.unit());
-        assert_eq!(grant(&mut bucket, &SPEC, 1, 0), 0, "empty");
-        // 200 a second: one token every 5 ms; 4 ms is not a whole one.
-        assert_eq!(grant(&mut bucket, &SPEC, 1, 4), 0);
-        assert_eq!(grant(&mut bucket, &SPEC, 9, 12), 2 * SPEC.unit());
+        let mut bucket = SharedBucket::full(&SPEC, 0);
+        let mut holding = 0;
+        assert_eq!(
+            bucket.sync(&SPEC, &mut holding, 0, 0, 8, 0),
+            8 * SPEC.unit()
+        );
+        assert_eq!(
+            bucket.sync(&SPEC, &mut holding, 0, 0, 50, 0),
+            12 * SPEC.unit()
+        );
+        assert_eq!(
+            holding,
+            12 * SPEC.unit(),
+            "what it keeps, and the new grant"
+        );
+        assert_eq!(bucket.sync(&SPEC, &mut holding, 0, 0, 1, 0), 0, "empty");
+        assert_eq!(bucket.sync(&SPEC, &mut holding, 0, 0, 1, 4), 0);
+        assert_eq!(
+            bucket.sync(&SPEC, &mut holding, 0, 0, 9, 12),
+            2 * SPEC.unit()
+        );
+        assert_eq!(bucket.held, holding);
     }
 
     #[test]
-    fn what_comes_back_never_overfills_the_bucket() {
-        let mut bucket = BucketState::full(&SPEC, 0);
-        let units = grant(&mut bucket, &SPEC, 10, 0);
-        // 50 ms later the bucket has refilled 10 tokens by itself: full again.
-        give_back(&mut bucket, &SPEC, units, 50);
-        assert_eq!(bucket.level, SPEC.capacity());
-        let units = grant(&mut bucket, &SPEC, 10, 50);
-        give_back(&mut bucket, &SPEC, units / 2, 50);
-        assert_eq!(bucket.level, SPEC.capacity() - units / 2);
+    fn what_instances_hold_counts_against_the_buckets_capacity() {
+        let mut bucket = SharedBucket::full(&SPEC, 0);
+        let (mut a, mut b) = (0, 0);
+        let unit = SPEC.unit();
+        assert_eq!(bucket.sync(&SPEC, &mut a, 0, 0, 5, 0), 5 * unit);
+        assert_eq!(bucket.sync(&SPEC, &mut b, 0, 0, 5, 0), 5 * unit);
+        // A second later the bucket would hold 20 again, but 10 are held in slices.
+        assert_eq!(bucket.sync(&SPEC, &mut a, 5 * unit, 0, 0, 1_000), 0);
+        assert_eq!(bucket.state.level, 10 * unit);
+        assert!(
+            !(0..11).all(|_| bucket.take(&SPEC, 1_000)),
+            "ten, not twenty"
+        );
+        // An instance that used its slice reports what it keeps: the used tokens are gone.
+        assert_eq!(bucket.sync(&SPEC, &mut b, 2 * unit, 0, 0, 1_000), 0);
+        assert_eq!((b, bucket.held), (2 * unit, 7 * unit));
+        // What is given back goes in, never above what the holdings leave room for.
+        bucket.sync(&SPEC, &mut a, 0, 5 * unit, 0, 1_000);
+        assert_eq!((a, bucket.state.level), (0, 5 * unit));
+        bucket.sync(&SPEC, &mut b, 0, 2 * unit, 0, 10_000);
+        assert_eq!((bucket.held, bucket.state.level), (0, SPEC.capacity()));
+    }
+
+    #[test]
+    fn a_debt_paid_with_a_sync_comes_off_the_bucket_first() {
+        let mut bucket = SharedBucket::full(&SPEC, 0);
+        let mut holding = 0;
+        let unit = SPEC.unit();
+        assert_eq!(
+            bucket.sync(&SPEC, &mut holding, 0, -30 * unit, 4, 0),
+            0,
+            "20 in the bucket, 30 owed"
+        );
+        assert_eq!(bucket.state.level, -10 * unit);
+        assert!(!bucket.take(&SPEC, 0));
     }
 
     #[test]
@@ -259,7 +357,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refill_is_due_at_half_a_slice_and_an_idle_slice_goes_back_after_a_second() {
+    fn a_refill_is_due_at_half_a_slice_and_an_idle_slice_goes_back() {
         let mut slice = Slice::default();
         slice.credit(10 * SPEC.unit());
         assert!(!slice.refill_due(&SPEC, 10));
@@ -268,21 +366,18 @@ mod tests {
         }
         assert!(slice.refill_due(&SPEC, 10));
         assert_eq!(
-            slice.give_back_due(&SIZING, 999 + 4),
+            slice.give_back_due(&SIZING, 749 + 4),
             None,
-            "used 999 ms ago"
+            "used 749 ms ago"
         );
-        assert_eq!(
-            slice.give_back_due(&SIZING, 1000 + 4),
-            Some(5 * SPEC.unit())
-        );
+        assert_eq!(slice.give_back_due(&SIZING, 750 + 4), Some(5 * SPEC.unit()));
         assert_eq!(slice.units, 0);
         assert_eq!(slice.give_back_due(&SIZING, 5000), None, "nothing left");
         slice.debit(&SPEC, 3, 6000);
         assert_eq!(
             slice.give_back_due(&SIZING, 9000),
-            None,
-            "debt is not given back"
+            Some(-3 * SPEC.unit()),
+            "a debt goes back too"
         );
     }
 
@@ -306,42 +401,48 @@ mod tests {
         assert_eq!(meter.per_sec(3500), 0, "a quiet second after");
     }
 
-    /// One instance of a simulated fleet: its slice, its rate, and a grant asked for.
+    /// One instance of a simulated fleet: its slice, its rate, what the store records it
+    /// holding.
     #[derive(Default)]
     struct Instance {
         slice: Slice,
         meter: RateMeter,
+        holding: i64,
         admitted: u64,
     }
 
     impl Instance {
         /// One call at `now`: a refill from `bucket` first when one is due (a store round
-        /// trip, taken as instant here), then the local decision.
-        fn call(&mut self, bucket: &mut BucketState, now: u64) -> bool {
+        /// trip, taken as instant here), then the local decision; a slice that has no token
+        /// leaves the call to the store.
+        fn call(&mut self, bucket: &mut SharedBucket, now: u64) -> bool {
             let ask = SIZING.ask(&SPEC, self.meter.per_sec(now));
             if self.slice.refill_due(&SPEC, ask) {
-                let units = grant(bucket, &SPEC, ask, now);
+                let debt = self.slice.units.min(0);
+                self.slice.units -= debt;
+                let keep = self.slice.units;
+                let units = bucket.sync(&SPEC, &mut self.holding, keep, debt, ask, now);
                 self.slice.credit(units);
             }
             self.meter.record(1, now);
-            let admitted = self.slice.take(&SPEC, now);
+            let admitted = self.slice.take(&SPEC, now) || bucket.take(&SPEC, now);
             self.admitted += u64::from(admitted);
             admitted
         }
 
-        fn tick(&mut self, bucket: &mut BucketState, now: u64) {
+        fn tick(&mut self, bucket: &mut SharedBucket, now: u64) {
             if let Some(units) = self.slice.give_back_due(&SIZING, now) {
-                give_back(bucket, &SPEC, units, now);
+                bucket.sync(&SPEC, &mut self.holding, 0, units, 0, now);
             }
         }
     }
 
-    /// Four instances offered 800 calls a second against one bucket of 200 a second, burst
-    /// 20, for 10 s; `share(ms)` says which instance gets the call due at `ms`. Returns what
-    /// each admitted, after checking the fleet never exceeds `burst + rate × t` and
-    /// recording when the last refusal by a busy instance happened.
+    /// Four instances offered up to 800 calls a second against one bucket of 200 a second,
+    /// burst 20, for 10 s; `share(step, ms)` says which instance gets the call due at `ms`,
+    /// if any. Returns what each admitted and every call, after checking that no span of
+    /// time saw more than `burst + rate × span` admitted.
     fn fleet(share: impl Fn(u64, u64) -> Option<usize>) -> (Vec<Instance>, Vec<(u64, bool)>) {
-        let mut bucket = BucketState::full(&SPEC, 0);
+        let mut bucket = SharedBucket::full(&SPEC, 0);
         let mut instances: Vec<Instance> = (0..4).map(|_| Instance::default()).collect();
         let mut calls = Vec::new();
         // A call may fall due every 1.25 ms: 800 a second.
@@ -355,11 +456,16 @@ mod tests {
             };
             let admitted = instances[who].call(&mut bucket, now);
             calls.push((now, admitted));
-            let total: u64 = instances.iter().map(|i| i.admitted).sum();
-            assert!(
-                total <= SPEC.burst + SPEC.rate * now / 1000,
-                "{total} admitted by {now} ms"
-            );
+        }
+        let admitted_at: Vec<u64> = calls.iter().filter(|c| c.1).map(|c| c.0).collect();
+        for (i, &from) in admitted_at.iter().enumerate() {
+            for span in [0, 10, 100, 1_000, 10_000] {
+                let within = admitted_at[i..].partition_point(|&t| t <= from + span) as u64;
+                assert!(
+                    within <= SPEC.burst + SPEC.rate * span / 1000,
+                    "{within} admitted in the {span} ms from {from} ms"
+                );
+            }
         }
         (instances, calls)
     }
@@ -382,6 +488,16 @@ mod tests {
         }
         // Which instance admits is a matter of timing (here the one whose calls fall when a
         // token refills takes most); the fleet's total is what the limit is about.
+    }
+
+    #[test]
+    fn slices_held_through_a_pause_do_not_add_to_the_burst_after_it() {
+        // Full load, then 500 ms of nothing (the bucket refills; the slices are not yet
+        // idle long enough to go back), then full load again: `fleet` checks every span.
+        let (instances, _) =
+            fleet(|step, now| (!(2_000..2_500).contains(&now)).then_some((step % 4) as usize));
+        let total: u64 = instances.iter().map(|i| i.admitted).sum();
+        assert!(total * 100 >= (SPEC.burst + SPEC.rate * 10) * 90, "{total}");
     }
 
     #[test]

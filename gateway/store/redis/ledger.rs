@@ -3,11 +3,12 @@
 //! judged and debited here, without Redis; the script the call still needs (for a balance or
 //! concurrency slots, or a bucket whose slice ran dry) leaves that bucket out
 //! (`Reservation::sliced`). A slice is asked for before it runs dry (one sync at a time per
-//! slice, in the background), and what an idle slice holds goes back after a second. The
+//! slice, in the background), and what an idle slice holds goes back within a second. The
 //! arithmetic is `turnpike_core::slices`; the shared side is slice.lua.
 //!
-//! Only enforced buckets large enough to slice are (`SIZING`: a quarter of the burst holds at
-//! least four tokens); the others, and shadow policies, are judged call by call, as before.
+//! Only enforced buckets large and fast enough to slice are (`SIZING`: a quarter of the
+//! burst holds at least four tokens, and four refill a second); the others, and shadow
+//! policies, are judged call by call, as before.
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -259,18 +260,17 @@ impl Ledger {
             if h.syncing {
                 continue;
             }
-            let idle_ms = now_ms.saturating_sub(h.slice.used_ms);
             h.expire(now_ms);
-            if idle_ms >= SIZING.idle_return_ms && h.slice.units != 0 {
+            if let Some(units) = h.slice.give_back_due(&SIZING, now_ms) {
                 h.syncing = true;
                 syncs.push(Sync {
                     of: of.clone(),
                     held: Arc::clone(held),
                     ask_tokens: 0,
-                    give_units: std::mem::take(&mut h.slice.units),
+                    give_units: units,
                     keep_units: 0,
                 });
-            } else if idle_ms >= FORGET_AFTER_MS && h.slice.units == 0 {
+            } else if now_ms.saturating_sub(h.slice.used_ms) >= FORGET_AFTER_MS {
                 forget.push(of.clone());
             }
         }
@@ -534,16 +534,16 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_slice_goes_back_after_a_second_debt_included_and_is_then_forgotten() {
+    fn an_idle_slice_goes_back_debt_included_and_is_then_forgotten() {
         let ledger = Ledger::default();
         let big = policy(100);
         let mut syncs = Vec::new();
         ledger.take(&admission(&big), 0, &mut syncs);
         answer(std::mem::take(&mut syncs), 4, 90);
         ledger.take(&admission(&big), 10, &mut syncs);
-        ledger.idle(1_009, &mut syncs);
-        assert!(syncs.is_empty(), "used 999 ms ago");
-        ledger.idle(1_010, &mut syncs);
+        ledger.idle(759, &mut syncs);
+        assert!(syncs.is_empty(), "used 749 ms ago");
+        ledger.idle(760, &mut syncs);
         let unit = big.requests.unwrap().unit();
         let back: Vec<(BucketKind, i64)> = syncs
             .iter()
@@ -551,9 +551,9 @@ mod tests {
             .collect();
         assert!(back.contains(&(BucketKind::Requests, 3)), "{back:?}");
         for sync in std::mem::take(&mut syncs) {
-            sync.held.lock().synced(&sync.of.spec, 0, 93 * unit, 1_010);
+            sync.held.lock().synced(&sync.of.spec, 0, 93 * unit, 760);
         }
-        ledger.idle(1_010 + FORGET_AFTER_MS, &mut syncs);
+        ledger.idle(760 + FORGET_AFTER_MS, &mut syncs);
         assert!(syncs.is_empty());
         assert!(ledger.slices.read().is_empty(), "forgotten");
     }
