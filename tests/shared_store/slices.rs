@@ -63,9 +63,8 @@ fn store_ops(gateways: &[TestGateway], op: &str) -> f64 {
 }
 
 /// Four gateways share a key limited to 50 calls a second with a burst of 20, offered far
-/// more: together they admit no more than `burst + rate × t`, at least 80% of it (what
-/// slices park unused at the end is the gap), and most calls are decided without an
-/// admission script.
+/// more: together they admit no more than `burst + rate × t`, and at least 80% of it (what
+/// slices park unused at the end is the gap).
 #[test]
 fn four_gateways_on_slices_admit_no_more_than_the_bucket_and_nearly_all_of_it() {
     let redis = RedisServer::start();
@@ -88,18 +87,46 @@ fn four_gateways_on_slices_admit_no_more_than_the_bucket_and_nearly_all_of_it() 
         admitted >= 0.8 * expected,
         "{admitted} admitted of {offered} offered, limit {limit:.0}"
     );
-    // Calls decided on slices ran no admission script: only those that found their
-    // gateway's slice dry did.
-    let admissions = store_ops(&gateways, "admit");
     eprintln!(
         "4 gateways, 50/s burst 20, {elapsed:.2} s: {admitted} admitted of {offered} offered \
-         (limit {limit:.0}), {admissions} admission scripts, {} slice syncs",
+         (limit {limit:.0}), {} admission scripts, {} slice syncs",
+        store_ops(&gateways, "admit"),
+        store_ops(&gateways, "slice")
+    );
+}
+
+/// Under limits that do not bind, a free agent's calls are decided on slices: next to no
+/// admission script runs, and each call's usage is still recorded in Redis.
+#[test]
+fn calls_under_limits_that_do_not_bind_run_next_to_no_admission_script() {
+    let redis = RedisServer::start();
+    let (gateways, w) = fleet(
+        &redis,
+        2,
+        json!({"requests": {"rate": 100000, "per": "1s"}, "tokens": {"rate": 100000000, "per": "1s"}}),
+    );
+    // The first calls of each gateway go to Redis while its first slices are on their way.
+    let (_, warm_up) = offer(&gateways, OTHER_AGENT, 2, 0.5);
+    let before = store_ops(&gateways, "admit");
+    let (_, calls) = offer(&gateways, OTHER_AGENT, 2, 1.5);
+    assert!(
+        warm_up.iter().chain(&calls).all(|(_, ok)| *ok),
+        "a call was refused"
+    );
+    let n = calls.len() as f64;
+    let admissions = store_ops(&gateways, "admit") - before;
+    eprintln!(
+        "{n} calls: {admissions} admission scripts, {} slice syncs in all",
         store_ops(&gateways, "slice")
     );
     assert!(
-        admissions < 0.5 * offered,
-        "{admissions} admission scripts for {offered} calls"
+        admissions <= 0.05 * n,
+        "{admissions} admission scripts for {n} calls"
     );
+    let all = warm_up.len() + calls.len();
+    assert_eq!(w.count(), all);
+    let usage = gateways[0].usage_after("account=acct_bob", all as i64);
+    assert_eq!(usage.requests as usize, all);
 }
 
 /// Slices held while the bucket refills do not add to a burst: a token is in the bucket or

@@ -65,6 +65,9 @@ const RENEW_WITHIN_MS: u64 = 1_000;
 /// Taken off the lease here: the store starts it when the sync runs, a little after it was
 /// sent.
 const LEASE_MARGIN_MS: u64 = 100;
+/// After a sync that got less than half of what it asked (the bucket is at its limit), the
+/// next waits this long.
+const CONTENDED_WAIT_MS: u64 = 250;
 
 /// What the ledger decided for one admission.
 #[derive(Debug, Default)]
@@ -369,16 +372,28 @@ impl Held {
         }
     }
 
-    /// The store's answer to a sync sent at `asked_ms` for a slice of `spec`: `granted`
-    /// units, the shared level after.
-    pub fn synced(&mut self, spec: &BucketSpec, granted: i64, shared_level: i64, asked_ms: u64) {
+    /// The store's answer to a sync sent at `asked_ms` for a slice of `spec` and `asked`
+    /// tokens: `granted` units, the shared level after. A bucket that could not give half of
+    /// what was asked is at its limit: the next refill waits `CONTENDED_WAIT_MS`, and calls
+    /// this slice cannot take meanwhile are judged one by one in the store (exactly), so
+    /// that contending instances do not sync once per call.
+    pub fn synced(
+        &mut self,
+        spec: &BucketSpec,
+        asked: u64,
+        granted: i64,
+        shared_level: i64,
+        asked_ms: u64,
+    ) {
         self.slice.credit(granted);
         self.shared_level = shared_level;
         self.synced_ms = Some(asked_ms);
         self.lease_until_ms = asked_ms + SLICE_LEASE_MS - LEASE_MARGIN_MS;
-        self.no_refill_before_ms = match self.dry_for(spec, asked_ms) {
-            Some(wait_ms) if granted == 0 => asked_ms + wait_ms,
-            _ => 0,
+        let short = (granted as i128) * 2 < asked as i128 * spec.unit() as i128;
+        self.no_refill_before_ms = if short {
+            asked_ms + CONTENDED_WAIT_MS
+        } else {
+            0
         };
         self.syncing = false;
     }
@@ -436,9 +451,13 @@ mod tests {
     fn answer(syncs: Vec<Sync>, granted_tokens: i64, level: i64) {
         for sync in syncs {
             let unit = sync.of.spec.unit();
-            sync.held
-                .lock()
-                .synced(&sync.of.spec, granted_tokens * unit, level * unit, 0);
+            sync.held.lock().synced(
+                &sync.of.spec,
+                sync.ask_tokens,
+                granted_tokens * unit,
+                level * unit,
+                0,
+            );
         }
     }
 
@@ -551,7 +570,9 @@ mod tests {
             .collect();
         assert!(back.contains(&(BucketKind::Requests, 3)), "{back:?}");
         for sync in std::mem::take(&mut syncs) {
-            sync.held.lock().synced(&sync.of.spec, 0, 93 * unit, 760);
+            sync.held
+                .lock()
+                .synced(&sync.of.spec, sync.ask_tokens, 0, 93 * unit, 760);
         }
         ledger.idle(760 + FORGET_AFTER_MS, &mut syncs);
         assert!(syncs.is_empty());

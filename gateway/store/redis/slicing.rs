@@ -75,7 +75,9 @@ impl Slicer {
             .await;
         let mut held = sync.held.lock();
         match reply.as_deref().map(decode_slice) {
-            Ok(Some((granted, level))) => held.synced(&sync.of.spec, granted, level, asked_ms),
+            Ok(Some((granted, level))) => {
+                held.synced(&sync.of.spec, sync.ask_tokens, granted, level, asked_ms)
+            }
             Ok(None) => held.unsynced(sync.give_units, false),
             Err(error) => held.unsynced(sync.give_units, !error.kind.may_have_applied()),
         }
