@@ -8,6 +8,7 @@ time per call of the proxy process (from /proc, so it does not depend on what el
 
 Usage: benches/load.py [--seconds 10] [--connections 32] [--rounds 3] [--redis] [--cluster]
                        [--tls] [--open-loop RATE] [--compare BINARY] [--markdown docs/benchmarks.md]
+                       [--free]
 --redis adds Turnpike on the Redis store (its own redis-server on a free port, on core 1) and
 reports the Redis commands per call from INFO commandstats over its runs; --cluster adds it on
 a three-master Redis Cluster of its own (Redis CPU per call summed over the three).
@@ -17,6 +18,8 @@ and h2c (h2load, from nghttp2-client, when installed), and a new connection per 
 plain HTTP and over TLS, whose req/s over TLS is the full handshakes per second.
 --open-loop RATE adds, per proxy, a run at a fixed RATE calls/s with latency measured from when
 each call was due (coordinated omission corrected), by oha (`cargo install oha`) when installed.
+--free makes the bench agent free and drops the policy's concurrency cap: on Redis, calls are
+then admitted on slices of the buckets and Redis only records them (issue 23).
 --compare adds another turnpike binary (an earlier build, say) on the embedded store, so a
 change is measured against what it changes in the same run.
 --stream runs the streaming benchmark instead (benches/stream_load.py): time to first event
@@ -396,12 +399,18 @@ def metric_sum(admin_port, name, **labels):
     return total
 
 
-def write_policies(tmp):
-    """The bench key's policy: every bucket kind, none of them binding."""
+def write_policies(tmp, free=False):
+    """The bench key's policy: every bucket kind, none of them binding (`free`: no
+    concurrency cap)."""
     os.makedirs(os.path.join(tmp, "policies"), exist_ok=True)
     with open(os.path.join(tmp, "policies", "bench.yaml"), "w") as f:
         f.write("policies:\n  bench:\n    requests: {rate: 10000000, per: 1s}\n"
-                "    tokens: {rate: 1000000000000, per: 1s}\n    concurrency: 100000\n")
+                "    tokens: {rate: 1000000000000, per: 1s}\n"
+                + ("" if free else "    concurrency: 100000\n"))
+
+
+# `--free`: the bench agent without pricing (set in main).
+FREE = False
 
 
 def write_config(tmp, name, worker_port, port, admin_port, redis_port=None, tls_port=None):
@@ -416,12 +425,13 @@ def write_config(tmp, name, worker_port, port, admin_port, redis_port=None, tls_
     else:
         store = ""
     tls = f'tls: {{listen: "127.0.0.1:{tls_port}", cert: cert.pem, key: key.pem}}\n' if tls_port else ""
+    pricing = "" if FREE else ", pricing: {input_per_mtok: 3000000, output_per_mtok: 15000000}"
     with open(os.path.join(tmp, name), "w") as f:
         f.write(f"""threads: 1
 upstreams:
   pool: {{endpoints: ["127.0.0.1:{worker_port}"], path: "/invoke"}}
 agents:
-  - {{id: {AGENT}, upstream: pool, policy: bench, pricing: {{input_per_mtok: 3000000, output_per_mtok: 15000000}}}}
+  - {{id: {AGENT}, upstream: pool, policy: bench{pricing}}}
 accounts:
   - {{id: acct_bench, balance: 9000000000000000}}
 keys:
@@ -530,6 +540,9 @@ def main():
     ap.add_argument("--open-loop", type=int, metavar="RATE", help="also run each proxy at RATE calls/s (oha)")
     ap.add_argument("--compare", metavar="BINARY", help="also run this turnpike binary on the embedded store")
     ap.add_argument("--markdown", metavar="FILE", help="also write the report there (e.g. docs/benchmarks.md)")
+    ap.add_argument("--free", action="store_true",
+                    help="the bench agent without pricing and its policy without a concurrency cap: "
+                         "what a call costs when Redis is asked only to record it (issue 23's slices)")
     ap.add_argument("--syscalls", action="store_true",
                     help="also count the system calls per call of Turnpike and the passthrough (strace -c)")
     ap.add_argument("--stream", action="store_true", help="run the streaming benchmark instead (stream_load.py)")
@@ -554,7 +567,9 @@ def main():
     tls_port = free_port() if args.tls else None
     envoy_path = envoy_binary()
     lua = post_lua(tmp)
-    write_policies(tmp)
+    global FREE
+    FREE = args.free
+    write_policies(tmp, free=args.free)
     if args.tls:
         self_signed(tmp)
     write_config(tmp, "turnpike.yaml", worker_port, tp_port, admin_port, tls_port=tls_port)

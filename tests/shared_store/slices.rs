@@ -250,3 +250,49 @@ fn a_concurrency_cap_holds_exactly_across_three_gateways() {
     assert_eq!((answered, refused), (20, 40), "{statuses:?}");
     assert_eq!(w.count(), 20);
 }
+
+/// What a gateway killed while holding slices held stops counting against the bucket once
+/// its lease has run out, even if no gateway ever takes a slice of that bucket again (here
+/// the policy is made too small to slice): the bucket gives its whole burst again.
+#[test]
+fn a_killed_gateways_slices_stop_counting_when_their_lease_runs_out() {
+    let redis = RedisServer::start();
+    let (gateways, _w) = fleet(
+        &redis,
+        1,
+        json!({"requests": {"rate": 100, "per": "1s", "burst": 100}}),
+    );
+    let limits = "turnpike:{account:acct_jane}:key:key_jane:limits";
+    let held = || {
+        redis
+            .cli(&["HGET", limits, "ro"])
+            .parse::<i64>()
+            .unwrap_or(0)
+    };
+    for _ in 0..30 {
+        gateways[0]
+            .chat(AGENT, gateways[0].jane(), "hi")
+            .assert_status(200);
+        if held() >= 10_000 {
+            break;
+        }
+    }
+    assert!(held() >= 10_000, "no slice of ten tokens or more taken");
+    gateways[0].kill();
+    // Another gateway judges the same bucket call by call (a burst of 15 is not sliced): the
+    // dead gateway's holding is still recorded, and must not narrow the bucket once its
+    // lease (2 s) is over.
+    let w = Worker::start("w2");
+    let gw = on_redis(&w, json!(redis.url()), json!({}))
+        .policy(
+            "standard",
+            json!({"requests": {"rate": 100, "per": "1s", "burst": 15}}),
+        )
+        .start();
+    std::thread::sleep(Duration::from_millis(2_200));
+    assert!(held() >= 10_000, "the holding is still recorded");
+    let statuses: Vec<u16> = (0..15)
+        .map(|_| gw.chat(AGENT, gw.jane(), "hi").status)
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}

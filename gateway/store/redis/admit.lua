@@ -13,8 +13,8 @@ local function millis_to_refill(deficit, rate)
 end
 
 -- A bucket refilled to now, and the wait for one whole token (nil: one is there).
-local function judged(level, updated, b, held)
-  local now_level, now_updated = refilled(tonumber(level), tonumber(updated), b, held)
+local function judged(level, updated, b, held, held_at)
+  local now_level, now_updated = refilled(tonumber(level), tonumber(updated), b, held, held_at)
   if now_level >= b.period then return now_level, now_updated, nil end
   return now_level, now_updated, millis_to_refill(b.period - now_level, b.rate)
 end
@@ -59,15 +59,15 @@ local function admit(KEYS, ARGV)
       concurrency = tonumber(concurrency),
     }
     scopes[i] = s
-    local state = hmget(s.limiter, 'rl', 'ru', 'tl', 'tu', 'ro', 'to')
+    local state = hmget(s.limiter, 'rl', 'ru', 'tl', 'tu', 'ro', 'ra', 'to', 'ta')
     local denials = {}
     local wait
     if s.requests then
-      s.rl, s.ru, wait = judged(state[1], state[2], s.requests, state[5])
+      s.rl, s.ru, wait = judged(state[1], state[2], s.requests, state[5], state[6])
       if wait then denials[#denials + 1] = { REQUESTS, wait } end
     end
     if s.tokens then
-      s.tl, s.tu, wait = judged(state[3], state[4], s.tokens, state[6])
+      s.tl, s.tu, wait = judged(state[3], state[4], s.tokens, state[7], state[8])
       if wait then denials[#denials + 1] = { TOKENS, wait } end
     end
     if s.concurrency > 0 then

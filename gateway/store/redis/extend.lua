@@ -42,8 +42,8 @@ for i = 1, tonumber(scope_count) do
   if holds_slot == '1' then redis.call('ZADD', inflight, 'XX', lease_until, call_id) end
   local tokens = bucket_spec(tokens_rate, tokens_period, tokens_burst)
   if read_tokens == '1' and tokens then
-    local state = redis.call('HMGET', limiter, 'tl', 'tu', 'to')
-    local level = refilled(tonumber(state[1]), tonumber(state[2]), tokens, state[3])
+    local state = redis.call('HMGET', limiter, 'tl', 'tu', 'to', 'ta')
+    local level = refilled(tonumber(state[1]), tonumber(state[2]), tokens, state[3], state[4])
     has_tokens, tokens_left = 1, math.floor(level / tokens.period)
   end
 end

@@ -19,6 +19,7 @@ use turnpike_core::limits::{BucketKind, BucketSpec, BucketState, Mode, Policy, Q
 use turnpike_core::slices::{RateMeter, Slice, SIZING};
 
 use super::names::Limiter;
+use super::protocol::{SliceReply, SLICE_LEASE_MS};
 
 /// Which bucket a slice is of: its limiter hash (and the hash's slice leases), which of its
 /// buckets, and the spec it was taken under (a reload that changes the spec starts a new
@@ -57,9 +58,6 @@ pub struct Sync {
     pub keep_units: i64,
 }
 
-/// How long the store counts a slice as held without a sync: a stopped instance's slices
-/// are the bucket's again this long after its last sync.
-pub const SLICE_LEASE_MS: u64 = 2_000;
 /// A slice still in use is synced when its lease has less than this left.
 const RENEW_WITHIN_MS: u64 = 1_000;
 /// Taken off the lease here: the store starts it when the sync runs, a little after it was
@@ -258,12 +256,25 @@ impl Ledger {
     /// to the shared bucket). Empty ones idle for longer are forgotten.
     pub fn idle(&self, now_ms: u64, syncs: &mut Vec<Sync>) {
         let mut forget = Vec::new();
-        for (of, held) in self.slices.read().iter() {
+        let slices = self.slices.read();
+        // A slice of a bucket whose spec changed (a reload) is replaced by one under the new
+        // spec: its tokens, in the old spec's units, are dropped rather than given back (the
+        // store stops counting them when their lease runs out).
+        let mut latest: HashMap<(&[String; 2], BucketKind), u64> = HashMap::new();
+        for (of, held) in slices.iter() {
+            let used = held.lock().slice.used_ms;
+            let at = latest.entry((&of.keys, of.bucket)).or_default();
+            *at = (*at).max(used);
+        }
+        for (of, held) in slices.iter() {
             let mut h = held.lock();
             if h.syncing {
                 continue;
             }
             h.expire(now_ms);
+            if latest[&(&of.keys, of.bucket)] > h.slice.used_ms {
+                h.slice.units = 0;
+            }
             if let Some(units) = h.slice.give_back_due(&SIZING, now_ms) {
                 h.syncing = true;
                 syncs.push(Sync {
@@ -277,6 +288,7 @@ impl Ledger {
                 forget.push(of.clone());
             }
         }
+        drop(slices);
         if !forget.is_empty() {
             let mut slices = self.slices.write();
             for of in forget {
@@ -343,14 +355,14 @@ impl Held {
         syncs: &mut Vec<Sync>,
     ) {
         let ask = SIZING.ask(spec, self.meter.per_sec(now_ms));
+        let refill = self.slice.refill_due(spec, ask) && now_ms >= self.no_refill_before_ms;
         let renew =
             self.slice.units > 0 && self.lease_until_ms.saturating_sub(now_ms) <= RENEW_WITHIN_MS;
-        if self.syncing
-            || now_ms < self.no_refill_before_ms
-            || !(renew || self.slice.refill_due(spec, ask))
-        {
+        if self.syncing || !(refill || renew) {
             return;
         }
+        // A renewal alone asks for nothing: a slice grows only as it is used.
+        let ask = if refill { ask } else { 0 };
         self.syncing = true;
         // A debt is paid with the sync; what is held is kept, and counted as held.
         let give = self.slice.units.min(0);
@@ -372,19 +384,23 @@ impl Held {
         }
     }
 
-    /// The store's answer to a sync sent at `asked_ms` for a slice of `spec` and `asked`
-    /// tokens: `granted` units, the shared level after. A bucket that could not give half of
-    /// what was asked is at its limit: the next refill waits `CONTENDED_WAIT_MS`, and calls
-    /// this slice cannot take meanwhile are judged one by one in the store (exactly), so
-    /// that contending instances do not sync once per call.
-    pub fn synced(
-        &mut self,
-        spec: &BucketSpec,
-        asked: u64,
-        granted: i64,
-        shared_level: i64,
-        asked_ms: u64,
-    ) {
+    /// The store's answer to `sync`, sent at `asked_ms`: `granted` units, the shared level
+    /// after, and what this instance is recorded keeping (less than it said it kept when its
+    /// holding had expired meanwhile: the difference was never its to use, and is owed). A
+    /// bucket that could not give half of what was asked is at its limit: the next refill
+    /// waits `CONTENDED_WAIT_MS`, and calls this slice cannot take meanwhile are judged one by
+    /// one in the store (exactly), so that contending instances do not sync once per call.
+    pub fn synced(&mut self, sync: &Sync, reply: SliceReply, asked_ms: u64) {
+        let (spec, asked) = (&sync.of.spec, sync.ask_tokens);
+        let SliceReply {
+            granted,
+            level: shared_level,
+            kept,
+        } = reply;
+        self.slice.units = self
+            .slice
+            .units
+            .saturating_sub((sync.keep_units - kept).max(0));
         self.slice.credit(granted);
         self.shared_level = shared_level;
         self.synced_ms = Some(asked_ms);
@@ -451,13 +467,12 @@ mod tests {
     fn answer(syncs: Vec<Sync>, granted_tokens: i64, level: i64) {
         for sync in syncs {
             let unit = sync.of.spec.unit();
-            sync.held.lock().synced(
-                &sync.of.spec,
-                sync.ask_tokens,
-                granted_tokens * unit,
-                level * unit,
-                0,
-            );
+            let reply = SliceReply {
+                granted: granted_tokens * unit,
+                level: level * unit,
+                kept: sync.keep_units,
+            };
+            sync.held.lock().synced(&sync, reply, 0);
         }
     }
 
@@ -479,10 +494,24 @@ mod tests {
             "90 shared + 3 here"
         );
         assert!(syncs.is_empty(), "three left of four: no refill yet");
-        // Unused, the slice is synced before its lease runs out, and dropped once it has.
+        // Little used, a slice is renewed before its lease runs out, asking for nothing
+        // more, and dropped once its lease may be over.
+        let ledger = Ledger::default();
+        ledger.take(&admission(&big), 0, &mut syncs);
+        answer(std::mem::take(&mut syncs), 8, 90);
+        ledger.take(&admission(&big), 1, &mut syncs);
+        assert!(syncs.is_empty());
         ledger.take(&admission(&big), 1_000, &mut syncs);
-        assert_eq!(syncs.len(), 2, "renewed with a second of its lease left");
-        assert_eq!(syncs[0].keep_units, 2 * big.requests.unwrap().unit());
+        assert_eq!(
+            syncs.len(),
+            2,
+            "renewed with under a second of its lease left"
+        );
+        assert!(
+            syncs.iter().all(|s| s.ask_tokens == 0),
+            "asking for nothing more"
+        );
+        assert_eq!(syncs[0].keep_units, 6 * big.requests.unwrap().unit());
         drop(syncs);
         let late = ledger.take(&admission(&big), SLICE_LEASE_MS, &mut Vec::new());
         assert_eq!(late.sliced, Sliced::default(), "its lease may be over");
@@ -553,6 +582,36 @@ mod tests {
     }
 
     #[test]
+    fn a_slice_under_a_spec_a_reload_replaced_is_dropped_not_given_back() {
+        let ledger = Ledger::default();
+        let old = policy(100);
+        let mut new = policy(100);
+        new.requests = Some(BucketSpec {
+            rate: 50,
+            period_ms: 500,
+            burst: 100,
+        });
+        new.tokens = None;
+        let mut old_only = old.clone();
+        old_only.tokens = None;
+        let mut syncs = Vec::new();
+        ledger.take(&admission(&old_only), 0, &mut syncs);
+        answer(std::mem::take(&mut syncs), 4, 90);
+        ledger.take(&admission(&new), 5, &mut syncs);
+        answer(std::mem::take(&mut syncs), 4, 90);
+        ledger.take(&admission(&new), 10, &mut syncs);
+        ledger.idle(1_500, &mut syncs);
+        let back: Vec<(BucketSpec, i64)> =
+            syncs.iter().map(|s| (s.of.spec, s.give_units)).collect();
+        assert_eq!(back.len(), 1, "{back:?}");
+        assert_eq!(
+            back[0].0,
+            new.requests.unwrap(),
+            "only the new spec's slice goes back"
+        );
+    }
+
+    #[test]
     fn an_idle_slice_goes_back_debt_included_and_is_then_forgotten() {
         let ledger = Ledger::default();
         let big = policy(100);
@@ -570,9 +629,12 @@ mod tests {
             .collect();
         assert!(back.contains(&(BucketKind::Requests, 3)), "{back:?}");
         for sync in std::mem::take(&mut syncs) {
-            sync.held
-                .lock()
-                .synced(&sync.of.spec, sync.ask_tokens, 0, 93 * unit, 760);
+            let reply = SliceReply {
+                granted: 0,
+                level: 93 * unit,
+                kept: 0,
+            };
+            sync.held.lock().synced(&sync, reply, 760);
         }
         ledger.idle(760 + FORGET_AFTER_MS, &mut syncs);
         assert!(syncs.is_empty());

@@ -22,8 +22,21 @@ end
 -- burst to hand out.
 -- (Holdings taken under an older spec may exceed a new, smaller capacity for the second or
 -- two until they go back: they never take it below empty.)
-local function refilled(level, updated, b, held)
-  local cap = capacity(b) - math.min(math.max(tonumber(held) or 0, 0), capacity(b))
+--
+-- `held_at`: when a sync last changed the holdings. Each holding is leased for
+-- HOLDINGS_LEASE_MS from its own last sync, so once that long has passed since the last sync
+-- of any, none is live (their instances stopped): they no longer count, even before a sync
+-- sweeps them.
+local HOLDINGS_LEASE_MS = 2000
+
+local function held_now(b, held, held_at)
+  held_at = tonumber(held_at)
+  if held_at == nil or now - held_at >= HOLDINGS_LEASE_MS then return 0 end
+  return math.min(math.max(tonumber(held) or 0, 0), capacity(b))
+end
+
+local function refilled(level, updated, b, held, held_at)
+  local cap = capacity(b) - held_now(b, held, held_at)
   if level == nil then return cap, now end
   local elapsed = math.max(now - updated, 0)
   return math.min(level + elapsed * b.rate, cap), math.max(now, updated)

@@ -136,6 +136,11 @@ impl ForgetArgs {
     }
 }
 
+/// How long the store counts a slice as held without a sync: a stopped instance's slices
+/// are the bucket's again this long after its last sync (prelude.lua's
+/// `HOLDINGS_LEASE_MS`, held to this in a test).
+pub const SLICE_LEASE_MS: u64 = 2_000;
+
 /// slice.lua's arguments, and its reply.
 pub const SLICE_ARGS: [&str; 9] = [
     "bucket",
@@ -149,7 +154,7 @@ pub const SLICE_ARGS: [&str; 9] = [
     "lease_ms",
 ];
 #[cfg(test)]
-pub const SLICE_REPLY: [&str; 2] = ["granted", "level"];
+pub const SLICE_REPLY: [&str; 3] = ["granted", "level", "keep"];
 
 /// slice.lua's arguments: `give_units` back into the bucket (below zero: a debt paid), then
 /// up to `ask_tokens` whole tokens out; `keep_units`, what `instance` still holds, and what
@@ -183,12 +188,24 @@ impl SliceArgs<'_> {
     }
 }
 
-/// slice.lua's reply: units granted, and the bucket's level after.
-pub fn decode_slice(reply: &[i64]) -> Option<(i64, i64)> {
-    match reply {
-        [granted, level] if *granted >= 0 => Some((*granted, *level)),
+/// slice.lua's reply: units granted, the bucket's level after, and the units the instance
+/// is recorded keeping.
+pub fn decode_slice(reply: &[i64]) -> Option<SliceReply> {
+    match *reply {
+        [granted, level, kept] if granted >= 0 && kept >= 0 => Some(SliceReply {
+            granted,
+            level,
+            kept,
+        }),
         _ => None,
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SliceReply {
+    pub granted: i64,
+    pub level: i64,
+    pub kept: i64,
 }
 
 /// log_usage.lua's arguments, then the entry's [`USAGE_FIELDS`] as field and value pairs.

@@ -62,8 +62,8 @@ local function settle(KEYS, ARGV)
   for _, s in ipairs(scopes) do
     s.debits_tokens = s.tokens and metered == '1' and total > 0
     s.refunds_request = refund == '1' and s.requests
-    if s.debits_tokens then hmget(s.limiter, 'tl', 'tu', 'to') end
-    if s.refunds_request then hmget(s.limiter, 'rl', 'ru', 'ro') end
+    if s.debits_tokens then hmget(s.limiter, 'tl', 'tu', 'to', 'ta') end
+    if s.refunds_request then hmget(s.limiter, 'rl', 'ru', 'ro', 'ra') end
   end
   redis.call('SET', KEYS[1], '1', 'PX', marker_ttl_ms)
 
@@ -99,17 +99,18 @@ local function settle(KEYS, ARGV)
   for _, s in ipairs(scopes) do
     if s.holds_slot then zrem(s.inflight, call_id) end
     if s.debits_tokens then
-      local state = hmget(s.limiter, 'tl', 'tu', 'to')
-      local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), s.tokens, state[3])
+      local state = hmget(s.limiter, 'tl', 'tu', 'to', 'ta')
+      local level, updated =
+        refilled(tonumber(state[1]), tonumber(state[2]), s.tokens, state[3], state[4])
       hset(s.limiter, 'tl', math.max(level - total * s.tokens.period, -EXACT))
       hset(s.limiter, 'tu', updated)
     end
     if s.refunds_request then
       -- Gives back the request token the refused admission took.
-      local state = hmget(s.limiter, 'rl', 'ru', 'ro')
-      local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), s.requests, state[3])
-      local cap = capacity(s.requests)
-        - math.min(math.max(tonumber(state[3]) or 0, 0), capacity(s.requests))
+      local state = hmget(s.limiter, 'rl', 'ru', 'ro', 'ra')
+      local level, updated =
+        refilled(tonumber(state[1]), tonumber(state[2]), s.requests, state[3], state[4])
+      local cap = capacity(s.requests) - held_now(s.requests, state[3], state[4])
       hset(s.limiter, 'rl', math.max(level, math.min(level + s.requests.period, cap)))
       hset(s.limiter, 'ru', updated)
     end

@@ -3,7 +3,8 @@
 -- owed to the bucket), then up to ask_tokens whole tokens come out. Mirrors
 -- turnpike_core::slices::{give_back, grant}, on the same hash fields admit.lua judges.
 --
--- What each instance holds is recorded (`<b>s:<instance>`, their sum `<b>o`) and counts
+-- What each instance holds is recorded (`<b>s:<instance>`, their sum `<b>o`, when a sync
+-- last changed them `<b>a`) and counts
 -- against the bucket's capacity wherever it is refilled (prelude.lua's `refilled`): a token
 -- is in the bucket or in one slice, never both, so the fleet never has more than a burst to
 -- hand out. A holding is leased: one its instance stops renewing (a crash) stops counting
@@ -16,7 +17,8 @@
 -- in order. bucket: 'r' (requests) or 't' (usage tokens); keep_units: what the instance
 -- still holds after giving back. KEYS: the limiter hash, the bucket's slice leases, this
 -- sync's marker.
--- Reply: granted (units), level (units left in the bucket after the grant).
+-- Reply: granted (units), level (units left in the bucket after the grant), kept (what the
+-- instance is recorded keeping: less than keep_units when its holding had expired).
 local SYNC_MARKER_MS = 60000
 
 local function slice(KEYS, ARGV)
@@ -49,8 +51,11 @@ local function slice(KEYS, ARGV)
   local held_before = tonumber(hget(limits, mine)) or 0
   local held_total = tonumber(hget(limits, held_field)) or 0
   local state = hmget(limits, level_field, updated_field)
-  local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), b, held_total)
-  local keep = math.max(tonumber(keep_units), 0)
+  -- Swept just now: what is left is live.
+  local level, updated = refilled(tonumber(state[1]), tonumber(state[2]), b, held_total, now)
+  -- An instance keeps no more than it is recorded holding: one whose holding expired while
+  -- its sync was on the way keeps nothing (the reply says so).
+  local keep = math.min(math.max(tonumber(keep_units), 0), math.max(held_before, 0))
   local cap = capacity(b) - math.min(math.max(held_total - held_before + keep, 0), capacity(b))
   local give = tonumber(give_units)
   if give > 0 then
@@ -58,7 +63,9 @@ local function slice(KEYS, ARGV)
   elseif give < 0 then
     level = math.max(level + give, -EXACT)
   end
-  if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', SYNC_MARKER_MS) then return { 0, level } end
+  if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', SYNC_MARKER_MS) then
+    return { 0, level, 0 }
+  end
   local whole = math.max(math.floor(math.min(level, cap) / b.period), 0)
   local granted = math.min(whole, tonumber(ask_tokens)) * b.period
   level = level - granted
@@ -66,6 +73,7 @@ local function slice(KEYS, ARGV)
   hset(limits, level_field, level)
   hset(limits, updated_field, updated)
   hincrby(limits, held_field, int(holding - held_before))
+  hset(limits, bucket .. 'a', now)
   if holding > 0 then
     hset(limits, mine, holding)
     zadd(leases, int(now + tonumber(lease_ms)), bucket .. ':' .. instance)
@@ -73,5 +81,5 @@ local function slice(KEYS, ARGV)
     hdel(limits, mine)
     zrem(leases, bucket .. ':' .. instance)
   end
-  return { granted, level }
+  return { granted, level, keep }
 end

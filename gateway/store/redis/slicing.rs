@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::ledger::{Ledger, Sync, SLICE_LEASE_MS};
+use super::ledger::{Ledger, Sync};
 use super::link::{Link, Op};
-use super::protocol::{decode_slice, Invocation, SliceArgs, SLICE_LUA};
+use super::protocol::{decode_slice, Invocation, SliceArgs, SLICE_LEASE_MS, SLICE_LUA};
 use crate::clock::Clock;
 
 /// How often idle slices are looked for.
@@ -60,7 +60,11 @@ impl Slicer {
             ],
             args: SliceArgs {
                 bucket: sync.of.bucket,
-                instance: &self.instance,
+                // A slice taken under another spec (before a reload) is held apart.
+                instance: &format!(
+                    "{}.{}.{}.{}",
+                    self.instance, sync.of.spec.rate, sync.of.spec.period_ms, sync.of.spec.burst
+                ),
                 spec: sync.of.spec,
                 ask_tokens: sync.ask_tokens,
                 give_units: sync.give_units,
@@ -75,9 +79,7 @@ impl Slicer {
             .await;
         let mut held = sync.held.lock();
         match reply.as_deref().map(decode_slice) {
-            Ok(Some((granted, level))) => {
-                held.synced(&sync.of.spec, sync.ask_tokens, granted, level, asked_ms)
-            }
+            Ok(Some(reply)) => held.synced(&sync, reply, asked_ms),
             Ok(None) => held.unsynced(sync.give_units, false),
             Err(error) => held.unsynced(sync.give_units, !error.kind.may_have_applied()),
         }

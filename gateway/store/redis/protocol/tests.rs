@@ -3,6 +3,9 @@
 use super::*;
 use std::collections::HashMap;
 
+/// The prelude, where the holdings' lease is written down for the scripts.
+const PRELUDE_HOLDINGS_LEASE: &str = include_str!("../prelude.lua");
+
 /// The text of `script` from `start` to the first `end` after it, both included.
 fn statement<'a>(script: &'a str, start: &str, end: &str) -> &'a str {
     let at = script
@@ -129,8 +132,18 @@ fn the_scripts_declare_the_same_protocol_as_rust() {
         ["t", "i1", "5", "1000", "20", "4", "-3", "0", "2000"]
     );
     assert!(SLICE_LUA.contains(&format!("return {{ {} }}", SLICE_REPLY.join(", "))));
-    assert_eq!(decode_slice(&[4000, 12]), Some((4000, 12)));
-    assert_eq!(decode_slice(&[4000]), None);
+    assert_eq!(
+        decode_slice(&[4000, 12, 2000]),
+        Some(SliceReply {
+            granted: 4000,
+            level: 12,
+            kept: 2000
+        })
+    );
+    assert_eq!(decode_slice(&[4000, 12]), None);
+    assert!(
+        PRELUDE_HOLDINGS_LEASE.contains(&format!("local HOLDINGS_LEASE_MS = {}\n", SLICE_LEASE_MS))
+    );
     assert_eq!(
         ForgetArgs { grace_ms: 60_000 }.encode().len(),
         FORGET_ARGS.len()
