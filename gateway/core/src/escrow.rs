@@ -169,6 +169,7 @@ pub fn apply_grant(account: &mut crate::billing::AccountState, escrow: &mut i64,
 mod tests {
     use super::*;
     use crate::billing::AccountState;
+    use crate::test_dice::Dice;
 
     const RESERVE: i64 = 100;
 
@@ -347,18 +348,6 @@ mod tests {
                 0
             )
         );
-    }
-
-    /// xorshift: the simulations' choices, the same on every run.
-    struct Dice(u64);
-
-    impl Dice {
-        fn roll(&mut self, sides: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % sides
-        }
     }
 
     #[derive(Default)]

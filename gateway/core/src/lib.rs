@@ -38,3 +38,18 @@ pub mod sse;
 pub mod trace;
 pub mod units;
 pub mod usage;
+
+/// The fleet simulations' dice (escrow, slot blocks): xorshift, the same rolls on every run.
+#[cfg(test)]
+mod test_dice {
+    pub struct Dice(pub u64);
+
+    impl Dice {
+        pub fn roll(&mut self, sides: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % sides
+        }
+    }
+}

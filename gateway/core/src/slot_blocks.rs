@@ -139,6 +139,7 @@ pub fn apply_sync(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dice::Dice;
 
     #[test]
     fn a_limit_is_leased_in_blocks_only_when_a_block_holds_a_few_slots() {
@@ -203,18 +204,6 @@ mod tests {
         sync(&mut block, true, 750);
         assert_eq!(block.leased, 0, "the end game takes every unseated slot");
         assert_eq!((taken, held), (7, 0));
-    }
-
-    /// xorshift: the simulation's choices, the same on every run.
-    struct Dice(u64);
-
-    impl Dice {
-        fn roll(&mut self, sides: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % sides
-        }
     }
 
     #[derive(Default)]

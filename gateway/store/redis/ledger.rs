@@ -309,31 +309,27 @@ impl Held {
     /// The bucket as this instance sees it at `now_ms`: the shared level at the last sync,
     /// refilled since, with this slice on top.
     fn level(&self, spec: &BucketSpec, now_ms: u64) -> i64 {
-        let shared = match self.synced_ms {
-            Some(at) => BucketState {
-                level: self.shared_level,
-                updated_ms: at,
-            }
-            .refilled(spec, now_ms)
-            .level
-            .max(0),
-            None => 0,
-        };
+        let shared = self.shared_at(spec, now_ms).unwrap_or(0).max(0);
         shared.saturating_add(self.slice.units).min(spec.capacity())
+    }
+
+    /// The store's bucket as of the last sync, refilled since; `None` before any sync.
+    fn shared_at(&self, spec: &BucketSpec, now_ms: u64) -> Option<i64> {
+        let at = self.synced_ms?;
+        let state = BucketState {
+            level: self.shared_level,
+            updated_ms: at,
+        };
+        Some(state.refilled(spec, now_ms).level)
     }
 
     /// When neither this slice nor the store's bucket (as of the last sync, refilled since)
     /// holds a whole token: how long until one refills. `None` when one may be there, or
     /// nothing is known yet: the store decides.
     fn dry_for(&self, spec: &BucketSpec, now_ms: u64) -> Option<u64> {
-        let at = self.synced_ms?;
-        let shared = BucketState {
-            level: self.shared_level,
-            updated_ms: at,
-        }
-        .refilled(spec, now_ms)
-        .level;
-        let here = shared.saturating_add(self.slice.units.min(0));
+        let here = self
+            .shared_at(spec, now_ms)?
+            .saturating_add(self.slice.units.min(0));
         let missing = spec.unit().saturating_sub(here);
         (missing > 0).then(|| (missing as u64).div_ceil(spec.rate.max(1)))
     }
