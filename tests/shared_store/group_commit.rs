@@ -72,28 +72,45 @@ fn concurrent_calls_share_script_runs_and_each_is_charged_and_logged_once() {
         format!("(integer) {all}")
     );
     // Every operation went through a run, and some run carried more than one: fewer script
-    // calls than operations. The other scripts are the key's slices taken (slice.lua).
-    gw.wait_metric("turnpike_store_batch_calls_sum", &[], 3.0 * all as f64);
+    // calls than operations. A call is two (its settlement, its marker let go), and three
+    // when Redis admitted it (not the calls reserved from the gateway's escrow of the
+    // account, issue 23). The other scripts are the syncs of the key's slices and of the
+    // gateway's escrow and blocks (slice.lua and the like).
+    let admissions = gw.metric("turnpike_store_duration_seconds_count", &[("op", "admit")]);
+    let operations = 2.0 * all as f64 + admissions;
+    gw.wait_metric("turnpike_store_batch_calls_sum", &[], operations);
     let runs = gw.metric("turnpike_store_batch_calls_count", &[]) - runs_before;
-    assert!(runs < 3.0 * calls as f64, "{runs} runs for {calls} calls");
+    assert!(
+        runs < operations - 3.0,
+        "{runs} runs for {operations} operations"
+    );
     let slices = || gw.metric("turnpike_store_duration_seconds_count", &[("op", "slice")]);
     let (slices_then, scripts, slices_now) = (slices(), redis.command_calls("evalsha"), slices());
     let scripts = (scripts - scripts_before) as f64;
+    // A sync script's first run is two EVALSHAs (the first answered NOSCRIPT): the block's
+    // and the escrow's may come in this window.
+    let first_loads = 2.0;
     assert!(
         runs + slices_then - slices_before <= scripts
-            && scripts <= runs + slices_now - slices_before,
+            && scripts <= runs + slices_now - slices_before + first_loads,
         "{scripts} scripts, {runs} runs, {} to {} slices",
         slices_then - slices_before,
         slices_now - slices_before
     );
     // Nothing is left held: no reservation, no concurrency slot.
     assert_eq!(
-        redis.cli(&[
-            "ZCARD",
-            "turnpike:{account:acct_jane}:key:key_jane:inflight"
-        ]),
-        "(integer) 0"
+        calls_seated(&redis, "turnpike:{account:acct_jane}:key:key_jane:inflight"),
+        0
     );
+}
+
+/// Calls holding a slot of a concurrency limit in Redis (not the gateways' blocks, issue 23).
+fn calls_seated(redis: &RedisServer, inflight: &str) -> usize {
+    redis
+        .cli(&["ZRANGE", inflight, "0", "-1"])
+        .lines()
+        .filter(|member| member.contains("call_"))
+        .count()
 }
 
 #[test]
@@ -153,7 +170,7 @@ fn a_damaged_account_fails_only_its_own_calls_and_the_runs_they_share_apply_the_
         redis
             .cli(&["HKEYS", account])
             .lines()
-            .filter(|f| f.contains("held:"))
+            .filter(|f| f.contains("held:call_"))
             .count()
     };
 
@@ -172,11 +189,7 @@ fn a_damaged_account_fails_only_its_own_calls_and_the_runs_they_share_apply_the_
     );
     for (account, key) in [("acct_jane", "key_jane"), ("acct_bob", "key_bob")] {
         let inflight = format!("turnpike:{{account:{account}}}:key:{key}:inflight");
-        assert_eq!(
-            redis.cli(&["ZCARD", &inflight]),
-            "(integer) 0",
-            "{inflight}"
-        );
+        assert_eq!(calls_seated(&redis, &inflight), 0, "{inflight}");
     }
 
     // At settlement: Jane's calls are admitted, then her balance is damaged, and Redis is

@@ -62,13 +62,18 @@ pub struct Reservation {
 }
 
 /// Which of a call's buckets were judged against this instance's slices of them rather
-/// than in the shared store. The embedded store slices nothing.
+/// than in the shared store, in which scopes it sits in this instance's block of
+/// concurrency slots, and whether its reservation came from this instance's escrow of the
+/// account's balance. The embedded store slices nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Sliced {
     pub key_requests: bool,
     pub key_tokens: bool,
     pub agent_requests: bool,
     pub agent_tokens: bool,
+    pub key_seat: bool,
+    pub agent_seat: bool,
+    pub escrowed: bool,
 }
 
 impl Sliced {
@@ -86,18 +91,27 @@ impl Sliced {
         }
     }
 
+    /// Whether the call sits in this instance's block of the scope's slots.
+    pub fn seated(&self, scope: Scope) -> bool {
+        match scope {
+            Scope::Key => self.key_seat,
+            Scope::Agent => self.agent_seat,
+        }
+    }
+
     pub fn set(&mut self, scope: Scope, bucket: BucketKind) {
         match (scope, bucket) {
             (Scope::Key, BucketKind::Requests) => self.key_requests = true,
             (Scope::Key, BucketKind::Tokens) => self.key_tokens = true,
             (Scope::Agent, BucketKind::Requests) => self.agent_requests = true,
             (Scope::Agent, BucketKind::Tokens) => self.agent_tokens = true,
-            (_, BucketKind::Concurrency) => {}
+            (Scope::Key, BucketKind::Concurrency) => self.key_seat = true,
+            (Scope::Agent, BucketKind::Concurrency) => self.agent_seat = true,
         }
     }
 
     /// `policy`'s request and token buckets as the shared store is to see them: the
-    /// sliced ones left out.
+    /// sliced ones left out. (Its concurrency cap: [`Sliced::shared_cap`].)
     pub fn shared_buckets(
         &self,
         scope: Scope,
@@ -107,6 +121,12 @@ impl Sliced {
             policy.requests.filter(|_| !self.requests(scope)),
             policy.tokens.filter(|_| !self.tokens(scope)),
         )
+    }
+
+    /// `policy`'s concurrency cap as the shared store is to judge it: none when the call
+    /// sits in this instance's block.
+    pub fn shared_cap(&self, scope: Scope, policy: &Policy) -> Option<u32> {
+        policy.concurrency.filter(|_| !self.seated(scope))
     }
 }
 

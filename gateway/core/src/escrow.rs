@@ -29,6 +29,10 @@ pub struct EscrowSizing {
     pub flush_every_ms: u64,
     /// Escrow no call has used for this long goes back.
     pub idle_return_ms: u64,
+    /// An instance asks for escrow only while its calls to the account reserve at least
+    /// this many times a second: a quieter account's calls are reserved one by one in the
+    /// store, where an escrow would mostly sit idle.
+    pub min_reserves_per_sec: i64,
 }
 
 pub const ESCROW_SIZING: EscrowSizing = EscrowSizing {
@@ -37,6 +41,7 @@ pub const ESCROW_SIZING: EscrowSizing = EscrowSizing {
     min_reserves: 4,
     flush_every_ms: 250,
     idle_return_ms: 1000,
+    min_reserves_per_sec: 8,
 };
 
 impl EscrowSizing {
@@ -45,6 +50,12 @@ impl EscrowSizing {
     pub fn ask(&self, reserve: i64, units_per_sec: i64) -> i64 {
         let horizon = (units_per_sec as i128 * self.horizon_ms as i128 / 1000) as i64;
         horizon.max(self.min_reserves.saturating_mul(reserve.max(1)))
+    }
+
+    /// Whether an instance whose calls reserve `units_per_sec` of `reserve` each is busy
+    /// enough to hold escrow.
+    pub fn escrows(&self, reserve: i64, units_per_sec: i64) -> bool {
+        units_per_sec >= self.min_reserves_per_sec.saturating_mul(reserve.max(1))
     }
 
     /// The shared side: what to grant of `ask` when the account has `free` units not yet

@@ -1,4 +1,4 @@
-//! Blocks of concurrency slots (issue 23; not yet used by the stores): an instance leases a
+//! Blocks of concurrency slots (issue 23; the Redis store's `seats`): an instance leases a
 //! block of a concurrency limit's slots from the store, seats its calls in it alone, renews
 //! the block's lease at every sync while it holds it, and gives back the slots it does not
 //! need. The store counts a block as that many slots taken, so the fleet never seats more
@@ -14,6 +14,8 @@
 pub struct BlockSizing {
     /// A block holds at most the cap divided by this.
     pub cap_divisor: u32,
+    /// And never more than this many slots, however large the cap (the store names each).
+    pub max_slots: u32,
     /// A limit whose largest block would hold fewer slots than this is not blocked: each
     /// call takes its slot in the store, as before.
     pub min_slots: u32,
@@ -26,6 +28,7 @@ pub struct BlockSizing {
 
 pub const BLOCK_SIZING: BlockSizing = BlockSizing {
     cap_divisor: 4,
+    max_slots: 1_000,
     min_slots: 4,
     lease_ms: 10_000,
     sync_every_ms: 250,
@@ -56,7 +59,7 @@ impl BlockSizing {
     }
 
     fn largest(&self, cap: u32) -> u32 {
-        cap / self.cap_divisor.max(1)
+        (cap / self.cap_divisor.max(1)).min(self.max_slots)
     }
 }
 

@@ -129,21 +129,8 @@ local function admit(KEYS, ARGV)
 
   if priced then
     local account, leases = KEYS[1], KEYS[2]
+    sweep_leases(account, leases)
     local balance = hmget(account, 'balance', 'reserved')
-    -- Reservations of calls whose lease ran out (their instance died) are given back first,
-    -- once per run; their fields are all read (and checked) before any lease goes.
-    local lease_set = zset(leases)
-    if not lease_set.swept then
-      local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
-      local fields = {}
-      for i, id in ipairs(expired) do fields[i] = 'held:' .. id end
-      if #fields > 0 then hmget(account, unpack(fields)) end
-      lease_set.swept = true
-      for _, id in ipairs(expired) do
-        release_held(account, leases, id)
-      end
-      balance = hmget(account, 'balance', 'reserved')
-    end
     local free = (tonumber(balance[1]) or 0) - (tonumber(balance[2]) or 0)
     if free < reserve then return reply(BROKE, 0, 0, 0, 0) end
     if reserve > 0 then

@@ -25,19 +25,42 @@ enum SideAnswer {
 }
 
 impl RedisStore {
-    /// Judges the call's sliceable buckets against this instance's slices first, and what
-    /// is left (balance, slots, buckets without a slice) in Redis: no round trip when
-    /// nothing is left.
+    /// Judges the call's sliceable buckets against this instance's slices first, seats it
+    /// in this instance's blocks of slots, reserves it from this instance's escrow of its
+    /// account, and judges what is left (a reservation no escrow covered, slots no block
+    /// had, buckets without a slice) in Redis: no round trip when nothing is left.
     pub(super) async fn admit_on_redis(
         &self,
         call: &Admission<'_>,
     ) -> Result<Result<Admitted, Refusal>, StoreError> {
+        // Under fail_closed a Redis known to be down refuses every call, also those this
+        // instance's slices, blocks and escrows could decide.
+        if !self.fail_open.enabled && self.link.is_down() {
+            return Err(StoreError::new(
+                StoreErrorKind::Unreachable,
+                "Redis is unreachable",
+            ));
+        }
         let mut syncs = Vec::new();
         let ledger = &self.slicer.ledger;
-        let taken = ledger.take(call, self.slicer.clock.now_ms(), &mut syncs);
+        let now = self.slicer.clock.now_ms();
+        let mut taken = ledger.take(call, now, &mut syncs);
         self.slicer.send(syncs);
+        let mut block_syncs = Vec::new();
+        let seats = &self.slicer.seats;
+        seats.take(call, now, &mut taken.sliced, &mut block_syncs);
+        self.slicer.send_blocks(block_syncs);
+        let mut escrow_syncs = Vec::new();
+        let escrows = &self.slicer.escrows;
+        escrows.take(call, now, &mut taken.sliced, &mut escrow_syncs);
+        self.slicer.send_escrows(escrow_syncs);
+        let untake = |sliced| {
+            ledger.untake(call, sliced);
+            seats.untake(call, sliced);
+            escrows.untake(call, sliced);
+        };
         if let Some(dry) = taken.refusal {
-            ledger.untake(call, taken.sliced);
+            untake(taken.sliced);
             let policy = match dry.scope {
                 Scope::Key => call.key_policy,
                 Scope::Agent => call.agent_policy,
@@ -61,11 +84,11 @@ impl RedisStore {
                 Ok(admitted)
             }
             Ok(Err(refusal)) => {
-                ledger.untake(call, taken.sliced);
+                untake(taken.sliced);
                 Err(refusal)
             }
             Err(error) => {
-                ledger.untake(call, taken.sliced);
+                untake(taken.sliced);
                 // Only a store that cannot answer now is worked around; one that refused
                 // the script for good (a bug or a damaged key) fails the call, whatever the
                 // mode.

@@ -220,3 +220,19 @@ local function release_held(account, leases, id)
   end
   zrem(leases, id)
 end
+
+-- Reservations whose lease ran out (the instance of their call died, or the instance of an
+-- escrow stopped renewing it) are given back, once per run. Everything they change is read
+-- (and checked) first, the balance too: a damaged field fails the call before any lease goes.
+local function sweep_leases(account, leases)
+  local lease_set = zset(leases)
+  if lease_set.swept then return end
+  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
+  local fields = { 'balance', 'reserved' }
+  for _, id in ipairs(expired) do fields[#fields + 1] = 'held:' .. id end
+  hmget(account, unpack(fields))
+  lease_set.swept = true
+  for _, id in ipairs(expired) do
+    release_held(account, leases, id)
+  end
+end

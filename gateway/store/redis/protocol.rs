@@ -39,6 +39,20 @@ pub const SLICE_LUA: &str = concat!(
     include_str!("slice.lua"),
     "local reply = slice(KEYS, ARGV)\nflush()\nreturn reply\n"
 );
+/// A block of concurrency slots taken, renewed or given back; not batched, like a slice's.
+pub const BLOCK_LUA: &str = concat!(
+    "#!lua\n",
+    include_str!("prelude.lua"),
+    include_str!("block.lua"),
+    "return block(KEYS, ARGV)\n"
+);
+/// An escrow of an account's balance synced; not batched, like a slice's.
+pub const ESCROW_LUA: &str = concat!(
+    "#!lua\n",
+    include_str!("prelude.lua"),
+    include_str!("escrow.lua"),
+    "local reply = escrow(KEYS, ARGV)\nflush()\nreturn reply\n"
+);
 pub const CHANGE_BALANCE_LUA: &str = include_str!("change_balance.lua");
 /// log_usage.lua alone, as a test reads it (log entries always go in a `batch`).
 #[cfg(test)]
@@ -206,6 +220,120 @@ pub struct SliceReply {
     pub granted: i64,
     pub level: i64,
     pub kept: i64,
+}
+
+/// block.lua's arguments, and its reply.
+pub const BLOCK_ARGS: [&str; 6] = [
+    "instance",
+    "cap",
+    "target",
+    "upper",
+    "lease_ms",
+    "min_slots",
+];
+#[cfg(test)]
+pub const BLOCK_REPLY: [&str; 2] = ["new", "free"];
+
+/// block.lua's arguments: `instance`'s block of a limit of `cap` slots to go to `target`
+/// slots (more only while `min_slots` are free), leased for `lease_ms`; `upper`, the most
+/// it may hold now.
+pub struct BlockArgs<'a> {
+    pub instance: &'a str,
+    pub cap: u32,
+    pub target: u32,
+    pub upper: u32,
+    pub lease_ms: u64,
+    pub min_slots: u32,
+}
+
+impl BlockArgs<'_> {
+    /// The arguments in [`BLOCK_ARGS`] order.
+    pub fn encode(&self) -> Vec<String> {
+        let mut args = Vec::with_capacity(BLOCK_ARGS.len());
+        args.push(self.instance.to_owned());
+        for number in [self.cap, self.target, self.upper] {
+            args.push(number.to_string());
+        }
+        args.push(self.lease_ms.to_string());
+        args.push(self.min_slots.to_string());
+        args
+    }
+}
+
+/// block.lua's reply: the slots the instance now holds, and those of the cap still free.
+pub fn decode_block(reply: &[i64]) -> Option<BlockReply> {
+    match *reply {
+        [held, free] if held >= 0 => Some(BlockReply {
+            held: u32::try_from(held).ok()?,
+            free,
+        }),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockReply {
+    pub held: u32,
+    pub free: i64,
+}
+
+/// escrow.lua's arguments, and its reply.
+pub const ESCROW_ARGS: [&str; 7] = [
+    "id",
+    "ask",
+    "released",
+    "reserve",
+    "lease_ms",
+    "free_divisor",
+    "min_reserves",
+];
+#[cfg(test)]
+pub const ESCROW_REPLY: [&str; 3] = ["granted", "held", "free"];
+
+/// escrow.lua's arguments: the escrow `id` (its lease's member) releases `released` units,
+/// then is granted up to `ask` more (sized by the account's free balance and `reserve`,
+/// `turnpike_core::escrow::EscrowSizing`), leased for `lease_ms`.
+pub struct EscrowArgs<'a> {
+    pub id: &'a str,
+    pub ask: i64,
+    pub released: i64,
+    pub reserve: i64,
+    pub lease_ms: u64,
+    pub sizing: turnpike_core::escrow::EscrowSizing,
+}
+
+impl EscrowArgs<'_> {
+    /// The arguments in [`ESCROW_ARGS`] order.
+    pub fn encode(&self) -> Vec<String> {
+        let mut args = Vec::with_capacity(ESCROW_ARGS.len());
+        args.push(self.id.to_owned());
+        for number in [self.ask, self.released, self.reserve] {
+            args.push(number.to_string());
+        }
+        args.push(self.lease_ms.to_string());
+        args.push(self.sizing.free_divisor.to_string());
+        args.push(self.sizing.min_reserves.to_string());
+        args
+    }
+}
+
+/// escrow.lua's reply: units granted, the escrow after, the account's free balance after.
+pub fn decode_escrow(reply: &[i64]) -> Option<EscrowReply> {
+    match *reply {
+        [granted, held, free] if granted >= 0 && held >= 0 => Some(EscrowReply {
+            granted,
+            held,
+            free,
+        }),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EscrowReply {
+    pub granted: i64,
+    pub held: i64,
+    pub free: i64,
 }
 
 /// log_usage.lua's arguments, then the entry's [`USAGE_FIELDS`] as field and value pairs.

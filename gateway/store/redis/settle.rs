@@ -28,6 +28,8 @@ impl RedisStore {
         let now = self.slicer.clock.now_ms();
         self.slicer.ledger.settle(call, now, &mut syncs);
         self.slicer.send(syncs);
+        self.slicer.seats.settle(call);
+        self.slicer.escrows.settle(call, now);
         self.fail_open.settle(call).await;
         self.write_or_hold(call, Purpose::Settle).await;
     }

@@ -35,6 +35,8 @@ struct Limited<'a> {
     policy: &'a Policy,
     requests: Option<BucketSpec>,
     tokens: Option<BucketSpec>,
+    /// The cap the store judges: none for a call seated in this instance's block.
+    concurrency: Option<u32>,
     limiter: Limiter<'a>,
 }
 
@@ -73,6 +75,7 @@ fn limited<'a>(
             policy,
             requests,
             tokens,
+            concurrency: sliced.shared_cap(scope, policy),
             limiter,
         }
     };
@@ -171,11 +174,12 @@ pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan, sliced: Sliced) -> Vec<
         s.filter(|s| {
             s.requests.is_some()
                 || s.tokens.is_some()
-                || s.policy.concurrency.is_some()
+                || s.concurrency.is_some()
                 || s.policy.mode == Mode::Shadow
         })
     });
-    let priced = call.pricing.is_some();
+    // A reservation taken from this instance's escrow asks the store nothing.
+    let priced = call.pricing.is_some() && !sliced.escrowed;
     group(plan, priced, scopes)
         .into_iter()
         .map(|(priced, scopes)| {
@@ -197,7 +201,7 @@ pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan, sliced: Sliced) -> Vec<
                         enforce: s.policy.mode == Mode::Enforce,
                         requests: s.requests,
                         tokens: s.tokens,
-                        concurrency: s.policy.concurrency,
+                        concurrency: s.concurrency,
                     })
                     .collect(),
             };

@@ -54,6 +54,9 @@ struct Shared {
     conns: Mutex<Vec<TcpStream>>,
     /// When the gateway closed a connection while the worker was still thinking over a call.
     hung_up: Mutex<Vec<Instant>>,
+    /// Calls the worker is thinking over now, and the most it ever was at once.
+    thinking: AtomicUsize,
+    most_thinking: AtomicUsize,
     /// Scripts the worker could not follow: each fails the test.
     script_errors: Mutex<Vec<String>>,
 }
@@ -131,6 +134,13 @@ impl Worker {
     /// When the gateway closed a connection while the worker was thinking over its call.
     pub fn hang_ups(&self) -> Vec<Instant> {
         self.shared.hung_up.lock().unwrap().clone()
+    }
+
+    /// The most calls the worker was ever thinking over at once (a script's `sleep`): a
+    /// lower bound on the most the gateways let through at once, since a call's slot is
+    /// free again only once its answer, written after the thinking, has reached them.
+    pub fn most_at_once(&self) -> usize {
+        self.shared.most_thinking.load(Ordering::SeqCst)
     }
 
     /// How many requests the worker has finished with (answered or dropped).
@@ -402,6 +412,14 @@ fn write_stream(
 /// Thinks for `time` while watching the connection, as an agent that stops working when its
 /// caller hangs up; false (and the moment recorded) when the gateway closed it meanwhile.
 fn think(out: &TcpStream, time: Duration, shared: &Shared) -> bool {
+    let now = shared.thinking.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.most_thinking.fetch_max(now, Ordering::SeqCst);
+    let done = thought(out, time, shared);
+    shared.thinking.fetch_sub(1, Ordering::SeqCst);
+    done
+}
+
+fn thought(out: &TcpStream, time: Duration, shared: &Shared) -> bool {
     let until = Instant::now() + time;
     let mut probe = [0u8; 1];
     loop {

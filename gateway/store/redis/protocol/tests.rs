@@ -141,6 +141,50 @@ fn the_scripts_declare_the_same_protocol_as_rust() {
         })
     );
     assert_eq!(decode_slice(&[4000, 12]), None);
+    let (names, range) = unpacked(BLOCK_LUA, "instance");
+    assert_eq!(
+        (names, range),
+        (owned(BLOCK_ARGS), format!("1, {}", BLOCK_ARGS.len()))
+    );
+    let block = BlockArgs {
+        instance: "i1",
+        cap: 20,
+        target: 5,
+        upper: 4,
+        lease_ms: 10_000,
+        min_slots: 4,
+    };
+    assert_eq!(block.encode(), ["i1", "20", "5", "4", "10000", "4"]);
+    assert!(BLOCK_LUA.contains(&format!("return {{ {} }}", BLOCK_REPLY.join(", "))));
+    assert_eq!(decode_block(&[5, 3]), Some(BlockReply { held: 5, free: 3 }));
+    assert_eq!(decode_block(&[-1, 3]), None);
+    let (names, range) = unpacked(ESCROW_LUA, "id");
+    assert_eq!(
+        (names, range),
+        (owned(ESCROW_ARGS), format!("1, {}", ESCROW_ARGS.len()))
+    );
+    let escrow = EscrowArgs {
+        id: "escrow:i1",
+        ask: 1000,
+        released: 30,
+        reserve: 100,
+        lease_ms: 10_000,
+        sizing: turnpike_core::escrow::ESCROW_SIZING,
+    };
+    assert_eq!(
+        escrow.encode(),
+        ["escrow:i1", "1000", "30", "100", "10000", "4", "4"]
+    );
+    assert!(ESCROW_LUA.contains(&format!("return {{ {} }}", ESCROW_REPLY.join(", "))));
+    assert_eq!(
+        decode_escrow(&[400, 500, -3]),
+        Some(EscrowReply {
+            granted: 400,
+            held: 500,
+            free: -3
+        })
+    );
+    assert_eq!(decode_escrow(&[400, 500]), None);
     assert!(
         PRELUDE_HOLDINGS_LEASE.contains(&format!("local HOLDINGS_LEASE_MS = {}\n", SLICE_LEASE_MS))
     );
