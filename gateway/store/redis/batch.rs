@@ -4,18 +4,24 @@
 //! next, together, so batches grow with load and a quiet gateway sends each call alone.
 //! Each caller is answered with its own call's reply, only after the run that carried it.
 //!
+//! A settlement may also go unmarked (`Kind::Record`, on one server): it sets no marker of
+//! its own, and the run that carries it sets one mark for all (so a run sent again records
+//! nothing twice). A record whose run's answer was lost is told the run's mark, which its
+//! retry checks.
+//!
 //! A lane is where a run may go: on one server everything shares one; on a Cluster each
 //! hash tag has its own, since one script's keys must share a slot.
 
 use prometheus::Histogram;
 use redis::{FromRedisValue, Script, Value};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::link::{reply_kind, Link, Op};
-use super::names::{hash_tag, MARKER_GRACE_MS};
+use super::names::{hash_tag, MARKER_GRACE_MS, SETTLED_MARKER_MS};
 use super::protocol::{ForgetArgs, Invocation, BATCH_LUA};
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -28,6 +34,8 @@ const MOST_PER_RUN: usize = 64;
 pub enum Kind {
     Admit,
     Settle,
+    /// A settlement without its own marker, applied once by its run's mark.
+    Record,
     /// A Cluster's usage log entry, in the stream's slot.
     LogUsage,
     /// A settled call's marker given its last grace ([`GroupCommit::forget`]).
@@ -39,6 +47,7 @@ impl Kind {
         match self {
             Kind::Admit => "admit",
             Kind::Settle => "settle",
+            Kind::Record => "record",
             Kind::LogUsage => "log_usage",
             Kind::Forget => "forget",
         }
@@ -48,7 +57,7 @@ impl Kind {
     fn op(self) -> Op {
         match self {
             Kind::Admit => Op::Admit,
-            Kind::Settle | Kind::LogUsage | Kind::Forget => Op::Settle,
+            Kind::Settle | Kind::Record | Kind::LogUsage | Kind::Forget => Op::Settle,
         }
     }
 }
@@ -58,7 +67,14 @@ struct Waiting {
     kind: Kind,
     invocation: Invocation,
     since: Instant,
-    answer: oneshot::Sender<Result<Value, StoreError>>,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// A call's reply, and the mark of the run that carried it when it was a record's and the
+/// run's answer was lost.
+struct Answer {
+    reply: Result<Value, StoreError>,
+    lost_run_mark: Option<String>,
 }
 
 #[derive(Default)]
@@ -76,6 +92,9 @@ pub struct GroupCommit {
     by_tag: bool,
     /// Calls per run.
     sizes: Histogram,
+    /// Names this gateway's run marks, new at every start, and numbers them.
+    id: String,
+    marks: AtomicU64,
 }
 
 impl GroupCommit {
@@ -86,6 +105,8 @@ impl GroupCommit {
             lanes: Mutex::new(HashMap::new()),
             by_tag: cluster,
             sizes,
+            id: turnpike_core::ids::random_id("gc_", 12),
+            marks: AtomicU64::new(0),
         })
     }
 
@@ -96,15 +117,34 @@ impl GroupCommit {
         kind: Kind,
         invocation: Invocation,
     ) -> Result<T, StoreError> {
+        self.call_marked(kind, invocation)
+            .await
+            .map_err(|(error, _)| error)
+    }
+
+    /// As [`GroupCommit::call`]; a failed record's error comes with the mark of its run
+    /// when that run may have applied it.
+    pub async fn call_marked<T: FromRedisValue>(
+        self: &Arc<Self>,
+        kind: Kind,
+        invocation: Invocation,
+    ) -> Result<T, (StoreError, Option<String>)> {
         let answered = self.enqueue(kind, invocation);
-        let reply = answered.await.unwrap_or_else(|_| {
-            Err(StoreError::new(
+        let Answer {
+            reply,
+            lost_run_mark,
+        } = answered.await.unwrap_or_else(|_| Answer {
+            reply: Err(StoreError::new(
                 StoreErrorKind::Unanswered,
                 "the group commit carrying this call ended without an answer",
-            ))
-        })?;
-        T::from_redis_value(reply)
-            .map_err(|e| StoreError::new(StoreErrorKind::Refused, format!("unexpected reply: {e}")))
+            )),
+            lost_run_mark: None,
+        });
+        let reply = reply.map_err(|error| (error, lost_run_mark))?;
+        T::from_redis_value(reply).map_err(|e| {
+            let error = StoreError::new(StoreErrorKind::Refused, format!("unexpected reply: {e}"));
+            (error, None)
+        })
     }
 
     /// Gives a settled call's marker its last [`MARKER_GRACE_MS`], riding the next run of its
@@ -169,11 +209,7 @@ impl GroupCommit {
 
     /// Puts `invocation` in its lane, starting the lane's runner when none runs; the
     /// receiver has its reply once the run that carried it is back.
-    fn enqueue(
-        self: &Arc<Self>,
-        kind: Kind,
-        invocation: Invocation,
-    ) -> oneshot::Receiver<Result<Value, StoreError>> {
+    fn enqueue(self: &Arc<Self>, kind: Kind, invocation: Invocation) -> oneshot::Receiver<Answer> {
         let lane = self.lane_of(&invocation);
         let (answer, answered) = oneshot::channel();
         let start = {
@@ -193,9 +229,17 @@ impl GroupCommit {
         answered
     }
 
-    async fn run(&self, batch: Vec<Waiting>) {
+    async fn run(self: &Arc<Self>, batch: Vec<Waiting>) {
         self.sizes.observe(batch.len() as f64);
         let mut call = self.script.prepare_invoke();
+        let mark = batch.iter().any(|w| w.kind == Kind::Record).then(|| {
+            let n = self.marks.fetch_add(1, Ordering::Relaxed);
+            format!("turnpike:run:{}:{n}", self.id)
+        });
+        if let Some(mark) = &mark {
+            call.arg("mark").arg(1).arg(1).arg(SETTLED_MARKER_MS);
+            call.key(mark);
+        }
         for waiting in &batch {
             let Invocation { keys, args } = &waiting.invocation;
             call.arg(waiting.kind.name())
@@ -208,8 +252,12 @@ impl GroupCommit {
                 call.key(key);
             }
         }
+        let marked = usize::from(mark.is_some());
         let replies = match self.link.invoke_batch(&call).await {
-            Ok(Value::Array(replies)) if replies.len() == batch.len() => Ok(replies),
+            Ok(Value::Array(mut replies)) if replies.len() == batch.len() + marked => {
+                replies.drain(..marked);
+                Ok(replies)
+            }
             Ok(other) => Err((
                 StoreErrorKind::Refused,
                 format!("unexpected group commit reply {other:?}"),
@@ -220,25 +268,49 @@ impl GroupCommit {
             Ok(replies) => {
                 for (waiting, reply) in batch.into_iter().zip(replies) {
                     let reply = own_reply(reply);
-                    self.answer(waiting, reply);
+                    self.answer(waiting, reply, None);
+                }
+                // Answered: no retry will look for the mark.
+                if let Some(mark) = mark {
+                    self.forget(mark);
                 }
             }
             Err((kind, message)) => {
+                // The run may have applied (an answer lost, a script that failed part-way):
+                // a record's retry must check its mark.
+                let maybe = StoreError::new(kind, message.clone())
+                    .kind
+                    .may_have_applied();
                 for waiting in batch {
-                    self.answer(waiting, Err(StoreError::new(kind, message.clone())));
+                    let lost_run_mark = mark
+                        .clone()
+                        .filter(|_| maybe && waiting.kind == Kind::Record);
+                    self.answer(
+                        waiting,
+                        Err(StoreError::new(kind, message.clone())),
+                        lost_run_mark,
+                    );
                 }
             }
         }
     }
 
-    fn answer(&self, waiting: Waiting, reply: Result<Value, StoreError>) {
+    fn answer(
+        &self,
+        waiting: Waiting,
+        reply: Result<Value, StoreError>,
+        lost_run_mark: Option<String>,
+    ) {
         // A forget is no operation of a call's: it is neither timed nor counted.
         if waiting.kind != Kind::Forget {
             self.link
                 .observe(waiting.kind.op(), waiting.since.elapsed(), reply.is_err());
         }
         // A caller that stopped waiting (its client went away) needs no answer.
-        drop(waiting.answer.send(reply));
+        drop(waiting.answer.send(Answer {
+            reply,
+            lost_run_mark,
+        }));
     }
 }
 

@@ -13,7 +13,7 @@
 //! here first, and what it is granted it uses only once the store says so.
 
 use parking_lot::{Mutex, RwLock};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use turnpike_core::admission::{Admission, Settlement, Sliced};
@@ -36,9 +36,11 @@ const FORGET_AFTER_MS: u64 = 10_000;
 #[derive(Debug, Default)]
 pub struct HeldEscrow {
     escrow: Escrow,
-    /// The calls reserved here: a settlement sent twice settles once.
-    calls: HashSet<Box<str>>,
-    /// What calls reserved here, per second.
+    /// The calls reserved here, and what each reserved (a stream's settlement may carry a
+    /// larger reservation, its hold grown in the store): a settlement sent twice settles
+    /// once.
+    calls: HashMap<Box<str>, i64>,
+    /// What calls reserved here, or cost when that was more, per second.
     meter: RateMeter,
     /// The last call's reservation, which sizes what is asked.
     reserve: i64,
@@ -106,7 +108,7 @@ impl Escrows {
         h.reserve = reserve;
         h.meter.record(reserve as u64, now);
         if h.escrow.reserve(reserve, now) {
-            h.calls.insert(call.call_id.into());
+            h.calls.insert(call.call_id.into(), reserve);
             sliced.escrowed = true;
         }
         let rate = h.meter.per_sec(now) as i64;
@@ -119,15 +121,15 @@ impl Escrows {
 
     /// Gives back the reservation `take` made for a call that was not admitted after all.
     pub fn untake(&self, call: &Admission<'_>, sliced: Sliced) {
-        let (Some(pricing), true) = (call.pricing, sliced.escrowed) else {
+        if !sliced.escrowed {
             return;
-        };
+        }
         let Some(held) = self.accounts.read().get(call.account).cloned() else {
             return;
         };
         let mut h = held.lock();
-        if h.calls.remove(call.call_id) {
-            h.escrow.settle(pricing.reserve.max(0), 0, call.now_ms);
+        if let Some(reserved) = h.calls.remove(call.call_id) {
+            h.escrow.settle(reserved, 0, call.now_ms);
         }
     }
 
@@ -141,9 +143,11 @@ impl Escrows {
             return;
         };
         let mut h = held.lock();
-        if h.calls.remove(call.call_id) {
-            h.escrow
-                .settle(call.reservation.reserve.max(0), call.cost, now);
+        if let Some(reserved) = h.calls.remove(call.call_id) {
+            h.escrow.settle(reserved, call.cost, now);
+            // The escrow is sized to what calls reserve or cost, the larger.
+            h.meter
+                .record(call.cost.saturating_sub(reserved).max(0) as u64, now);
         }
     }
 

@@ -79,9 +79,14 @@ pub struct RedisStore {
     quotas: QuotaMemo,
     seeding: Arc<Seeding>,
     fail_open: FailOpen,
-    queue: SettlementQueue,
+    queue: Arc<SettlementQueue>,
+    /// Calls settled here unmarked (`settle::record_or_hold`), so that a second settlement
+    /// of one changes nothing.
+    recorded: settle::Recorded,
     /// Held by whoever is writing the queue's settlements.
     flushing: tokio::sync::Mutex<()>,
+    /// Calls a stream's extension may have held more for in Redis.
+    extended_calls: extend::ExtendedCalls,
 }
 
 impl RedisStore {
@@ -132,8 +137,10 @@ impl RedisStore {
                 config.on_unavailable == FailMode::FailOpen,
                 metrics.fail_open_admissions.clone(),
             ),
-            queue,
+            queue: Arc::new(queue),
+            recorded: Default::default(),
             flushing: tokio::sync::Mutex::new(()),
+            extended_calls: Default::default(),
         });
         for url in &config.urls {
             check_server(url).await?;

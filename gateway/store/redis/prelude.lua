@@ -217,8 +217,9 @@ local function release_held(account, leases, id)
   if held then
     hincrby(account, 'reserved', '-' .. held)
     hdel(account, 'held:' .. id)
+    -- A lease is only ever taken with a hold (admit.lua, extend.lua).
+    zrem(leases, id)
   end
-  zrem(leases, id)
 end
 
 -- Reservations whose lease ran out (the instance of their call died, or the instance of an
@@ -233,6 +234,9 @@ local function sweep_leases(account, leases)
   hmget(account, unpack(fields))
   lease_set.swept = true
   for _, id in ipairs(expired) do
+    local held = hget(account, 'held:' .. id)
     release_held(account, leases, id)
+    -- A lease whose hold is gone already goes too (release_held ends only a held one's).
+    if not held then zrem(leases, id) end
   end
 end

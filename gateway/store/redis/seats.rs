@@ -1,8 +1,8 @@
 //! The ledger at the edge, its second part (issue 23): this instance's blocks of concurrency
 //! slots. A call seated in the block of its scope's limit takes no slot in Redis
 //! (`Sliced::key_seat`), and leaves it here when settled. A block grows when a call finds
-//! it full, is synced four times a second while it holds slots (renewed, trimmed to the
-//! peak, and given back whole in the end game), and goes when idle. The arithmetic is
+//! it full, is synced four times a second while it holds slots (renewed, trimmed to its
+//! peak once a second, and given back whole in the end game), and goes when idle. The arithmetic is
 //! `turnpike_core::slot_blocks`; the shared side is block.lua.
 //!
 //! Only enforced limits large enough to block are (`BLOCK_SIZING`: a quarter of the cap is
@@ -46,6 +46,8 @@ pub struct HeldBlock {
     /// After a sync that could not grow the block, the next grow waits until then.
     no_grow_before_ms: u64,
     synced_ms: u64,
+    /// When the block was last trimmed to its peak.
+    trimmed_ms: u64,
     used_ms: u64,
 }
 
@@ -60,6 +62,10 @@ pub struct BlockSync {
 /// Taken off the lease here: the store starts it when the sync runs, a little after it was
 /// sent.
 const LEASE_MARGIN_MS: u64 = 100;
+/// How often a block in use is trimmed to its peak.
+const TRIM_EVERY_MS: u64 = 1_000;
+/// A block no call has used for this long goes back (but for the calls still seated).
+const IDLE_RETURN_MS: u64 = 1_000;
 /// How long an empty, idle block is kept before it is forgotten.
 const FORGET_AFTER_MS: u64 = 10_000;
 
@@ -124,12 +130,19 @@ impl Seats {
                 h.calls.insert(call.call_id.into());
                 sliced.set(scope, BucketKind::Concurrency);
             }
-            // Grown before it is full, so that calls do not wait on the store for a slot.
-            let nearly_full = h.block.seated.saturating_add(1) * 4 > h.block.leased * 3;
-            if nearly_full && now >= h.no_grow_before_ms {
-                // Sized for the call to come, too.
-                h.block.peak = h.block.peak.max(h.block.seated + 1);
-                h.sync(&of, &held, now, syncs);
+            // Grown once full (the store seats the calls that come meanwhile): to the seats
+            // and a quarter, by two slots at least. In the end game, asked at most once per
+            // sync period: the answer says whether the end game is over.
+            let (seated, leased) = (h.block.seated, h.block.leased);
+            if seated >= leased && now >= h.no_grow_before_ms {
+                let largest = BLOCK_SIZING.want(of.cap, u32::MAX);
+                let target = BLOCK_SIZING
+                    .want(of.cap, seated + 1)
+                    .max(leased + 2)
+                    .min(largest);
+                if target > leased {
+                    h.sync(&of, &held, target, now, syncs);
+                }
             }
         }
     }
@@ -192,7 +205,8 @@ impl Seats {
     }
 
     /// Four times a second: every block that holds slots is synced (renewed, trimmed to what
-    /// its peak needs, given back in the end game); empty ones idle for long are forgotten.
+    /// its peak needs once a second, given back in the end game); empty ones idle for long
+    /// are forgotten.
     pub fn tick(&self, now_ms: u64, syncs: &mut Vec<BlockSync>) {
         let mut forget = Vec::new();
         let blocks = self.blocks.read();
@@ -200,7 +214,22 @@ impl Seats {
             let mut h = held.lock();
             let due = now_ms.saturating_sub(h.synced_ms) >= BLOCK_SIZING.sync_every_ms;
             if h.upper > 0 && due {
-                h.sync(of, held, now_ms, syncs);
+                // Renewed while in use, and once a second trimmed to the most seated in
+                // that second and a quarter; what no call sits in goes back in the end game
+                // and once no call came for a second.
+                let idle = now_ms.saturating_sub(h.used_ms) >= IDLE_RETURN_MS;
+                let trim = now_ms.saturating_sub(h.trimmed_ms) >= TRIM_EVERY_MS;
+                let target = if h.end_game || idle {
+                    h.block.seated
+                } else if trim {
+                    h.trimmed_ms = now_ms;
+                    let seated = h.block.seated;
+                    let peak = std::mem::replace(&mut h.block.peak, seated);
+                    BLOCK_SIZING.want(of.cap, peak).min(h.block.leased)
+                } else {
+                    h.block.leased
+                };
+                h.sync(of, held, target, now_ms, syncs);
             } else if h.upper == 0
                 && h.block.seated == 0
                 && !h.syncing
@@ -230,21 +259,21 @@ impl Seats {
 }
 
 impl HeldBlock {
-    /// Sends a sync, unless one is under way: the block sized to its peak (to what it
-    /// seats, in the end game). Slots given back are given up here first, so none of them
+    /// Sends a sync, unless one is under way: the block to go to `target` slots (never
+    /// fewer than it seats). Slots given back are given up here first, so none of them
     /// seats a call the store no longer counts.
     fn sync(
         &mut self,
         of: &BlockOf,
         held: &Arc<Mutex<HeldBlock>>,
+        target: u32,
         now_ms: u64,
         syncs: &mut Vec<BlockSync>,
     ) {
         if self.syncing {
             return;
         }
-        let change = self.block.sync_ask(&BLOCK_SIZING, of.cap, self.end_game);
-        let target = (self.block.leased as i64 + change).max(self.block.seated as i64) as u32;
+        let target = target.max(self.block.seated);
         if target < self.block.leased {
             self.block.leased = target;
         }
@@ -343,8 +372,8 @@ mod tests {
             seated.push((id, sliced));
         }
         assert!(seated.iter().all(|(_, s)| s.key_seat), "four seats");
-        assert_eq!(syncs.len(), 1, "nearly full: one grow, not one per call");
-        assert_eq!(syncs[0].target, 5, "the peak and a quarter");
+        assert_eq!(syncs.len(), 1, "full: one grow, not one per call");
+        assert_eq!(syncs[0].target, 7, "full: the seats and a quarter");
         let mut fifth = Sliced::default();
         seats.take(&admission("c5", &policy), 1, &mut fifth, &mut syncs);
         assert!(!fifth.key_seat, "full while the grow is on its way");

@@ -13,13 +13,16 @@
 -- Reply: APPLIED, or ALREADY when the marker was there.
 local ALREADY, APPLIED = 0, 1
 
--- One settlement, on this run's state.
-local function settle(KEYS, ARGV)
+-- One settlement, on this run's state. `unmarked` (batch.lua's `record`): the call's marker
+-- is neither read nor set; the run's mark makes it apply once.
+-- A held settlement whose first try went unmarked in a run whose answer was lost also checks
+-- that run's mark (batch.lua's `mark`): a key after all those it writes.
+local function settle(KEYS, ARGV, unmarked)
   local call_id, marker_ttl_ms, refund, account_side, cost, metered, input_tokens,
     output_tokens, total_tokens, key_id, agent, account, stream, stream_maxlen, request_id,
     session_id, status, scope_count = unpack(ARGV, 1, 18)
   local SCOPE_ARGS = 7
-  if redis.call('EXISTS', KEYS[1]) == 1 then return ALREADY end
+  if not unmarked and redis.call('EXISTS', KEYS[1]) == 1 then return ALREADY end
 
   local charge = tonumber(cost)
   local total = tonumber(total_tokens)
@@ -50,6 +53,12 @@ local function settle(KEYS, ARGV)
     }
   end
 
+  local run_mark = KEYS[next_key]
+  if run_mark and redis.call('SISMEMBER', run_mark, '*') == 1
+    and redis.call('SISMEMBER', run_mark, call_id) == 0 then
+    return ALREADY
+  end
+
   -- Everything the settlement changes is read (and checked) before anything is written: a
   -- damaged field fails this call whole, marker and all, and no other.
   if account_hash then
@@ -65,7 +74,7 @@ local function settle(KEYS, ARGV)
     if s.debits_tokens then hmget(s.limiter, 'tl', 'tu', 'to', 'ta') end
     if s.refunds_request then hmget(s.limiter, 'rl', 'ru', 'ro', 'ra') end
   end
-  redis.call('SET', KEYS[1], '1', 'PX', marker_ttl_ms)
+  if not unmarked then redis.call('SET', KEYS[1], '1', 'PX', marker_ttl_ms) end
 
   if account_hash then
     -- The reservation is given back unless its lease already expired and gave it back.

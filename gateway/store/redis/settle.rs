@@ -3,7 +3,7 @@
 //! Every write is idempotent per call id, so a held one is retried until it is written, and
 //! only a write Redis refuses for good is dropped (counted, and logged whole).
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use turnpike_core::admission::Settlement;
@@ -12,7 +12,7 @@ use super::batch::Kind;
 use super::names::{usage_marker, SETTLED_MARKER_MS, USAGE_STREAM};
 use super::protocol::{log_usage_args, Invocation};
 use super::queue::{Held, Owed, SettlementQueue};
-use super::split::{self, Purpose};
+use super::split::{self, Plan, Purpose};
 use super::RedisStore;
 use crate::clock::unix_ms;
 use crate::store::StoreError;
@@ -31,7 +31,47 @@ impl RedisStore {
         self.slicer.seats.settle(call);
         self.slicer.escrows.settle(call, now);
         self.fail_open.settle(call).await;
-        self.write_or_hold(call, Purpose::Settle).await;
+        let extended = self.extended_calls.take(call.call_id);
+        if self.plan == Plan::Single && !extended {
+            self.record_or_hold(call).await;
+        } else {
+            self.write_or_hold(call, Purpose::Settle).await;
+        }
+    }
+
+    /// On one server: the settlement written unmarked, its run's mark making it apply once
+    /// (no marker of its own to set, check and let go). What could not be written is held
+    /// as [`RedisStore::write_or_hold`] holds it, with its own marker, and with the run's mark
+    /// to check when that run may have applied it. A second settlement of a call settled
+    /// here changes nothing; the first is written or held whatever becomes of its caller.
+    async fn record_or_hold(&self, call: &Settlement<'_>) {
+        if !self.recorded.first(call.call_id) {
+            return;
+        }
+        let mut owed = self.owed_by(call, Purpose::Settle);
+        if owed.is_empty() {
+            return;
+        }
+        let (batches, queue) = (Arc::clone(&self.batches), Arc::clone(&self.queue));
+        let recording = tokio::spawn(async move {
+            let Owed::Settle(invocation) = &mut owed[0] else {
+                unreachable!("one server's settlement is one settle.lua run");
+            };
+            let recorded = batches
+                .call_marked::<i64>(Kind::Record, invocation.clone())
+                .await;
+            let Err((_, lost_run_mark)) = recorded else {
+                return;
+            };
+            if let Some(mark) = lost_run_mark {
+                check_run_mark(invocation, mark);
+            }
+            // Durable before the call's answer leaves (SPEC §2): its journal line written.
+            if let Some(written) = queue.hold(owed) {
+                let _ = written.await;
+            }
+        });
+        let _ = recording.await;
     }
 
     /// Writes what the settlement owes, or holds what could not be written: the call's
@@ -159,6 +199,36 @@ impl RedisStore {
             }
         }
         Ok(())
+    }
+}
+
+/// Has a settle.lua run also check `mark`, of a run that may have applied it unmarked: a
+/// key after those it writes.
+fn check_run_mark(invocation: &mut Invocation, mark: String) {
+    invocation.keys.push(mark);
+}
+
+/// How many call ids each generation of [`Recorded`] keeps.
+const RECORDED_PER_GENERATION: usize = 50_000;
+
+/// The calls settled here unmarked, lately: the last two generations of call ids (a second
+/// settlement of a call comes within seconds of its first, when its first was cancelled).
+#[derive(Default)]
+pub struct Recorded {
+    generations: parking_lot::Mutex<[std::collections::HashSet<Box<str>>; 2]>,
+}
+
+impl Recorded {
+    /// Whether this is the first settlement of `call_id` here; it is noted.
+    fn first(&self, call_id: &str) -> bool {
+        let mut generations = self.generations.lock();
+        if generations[1].contains(call_id) {
+            return false;
+        }
+        if generations[0].len() >= RECORDED_PER_GENERATION {
+            generations[1] = std::mem::take(&mut generations[0]);
+        }
+        generations[0].insert(call_id.into())
     }
 }
 
