@@ -8,6 +8,7 @@
 #[path = "../e2e/support/mod.rs"]
 mod support;
 
+mod chaos;
 mod cluster;
 mod config_files;
 mod faults;

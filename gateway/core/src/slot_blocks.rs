@@ -30,7 +30,7 @@ pub const BLOCK_SIZING: BlockSizing = BlockSizing {
     cap_divisor: 4,
     max_slots: 1_000,
     min_slots: 4,
-    lease_ms: 10_000,
+    lease_ms: 2_000,
     sync_every_ms: 250,
 };
 

@@ -22,10 +22,11 @@ use turnpike_core::slices::RateMeter;
 
 use super::protocol::EscrowReply;
 
-/// How long the store keeps an escrow its instance stops renewing.
-pub const ESCROW_LEASE_MS: u64 = 10_000;
+/// How long the store keeps an escrow its instance stops renewing: what a crashed instance
+/// held is the account's again this long after its last sync.
+pub const ESCROW_LEASE_MS: u64 = 2_000;
 /// An escrow still held is renewed when its lease has less than this left.
-const RENEW_WITHIN_MS: u64 = 5_000;
+const RENEW_WITHIN_MS: u64 = 1_000;
 /// Taken off the lease here: the store starts it when the sync runs, a little after it was
 /// sent.
 const LEASE_MARGIN_MS: u64 = 100;
