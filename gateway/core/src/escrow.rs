@@ -40,7 +40,7 @@ pub const ESCROW_SIZING: EscrowSizing = EscrowSizing {
     free_divisor: 4,
     min_reserves: 4,
     flush_every_ms: 250,
-    idle_return_ms: 1000,
+    idle_return_ms: 750,
     min_reserves_per_sec: 8,
 };
 
@@ -329,8 +329,8 @@ mod tests {
             assert!(escrow.reserve(RESERVE, 10));
         }
         assert!(escrow.refill_due(1_000));
-        assert!(!escrow.give_back_due(&ESCROW_SIZING, false, 1_009));
-        assert!(escrow.give_back_due(&ESCROW_SIZING, false, 1_010));
+        assert!(!escrow.give_back_due(&ESCROW_SIZING, false, 759));
+        assert!(escrow.give_back_due(&ESCROW_SIZING, false, 760));
         assert!(escrow.give_back_due(&ESCROW_SIZING, true, 11));
     }
 

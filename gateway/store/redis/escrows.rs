@@ -4,7 +4,7 @@
 //! settlement as before, and what escrowed calls spent is released from the escrow at the
 //! next sync (four times a second while there is some). Only an account this instance calls
 //! for at least 8 times a second is escrowed. An escrow is refilled at half, given
-//! back when idle for a second, and given back (all no call holds) in the end game, when the
+//! back after 750 ms idle (within a second), and given back (all no call holds) in the end game, when the
 //! account has too little free to give out escrows: its calls are then reserved one by one in
 //! Redis, by today's rule. The arithmetic is `turnpike_core::escrow`; the shared side is
 //! escrow.lua.
@@ -189,6 +189,19 @@ impl Escrows {
                 if unused {
                     accounts.remove(&account);
                 }
+            }
+        }
+    }
+}
+
+impl Escrows {
+    /// Before the process exits: every escrow given back (what no call holds, which is all
+    /// once the calls have drained), rather than left to its lease.
+    pub fn give_back_all(&self, syncs: &mut Vec<EscrowSync>) {
+        for (account, held) in self.accounts.read().iter() {
+            let mut h = held.lock();
+            if h.escrow.held > 0 {
+                h.sync(account, held, 0, true, syncs);
             }
         }
     }

@@ -65,7 +65,7 @@ const LEASE_MARGIN_MS: u64 = 100;
 /// How often a block in use is trimmed to its peak.
 const TRIM_EVERY_MS: u64 = 1_000;
 /// A block no call has used for this long goes back (but for the calls still seated).
-const IDLE_RETURN_MS: u64 = 1_000;
+const IDLE_RETURN_MS: u64 = 750;
 /// How long an empty, idle block is kept before it is forgotten.
 const FORGET_AFTER_MS: u64 = 10_000;
 
@@ -75,8 +75,8 @@ pub struct Seats {
 }
 
 /// Each scope's enforced concurrency cap large enough to block, and its block.
-fn blocked<'a>(
-    call_scopes: [(Scope, Option<&'a Policy>); 2],
+fn blocked(
+    call_scopes: [(Scope, Option<&Policy>); 2],
     account: &str,
     key_id: &str,
     agent: &str,
@@ -216,7 +216,7 @@ impl Seats {
             if h.upper > 0 && due {
                 // Renewed while in use, and once a second trimmed to the most seated in
                 // that second and a quarter; what no call sits in goes back in the end game
-                // and once no call came for a second.
+                // and once no call came for 750 ms (within a second).
                 let idle = now_ms.saturating_sub(h.used_ms) >= IDLE_RETURN_MS;
                 let trim = now_ms.saturating_sub(h.trimmed_ms) >= TRIM_EVERY_MS;
                 let target = if h.end_game || idle {
@@ -253,6 +253,20 @@ impl Seats {
                 if unused {
                     blocks.remove(&of);
                 }
+            }
+        }
+    }
+}
+
+impl Seats {
+    /// Before the process exits: every block given back but for the seats still taken,
+    /// rather than left to its lease.
+    pub fn give_back_all(&self, now_ms: u64, syncs: &mut Vec<BlockSync>) {
+        for (of, held) in self.blocks.read().iter() {
+            let mut h = held.lock();
+            if h.upper > 0 {
+                let seated = h.block.seated;
+                h.sync(of, held, seated, now_ms, syncs);
             }
         }
     }

@@ -252,6 +252,14 @@ impl RedisStore {
     /// settlements (after the flusher's, if it is writing); returns how many are still held
     /// (left in the journal, or logged as lost without one).
     pub(super) async fn write_held_before_exit(&self, within: Duration) -> usize {
+        // What this instance holds of the shared limits goes back now, not at its lease.
+        let giving_back = self.slicer.give_back_all();
+        if tokio::time::timeout(within.min(Duration::from_secs(1)), giving_back)
+            .await
+            .is_err()
+        {
+            tracing::warn!("Redis did not take back every escrow and block before exit");
+        }
         if self.queue.is_empty() {
             // The flusher may have one out of the queue: let it finish first.
             drop(tokio::time::timeout(within, self.flushing.lock()).await);

@@ -146,6 +146,27 @@ impl Slicer {
         }
     }
 
+    /// Before the process exits: its escrows and blocks given back, and their syncs waited
+    /// for (slices need not be: what they hold stops counting 2 s after the last sync).
+    pub async fn give_back_all(self: &Arc<Self>) {
+        let mut escrow_syncs = Vec::new();
+        self.escrows.give_back_all(&mut escrow_syncs);
+        let mut block_syncs = Vec::new();
+        self.seats
+            .give_back_all(self.clock.now_ms(), &mut block_syncs);
+        let escrows = escrow_syncs
+            .into_iter()
+            .map(|sync| Arc::clone(self).run_escrow(sync));
+        let blocks = block_syncs
+            .into_iter()
+            .map(|sync| Arc::clone(self).run_block(sync));
+        futures_util::future::join(
+            futures_util::future::join_all(escrows),
+            futures_util::future::join_all(blocks),
+        )
+        .await;
+    }
+
     async fn run(self: Arc<Self>, sync: Sync) {
         let asked_ms = self.clock.now_ms();
         let invocation = Invocation {
