@@ -15,37 +15,9 @@ local function forget(KEYS, ARGV)
   return 1
 end
 
--- A run that carries settlements without markers of their own (`record`) starts with its
--- mark: a set holding '*', and the id of each record that failed in the run. A record's
--- retry (its run's answer lost) finds there whether the run applied it; a run sent again
--- finds its mark, and records again only what failed.
--- KEYS: the mark.
-local run_mark, run_resent = nil, false
-local function mark(KEYS, ARGV)
-  local ttl_ms = unpack(ARGV, 1, 1)
-  run_mark = KEYS[1]
-  run_resent = redis.call('SADD', run_mark, '*') == 0
-  redis.call('PEXPIRE', run_mark, ttl_ms)
-  return 1
-end
-
--- A settlement as settle.lua's, its own marker neither read nor set: its run's mark says
--- whether it was applied.
-local function record(KEYS, ARGV)
-  local call_id = unpack(ARGV, 1, 1)
-  if run_resent and redis.call('SISMEMBER', run_mark, call_id) == 0 then return ALREADY end
-  local ok, reply = pcall(settle, KEYS, ARGV, true)
-  if not ok then
-    redis.call('SADD', run_mark, call_id)
-    error(reply, 0)
-  end
-  if run_resent then redis.call('SREM', run_mark, call_id) end
-  return reply
-end
-
 local KINDS = {
-  admit = admit, settle = settle, record = record, mark = mark, log_usage = log_usage,
-  forget = forget,
+  admit = admit, settle = settle, record = record, tally = tally, mark = mark,
+  log_usage = log_usage, forget = forget,
 }
 
 -- Takes a failed call's changes out of the run's state: only the calls that succeeded are
@@ -78,5 +50,6 @@ while at <= #ARGV do
   at = at + 3 + arg_count
   first_key = first_key + key_count
 end
+write_tallies()
 flush()
 return replies

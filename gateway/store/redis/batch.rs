@@ -36,6 +36,8 @@ pub enum Kind {
     Settle,
     /// A settlement without its own marker, applied once by its run's mark.
     Record,
+    /// A settlement of a call that holds nothing in Redis: recorded only, unmarked too.
+    Tally,
     /// A Cluster's usage log entry, in the stream's slot.
     LogUsage,
     /// A settled call's marker given its last grace ([`GroupCommit::forget`]).
@@ -48,16 +50,22 @@ impl Kind {
             Kind::Admit => "admit",
             Kind::Settle => "settle",
             Kind::Record => "record",
+            Kind::Tally => "tally",
             Kind::LogUsage => "log_usage",
             Kind::Forget => "forget",
         }
+    }
+
+    /// Whether it sets no marker of its own: its run's mark says whether it was applied.
+    fn unmarked(self) -> bool {
+        matches!(self, Kind::Record | Kind::Tally)
     }
 
     /// The operation it is timed and counted as.
     fn op(self) -> Op {
         match self {
             Kind::Admit => Op::Admit,
-            Kind::Settle | Kind::Record | Kind::LogUsage | Kind::Forget => Op::Settle,
+            Kind::Settle | Kind::Record | Kind::Tally | Kind::LogUsage | Kind::Forget => Op::Settle,
         }
     }
 }
@@ -232,7 +240,7 @@ impl GroupCommit {
     async fn run(self: &Arc<Self>, batch: Vec<Waiting>) {
         self.sizes.observe(batch.len() as f64);
         let mut call = self.script.prepare_invoke();
-        let mark = batch.iter().any(|w| w.kind == Kind::Record).then(|| {
+        let mark = batch.iter().any(|w| w.kind.unmarked()).then(|| {
             let n = self.marks.fetch_add(1, Ordering::Relaxed);
             format!("turnpike:run:{}:{n}", self.id)
         });
@@ -282,9 +290,7 @@ impl GroupCommit {
                     .kind
                     .may_have_applied();
                 for waiting in batch {
-                    let lost_run_mark = mark
-                        .clone()
-                        .filter(|_| maybe && waiting.kind == Kind::Record);
+                    let lost_run_mark = mark.clone().filter(|_| maybe && waiting.kind.unmarked());
                     self.answer(
                         waiting,
                         Err(StoreError::new(kind, message.clone())),

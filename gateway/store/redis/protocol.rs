@@ -29,6 +29,7 @@ pub const BATCH_LUA: &str = concat!(
     include_str!("admit.lua"),
     include_str!("settle.lua"),
     include_str!("log_usage.lua"),
+    include_str!("record.lua"),
     include_str!("batch.lua")
 );
 /// A slice taken or given back; not batched: a slice's sync happens a few times a second,
@@ -132,6 +133,23 @@ pub const SETTLE_SCOPE_ARGS: [&str; 7] = [
 /// is done, so the gateway reads nothing from them; a test holds them to the scripts.
 #[cfg(test)]
 pub const SETTLED: [(&str, i64); 2] = [("already", 0), ("applied", 1)];
+
+/// record.lua's `tally`: a settlement that only records.
+pub const TALLY_ARGS: [&str; 13] = [
+    "call_id",
+    "cost",
+    "metered",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "key_id",
+    "agent",
+    "account",
+    "request_id",
+    "session_id",
+    "status",
+    "stream_maxlen",
+];
 
 /// batch.lua's `forget`: a settled call's marker given its last grace.
 pub const FORGET_ARGS: [&str; 1] = ["grace_ms"];

@@ -52,14 +52,19 @@ impl RedisStore {
         if owed.is_empty() {
             return;
         }
+        let tally = split::tally(call, self.stream_maxlen);
         let (batches, queue) = (Arc::clone(&self.batches), Arc::clone(&self.queue));
         let recording = tokio::spawn(async move {
             let Owed::Settle(invocation) = &mut owed[0] else {
                 unreachable!("one server's settlement is one settle.lua run");
             };
-            let recorded = batches
-                .call_marked::<i64>(Kind::Record, invocation.clone())
-                .await;
+            // A call that holds nothing in Redis is only recorded (a tally); any other is
+            // settled by settle.lua, unmarked. Either way a retry is the marked settle.lua.
+            let (kind, unmarked) = match tally {
+                Some(tally) => (Kind::Tally, tally),
+                None => (Kind::Record, invocation.clone()),
+            };
+            let recorded = batches.call_marked::<i64>(kind, unmarked).await;
             let Err((_, lost_run_mark)) = recorded else {
                 return;
             };

@@ -15,7 +15,7 @@ use super::names::{
 };
 use super::protocol::{
     flag, push_bucket, AdmitArgs, AdmitReply, Invocation, Outcome, ScopeLimits, SettleArgs,
-    SettleScope,
+    SettleScope, TALLY_ARGS,
 };
 
 /// How a deployment splits a call across scripts.
@@ -494,6 +494,55 @@ pub fn settle_sides(
             }
         })
         .collect()
+}
+
+/// The tally (record.lua) for `call` on one server, when it holds nothing in Redis: no slot,
+/// no hold (its reservation from this instance's escrow, or none), no token bucket Redis
+/// debits. `None` for any other: it is settled by settle.lua.
+pub fn tally(call: &Settlement, stream_maxlen: u64) -> Option<Invocation> {
+    let reservation = &call.reservation;
+    let holds = reservation.reserve != 0 && !reservation.sliced.escrowed;
+    if reservation.key_slot || reservation.agent_slot || holds {
+        return None;
+    }
+    let usage = call.usage;
+    let debits = usage.is_some_and(|u| u.total_tokens > 0);
+    let scopes = limited(
+        call.account,
+        call.key_id,
+        call.agent,
+        call.key_policy,
+        call.agent_policy,
+        reservation.sliced,
+    );
+    if debits && scopes.iter().flatten().any(|s| s.tokens.is_some()) {
+        return None;
+    }
+    let u = usage.unwrap_or_default();
+    let args = vec![
+        call.call_id.to_owned(),
+        call.cost.to_string(),
+        flag(usage.is_some()),
+        u.input_tokens.to_string(),
+        u.output_tokens.to_string(),
+        u.total_tokens.to_string(),
+        call.key_id.to_owned(),
+        call.agent.to_owned(),
+        call.account.to_owned(),
+        call.request_id.to_owned(),
+        call.session_id.to_owned(),
+        call.status.to_string(),
+        stream_maxlen.to_string(),
+    ];
+    debug_assert_eq!(args.len(), TALLY_ARGS.len());
+    Some(Invocation {
+        keys: vec![
+            account_hash(call.account),
+            usage_hash(call.account),
+            USAGE_STREAM.to_owned(),
+        ],
+        args,
+    })
 }
 
 #[cfg(test)]

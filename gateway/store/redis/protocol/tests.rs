@@ -158,6 +158,16 @@ fn the_scripts_declare_the_same_protocol_as_rust() {
     assert!(BLOCK_LUA.contains(&format!("return {{ {} }}", BLOCK_REPLY.join(", "))));
     assert_eq!(decode_block(&[5, 3]), Some(BlockReply { held: 5, free: 3 }));
     assert_eq!(decode_block(&[-1, 3]), None);
+    let record_lua = include_str!("../record.lua")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let tally = format!(
+        "local {} = unpack(ARGV, 1, {})",
+        TALLY_ARGS.join(", "),
+        TALLY_ARGS.len()
+    );
+    assert!(record_lua.contains(&tally), "record.lua's tally: {tally}");
     let (names, range) = unpacked(ESCROW_LUA, "id");
     assert_eq!(
         (names, range),
