@@ -22,6 +22,8 @@ each call was due (coordinated omission corrected), by oha (`cargo install oha`)
 then admitted on slices of the buckets and Redis only records them (issue 23).
 --compare adds another turnpike binary (an earlier build, say) on the embedded store, so a
 change is measured against what it changes in the same run.
+--gateways N runs N gateways on one Redis instead (benches/gateways.py): Redis CPU and commands
+per call with one hot key and with 1,000 keys of 100 accounts (--connections per gateway).
 --stream runs the streaming benchmark instead (benches/stream_load.py): time to first event
 through Turnpike minus direct, events per CPU second, and RSS with --stream-open streams open.
 Envoy joins as a fourth plain proxy (`--concurrency 1`, same core) when its binary is found:
@@ -546,6 +548,10 @@ def main():
     ap.add_argument("--syscalls", action="store_true",
                     help="also count the system calls per call of Turnpike and the passthrough (strace -c)")
     ap.add_argument("--stream", action="store_true", help="run the streaming benchmark instead (stream_load.py)")
+    ap.add_argument("--gateways", type=int, metavar="N",
+                    help="run N gateways on one Redis instead (benches/gateways.py): Redis CPU and commands "
+                         "per call with one hot key and with 1,000 keys of 100 accounts; --connections is "
+                         "then per gateway")
     ap.add_argument("--stream-open", type=int, default=1000, metavar="N",
                     help="--stream: streams held open at once for the RSS figure (default 1000)")
     args = ap.parse_args()
@@ -553,6 +559,11 @@ def main():
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import stream_load
         stream_load.run(args)
+        return
+    if args.gateways:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import gateways
+        gateways.run(args)
         return
     ensure_tools(args.tls)
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "turnpike", "--example", "passthrough"],
