@@ -52,8 +52,12 @@ impl RedisStore {
         self.slicer.send_blocks(block_syncs);
         let mut escrow_syncs = Vec::new();
         let escrows = &self.slicer.escrows;
-        escrows.take(call, now, &mut taken.sliced, &mut escrow_syncs);
-        self.slicer.send_escrows(escrow_syncs);
+        // A call Redis judges anyway has its reservation taken by the same script: an escrow
+        // would save it no round trip, and cost syncs.
+        if !split::judges_a_scope(call, taken.sliced) {
+            escrows.take(call, now, &mut taken.sliced, &mut escrow_syncs);
+            self.slicer.send_escrows(escrow_syncs);
+        }
         let untake = |sliced| {
             ledger.untake(call, sliced);
             seats.untake(call, sliced);

@@ -36,6 +36,9 @@ pub struct SliceOf {
 pub struct Held {
     slice: Slice,
     meter: RateMeter,
+    /// Calls judged against this slice, per second: a slice is taken only for a bucket this
+    /// instance calls on often enough.
+    calls: RateMeter,
     /// The shared bucket's level (units) after the last sync, and when that was.
     shared_level: i64,
     synced_ms: Option<u64>,
@@ -58,6 +61,9 @@ pub struct Sync {
     pub keep_units: i64,
 }
 
+/// A bucket (or a concurrency limit, `seats`) is sliced only while this instance judges at
+/// least this many calls a second against it.
+pub const MIN_CALLS_PER_SEC: u64 = 8;
 /// A slice still in use is synced when its lease has less than this left.
 const RENEW_WITHIN_MS: u64 = 1_000;
 /// Taken off the lease here: the store starts it when the sync runs, a little after it was
@@ -148,6 +154,7 @@ impl Ledger {
                 let held = self.held(&of);
                 let mut h = held.lock();
                 h.expire(now);
+                h.calls.record(1, now);
                 let decided = match bucket {
                     BucketKind::Requests => {
                         h.meter.record(1, now);
@@ -351,7 +358,10 @@ impl Held {
         syncs: &mut Vec<Sync>,
     ) {
         let ask = SIZING.ask(spec, self.meter.per_sec(now_ms));
-        let refill = self.slice.refill_due(spec, ask) && now_ms >= self.no_refill_before_ms;
+        // A bucket this instance calls on less than a few times a second is judged call by
+        // call: a slice of it would be taken and given back for every few calls.
+        let busy = self.calls.per_sec(now_ms) >= MIN_CALLS_PER_SEC;
+        let refill = busy && self.slice.refill_due(spec, ask) && now_ms >= self.no_refill_before_ms;
         let renew =
             self.slice.units > 0 && self.lease_until_ms.saturating_sub(now_ms) <= RENEW_WITHIN_MS;
         if self.syncing || !(refill || renew) {
@@ -460,6 +470,16 @@ mod tests {
         }
     }
 
+    /// Seven calls at `now` that no slice decides: the eighth finds the bucket busy enough to
+    /// slice (`MIN_CALLS_PER_SEC`).
+    fn busy(ledger: &Ledger, policy: &Policy, now: u64) {
+        let mut syncs = Vec::new();
+        for _ in 1..MIN_CALLS_PER_SEC {
+            ledger.take(&admission(policy), now, &mut syncs);
+        }
+        assert!(syncs.is_empty(), "a quiet bucket is judged call by call");
+    }
+
     fn answer(syncs: Vec<Sync>, granted_tokens: i64, level: i64) {
         for sync in syncs {
             let unit = sync.of.spec.unit();
@@ -477,22 +497,24 @@ mod tests {
         let ledger = Ledger::default();
         let big = policy(100);
         let mut syncs = Vec::new();
+        busy(&ledger, &big, 0);
         let first = ledger.take(&admission(&big), 0, &mut syncs);
         assert_eq!(first.sliced, Sliced::default(), "no slice yet");
         assert_eq!(syncs.len(), 2, "a refill asked for each bucket");
-        assert_eq!(syncs[0].ask_tokens, 4);
-        answer(std::mem::take(&mut syncs), 4, 90);
+        assert_eq!(syncs[0].ask_tokens, 8, "a second of eight calls a second");
+        answer(std::mem::take(&mut syncs), 8, 90);
         let second = ledger.take(&admission(&big), 1, &mut syncs);
         assert!(second.sliced.key_requests && second.sliced.key_tokens);
         assert_eq!(
             second.quota.map(|q| q.remaining),
-            Some(93),
-            "90 shared + 3 here"
+            Some(97),
+            "90 shared + 7 here"
         );
-        assert!(syncs.is_empty(), "three left of four: no refill yet");
+        assert!(syncs.is_empty(), "seven left of eight: no refill yet");
         // Little used, a slice is renewed before its lease runs out, asking for nothing
         // more, and dropped once its lease may be over.
         let ledger = Ledger::default();
+        busy(&ledger, &big, 0);
         ledger.take(&admission(&big), 0, &mut syncs);
         answer(std::mem::take(&mut syncs), 8, 90);
         ledger.take(&admission(&big), 1, &mut syncs);
@@ -526,6 +548,7 @@ mod tests {
         let ledger = Ledger::default();
         let big = policy(100);
         let mut syncs = Vec::new();
+        busy(&ledger, &big, 0);
         ledger.take(&admission(&big), 0, &mut syncs);
         answer(std::mem::take(&mut syncs), 4, 90);
         let call = admission(&big);
@@ -572,8 +595,12 @@ mod tests {
         };
         let unit = big.tokens.unwrap().unit();
         // 4 held, 6 used: 2 owed, paid with the refill now due.
-        assert_eq!(syncs.len(), 1);
-        assert_eq!((syncs[0].give_units, syncs[0].keep_units), (-2 * unit, 0));
+        let tokens: Vec<&Sync> = syncs
+            .iter()
+            .filter(|s| s.of.bucket == BucketKind::Tokens)
+            .collect();
+        assert_eq!(tokens.len(), 1);
+        assert_eq!((tokens[0].give_units, tokens[0].keep_units), (-2 * unit, 0));
         assert_eq!(ledger.held(&of).lock().slice.units, 0);
     }
 
@@ -591,8 +618,10 @@ mod tests {
         let mut old_only = old.clone();
         old_only.tokens = None;
         let mut syncs = Vec::new();
+        busy(&ledger, &old_only, 0);
         ledger.take(&admission(&old_only), 0, &mut syncs);
         answer(std::mem::take(&mut syncs), 4, 90);
+        busy(&ledger, &new, 5);
         ledger.take(&admission(&new), 5, &mut syncs);
         answer(std::mem::take(&mut syncs), 4, 90);
         ledger.take(&admission(&new), 10, &mut syncs);
@@ -612,9 +641,12 @@ mod tests {
         let ledger = Ledger::default();
         let big = policy(100);
         let mut syncs = Vec::new();
+        busy(&ledger, &big, 0);
         ledger.take(&admission(&big), 0, &mut syncs);
         answer(std::mem::take(&mut syncs), 4, 90);
         ledger.take(&admission(&big), 10, &mut syncs);
+        // (The refills that call asked for find the bucket as it was.)
+        answer(std::mem::take(&mut syncs), 0, 90);
         ledger.idle(759, &mut syncs);
         assert!(syncs.is_empty(), "used 749 ms ago");
         ledger.idle(760, &mut syncs);

@@ -15,8 +15,10 @@ use std::sync::Arc;
 
 use turnpike_core::admission::{Admission, Scope, Settlement, Sliced};
 use turnpike_core::limits::{BucketKind, Mode, Policy};
+use turnpike_core::slices::RateMeter;
 use turnpike_core::slot_blocks::{SlotBlock, BLOCK_SIZING};
 
+use super::ledger::MIN_CALLS_PER_SEC;
 use super::names::Limiter;
 use super::protocol::BlockReply;
 
@@ -46,6 +48,9 @@ pub struct HeldBlock {
     /// After a sync that could not grow the block, the next grow waits until then.
     no_grow_before_ms: u64,
     synced_ms: u64,
+    /// Calls seated or not, per second: a block is taken only for a limit this instance
+    /// calls on often enough.
+    rate: RateMeter,
     /// When the block was last trimmed to its peak.
     trimmed_ms: u64,
     used_ms: u64,
@@ -126,6 +131,7 @@ impl Seats {
             let held = self.held(&of);
             let mut h = held.lock();
             h.used_ms = now;
+            h.rate.record(1, now);
             if h.block.seat(now) {
                 h.calls.insert(call.call_id.into());
                 sliced.set(scope, BucketKind::Concurrency);
@@ -134,7 +140,8 @@ impl Seats {
             // and a quarter, by two slots at least. In the end game, asked at most once per
             // sync period: the answer says whether the end game is over.
             let (seated, leased) = (h.block.seated, h.block.leased);
-            if seated >= leased && now >= h.no_grow_before_ms {
+            let busy = h.rate.per_sec(now) >= MIN_CALLS_PER_SEC;
+            if busy && seated >= leased && now >= h.no_grow_before_ms {
                 let largest = BLOCK_SIZING.want(of.cap, u32::MAX);
                 let target = BLOCK_SIZING
                     .want(of.cap, seated + 1)
@@ -356,6 +363,23 @@ mod tests {
         }
     }
 
+    /// Seven calls at `now`, none seated (no block yet, none asked for): the eighth finds the
+    /// limit busy enough to block.
+    fn busy(seats: &Seats, policy: &Policy, now: u64) {
+        let mut syncs = Vec::new();
+        for i in 1..MIN_CALLS_PER_SEC {
+            let mut sliced = Sliced::default();
+            seats.take(
+                &admission(&format!("w{i}"), policy),
+                now,
+                &mut sliced,
+                &mut syncs,
+            );
+            assert!(!sliced.key_seat);
+        }
+        assert!(syncs.is_empty(), "a quiet limit is judged call by call");
+    }
+
     fn answer(syncs: Vec<BlockSync>, free_after: i64, granted: Option<u32>, at: u64) {
         for sync in syncs {
             let held = granted.unwrap_or(sync.target);
@@ -373,6 +397,7 @@ mod tests {
         let policy = capped(40);
         let mut syncs = Vec::new();
         let mut sliced = Sliced::default();
+        busy(&seats, &policy, 0);
         seats.take(&admission("c0", &policy), 0, &mut sliced, &mut syncs);
         assert!(!sliced.key_seat, "no block yet: the store seats it");
         assert_eq!(syncs.len(), 1);
@@ -430,6 +455,7 @@ mod tests {
         let policy = capped(40);
         let mut syncs = Vec::new();
         let mut sliced = Sliced::default();
+        busy(&seats, &policy, 0);
         seats.take(&admission("c0", &policy), 0, &mut sliced, &mut syncs);
         // Granted 4, but only 2 left free: the end game.
         answer(std::mem::take(&mut syncs), 2, None, 0);

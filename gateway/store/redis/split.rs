@@ -157,6 +157,30 @@ pub fn extend_sides(call: &Extension<'_>, plan: Plan) -> Vec<Invocation> {
         .collect()
 }
 
+/// Whether Redis must judge some scope of `call` (a bucket without a slice here, a slot
+/// no block had, a shadow policy), the `sliced` ones left out, as `admit_sides` decides.
+pub fn judges_a_scope(call: &Admission<'_>, sliced: Sliced) -> bool {
+    limited(
+        call.account,
+        call.key_id,
+        call.agent,
+        call.key_policy,
+        call.agent_policy,
+        sliced,
+    )
+    .iter()
+    .flatten()
+    .any(judged)
+}
+
+/// Whether a scope leaves the store anything to judge.
+fn judged(s: &Limited) -> bool {
+    s.requests.is_some()
+        || s.tokens.is_some()
+        || s.concurrency.is_some()
+        || s.policy.mode == Mode::Shadow
+}
+
 /// The admission scripts for `call`, one per side; a side
 /// with nothing to judge is left out, so a call with no limits and no price costs no round
 /// trip at all.
@@ -170,14 +194,7 @@ pub fn admit_sides<'a>(call: &Admission<'a>, plan: Plan, sliced: Sliced) -> Vec<
         sliced,
     );
     // A scope left with nothing for the store to judge asks it nothing.
-    let scopes = scopes.map(|s| {
-        s.filter(|s| {
-            s.requests.is_some()
-                || s.tokens.is_some()
-                || s.concurrency.is_some()
-                || s.policy.mode == Mode::Shadow
-        })
-    });
+    let scopes = scopes.map(|s| s.filter(judged));
     // A reservation taken from this instance's escrow asks the store nothing.
     let priced = call.pricing.is_some() && !sliced.escrowed;
     group(plan, priced, scopes)
